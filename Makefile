@@ -1,0 +1,39 @@
+# fedir: `make demo` runs the main job, `make test` the tests. Both set up .venv first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.fedir-installed
+DEMO_DATA := demo-data/federation
+DEMO_OUT  := runs/demo
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+# torch first: on a machine without an NVIDIA driver take the CPU build (torch==2.13.0,
+# which this project's machines hold on disk); with a driver, let pip pick the CUDA build
+# inside the range pyproject.toml allows. A torch already in the venv is kept.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install --progress-bar off "torch>=2.3,<3"; \
+	else \
+	  $(BIN)/pip install --progress-bar off torch==2.13.0; \
+	fi
+	$(BIN)/pip install --progress-bar off -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedir data synth $(DEMO_DATA) --sites 4 --patients 80 --seed 0
+	$(BIN)/fedir simulate scenarios/demo.toml --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) demo-data runs .pytest_cache

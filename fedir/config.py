@@ -1,0 +1,87 @@
+"""Run settings: every knob of a study, as the flat `section.key` run config Flower carries.
+
+A scenario TOML (`[train] rounds = 3`) and pyproject's `[tool.flwr.app.config]`
+(`"train.rounds" = 3`) describe the same settings; both end up as one flat mapping that
+Flower hands to the ServerApp and to every ClientApp in `context.run_config`. This module
+is the one place that names the keys, their types and their defaults, so the two sides of
+the trust boundary cannot disagree about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+SITE_SEPARATOR = ";"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed view of the run config. Field names are the flat keys with '.'/'-' -> '_'."""
+
+    federation_sites: str = ""  # site folders, separated by ';' (simulation only)
+    federation_min_sites: int = 0  # 0 = every site must answer
+    train_rounds: int = 3
+    train_local_epochs: int = 2
+    train_batch_size: int = 16
+    train_lr: float = 1e-3
+    train_weight_decay: float = 1e-4
+    train_objective: str = "supervised"
+    train_seed: int = 0
+    model_name: str = "resnet_small"
+    model_image_size: int = 128
+    data_frame_policy: str = "mip"
+    data_val_fraction: float = 0.15
+    data_test_fraction: float = 0.25
+    eval_bootstrap: int = 500
+    eval_hist_bins: int = 20
+    eval_threshold: float = 0.5
+    bias_alpha: float = 0.01
+    bias_min_cramers_v: float = 0.2
+    bias_max_auc_gap: float = 0.05
+    output_dir: str = "runs/flwr-run"
+
+    @staticmethod
+    def key_of(field_name: str) -> str:
+        """`train_local_epochs` -> `train.local-epochs`."""
+        section, _, rest = field_name.partition("_")
+        return f"{section}.{rest.replace('_', '-')}"
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> "Settings":
+        """Build from a flat run config; unknown keys are an error (a typo must not pass silently)."""
+        by_key = {cls.key_of(f.name): f for f in fields(cls)}
+        unknown = sorted(set(config) - set(by_key))
+        if unknown:
+            raise SettingsError(
+                f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(by_key))}"
+            )
+        values: dict[str, Any] = {}
+        for key, value in config.items():
+            f = by_key[key]
+            values[f.name] = _coerce(key, value, type(getattr(cls(), f.name)))
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat mapping Flower carries (only str/int/float/bool values)."""
+        return {self.key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def sites(self) -> list[str]:
+        return [s for s in self.federation_sites.split(SITE_SEPARATOR) if s]
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Accept ints for floats and reject the rest, naming the key."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SettingsError(f"setting {key} = {value!r} should be of type {kind.__name__}")
+    return value

@@ -1,0 +1,126 @@
+"""The site manifest: `manifest.csv`, one row per image (or series), read and written here.
+
+Columns (DESIGN.md): `patient_id` (required), `path` (required for imaging sites, relative
+to the site folder), `label` (class index, empty = unlabelled), `clin_*` (optional
+clinical covariates). Errors name the file and the row, because the person reading them
+is a hospital IT team looking at a spreadsheet, not at a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.csv"
+REQUIRED_COLUMNS = ("patient_id", "path")
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used; the message names the file and, where known, the row."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One manifest row, validated. `row` is the 1-based line number in the CSV file."""
+
+    row: int
+    patient_id: str
+    path: Path  # absolute, inside the site folder
+    label: int | None
+    clinical: dict[str, float | None] = field(default_factory=dict)
+
+
+def _parse_label(raw: str, where: str) -> int | None:
+    raw = raw.strip()
+    if raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ManifestError(f"{where}: label {raw!r} is not a class index") from None
+    if value != int(value) or value < 0:
+        raise ManifestError(f"{where}: label {raw!r} is not a non-negative class index")
+    return int(value)
+
+
+def _parse_float(raw: str, column: str, where: str) -> float | None:
+    raw = raw.strip()
+    if raw == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ManifestError(f"{where}: {column} {raw!r} is not a number") from None
+
+
+def read_manifest(site_dir: str | Path) -> list[ManifestRow]:
+    """Read and validate `site_dir/manifest.csv`.
+
+    Raises ManifestError for a missing file, a missing required column, an empty
+    patient_id or path, or a path that resolves outside the site folder (symlinks
+    included), so that a site can never be made to read files it did not export.
+    """
+    site = Path(site_dir).resolve()
+    manifest = site / MANIFEST_NAME
+    if not site.is_dir():
+        raise ManifestError(f"{site}: not a folder")
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: no manifest.csv in the site folder")
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{manifest}: not UTF-8 text (byte {exc.start})") from None
+    reader = csv.DictReader(text.splitlines())
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(
+            f"{manifest}: missing required column(s) {', '.join(missing)} "
+            f"(found: {', '.join(columns) or 'none'})"
+        )
+    clin_columns = [c for c in columns if c.startswith("clin_")]
+    rows: list[ManifestRow] = []
+    seen: dict[Path, int] = {}
+    for number, record in enumerate(reader, start=2):
+        record = {(k or "").strip(): (v or "") for k, v in record.items()}
+        where = f"{manifest}, row {number}"
+        patient_id = record["patient_id"].strip()
+        rel = record["path"].strip()
+        if not patient_id:
+            raise ManifestError(f"{where}: empty patient_id")
+        if not rel:
+            raise ManifestError(f"{where}: empty path")
+        path = (site / rel).resolve()
+        if not path.is_relative_to(site):
+            raise ManifestError(f"{where}: path {rel!r} points outside the site folder")
+        if path in seen:
+            raise ManifestError(f"{where}: path {rel!r} is listed again (first at row {seen[path]})")
+        seen[path] = number
+        rows.append(
+            ManifestRow(
+                row=number,
+                patient_id=patient_id,
+                path=path,
+                label=_parse_label(record.get("label", ""), where),
+                clinical={c: _parse_float(record[c], c, where) for c in clin_columns},
+            )
+        )
+    return rows
+
+
+def write_manifest(site_dir: str | Path, rows: list[dict[str, object]]) -> Path:
+    """Write rows (dicts with at least patient_id and path) as `site_dir/manifest.csv`."""
+    site = Path(site_dir)
+    columns: list[str] = list(REQUIRED_COLUMNS) + ["label"]
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    out = site / MANIFEST_NAME
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return out
