@@ -1,0 +1,385 @@
+"""Evaluation aggregates: computed at a site, pooled at the server.
+
+Binary task, label 1 = disease, scores = the model's positive-class probability.
+A site never sends per-patient scores. What leaves it is :func:`site_metrics`: point
+estimates with patient-level bootstrap CIs, the confusion counts at a threshold and
+two fixed-bin score histograms (one per label). The server pools those with
+:func:`pooled_metrics` and the bias analysis (``fedir.strategies.bias``) compares the
+pooled AUC with the within-site ones.
+
+Every value returned is a plain ``int``/``float``/``list``/``None`` (never a numpy
+type, never NaN), so the dicts serialise to JSON and to Flower records unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import sparse
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
+
+DEFAULT_BINS = 20
+CONFIDENCE = 0.95
+# A percentile CI from a minority of the resamples describes a different population
+# (the resamples that happened to contain both classes), so below this we give none.
+MIN_USABLE_FRACTION = 0.5
+
+RATE_METRICS = ("accuracy", "sensitivity", "specificity")
+METRICS = ("auc", *RATE_METRICS)
+# What a bootstrap resample must contain for each metric to be defined on it.
+_RESAMPLE_NEEDS = {
+    "auc": "both classes",
+    "accuracy": "an image",
+    "sensitivity": "a positive image",
+    "specificity": "a negative image",
+}
+
+
+def site_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    patients: Sequence[str],
+    *,
+    n_boot: int = 500,
+    seed: int = 0,
+    threshold: float = 0.5,
+    bins: int = DEFAULT_BINS,
+) -> dict:
+    """Test-set aggregates of one site, safe to send to the server.
+
+    A score >= ``threshold`` is a positive prediction. CIs are 95% percentile
+    bootstrap intervals that resample *patients*, not images: a patient's images share
+    anatomy, scanner and disease state, so treating them as independent would make the
+    intervals too narrow. Each resample draws as many patients as the site has, with
+    replacement, and carries all their images. A resample without both classes is
+    skipped for AUC (and one without positives/negatives for sensitivity/specificity);
+    when fewer than half of the resamples are usable the CI is None, with a reason.
+
+    Returns the keys ``n, n_patients, positives, auc, accuracy, sensitivity,
+    specificity, *_ci, tp, tn, fp, fn, hist_neg, hist_pos, reasons``; ``reasons``
+    explains every None.
+    """
+    y, s, patient_index, n_patients = _validate(labels, scores, patients)
+    pred = s >= threshold
+    counts = _confusion(y, pred)
+    hist_neg, hist_pos = _histograms(y, s, bins)
+    out: dict = {
+        "n": int(y.size),
+        "n_patients": n_patients,
+        "positives": int(y.sum()),
+        **counts,
+        "hist_neg": hist_neg,
+        "hist_pos": hist_pos,
+    }
+    points, reasons = _point_estimates(y, s, counts)
+    cis, ci_reasons = _patient_bootstrap_cis(y, s, pred, patient_index, n_patients, points, reasons, n_boot, seed)
+    out.update(points)
+    out.update(cis)
+    out["reasons"] = {**reasons, **ci_reasons}
+    return _order(out)
+
+
+def auc_from_histograms(hist_neg: Sequence[float], hist_pos: Sequence[float]) -> float | None:
+    """Mann-Whitney AUC from per-class counts in the same ordered bins.
+
+    Pairs in different bins are ordered by their bins; pairs in the same bin count 1/2,
+    as tied scores do. This is the exact AUC of the binned scores; it differs from the
+    AUC of the raw scores by at most half the fraction of (negative, positive) pairs
+    that share a bin. Counts may be non-integer (weights). None when either class is
+    empty.
+    """
+    neg = np.asarray(hist_neg, dtype=float)
+    pos = np.asarray(hist_pos, dtype=float)
+    if neg.shape != pos.shape or neg.ndim != 1:
+        raise ValueError(f"histograms must be 1-D and of equal length, got {neg.shape} and {pos.shape}")
+    return _none_if_nan(_mann_whitney(neg, pos))
+
+
+def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Federation-level test metrics from what the sites sent (histograms, confusion counts).
+
+    ``auc`` is :func:`auc_from_histograms` of the summed histograms: a *binned* AUC
+    (pairs sharing a bin count 1/2), so it differs slightly from the exact AUC of the
+    pooled scores (within about 0.02 with 20 bins on continuous scores). Its CI is a
+    percentile bootstrap that resamples each site's histogram per class (multinomial,
+    the site's class count fixed). Accuracy, sensitivity and specificity come from the
+    summed tp/tn/fp/fn with Wilson 95% intervals.
+
+    Both kinds of CI treat images as independent: the patient structure does not leave
+    the sites, so these intervals are narrower than patient-level ones. Use the sites'
+    own (patient-bootstrap) CIs where that matters.
+
+    Returns the keys of :func:`site_metrics`, with ``n`` and ``n_patients`` summed.
+    """
+    bins = _common_bins(per_site)
+    hist_neg = _sum_lists((site["hist_neg"] for site in per_site.values()), bins)
+    hist_pos = _sum_lists((site["hist_pos"] for site in per_site.values()), bins)
+    counts = {key: sum(int(site[key]) for site in per_site.values()) for key in ("tp", "tn", "fp", "fn")}
+    out: dict = {
+        "n": sum(int(site["n"]) for site in per_site.values()),
+        "n_patients": sum(int(site["n_patients"]) for site in per_site.values()),
+        "positives": sum(int(site["positives"]) for site in per_site.values()),
+        **counts,
+        "hist_neg": hist_neg,
+        "hist_pos": hist_pos,
+    }
+    reasons: dict[str, str] = {}
+    auc = auc_from_histograms(hist_neg, hist_pos) if bins else None
+    out["auc"], out["auc_ci"] = auc, None
+    if auc is None:
+        reasons["auc"] = reasons["auc_ci"] = _pooled_class_reason(per_site, sum(hist_neg), sum(hist_pos))
+    else:
+        out["auc_ci"] = _histogram_bootstrap_ci(per_site, n_boot, seed)
+    for name in RATE_METRICS:
+        successes, trials = _rate_counts(name, counts)
+        out[name], out[f"{name}_ci"] = _wilson(successes, trials)
+        if trials == 0:
+            reasons[name] = reasons[f"{name}_ci"] = _pooled_empty_reason(name, per_site)
+    out["reasons"] = reasons
+    return _order(out)
+
+
+# ---- site_metrics helpers -------------------------------------------------------------
+
+
+def _validate(labels, scores, patients) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Check the inputs; return labels (int), scores (float), patient index per image, #patients."""
+    y = np.asarray(labels).reshape(-1)
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    p = np.asarray(patients).astype(str).reshape(-1)
+    if not (y.size == s.size == p.size):
+        raise ValueError(f"labels, scores and patients differ in length: {y.size}, {s.size}, {p.size}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got {sorted(set(np.unique(y).tolist()))}")
+    if not np.isfinite(s).all() or (s.size and (s.min() < 0 or s.max() > 1)):
+        raise ValueError("scores must be finite probabilities in [0, 1]")
+    uniq, patient_index = np.unique(p, return_inverse=True)
+    return y.astype(int), s, patient_index.reshape(-1), int(uniq.size)
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray) -> dict[str, int]:
+    return {
+        "tp": int(np.sum(pred & (y == 1))),
+        "tn": int(np.sum(~pred & (y == 0))),
+        "fp": int(np.sum(pred & (y == 0))),
+        "fn": int(np.sum(~pred & (y == 1))),
+    }
+
+
+def _histograms(y: np.ndarray, s: np.ndarray, bins: int) -> tuple[list[int], list[int]]:
+    """Counts per class in fixed bins on [0, 1]: fixed so that sites' histograms add up."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    neg, _ = np.histogram(s[y == 0], bins=edges)
+    pos, _ = np.histogram(s[y == 1], bins=edges)
+    return [int(c) for c in neg], [int(c) for c in pos]
+
+
+def _point_estimates(y: np.ndarray, s: np.ndarray, counts: Mapping[str, int]) -> tuple[dict, dict[str, str]]:
+    """AUC (sklearn) and the threshold rates; a reason for each that is undefined."""
+    positives = int(y.sum())
+    negatives = int(y.size - positives)
+    classes = f"({negatives} negatives, {positives} positives)"
+    points: dict = {}
+    reasons: dict[str, str] = {}
+    if y.size == 0:
+        reasons.update(dict.fromkeys(METRICS, "no test images"))
+    elif positives == 0 or negatives == 0:
+        reasons["auc"] = f"only one class in the test set {classes}"
+    else:
+        points["auc"] = float(roc_auc_score(y, s))
+    for name in RATE_METRICS:
+        successes, trials = _rate_counts(name, counts)
+        if trials:
+            points[name] = successes / trials
+        elif name not in reasons:
+            missing = "positive" if name == "sensitivity" else "negative"
+            reasons[name] = f"no {missing} images in the test set {classes}"
+    return {name: points.get(name) for name in METRICS}, reasons
+
+
+def _rate_counts(name: str, counts: Mapping[str, int]) -> tuple[int, int]:
+    """(successes, trials) of a threshold metric from confusion counts."""
+    tp, tn, fp, fn = counts["tp"], counts["tn"], counts["fp"], counts["fn"]
+    return {
+        "accuracy": (tp + tn, tp + tn + fp + fn),
+        "sensitivity": (tp, tp + fn),
+        "specificity": (tn, tn + fp),
+    }[name]
+
+
+def _patient_bootstrap_cis(
+    y: np.ndarray,
+    s: np.ndarray,
+    pred: np.ndarray,
+    patient_index: np.ndarray,
+    n_patients: int,
+    points: Mapping[str, float | None],
+    reasons: Mapping[str, str],
+    n_boot: int,
+    seed: int,
+) -> tuple[dict, dict[str, str]]:
+    """Percentile CIs from a cluster (patient) bootstrap, all resamples at once.
+
+    A resample is a vector of patient multiplicities (multinomial with equal
+    probabilities: the same law as drawing n_patients patients with replacement); an
+    image weighs its patient's multiplicity. Confusion counts per resample are then a
+    matrix product, and the AUC a weighted Mann-Whitney over the distinct scores.
+    """
+    cis = {f"{name}_ci": None for name in METRICS}
+    ci_reasons = {f"{name}_ci": reasons[name] for name in METRICS if name in reasons}
+    if all(points[name] is None for name in METRICS):
+        return cis, ci_reasons
+    if n_patients < 2:
+        single = "a single patient: a patient-level bootstrap has nothing to resample"
+        ci_reasons.update({f"{name}_ci": single for name in METRICS if points[name] is not None})
+        return cis, ci_reasons
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=n_boot).astype(float)
+    replicates = _bootstrap_replicates(y, s, pred, patient_index, n_patients, weights)
+    for name in METRICS:
+        if points[name] is None:
+            continue
+        values = replicates[name]
+        usable = values[np.isfinite(values)]
+        if usable.size < MIN_USABLE_FRACTION * n_boot:
+            ci_reasons[f"{name}_ci"] = (
+                f"only {usable.size} of {n_boot} patient-level bootstrap resamples contained "
+                f"{_RESAMPLE_NEEDS[name]} (fewer than {MIN_USABLE_FRACTION:.0%})"
+            )
+            continue
+        cis[f"{name}_ci"] = _percentile_ci(usable)
+    return cis, ci_reasons
+
+
+def _bootstrap_replicates(
+    y: np.ndarray,
+    s: np.ndarray,
+    pred: np.ndarray,
+    patient_index: np.ndarray,
+    n_patients: int,
+    weights: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Each metric for every resample (rows of ``weights``); NaN where undefined."""
+    per_patient = {
+        key: np.bincount(patient_index, weights=mask.astype(float), minlength=n_patients)
+        for key, mask in _confusion_masks(y, pred).items()
+    }
+    c = {key: weights @ vec for key, vec in per_patient.items()}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {
+            "accuracy": (c["tp"] + c["tn"]) / (c["tp"] + c["tn"] + c["fp"] + c["fn"]),
+            "sensitivity": c["tp"] / (c["tp"] + c["fn"]),
+            "specificity": c["tn"] / (c["tn"] + c["fp"]),
+        }
+    distinct, score_index = np.unique(s, return_inverse=True)
+    shape = (n_patients, distinct.size)
+    by_class = [
+        sparse.csr_matrix((np.ones(int(m.sum())), (patient_index[m], score_index[m])), shape=shape)
+        for m in (y == 0, y == 1)
+    ]
+    neg, pos = ((matrix.T @ weights.T).T for matrix in by_class)
+    out["auc"] = _mann_whitney(neg, pos)
+    return out
+
+
+def _confusion_masks(y: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    return {"tp": pred & (y == 1), "tn": ~pred & (y == 0), "fp": pred & (y == 0), "fn": ~pred & (y == 1)}
+
+
+def _percentile_ci(values: np.ndarray) -> list[float]:
+    tail = 100 * (1 - CONFIDENCE) / 2
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+# ---- shared -------------------------------------------------------------------------
+
+
+def _mann_whitney(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """AUC = P(score_pos > score_neg) + P(tie)/2, from class weights in ordered groups.
+
+    The last axis lists groups (bins or distinct scores) in increasing score; leading
+    axes are independent replicates. NaN where a class has no weight.
+    """
+    below = np.cumsum(neg, axis=-1) - neg
+    wins = np.sum(pos * (below + 0.5 * neg), axis=-1)
+    pairs = pos.sum(axis=-1) * neg.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
+
+
+def _none_if_nan(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _order(out: dict) -> dict:
+    """The keys in one documented order (metrics, CIs, counts, histograms, reasons)."""
+    keys = (
+        "n", "n_patients", "positives", *METRICS, *(f"{m}_ci" for m in METRICS),
+        "tp", "tn", "fp", "fn", "hist_neg", "hist_pos", "reasons",
+    )  # fmt: skip
+    return {key: out[key] for key in keys}
+
+
+# ---- pooled_metrics helpers -----------------------------------------------------------
+
+
+def _common_bins(per_site: Mapping[str, dict]) -> int:
+    """The histogram length shared by all sites (0 when there are no sites)."""
+    lengths = {len(site[key]) for site in per_site.values() for key in ("hist_neg", "hist_pos")}
+    if len(lengths) > 1:
+        raise ValueError(f"sites sent histograms with different numbers of bins: {sorted(lengths)}")
+    return lengths.pop() if lengths else 0
+
+
+def _sum_lists(lists, length: int) -> list[int]:
+    total = np.zeros(length, dtype=np.int64)
+    for values in lists:
+        total += np.asarray(values, dtype=np.int64)
+    return [int(c) for c in total]
+
+
+def _histogram_bootstrap_ci(per_site: Mapping[str, dict], n_boot: int, seed: int) -> list[float]:
+    """Percentile CI of the binned pooled AUC, resampling each site's histograms.
+
+    Each site's negatives and positives are redrawn (multinomial on the site's own bin
+    proportions, its class counts fixed), then summed over sites: the sampling noise of
+    every site's test set, with the federation's composition held as observed.
+    """
+    rng = np.random.default_rng(seed)
+    totals = {}
+    for key in ("hist_neg", "hist_pos"):
+        acc = 0.0
+        for site in per_site.values():
+            counts = np.asarray(site[key], dtype=float)
+            if counts.sum() > 0:
+                acc = acc + rng.multinomial(int(counts.sum()), counts / counts.sum(), size=n_boot)
+        totals[key] = acc
+    return _percentile_ci(_mann_whitney(totals["hist_neg"], totals["hist_pos"]))
+
+
+def _wilson(successes: int, trials: int) -> tuple[float | None, list[float] | None]:
+    """Proportion and its Wilson 95% interval (good coverage near 0 and 1, unlike Wald)."""
+    if trials == 0:
+        return None, None
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    return successes / trials, [float(ci.low), float(ci.high)]
+
+
+def _pooled_class_reason(per_site: Mapping[str, dict], negatives: int, positives: int) -> str:
+    if not per_site:
+        return "no sites reported test metrics"
+    if negatives + positives == 0:
+        return "no test images at any site"
+    return f"only one class in the pooled test set ({negatives} negatives, {positives} positives)"
+
+
+def _pooled_empty_reason(name: str, per_site: Mapping[str, dict]) -> str:
+    if not per_site:
+        return "no sites reported test metrics"
+    if name == "accuracy":
+        return "no test images at any site"
+    return f"no {'positive' if name == 'sensitivity' else 'negative'} test images at any site"

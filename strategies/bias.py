@@ -1,0 +1,274 @@
+"""First Frankenstein-dataset checks, from the aggregates the sites send.
+
+A Frankenstein federation is one where the label is confounded with the site
+(positives mostly from one hospital), so a model can score well by recognising the
+hospital. Two checks here, each a plain JSON-serialisable dict with ``name``,
+``computable``, ``alarm``, ``sites`` (the sites to look at) and ``reason`` (a sentence
+for the report):
+
+- :func:`site_label_association`: is the label distribution different between sites?
+  (the precondition for confounding, from training label counts);
+- :func:`pooled_vs_within_auc`: does the model rank better across sites than within
+  them? (the symptom: it separates hospitals, not disease).
+
+:func:`verdict` combines them for the run summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from scipy.stats import chi2_contingency
+from scipy.stats.contingency import association
+
+from fedir.metrics import auc_from_histograms
+
+# |adjusted residual| above this names a site: ~N(0,1) under independence, so 3 keeps
+# the false-naming rate small even with tens of sites (two-sided p ~ 0.003 per site).
+RESIDUAL_LIMIT = 3.0
+# A site is named by pooled_vs_within_auc when its mean score deviates from the pooled
+# mean by at least this fraction of the largest deviation: the most separated site and
+# any nearly as separated.
+NEAR_EXTREME = 2 / 3
+
+
+# ---- site x label association ---------------------------------------------------------
+
+
+def site_label_association(
+    label_counts: Mapping[str, Mapping[int, int]],
+    *,
+    alpha: float = 0.01,
+    min_cramers_v: float = 0.2,
+) -> dict:
+    """Chi-square test of independence of site and label on the training label counts.
+
+    The alarm needs both significance (p < ``alpha``) and an effect size (Cramer's V >=
+    ``min_cramers_v``): with thousands of images a trivial prevalence difference is
+    significant, and with a handful a large one is not; only a large, real difference
+    lets a model learn "site" as a proxy for "label". Sites without labelled images and
+    classes without images are dropped first (they carry no information and make the
+    expected counts zero). The sites named are those whose positive-class count has an
+    adjusted standardized residual beyond +-3 (the cells that drive the statistic),
+    most extreme first. Class keys may be ints or their strings (as after JSON).
+    """
+    table, sites, classes = _table(label_counts)
+    thresholds = {"alpha": alpha, "min_cramers_v": min_cramers_v}
+    out = {
+        "name": "site_label_association",
+        "computable": False,
+        "statistic": None,
+        "dof": None,
+        "p_value": None,
+        "cramers_v": None,
+        "thresholds": thresholds,
+        "alarm": False,
+        "sites": [],
+        "table": {site: {cls: int(c) for cls, c in zip(classes, row)} for site, row in zip(sites, table)},
+        "prevalence": {},
+        "residuals": {},
+        "reason": "",
+    }
+    if len(sites) < 2 or len(classes) < 2:
+        out["reason"] = (
+            f"not computable: needs at least 2 sites and 2 classes with labelled images, "
+            f"got {len(sites)} site(s) and {len(classes)} class(es)"
+        )
+        return out
+    positive = 1 if 1 in classes else max(classes)
+    column = classes.index(positive)
+    result = chi2_contingency(table)
+    residuals = _adjusted_residuals(table)[:, column]
+    out.update(
+        computable=True,
+        statistic=float(result.statistic),
+        dof=int(result.dof),
+        p_value=float(result.pvalue),
+        cramers_v=float(association(table, method="cramer")),
+        prevalence={site: float(row[column] / row.sum()) for site, row in zip(sites, table)},
+        residuals={site: float(r) for site, r in zip(sites, residuals)},
+    )
+    out["alarm"] = bool(out["p_value"] < alpha and out["cramers_v"] >= min_cramers_v)
+    if out["alarm"]:
+        out["sites"] = _sites_by_residual(sites, residuals)
+        out["reason"] = _association_reason(out, table, sites, column)
+    return out
+
+
+def _table(label_counts: Mapping[str, Mapping[int, int]]) -> tuple[np.ndarray, list[str], list[int]]:
+    """The site x class count table without all-zero rows and columns."""
+    sites = list(label_counts)
+    classes = sorted({int(c) for counts in label_counts.values() for c in counts})
+    table = np.array(
+        [[int(_count(label_counts[site], c)) for c in classes] for site in sites], dtype=np.int64
+    ).reshape(len(sites), len(classes))
+    rows = table.sum(axis=1) > 0
+    cols = table.sum(axis=0) > 0
+    return (
+        table[rows][:, cols],
+        [s for s, keep in zip(sites, rows) if keep],
+        [c for c, keep in zip(classes, cols) if keep],
+    )
+
+
+def _count(counts: Mapping, cls: int) -> int:
+    """A class count whether the key is the int or its string (JSON turns keys to str)."""
+    return counts.get(cls, counts.get(str(cls), 0))
+
+
+def _adjusted_residuals(table: np.ndarray) -> np.ndarray:
+    """Haberman's adjusted standardized residuals, ~N(0, 1) per cell under independence."""
+    n = table.sum()
+    row = table.sum(axis=1, keepdims=True) / n
+    col = table.sum(axis=0, keepdims=True) / n
+    expected = n * row * col
+    return (table - expected) / np.sqrt(expected * (1 - row) * (1 - col))
+
+
+def _sites_by_residual(sites: list[str], residuals: np.ndarray) -> list[str]:
+    """Sites beyond the residual limit, most extreme first; else the single most extreme."""
+    order = np.argsort(-np.abs(residuals), kind="stable")
+    named = [sites[i] for i in order if abs(residuals[i]) > RESIDUAL_LIMIT]
+    return named or [sites[order[0]]]
+
+
+def _association_reason(out: dict, table: np.ndarray, sites: list[str], column: int) -> str:
+    parts = []
+    for site in out["sites"]:
+        i = sites.index(site)
+        rest = np.delete(table, i, axis=0)
+        rest_prev = rest[:, column].sum() / rest.sum()
+        parts.append(
+            f"{site} has prevalence {out['prevalence'][site]:.0%} ({table[i, column]}/{table[i].sum()}) "
+            f"vs {rest_prev:.0%} in the other sites ({rest[:, column].sum()}/{rest.sum()})"
+        )
+    return (
+        f"label is associated with site (chi-square {out['statistic']:.1f}, dof {out['dof']}, "
+        f"p={out['p_value']:.2g} < {out['thresholds']['alpha']}, Cramer's V {out['cramers_v']:.2f} "
+        f">= {out['thresholds']['min_cramers_v']}): " + "; ".join(parts)
+    )
+
+
+# ---- pooled vs within-site AUC ----------------------------------------------------------
+
+
+def pooled_vs_within_auc(per_site: Mapping[str, dict], *, max_gap: float = 0.05) -> dict:
+    """Compare the AUC of all sites' scores pooled with the mean within-site AUC.
+
+    Within a site the hospital is constant, so a within-site AUC measures disease
+    ranking only; pooled, the model is also credited for ranking one hospital's images
+    above another's. When positives are concentrated at a site the model can tell apart,
+    pooled AUC exceeds within-site AUC: gap = pooled - within > ``max_gap`` alarms.
+
+    Pooled AUC is the binned Mann-Whitney AUC of the summed histograms of *all* sites,
+    including sites with one class only (exactly the sites a confounded federation
+    has); within AUC is the n-weighted mean of the sites' defined AUCs, and the sites
+    without one are listed in ``excluded`` with their reason. When alarmed, the sites
+    named are those whose mean score (histogram bin centres) is furthest from the pooled
+    mean: the sites the model separates from the rest.
+    """
+    site_auc = {site: _float_or_none(m.get("auc")) for site, m in per_site.items()}
+    excluded = {
+        site: m.get("reasons", {}).get("auc", "AUC undefined") for site, m in per_site.items() if site_auc[site] is None
+    }
+    means = {site: _mean_score(m["hist_neg"], m["hist_pos"]) for site, m in per_site.items()}
+    out = {
+        "name": "pooled_vs_within_auc",
+        "computable": False,
+        "pooled_auc": _pooled_auc(per_site),
+        "within_auc": _within_auc(per_site, site_auc),
+        "gap": None,
+        "site_auc": site_auc,
+        "site_mean_score": means,
+        "excluded": excluded,
+        "thresholds": {"max_gap": max_gap},
+        "alarm": False,
+        "sites": [],
+        "reason": "",
+    }
+    if out["pooled_auc"] is None or out["within_auc"] is None:
+        out["reason"] = _not_computable_reason(out)
+        return out
+    out["computable"] = True
+    out["gap"] = out["pooled_auc"] - out["within_auc"]
+    out["alarm"] = bool(out["gap"] > max_gap)
+    if out["alarm"]:
+        pooled_mean = _mean_score(_summed(per_site, "hist_neg"), _summed(per_site, "hist_pos"))
+        out["sites"] = _most_separated(means, pooled_mean)
+        out["reason"] = _gap_reason(out, pooled_mean)
+    return out
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _summed(per_site: Mapping[str, dict], key: str) -> list[float]:
+    return np.sum([np.asarray(m[key], dtype=float) for m in per_site.values()], axis=0).tolist()
+
+
+def _pooled_auc(per_site: Mapping[str, dict]) -> float | None:
+    if not per_site:
+        return None
+    return auc_from_histograms(_summed(per_site, "hist_neg"), _summed(per_site, "hist_pos"))
+
+
+def _within_auc(per_site: Mapping[str, dict], site_auc: Mapping[str, float | None]) -> float | None:
+    """n-weighted mean of the defined site AUCs: each site counts as much as its test set."""
+    defined = [(float(per_site[s]["n"]), auc) for s, auc in site_auc.items() if auc is not None]
+    total = sum(n for n, _ in defined)
+    return sum(n * auc for n, auc in defined) / total if total > 0 else None
+
+
+def _mean_score(hist_neg, hist_pos) -> float | None:
+    """Mean predicted score at bin centres (fixed equal bins on [0, 1])."""
+    counts = np.asarray(hist_neg, dtype=float) + np.asarray(hist_pos, dtype=float)
+    if counts.sum() == 0:
+        return None
+    centres = (np.arange(counts.size) + 0.5) / counts.size
+    return float(counts @ centres / counts.sum())
+
+
+def _most_separated(means: Mapping[str, float | None], pooled_mean: float) -> list[str]:
+    deviation = {site: abs(m - pooled_mean) for site, m in means.items() if m is not None}
+    if not deviation:
+        return []
+    largest = max(deviation.values())
+    ranked = sorted(deviation, key=deviation.get, reverse=True)
+    return [site for site in ranked if deviation[site] >= NEAR_EXTREME * largest]
+
+
+def _gap_reason(out: dict, pooled_mean: float) -> str:
+    parts = []
+    for site in out["sites"]:
+        auc = out["site_auc"][site]
+        within = f"within-site AUC {auc:.2f}" if auc is not None else f"within-site AUC undefined: {out['excluded'][site]}"
+        parts.append(f"{site} mean score {out['site_mean_score'][site]:.2f} ({within})")
+    return (
+        f"pooled AUC {out['pooled_auc']:.2f} exceeds the mean within-site AUC {out['within_auc']:.2f} "
+        f"by {out['gap']:.2f} (> {out['thresholds']['max_gap']}): the model separates sites; "
+        f"pooled mean score {pooled_mean:.2f}, " + "; ".join(parts)
+    )
+
+
+def _not_computable_reason(out: dict) -> str:
+    if not out["site_auc"]:
+        return "not computable: no sites reported test metrics"
+    if out["pooled_auc"] is None:
+        return "not computable: the pooled test set has only one class"
+    return "not computable: no site has a defined within-site AUC (" + "; ".join(
+        f"{site}: {why}" for site, why in out["excluded"].items()
+    ) + ")"
+
+
+# ---- verdict ------------------------------------------------------------------------------
+
+
+def verdict(tests: Mapping[str, dict]) -> dict:
+    """Alarm if any test alarms; the reasons are the alarmed tests' sentences, in order."""
+    return {
+        "alarm": any(bool(t.get("alarm")) for t in tests.values()),
+        "reasons": [t["reason"] for t in tests.values() if t.get("alarm")],
+        "tests": dict(tests),
+    }

@@ -1,0 +1,137 @@
+"""Frankenstein checks from aggregates (fedir.strategies.bias)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedir.metrics import site_metrics
+from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
+
+CONFOUNDED = {"a": {0: 5, 1: 95}, "b": {0: 90, 1: 10}, "c": {0: 88, 1: 12}}
+BALANCED = {"a": {0: 40, 1: 60}, "b": {0: 42, 1: 58}, "c": {0: 39, 1: 61}}
+
+
+def _strict_json(d: dict) -> dict:
+    return json.loads(json.dumps(d, allow_nan=False))
+
+
+def _eval(labels, scores) -> dict:
+    labels = np.asarray(labels)
+    return site_metrics(labels, np.asarray(scores), [f"p{i}" for i in range(labels.size)], n_boot=50)
+
+
+# ---- site_label_association ---------------------------------------------------------------
+
+
+def test_confounded_table_alarms_and_names_the_site():
+    result = site_label_association(CONFOUNDED)
+    assert result["computable"] and result["alarm"]
+    assert result["sites"][0] == "a"
+    assert result["p_value"] < 0.01 and result["cramers_v"] >= 0.2
+    assert result["prevalence"]["a"] == pytest.approx(0.95)
+    assert "a" in result["reason"] and "95%" in result["reason"]
+    assert result["thresholds"] == {"alpha": 0.01, "min_cramers_v": 0.2}
+    _strict_json(result)
+
+
+def test_balanced_table_does_not_alarm():
+    result = site_label_association(BALANCED)
+    assert result["computable"] and not result["alarm"]
+    assert result["sites"] == [] and result["reason"] == ""
+    assert result["cramers_v"] < 0.2
+
+
+def test_significant_but_small_effect_does_not_alarm():
+    """Huge counts make a 2-point prevalence difference significant; V keeps it quiet."""
+    result = site_label_association({"a": {0: 48000, 1: 52000}, "b": {0: 50000, 1: 50000}})
+    assert result["p_value"] < 0.01 and result["cramers_v"] < 0.2
+    assert not result["alarm"]
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [{"a": {0: 5, 1: 95}}, {"a": {0: 5}, "b": {0: 7}}, {"a": {0: 5, 1: 0}, "b": {0: 7, 1: 0}}, {},
+     {"a": {0: 0, 1: 0}, "b": {0: 4, 1: 6}}],
+)  # fmt: skip
+def test_one_site_or_one_class_is_not_computable(counts):
+    result = site_label_association(counts)
+    assert not result["computable"] and not result["alarm"]
+    assert "not computable" in result["reason"]
+    _strict_json(result)
+
+
+def test_empty_sites_are_dropped_and_string_class_keys_accepted():
+    counts = {"a": {"0": 5, "1": 95}, "b": {"0": 90, "1": 10}, "c": {"0": 88, "1": 12}, "d": {}}
+    result = site_label_association(counts)
+    assert result["alarm"] and result["sites"][0] == "a"
+    assert "d" not in result["table"]
+    assert result["statistic"] == pytest.approx(site_label_association(CONFOUNDED)["statistic"])
+
+
+# ---- pooled_vs_within_auc ---------------------------------------------------------------
+
+
+def test_site_separating_model_alarms_and_names_the_site():
+    """Within every site the scores are noise; one site holds all positives, scored high."""
+    rng = np.random.default_rng(0)
+    per_site = {f"site-{k}": _eval(rng.integers(0, 2, 200), rng.uniform(0.05, 0.45, 200)) for k in range(3)}
+    per_site["site-x"] = _eval(np.ones(150, int), rng.uniform(0.7, 0.95, 150))
+    result = pooled_vs_within_auc(per_site)
+    assert result["computable"] and result["alarm"]
+    assert result["within_auc"] == pytest.approx(0.5, abs=0.07)
+    assert result["pooled_auc"] > result["within_auc"] + 0.1
+    assert result["sites"] == ["site-x"]
+    assert "site-x" in result["excluded"] and "150 positives" in result["excluded"]["site-x"]
+    assert "site-x" in result["reason"]
+    _strict_json(result)
+
+
+def test_clean_federation_does_not_alarm():
+    rng = np.random.default_rng(1)
+    per_site = {}
+    for k in range(4):
+        y = rng.integers(0, 2, 300)
+        per_site[f"site-{k}"] = _eval(y, np.clip(rng.normal(0.4 + 0.25 * y, 0.2), 0, 1))
+    result = pooled_vs_within_auc(per_site)
+    assert result["computable"] and not result["alarm"]
+    assert all(auc == pytest.approx(0.8, abs=0.08) for auc in result["site_auc"].values())
+    assert abs(result["gap"]) <= 0.05 and result["sites"] == [] and result["reason"] == ""
+
+
+def test_within_auc_is_n_weighted_and_undefined_sites_excluded():
+    rng = np.random.default_rng(2)
+    y_small, y_big = rng.integers(0, 2, 50), rng.integers(0, 2, 450)
+    per_site = {
+        "small": _eval(y_small, np.where(y_small == 1, 0.9, 0.1)),
+        "big": _eval(y_big, rng.uniform(0, 1, 450)),
+        "neg-only": _eval(np.zeros(30, int), rng.uniform(0, 1, 30)),
+    }
+    result = pooled_vs_within_auc(per_site)
+    expected = (50 * per_site["small"]["auc"] + 450 * per_site["big"]["auc"]) / 500
+    assert result["within_auc"] == pytest.approx(expected)
+    assert result["site_auc"]["neg-only"] is None
+    assert set(result["excluded"]) == {"neg-only"}
+    assert "only one class" in result["excluded"]["neg-only"]
+
+
+def test_pooled_vs_within_not_computable_without_any_site_auc():
+    per_site = {"a": _eval(np.zeros(10, int), np.full(10, 0.2)), "b": _eval(np.ones(10, int), np.full(10, 0.8))}
+    result = pooled_vs_within_auc(per_site)
+    assert not result["computable"] and not result["alarm"]
+    assert result["pooled_auc"] == 1.0 and result["within_auc"] is None
+    assert "not computable" in result["reason"] and "a:" in result["reason"]
+    assert not pooled_vs_within_auc({})["computable"]
+
+
+# ---- verdict ------------------------------------------------------------------------------
+
+
+def test_verdict_collects_reasons_of_alarmed_tests():
+    alarmed = site_label_association(CONFOUNDED)
+    quiet = site_label_association(BALANCED)
+    v = verdict({"association": alarmed, "quiet": quiet})
+    assert v["alarm"] and v["reasons"] == [alarmed["reason"]]
+    assert v["tests"]["quiet"] is quiet
+    assert verdict({"quiet": quiet}) == {"alarm": False, "reasons": [], "tests": {"quiet": quiet}}
+    _strict_json(v)

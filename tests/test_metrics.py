@@ -1,0 +1,281 @@
+"""Site-level evaluation aggregates and their pooling at the server (fedir.metrics)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from fedir import metrics
+from fedir.metrics import DEFAULT_BINS, auc_from_histograms, pooled_metrics, site_metrics
+
+KEYS = {
+    "n", "n_patients", "positives", "auc", "accuracy", "sensitivity", "specificity",
+    "auc_ci", "accuracy_ci", "sensitivity_ci", "specificity_ci",
+    "tp", "tn", "fp", "fn", "hist_neg", "hist_pos", "reasons",
+}  # fmt: skip
+METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+
+
+def _site(seed: int, n: int = 300, shift: float = 0.25, images_per_patient: int = 3):
+    """Labels, probabilities and patient ids with some signal."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = np.clip(rng.normal(0.4 + shift * y, 0.2), 0, 1)
+    patients = [f"p{seed}-{i // images_per_patient}" for i in range(n)]
+    return y, s, patients
+
+
+def _assert_plain_json(d: dict) -> None:
+    """No numpy types or NaN: json with allow_nan=False round-trips it unchanged."""
+    assert json.loads(json.dumps(d, allow_nan=False)) == json.loads(json.dumps(d))
+    for value in d.values():
+        assert not isinstance(value, np.generic)
+
+
+def _contains(ci, point) -> bool:
+    return ci[0] - 1e-12 <= point <= ci[1] + 1e-12
+
+
+# ---- site_metrics -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("order", "expected"), [("perfect", 1.0), ("inverted", 0.0)])
+def test_site_metrics_perfect_and_inverted_auc(order, expected):
+    y = np.array([0] * 50 + [1] * 50)
+    s = np.linspace(0.01, 0.99, 100)
+    if order == "inverted":
+        s = s[::-1]
+    m = site_metrics(y, s, [f"p{i // 2}" for i in range(100)], n_boot=200)
+    assert set(m) == KEYS
+    assert m["auc"] == pytest.approx(expected)
+    assert m["auc_ci"] == pytest.approx([expected, expected])
+    assert m["reasons"] == {}
+    _assert_plain_json(m)
+
+
+def test_site_metrics_random_scores_auc_near_half_and_cis_contain_points():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 800)
+    s = rng.uniform(0, 1, 800)
+    m = site_metrics(y, s, [f"p{i // 4}" for i in range(800)], n_boot=300)
+    assert m["auc"] == pytest.approx(0.5, abs=0.06)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, s))
+    for name in METRICS:
+        assert m[name] is not None and _contains(m[f"{name}_ci"], m[name]), name
+
+
+def test_site_metrics_counts_and_histograms():
+    y, s, patients = _site(0)
+    m = site_metrics(y, s, patients, n_boot=50, threshold=0.5)
+    pred = s >= 0.5
+    assert (m["tp"], m["fn"]) == (int(np.sum(pred & (y == 1))), int(np.sum(~pred & (y == 1))))
+    assert m["tp"] + m["tn"] + m["fp"] + m["fn"] == m["n"] == 300
+    assert m["n_patients"] == 100 and m["positives"] == int(y.sum())
+    assert len(m["hist_neg"]) == len(m["hist_pos"]) == DEFAULT_BINS
+    assert sum(m["hist_neg"]) == 300 - m["positives"] and sum(m["hist_pos"]) == m["positives"]
+    edges = np.linspace(0, 1, DEFAULT_BINS + 1)
+    assert m["hist_pos"] == np.histogram(s[y == 1], bins=edges)[0].tolist()
+    assert m["sensitivity"] == pytest.approx(m["tp"] / (m["tp"] + m["fn"]))
+    assert m["accuracy"] == pytest.approx((m["tp"] + m["tn"]) / 300)
+    _assert_plain_json(m)
+
+
+def test_bootstrap_resamples_patients_not_images():
+    """20 identical images per patient: a patient bootstrap sees 10 units, not 200."""
+    rng = np.random.default_rng(1)
+    patient_label = np.array([0, 1] * 5)
+    patient_score = np.clip(0.5 + (patient_label - 0.5) * 0.3 + rng.normal(0, 0.25, 10), 0, 1)
+    y = np.repeat(patient_label, 20)
+    s = np.repeat(patient_score, 20)
+    by_patient = site_metrics(y, s, [f"p{i // 20}" for i in range(200)], n_boot=500)
+    by_image = site_metrics(y, s, [f"img{i}" for i in range(200)], n_boot=500)
+    assert by_patient["n_patients"] == 10 and by_image["n_patients"] == 200
+    assert by_patient["accuracy"] == by_image["accuracy"]
+    for name in ("auc", "accuracy"):
+        width_patient = np.diff(by_patient[f"{name}_ci"])[0]
+        width_image = np.diff(by_image[f"{name}_ci"])[0]
+        assert width_patient > 2 * width_image, name
+
+
+def test_vectorised_bootstrap_matches_sklearn_on_each_resample():
+    """Each resample's AUC is roc_auc_score with images weighted by their patient's multiplicity."""
+    y, s, patients = _site(4, n=120)
+    patient_index = np.unique(patients, return_inverse=True)[1]
+    weights = np.random.default_rng(0).multinomial(40, np.full(40, 1 / 40), size=25).astype(float)
+    replicates = metrics._bootstrap_replicates(y, s, s >= 0.5, patient_index, 40, weights)
+    expected = [roc_auc_score(y, s, sample_weight=w[patient_index]) for w in weights]
+    np.testing.assert_allclose(replicates["auc"], expected, atol=1e-12)
+    tp = np.array([np.sum(w[patient_index] * ((s >= 0.5) & (y == 1))) for w in weights])
+    positives = np.array([np.sum(w[patient_index] * (y == 1)) for w in weights])
+    np.testing.assert_allclose(replicates["sensitivity"], tp / positives)
+
+
+def test_bootstrap_is_seeded():
+    y, s, patients = _site(2)
+    assert site_metrics(y, s, patients, seed=5) == site_metrics(y, s, patients, seed=5)
+    assert site_metrics(y, s, patients, seed=5)["auc_ci"] != site_metrics(y, s, patients, seed=6)["auc_ci"]
+
+
+def test_one_class_test_set_gives_none_with_counts_in_reason():
+    m = site_metrics(np.zeros(12, int), np.linspace(0.1, 0.9, 12), [f"p{i}" for i in range(12)])
+    assert m["auc"] is None and m["auc_ci"] is None and m["sensitivity"] is None
+    assert "12 negatives, 0 positives" in m["reasons"]["auc"]
+    assert "sensitivity" in m["reasons"] and "auc_ci" in m["reasons"]
+    assert m["specificity"] is not None and m["specificity_ci"] is not None
+    assert m["accuracy"] is not None
+    _assert_plain_json(m)
+
+
+def test_ci_none_when_too_few_resamples_are_usable(monkeypatch):
+    """One positive patient among 20 is in about 64% of resamples ((19/20)^20 miss it).
+
+    That passes the default 50% rule; with the rule raised to 90% the AUC and
+    sensitivity CIs must be withheld, the specificity one (every resample has negatives)
+    kept.
+    """
+    y = np.array([1] + [0] * 19)
+    s = np.linspace(0.05, 0.95, 20)
+    patients = [f"p{i}" for i in range(20)]
+    assert site_metrics(y, s, patients, n_boot=400)["auc_ci"] is not None
+    monkeypatch.setattr(metrics, "MIN_USABLE_FRACTION", 0.9)
+    m = site_metrics(y, s, patients, n_boot=400)
+    assert m["auc"] is not None and m["auc_ci"] is None
+    assert "of 400 patient-level bootstrap resamples contained both classes" in m["reasons"]["auc_ci"]
+    assert m["sensitivity_ci"] is None and m["specificity_ci"] is not None
+
+
+def test_empty_test_set_is_all_none():
+    m = site_metrics(np.array([]), np.array([]), [])
+    assert set(m) == KEYS
+    assert m["n"] == m["n_patients"] == m["positives"] == 0
+    for name in METRICS:
+        assert m[name] is None and m[f"{name}_ci"] is None
+        assert m["reasons"][name] == m["reasons"][f"{name}_ci"] == "no test images"
+    assert m["hist_neg"] == m["hist_pos"] == [0] * DEFAULT_BINS
+    _assert_plain_json(m)
+
+
+def test_single_patient_has_points_but_no_cis():
+    m = site_metrics(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), ["p"] * 4)
+    assert m["auc"] == 1.0 and m["auc_ci"] is None
+    assert "single patient" in m["reasons"]["auc_ci"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores", "patients"),
+    [([0, 2], [0.1, 0.2], ["a", "b"]), ([0, 1], [0.1, 1.2], ["a", "b"]), ([0, 1], [0.1, np.nan], ["a", "b"]),
+     ([0, 1], [0.1], ["a", "b"])],
+)  # fmt: skip
+def test_site_metrics_rejects_bad_input(labels, scores, patients):
+    with pytest.raises(ValueError):
+        site_metrics(np.array(labels), np.array(scores), patients)
+
+
+def test_site_metrics_1000_images_500_resamples_is_fast():
+    import time
+
+    y, s, patients = _site(7, n=1000, images_per_patient=2)
+    start = time.perf_counter()
+    site_metrics(y, s, patients, n_boot=500)
+    assert time.perf_counter() - start < 1.0
+
+
+# ---- auc_from_histograms ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_histogram_auc_close_to_exact_on_continuous_scores(seed):
+    y, s, patients = _site(seed, n=600)
+    m = site_metrics(y, s, patients, n_boot=10)
+    assert auc_from_histograms(m["hist_neg"], m["hist_pos"]) == pytest.approx(roc_auc_score(y, s), abs=0.02)
+
+
+def test_histogram_auc_exact_at_bin_centres():
+    rng = np.random.default_rng(0)
+    centres = (np.arange(DEFAULT_BINS) + 0.5) / DEFAULT_BINS
+    y = rng.integers(0, 2, 400)
+    s = centres[np.clip(rng.normal(8 + 4 * y, 3).round().astype(int), 0, DEFAULT_BINS - 1)]
+    m = site_metrics(y, s, [str(i) for i in range(400)], n_boot=10)
+    assert auc_from_histograms(m["hist_neg"], m["hist_pos"]) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_histogram_auc_with_weights_is_weighted_mann_whitney():
+    """Non-integer counts act as sample weights (what the patient bootstrap relies on)."""
+    rng = np.random.default_rng(4)
+    y = np.array([0, 1] * 30)
+    s = rng.integers(0, 10, 60) / 10
+    w = rng.uniform(0, 3, 60)
+    groups = np.unique(s)
+    neg = [w[(y == 0) & (s == g)].sum() for g in groups]
+    pos = [w[(y == 1) & (s == g)].sum() for g in groups]
+    assert auc_from_histograms(neg, pos) == pytest.approx(roc_auc_score(y, s, sample_weight=w))
+
+
+def test_histogram_auc_none_for_empty_class_and_ties_count_half():
+    assert auc_from_histograms([0, 0, 0], [1, 2, 3]) is None
+    assert auc_from_histograms([3, 0], [0, 0]) is None
+    assert auc_from_histograms([0, 4, 0], [0, 2, 0]) == 0.5
+    assert auc_from_histograms([1, 0], [0, 1]) == 1.0
+    with pytest.raises(ValueError):
+        auc_from_histograms([1, 2], [1, 2, 3])
+
+
+# ---- pooled_metrics -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def three_sites():
+    return {f"site-{k}": site_metrics(*_site(k, n=200 + 100 * k), n_boot=50) for k in range(3)}
+
+
+def test_pooled_totals_add_up(three_sites):
+    pooled = pooled_metrics(three_sites, n_boot=200)
+    assert set(pooled) == KEYS
+    for key in ("n", "n_patients", "positives", "tp", "tn", "fp", "fn"):
+        assert pooled[key] == sum(site[key] for site in three_sites.values()), key
+    assert pooled["hist_pos"] == np.sum([site["hist_pos"] for site in three_sites.values()], axis=0).tolist()
+    assert pooled["sensitivity"] == pytest.approx(pooled["tp"] / (pooled["tp"] + pooled["fn"]))
+    assert pooled["specificity"] == pytest.approx(pooled["tn"] / (pooled["tn"] + pooled["fp"]))
+    _assert_plain_json(pooled)
+
+
+def test_pooled_auc_is_histogram_auc_and_close_to_exact(three_sites):
+    pooled = pooled_metrics(three_sites, n_boot=200)
+    assert pooled["auc"] == auc_from_histograms(pooled["hist_neg"], pooled["hist_pos"])
+    ys, ss = zip(*[_site(k, n=200 + 100 * k)[:2] for k in range(3)])
+    assert pooled["auc"] == pytest.approx(roc_auc_score(np.concatenate(ys), np.concatenate(ss)), abs=0.02)
+
+
+def test_pooled_cis_contain_points(three_sites):
+    pooled = pooled_metrics(three_sites, n_boot=300)
+    for name in METRICS:
+        lo, hi = pooled[f"{name}_ci"]
+        assert lo < pooled[name] < hi, name
+    assert pooled["reasons"] == {}
+
+
+def test_pooled_wilson_interval():
+    site = site_metrics(np.array([1] * 10 + [0] * 10), np.array([0.9] * 9 + [0.1] * 11), [str(i) for i in range(20)])
+    pooled = pooled_metrics({"a": site})
+    assert pooled["sensitivity"] == 0.9
+    lo, hi = pooled["sensitivity_ci"]
+    assert lo == pytest.approx(0.5958, abs=1e-3) and hi == pytest.approx(0.9821, abs=1e-3)
+
+
+def test_pooled_handles_one_class_sites_and_no_sites():
+    only_neg = site_metrics(np.zeros(5, int), np.full(5, 0.2), list("abcde"))
+    only_pos = site_metrics(np.ones(5, int), np.full(5, 0.8), list("fghij"))
+    assert pooled_metrics({"n": only_neg})["auc"] is None
+    assert "5 negatives, 0 positives" in pooled_metrics({"n": only_neg})["reasons"]["auc"]
+    assert pooled_metrics({"n": only_neg, "p": only_pos})["auc"] == 1.0
+    empty = pooled_metrics({})
+    assert all(empty[name] is None for name in METRICS) and math.isclose(empty["n"], 0)
+    assert set(empty["reasons"]) == {*METRICS, *(f"{m}_ci" for m in METRICS)}
+
+
+def test_pooled_rejects_mismatched_bins():
+    y, s, p = _site(0, n=40)
+    with pytest.raises(ValueError):
+        pooled_metrics({"a": site_metrics(y, s, p, bins=10), "b": site_metrics(y, s, p, bins=20)})
