@@ -1,0 +1,169 @@
+"""The run summary (``summary.json``) and its terminal table, built only from the run store.
+
+The summary describes the last completed evaluation round: the pooled ("global")
+metrics, every site's metrics with confidence intervals, and the bias verdict. A
+metric that could not be computed is null, and the site's ``reasons`` say why, so
+a reader never mistakes a missing number for a bad one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedir.server.runstore import GLOBAL_SITE, RunStore
+
+RATE_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+COUNT_METRICS = ("tp", "tn", "fp", "fn")
+NO_VERDICT = {"alarm": False, "reasons": ["no bias analysis was recorded for this run"], "tests": {}}
+
+# Numbers of each bias test worth a glance in the one-line verdict (key, label).
+VERDICT_NUMBERS = (
+    ("p_value", "p"),
+    ("cramers_v", "Cramer's V"),
+    ("pooled_auc", "pooled AUC"),
+    ("within_auc", "within-site AUC"),
+    ("gap", "gap"),
+)
+
+
+def build_summary(store: RunStore, run_id: str) -> dict:
+    """Summarise ``run_id`` at its last evaluated round (see the module docstring)."""
+    run = store.run(run_id)
+    last_eval = store.last_round(run_id, split="test")
+    evaluated = store.site_metrics(run_id, last_eval) if last_eval is not None else {}
+    sites = _site_names(run["sites"], evaluated)
+    bias = store.bias(run_id, last_eval) if last_eval is not None else None
+    return {
+        "run_id": run_id,
+        "scenario": run["scenario"],
+        "status": run["status"],
+        "started_at": run["started_at"],
+        "finished_at": run["finished_at"],
+        "rounds": store.last_round(run_id) or 0,
+        "evaluated_round": last_eval,
+        "sites": sites,
+        "global": _entry(evaluated.get(GLOBAL_SITE), last_eval),
+        "per_site": {site: _entry(evaluated.get(site), last_eval) for site in sites},
+        "bias": bias or store.bias(run_id) or NO_VERDICT,
+        "notes": store.notes(run_id),
+    }
+
+
+def _site_names(configured: list[str], evaluated: dict[str, dict]) -> list[str]:
+    """The configured sites, then any site that reported without being configured."""
+    extra = [s for s in evaluated if s != GLOBAL_SITE and s not in configured]
+    return list(configured) + sorted(extra)
+
+
+def _entry(metrics: dict | None, server_round: int | None) -> dict:
+    """One site's (or the pooled) summary entry; every absent metric is null with a reason."""
+    metrics = metrics or {}
+    reasons = dict(metrics.get("reasons") or {})
+    entry: dict[str, Any] = {
+        "n_test": metrics.get("n") or 0,
+        "n_patients": metrics.get("n_patients"),
+        "positives": metrics.get("positives"),
+    }
+    for name in RATE_METRICS:
+        entry[name] = metrics.get(name)
+        entry[name + "_ci"] = metrics.get(name + "_ci")
+        if entry[name] is None and name not in reasons:
+            reasons[name] = _missing_reason(metrics, server_round)
+    for name in COUNT_METRICS:
+        entry[name] = metrics.get(name)
+    entry["reasons"] = reasons
+    return entry
+
+
+def _missing_reason(metrics: dict, server_round: int | None) -> str:
+    if server_round is None:
+        return "no evaluation round was recorded"
+    if not metrics:
+        return f"no evaluation was reported in round {server_round}"
+    return "not computed (no reason was reported)"
+
+
+def write_summary(summary: dict, path: str | Path) -> Path:
+    """Write strict JSON: a NaN raises instead of producing a file other tools reject."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def fmt_value(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def fmt_with_ci(value: float | None, ci: list | None) -> str:
+    """``0.812 [0.700, 0.900]``; "n/a" for a metric that could not be computed."""
+    if value is None:
+        return "n/a"
+    if not ci or ci[0] is None or ci[1] is None:
+        return fmt_value(value)
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def format_site_table(summary: dict) -> str:
+    """A plain-text per-site table, the global row, the verdict line and n/a footnotes."""
+    header = ["site", "n_test", "positives", "AUC [95% CI]", "accuracy [95% CI]",
+              "sensitivity [95% CI]", "specificity [95% CI]"]
+    rows = [_table_row(site, entry) for site, entry in summary["per_site"].items()]
+    rows.append(_table_row(GLOBAL_SITE, summary["global"]))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    lines.append(verdict_line(summary["bias"]))
+    lines.extend(_footnotes(summary))
+    return "\n".join(lines)
+
+
+def _table_row(site: str, entry: dict) -> list[str]:
+    positives = entry.get("positives")
+    return [
+        site,
+        str(entry.get("n_test", 0)),
+        "n/a" if positives is None else str(positives),
+        *(fmt_with_ci(entry.get(m), entry.get(m + "_ci")) for m in RATE_METRICS),
+    ]
+
+
+def verdict_line(bias: dict) -> str:
+    """"BIAS ALARM: <reasons>" or "No bias alarm: <each test's key numbers>"."""
+    if bias.get("alarm"):
+        return "BIAS ALARM: " + "; ".join(bias.get("reasons") or ["(no reason given)"])
+    numbers = [f"{name}: {text}" for name, text in key_numbers(bias).items() if text]
+    return "No bias alarm: " + ("; ".join(numbers) or "; ".join(bias.get("reasons") or []))
+
+
+def key_numbers(bias: dict) -> dict[str, str]:
+    """``{test name: "p=0.42, Cramer's V=0.05"}`` from the numbers each test reports."""
+    out = {}
+    for name, test in (bias.get("tests") or {}).items():
+        if isinstance(test, dict):
+            out[name] = ", ".join(
+                f"{label}={_short(test[key])}" for key, label in VERDICT_NUMBERS if key in test
+            )
+    return out
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "n/a" if value is None else str(value)
+
+
+def _footnotes(summary: dict) -> list[str]:
+    entries = {**summary["per_site"], GLOBAL_SITE: summary["global"]}
+    notes = [
+        f"  n/a {site} {metric}: {why}"
+        for site, entry in entries.items()
+        for metric, why in entry["reasons"].items()
+    ]
+    return ["", "Metrics not computed:", *notes] if notes else []

@@ -1,0 +1,100 @@
+"""The summary, the terminal table and the HTML report, all rebuilt from the run store."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fedir.server.report import write_report
+from fedir.server.runstore import RunStore
+from fedir.server.summary import build_summary, format_site_table, write_summary
+from test_runstore import RUN, SITES, VERDICT, fabricate
+
+CONTRACT_KEYS = {"run_id", "scenario", "rounds", "sites", "global", "per_site", "bias", "notes", "status"}
+METRIC_KEYS = {"auc", "auc_ci", "accuracy", "accuracy_ci", "sensitivity", "sensitivity_ci",
+               "specificity", "specificity_ci", "n_test"}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    with fabricate(tmp_path / "runs.sqlite") as s:
+        yield s
+
+
+def test_summary_contract(store: RunStore, tmp_path: Path) -> None:
+    summary = build_summary(store, RUN)
+    assert CONTRACT_KEYS <= set(summary)
+    assert summary["rounds"] == 2 and summary["sites"] == SITES and summary["status"] == "finished"
+    assert METRIC_KEYS <= set(summary["global"])
+    assert summary["global"]["n_test"] == 135
+    assert set(summary["per_site"]) == set(SITES)
+    for entry in summary["per_site"].values():
+        assert METRIC_KEYS | {"positives", "reasons"} <= set(entry)
+    assert summary["per_site"]["site-a"]["auc"] == pytest.approx(0.80)
+    assert summary["per_site"]["site-a"]["auc_ci"] == pytest.approx([0.70, 0.88])
+    site_b = summary["per_site"]["site-b"]
+    assert site_b["auc"] is None and site_b["auc_ci"] is None
+    assert site_b["reasons"]["auc"] == "only one class among the test patients"
+    assert summary["bias"] == VERDICT
+    json.dumps(summary, allow_nan=False)
+    written = write_summary(summary, tmp_path / "out" / "summary.json")
+    assert json.loads(written.read_text()) == summary
+
+
+def test_site_without_evaluation_gets_nulls_with_reasons(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "runs.sqlite") as s:
+        s.start_run("r", "x", {}, ["a", "silent"])
+        s.record_evaluation("r", 1, {"a": {"n": 10, "auc": 0.7, "auc_ci": [0.6, 0.8]}}, None)
+        summary = build_summary(s, "r")
+    silent = summary["per_site"]["silent"]
+    assert silent["n_test"] == 0 and silent["auc"] is None
+    assert "round 1" in silent["reasons"]["auc"]
+    assert summary["bias"]["alarm"] is False and summary["bias"]["reasons"]
+
+
+def test_write_summary_refuses_nan(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        write_summary({"global": {"auc": float("nan")}}, tmp_path / "summary.json")
+
+
+def test_site_table(store: RunStore) -> None:
+    table = format_site_table(build_summary(store, RUN))
+    for site in [*SITES, "global"]:
+        assert site in table
+    assert "0.800 [0.700, 0.880]" in table
+    assert "BIAS ALARM: label prevalence differs strongly between sites" in table
+    assert "only one class among the test patients" in table
+
+
+def test_site_table_without_alarm_shows_key_numbers(store: RunStore) -> None:
+    summary = build_summary(store, RUN)
+    summary["bias"] = {**VERDICT, "alarm": False, "reasons": []}
+    line = format_site_table(summary).splitlines()
+    verdict = next(l for l in line if l.startswith("No bias alarm:"))
+    assert "Cramer's V=0.62" in verdict and "gap=0.06" in verdict
+
+
+def test_report_is_self_contained(store: RunStore, tmp_path: Path) -> None:
+    html = write_report(store, RUN, tmp_path / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)
+    assert "http://" not in html and "https://" not in html
+    assert "data:image/png;base64," in html
+    for site in SITES:
+        assert site in html
+    for reason in VERDICT["reasons"]:
+        assert reason.replace("'", "&#x27;") in html
+    assert "only one class among the test patients" in html
+    assert "2 files unreadable" in html
+    assert 'class="verdict alarm"' in html
+
+
+def test_report_escapes_site_names(tmp_path: Path) -> None:
+    sites = ["<script>", "site-b", 'a"b&c']
+    with fabricate(tmp_path / "runs.sqlite", sites) as s:
+        html = write_report(s, RUN, tmp_path / "report.html").read_text()
+    assert "<script>" not in html
+    assert "&lt;script&gt;" in html
+    assert "a&quot;b&amp;c" in html

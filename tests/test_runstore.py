@@ -1,0 +1,167 @@
+"""The run store: the one-row-per-metric contract, round trips, and atomic rounds."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fedir.server.runstore import RunStore
+
+SITES = ["site-a", "site-b", "site-c"]
+RUN = "run-1"
+
+
+def site_eval(n: int, positives: int, auc: float | None) -> dict:
+    """A site's evaluation aggregates in the shape ``fedir.metrics.site_metrics`` returns."""
+    entry = {
+        "n": n, "n_patients": n // 3, "positives": positives,
+        "auc": auc, "auc_ci": None if auc is None else [auc - 0.1, min(auc + 0.08, 1.0)],
+        "accuracy": 0.75, "accuracy_ci": [0.64, 0.85],
+        "sensitivity": 0.7, "sensitivity_ci": [0.5, 0.85],
+        "specificity": 0.8, "specificity_ci": [0.66, 0.9],
+        "tp": 17, "tn": 28, "fp": 7, "fn": 7,
+        "hist_neg": [max(0, 8 - i) for i in range(20)], "hist_pos": [max(0, i - 10) for i in range(20)],
+        "reasons": {},
+    }
+    if auc is None:
+        entry["reasons"] = {"auc": "only one class among the test patients"}
+    return entry
+
+
+def round_eval(server_round: int) -> dict[str, dict]:
+    return {
+        "site-a": site_eval(60, 24, 0.70 + 0.05 * server_round),
+        "site-b": site_eval(45, 0, None),
+        "site-c": site_eval(30, 12, 0.60 + 0.05 * server_round),
+    }
+
+
+VERDICT = {
+    "alarm": True,
+    "reasons": ["label prevalence differs strongly between sites (Cramer's V 0.62)"],
+    "tests": {
+        "site_label_association": {
+            "alarm": True, "chi2": 41.3, "dof": 2, "p_value": 1.1e-9, "cramers_v": 0.62,
+            "threshold_p": 0.01, "threshold_v": 0.3,
+            "table": {"site-a": {"0": 20, "1": 20}, "site-b": {"0": 40, "1": 0},
+                      "site-c": {"0": 5, "1": 30}},
+            "prevalence": {"site-a": 0.5, "site-b": 0.0, "site-c": 0.857},
+            "reason": "label prevalence differs strongly between sites",
+        },
+        "pooled_vs_within_auc": {
+            "alarm": False, "pooled_auc": 0.80, "within_auc": 0.74, "gap": 0.06, "threshold_gap": 0.1,
+            "reason": "pooled AUC within 0.1 of the within-site AUC",
+        },
+    },
+}
+
+
+def fabricate(path: Path, sites: list[str] = SITES) -> RunStore:
+    """A finished 3-site, 2-round run; site-b's AUC is null with a reason."""
+    store = RunStore(path)
+    store.start_run(RUN, "frankenstein", {"train": {"rounds": 2}}, sites)
+    for server_round in (1, 2):
+        per_site = round_eval(server_round)
+        per_site = {new: per_site[old] for old, new in zip(SITES, sites)}
+        pooled = site_eval(135, 36, 0.78 + 0.02 * server_round)
+        store.record_training(RUN, server_round, {
+            s: {"train_loss": (0.5 + 0.1 * i) / server_round, "n_labelled": 40, "n_unlabelled": 90,
+                "label_counts": {"0": 20, "1": 20}} for i, s in enumerate(sites)})
+        store.record_evaluation(RUN, server_round, per_site, pooled)
+        store.record_bias(RUN, server_round, VERDICT)
+    store.record_note(RUN, 1, sites[2], "skipped_file", "2 files unreadable: truncated pixel data")
+    store.finish_run(RUN)
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    with fabricate(tmp_path / "runs.sqlite") as s:
+        yield s
+
+
+def test_one_row_per_round_site_split_metric(store: RunStore) -> None:
+    rows = store.metric_rows(RUN)
+    keys = [(r["round"], r["site"], r["split"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    test_metrics = {"n", "n_patients", "positives", "auc", "accuracy", "sensitivity", "specificity",
+                    "tp", "tn", "fp", "fn"}
+    for server_round in (1, 2):
+        for site in [*SITES, "global"]:
+            got = {m for r, s, sp, m in keys if (r, s, sp) == (server_round, site, "test")}
+            assert got == test_metrics
+        for site in SITES:
+            got = {m for r, s, sp, m in keys if (r, s, sp) == (server_round, site, "train")}
+            assert got == {"train_loss", "n_labelled", "n_unlabelled"}
+
+
+def test_rerecording_a_round_replaces_it(store: RunStore) -> None:
+    before = len(store.metric_rows(RUN))
+    store.record_evaluation(RUN, 2, round_eval(2), site_eval(135, 36, 0.82))
+    assert len(store.metric_rows(RUN)) == before
+    assert len([n for n in store.notes(RUN) if n["kind"] == "null_metric" and n["round"] == 2]) == 1
+
+
+def test_site_metrics_round_trip(store: RunStore) -> None:
+    got = store.site_metrics(RUN, 2)
+    assert set(got) == {*SITES, "global"}
+    expected = round_eval(2)
+    for site in SITES:
+        for key in ("n", "positives", "auc", "accuracy", "sensitivity", "specificity", "tp", "fn",
+                    "auc_ci", "accuracy_ci", "specificity_ci"):
+            want = expected[site][key]
+            assert got[site][key] == (None if want is None else pytest.approx(want)), (site, key)
+        assert got[site]["hist_neg"] == expected[site]["hist_neg"]
+        assert isinstance(got[site]["n"], int)
+    assert got["site-b"]["auc"] is None
+    assert got["site-b"]["reasons"] == {"auc": "only one class among the test patients"}
+    assert store.site_metrics(RUN, 2, split="train")["site-a"]["label_counts"] == {"0": 20, "1": 20}
+
+
+def test_readers(store: RunStore) -> None:
+    assert store.latest_run_id() == RUN
+    assert store.last_round(RUN) == 2
+    run = store.run(RUN)
+    assert run["status"] == "finished" and run["sites"] == SITES and run["finished_at"]
+    assert store.bias(RUN)["alarm"] is True
+    assert store.bias(RUN, 1) == VERDICT
+    assert {v["name"] for v in store.vectors(RUN, 1) if v["split"] == "test"} == {"hist_neg", "hist_pos"}
+    kinds = {n["kind"] for n in store.notes(RUN)}
+    assert kinds == {"null_metric", "skipped_file"}
+
+
+def test_nan_is_stored_as_null(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "runs.sqlite") as s:
+        s.start_run("r", "x", {}, ["a"])
+        s.record_evaluation("r", 1, {"a": {"n": 3, "auc": float("nan")}}, None)
+        s.record_bias("r", 1, {"alarm": False, "reasons": [], "tests": {"t": {"p_value": float("nan")}}})
+        assert s.site_metrics("r", 1)["a"]["auc"] is None
+        assert s.bias("r")["tests"]["t"]["p_value"] is None
+
+
+def test_reader_never_sees_half_a_round(tmp_path: Path) -> None:
+    """While a round is being written, a second connection sees none of it, then all of it."""
+    path = tmp_path / "runs.sqlite"
+    store = RunStore(path)
+    store.start_run(RUN, "s", {}, SITES)
+    reader = sqlite3.connect(path)
+    seen: list[int] = []
+
+    def count_rows() -> int:
+        return reader.execute("SELECT COUNT(*) FROM metrics WHERE round = 1").fetchone()[0]
+
+    def during_write(statement: str) -> None:
+        if statement.startswith("INSERT INTO metrics"):
+            seen.append(count_rows())
+
+    store._conn.set_trace_callback(during_write)
+    store.record_evaluation(RUN, 1, round_eval(1), site_eval(135, 36, 0.8))
+    store._conn.set_trace_callback(None)
+    full = count_rows()
+    assert len(seen) > 1 and set(seen) == {0}
+    assert full == 4 * 11
+    assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    reader.close()
+    store.close()
