@@ -1,0 +1,110 @@
+"""What crosses the trust boundary, defined once: the records a site sends back.
+
+Flower 1.41 aborts a round when one site's MetricRecord has a key another lacks, and
+MetricRecord values can only be numbers or lists of numbers. So every site sends the same
+keys: a metric that cannot be computed is sent as -1 with its `-ok` flag at 0, and the
+human reason travels in a ConfigRecord beside it (as JSON text, so that sites with
+different reasons still send the same keys). Everything here is an aggregate: counts,
+losses, metrics and fixed-bin histograms; never an image, an identifier or a per-patient
+value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+METRICS_KEY = "metrics"
+SITE_KEY = "site"
+ARRAYS_KEY = "arrays"
+WEIGHT_KEY = "num-examples"
+
+SCALAR_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+COUNTS = ("n", "n_patients", "positives", "tp", "tn", "fp", "fn")
+HISTOGRAMS = ("hist_neg", "hist_pos")
+MISSING = -1.0
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def encode_evaluation(site: str, metrics: Mapping[str, Any]) -> RecordDict:
+    """A site's `fedir.metrics.site_metrics` dict -> the reply's RecordDict."""
+    rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
+    for name in COUNTS:
+        rec[_key(name)] = int(metrics[name])
+    for name in SCALAR_METRICS:
+        value, ci = metrics.get(name), metrics.get(f"{name}_ci")
+        rec[_key(name)] = MISSING if value is None else float(value)
+        rec[f"{_key(name)}-ok"] = 0 if value is None else 1
+        rec[f"{_key(name)}-ci"] = [MISSING, MISSING] if ci is None else [float(ci[0]), float(ci[1])]
+        rec[f"{_key(name)}-ci-ok"] = 0 if ci is None else 1
+    for name in HISTOGRAMS:
+        rec[_key(name)] = [int(v) for v in metrics[name]]
+    site_rec = ConfigRecord({"name": site, "reasons": json.dumps(metrics.get("reasons", {}))})
+    return RecordDict({METRICS_KEY: rec, SITE_KEY: site_rec})
+
+
+def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
+    """The inverse of encode_evaluation, on the server: (site name, metrics dict)."""
+    rec = content.metric_records[METRICS_KEY]
+    site_rec = content.config_records[SITE_KEY]
+    out: dict[str, Any] = {name: int(rec[_key(name)]) for name in COUNTS}
+    for name in SCALAR_METRICS:
+        out[name] = float(rec[_key(name)]) if rec[f"{_key(name)}-ok"] else None
+        ci = rec[f"{_key(name)}-ci"]
+        out[f"{name}_ci"] = [float(ci[0]), float(ci[1])] if rec[f"{_key(name)}-ci-ok"] else None
+    for name in HISTOGRAMS:
+        out[name] = [int(v) for v in rec[_key(name)]]
+    out["reasons"] = json.loads(str(site_rec["reasons"]))
+    return str(site_rec["name"]), out
+
+
+def encode_training(
+    site: str,
+    *,
+    loss: float | None,
+    steps: int,
+    n_labelled: int,
+    n_unlabelled: int,
+    label_counts: Mapping[int, int],
+    num_classes: int,
+    skipped: Mapping[str, int],
+) -> tuple[MetricRecord, ConfigRecord]:
+    """A site's training aggregates: the weight of its update, its loss, and its data counts.
+
+    `label_counts` (labelled training images per class) is what the server's site-label
+    association test needs; `skipped` counts unreadable files by reason (never paths).
+    """
+    rec = MetricRecord(
+        {
+            WEIGHT_KEY: int(n_labelled),
+            "train-loss": MISSING if loss is None else float(loss),
+            "train-loss-ok": 0 if loss is None else 1,
+            "steps": int(steps),
+            "n-labelled": int(n_labelled),
+            "n-unlabelled": int(n_unlabelled),
+            "label-counts": [int(label_counts.get(c, 0)) for c in range(num_classes)],
+        }
+    )
+    site_rec = ConfigRecord({"name": site, "skipped": json.dumps(dict(skipped))})
+    return rec, site_rec
+
+
+def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
+    """The inverse of encode_training: (site name, aggregates)."""
+    rec = content.metric_records[METRICS_KEY]
+    site_rec = content.config_records[SITE_KEY]
+    out = {
+        "train_loss": float(rec["train-loss"]) if rec["train-loss-ok"] else None,
+        "steps": int(rec["steps"]),
+        "n_labelled": int(rec["n-labelled"]),
+        "n_unlabelled": int(rec["n-unlabelled"]),
+        "label_counts": {c: int(v) for c, v in enumerate(rec["label-counts"])},
+        "skipped": json.loads(str(site_rec["skipped"])),
+    }
+    return str(site_rec["name"]), out
