@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("patient_id", "path")
@@ -54,6 +55,14 @@ def _parse_float(raw: str, column: str, where: str) -> float | None:
         raise ManifestError(f"{where}: {column} {raw!r} is not a number") from None
 
 
+def _records(reader: csv.DictReader, manifest: Path) -> Iterator[dict[str | None, str | None]]:
+    """The reader's records, with a malformed line reported as a ManifestError."""
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise ManifestError(f"{manifest}, row {reader.line_num}: malformed CSV ({exc})") from None
+
+
 def read_manifest(site_dir: str | Path) -> list[ManifestRow]:
     """Read and validate `site_dir/manifest.csv`.
 
@@ -82,7 +91,10 @@ def read_manifest(site_dir: str | Path) -> list[ManifestRow]:
     clin_columns = [c for c in columns if c.startswith("clin_")]
     rows: list[ManifestRow] = []
     seen: dict[Path, int] = {}
-    for number, record in enumerate(reader, start=2):
+    for record in _records(reader, manifest):
+        # The CSV line the record ends on: right even after blank lines, which the
+        # reader skips, so the message points at the line a spreadsheet shows.
+        number = reader.line_num
         record = {(k or "").strip(): (v or "") for k, v in record.items()}
         where = f"{manifest}, row {number}"
         patient_id = record["patient_id"].strip()
@@ -91,7 +103,10 @@ def read_manifest(site_dir: str | Path) -> list[ManifestRow]:
             raise ManifestError(f"{where}: empty patient_id")
         if not rel:
             raise ManifestError(f"{where}: empty path")
-        path = (site / rel).resolve()
+        try:
+            path = (site / rel).resolve()
+        except (ValueError, OSError) as exc:
+            raise ManifestError(f"{where}: path {rel!r} is not usable ({exc})") from None
         if not path.is_relative_to(site):
             raise ManifestError(f"{where}: path {rel!r} points outside the site folder")
         if path in seen:

@@ -27,7 +27,8 @@ def split_of(
     """Return the split of one patient.
 
     The test split takes the lowest `test_fraction` of the hash range and validation the
-    next `val_fraction`, so growing one fraction never moves a patient between the other two.
+    next `val_fraction`: growing `val_fraction` only moves training patients into
+    validation, and a test patient stays a test patient whatever `val_fraction` is.
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1.0:
         raise ValueError(

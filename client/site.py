@@ -1,0 +1,248 @@
+"""A site folder -> decoded image tensors per split, cached on the site's own disk.
+
+Decoding DICOM costs far more than a training step (DESIGN.md, "Performance notes"), and
+in deployment every Flower message runs in a fresh process, so the decoded site is
+cached as one file in the site folder and every round after the first reads that file.
+Unreadable images are skipped and listed with their reason: a bad file never stops a
+round. A broken manifest (ManifestError) does, because that is the site's configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fedir.imaging import UnreadableImage, load_image
+from fedir.manifest import MANIFEST_NAME, ManifestRow, read_manifest
+from fedir.split import SPLITS, split_of
+
+LOG = logging.getLogger(__name__)
+CACHE_DIR_NAME = ".fedir-cache"
+# Bump when decoding or preprocessing changes, so that old caches are not reused.
+CACHE_VERSION = 1
+
+
+@dataclass
+class SplitTensors:
+    """The images of one split with their labels (-1 = unlabelled) and patients."""
+
+    images: torch.Tensor  # (N, 1, S, S) float32
+    labels: torch.Tensor  # (N,) int64
+    patients: list[str]
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+
+@dataclass
+class SkippedFile:
+    """An image the site could not use; `path` is relative to the site folder."""
+
+    path: str
+    reason: str  # a SkipReason value
+    detail: str
+
+
+@dataclass
+class SiteData:
+    """A whole site, decoded: the three splits, the skipped files, the clinical columns."""
+
+    name: str
+    root: Path
+    train: SplitTensors
+    val: SplitTensors
+    test: SplitTensors
+    skipped: list[SkippedFile]
+    clinical_columns: list[str]
+
+    def split(self, split: str) -> SplitTensors:
+        """The tensors of "train", "val" or "test"."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        return getattr(self, split)
+
+    def label_counts(self, split: str) -> dict[int, int]:
+        """Labelled images per class in that split (unlabelled images are not counted)."""
+        labels = self.split(split).labels.tolist()
+        return dict(sorted(Counter(label for label in labels if label >= 0).items()))
+
+
+def load_site(
+    site_dir: str | Path,
+    *,
+    image_size: int = 128,
+    frame_policy: str = "mip",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.25,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> SiteData:
+    """Read a site folder into tensors by split, decoding each image at most once.
+
+    The cache is one file per (image_size, frame_policy, fractions) in `cache_dir`
+    (default `site_dir/.fedir-cache`). It is used only when its key matches: a SHA-256
+    over the cache version, these settings, the manifest's bytes, and each listed
+    image's size and mtime_ns (or its absence). Any edit to the manifest, or a touched,
+    replaced, added or removed image, therefore re-decodes the site. An unwritable cache
+    folder (a read-only site) only costs speed: a warning is logged and nothing cached.
+    """
+    root = Path(site_dir).resolve()
+    rows = read_manifest(root)
+    settings = (image_size, frame_policy, val_fraction, test_fraction)
+    cache_file = _cache_path(Path(cache_dir) if cache_dir else root / CACHE_DIR_NAME, settings)
+    key = _cache_key(root, rows, settings)
+    payload = _read_cache(cache_file, key)
+    if payload is None:
+        fractions = (val_fraction, test_fraction)
+        payload = _decode_site(root, rows, image_size, frame_policy, fractions, progress)
+        payload["key"] = key
+        _write_cache(cache_file, payload)
+    return _site_from_payload(root, payload, _clinical_columns(rows))
+
+
+def _clinical_columns(rows: list[ManifestRow]) -> list[str]:
+    """The manifest's clin_* columns (every row carries the same ones)."""
+    return list(rows[0].clinical) if rows else []
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding
+
+
+def _decode_site(
+    root: Path,
+    rows: list[ManifestRow],
+    image_size: int,
+    frame_policy: str,
+    fractions: tuple[float, float],
+    progress: bool,
+) -> dict:
+    """Decode every listed image into per-split arrays; unreadable files are recorded."""
+    parts: dict[str, dict[str, list]] = {
+        s: {"images": [], "labels": [], "patients": []} for s in SPLITS
+    }
+    skipped: list[dict[str, str]] = []
+    for row in tqdm(rows, desc=f"decoding {root.name}", unit="image", disable=not progress):
+        try:
+            images = load_image(row.path, image_size, frame_policy)
+        except UnreadableImage as exc:
+            relative = _relative(row.path, root)
+            skipped.append({"path": relative, "reason": exc.reason.value, "detail": exc.detail})
+            continue
+        part = parts[split_of(row.patient_id, *fractions)]
+        part["images"].append(images)
+        part["labels"].extend([-1 if row.label is None else row.label] * len(images))
+        part["patients"].extend([row.patient_id] * len(images))
+    if skipped:
+        LOG.warning("%s: skipped %d of %d images", root.name, len(skipped), len(rows))
+    return {"splits": {s: _stack(parts[s], image_size) for s in SPLITS}, "skipped": skipped}
+
+
+def _relative(path: Path, root: Path) -> str:
+    """A path as the site's staff wrote it in the manifest: relative, with '/'."""
+    return path.relative_to(root).as_posix()
+
+
+def _stack(part: dict[str, list], image_size: int) -> dict:
+    """One split's lists -> tensors; an empty split gets shape (0, 1, S, S)."""
+    images = (
+        torch.from_numpy(np.concatenate(part["images"]))
+        if part["images"]
+        else torch.zeros((0, 1, image_size, image_size), dtype=torch.float32)
+    )
+    return {
+        "images": images,
+        "labels": torch.tensor(part["labels"], dtype=torch.int64),
+        "patients": list(part["patients"]),
+    }
+
+
+def _site_from_payload(root: Path, payload: dict, clinical: list[str]) -> SiteData:
+    """The cached (or just decoded) payload -> SiteData."""
+    splits = {
+        s: SplitTensors(
+            images=part["images"],
+            labels=part["labels"],
+            patients=list(part["patients"]),
+        )
+        for s, part in payload["splits"].items()
+    }
+    return SiteData(
+        name=root.name,
+        root=root,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        skipped=[SkippedFile(**entry) for entry in payload["skipped"]],
+        clinical_columns=clinical,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Cache
+
+
+def _cache_path(cache_dir: Path, settings: tuple[int, str, float, float]) -> Path:
+    """One file per setting, so that changing a setting does not evict the other's cache
+    and repeated edits of the site overwrite rather than accumulate files."""
+    image_size, frame_policy, val_fraction, test_fraction = settings
+    return cache_dir / f"site-s{image_size}-{frame_policy}-v{val_fraction:g}-t{test_fraction:g}.pt"
+
+
+def _cache_key(root: Path, rows: list[ManifestRow], settings: tuple) -> str:
+    """SHA-256 of the cache version, settings, manifest bytes and each image's stat.
+
+    Images are identified by size and mtime_ns rather than content: hashing every image
+    would cost about as much as decoding it, which is what the cache exists to avoid.
+    """
+    digest = hashlib.sha256(repr((CACHE_VERSION, settings)).encode())
+    digest.update((root / MANIFEST_NAME).read_bytes())
+    for row in rows:
+        digest.update(f"\x00{_relative(row.path, root)}\x00{_stat_signature(row.path)}".encode())
+    return digest.hexdigest()
+
+
+def _stat_signature(path: Path) -> str:
+    """Size and modification time of a file, or 'missing', so a file appearing counts too."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _read_cache(cache_file: Path, key: str) -> dict | None:
+    """The cached payload when present, loadable and made for this key; else None."""
+    if not cache_file.is_file():
+        return None
+    try:
+        payload = torch.load(cache_file, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt cache is rebuilt, whatever the error
+        LOG.warning("%s: unreadable cache, decoding again (%s)", cache_file, exc)
+        return None
+    return payload if isinstance(payload, dict) and payload.get("key") == key else None
+
+
+def _write_cache(cache_file: Path, payload: dict) -> None:
+    """Write atomically (temporary file + rename), so a concurrent reader never sees half
+    a file; on any OS error, warn and carry on uncached."""
+    tmp_name = None
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".tmp", delete=False) as fh:
+            tmp_name = fh.name
+            torch.save(payload, fh)
+        os.replace(tmp_name, cache_file)
+    except OSError as exc:
+        LOG.warning("%s: cannot write the cache, continuing without it (%s)", cache_file, exc)
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
