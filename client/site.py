@@ -75,6 +75,16 @@ class SiteData:
         labels = self.split(split).labels.tolist()
         return dict(sorted(Counter(label for label in labels if label >= 0).items()))
 
+    def patient_label_counts(self, split: str) -> dict[int, int]:
+        """Labelled patients per class in that split.
+
+        This, not the image count, is what a site-by-label test must use: a patient's
+        images share the label, so counting images would inflate the chi-square.
+        """
+        part = self.split(split)
+        by_patient = {p: y for p, y in zip(part.patients, part.labels.tolist()) if y >= 0}
+        return dict(sorted(Counter(by_patient.values()).items()))
+
 
 def load_site(
     site_dir: str | Path,

@@ -77,8 +77,8 @@ def encode_training(
 ) -> tuple[MetricRecord, ConfigRecord]:
     """A site's training aggregates: the weight of its update, its loss, and its data counts.
 
-    `label_counts` (labelled training images per class) is what the server's site-label
-    association test needs; `skipped` counts unreadable files by reason (never paths).
+    `label_counts` (labelled training patients per class) is what the server's
+    site-label association test needs; `skipped` counts unreadable files by reason (never paths).
     """
     rec = MetricRecord(
         {

@@ -118,8 +118,9 @@ def _verdict_box(bias: dict) -> str:
         for name, text in key_numbers(bias).items() if text
     )
     css = "alarm" if alarm else "ok"
-    return (f'<div class="verdict {css}"><div class="title">{escape(title)}</div>'
-            f"<ul>{items}{numbers}</ul></div>")
+    reasons = f"<ul>{items}</ul>" if items else ""
+    return (f'<div class="verdict {css}"><div class="title">{escape(title)}</div>{reasons}'
+            f'<div class="muted">Every test\'s numbers:</div><ul class="muted">{numbers}</ul></div>')
 
 
 def _auc_section(rows: list[dict], sites: list[str]) -> str:
@@ -133,7 +134,7 @@ def _auc_section(rows: list[dict], sites: list[str]) -> str:
             _plot_with_band(ax, site, colours[site], series[site])
     ax.axhline(0.5, color="#9aa5b1", linewidth=0.8, linestyle=":")
     ax.set(xlabel="round", ylabel="AUC (test patients)", ylim=(0, 1.02))
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xticks(sorted({r for points in series.values() for r, _ in points}))
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     caption = ("Each site's test AUC of the global model, with its 95% bootstrap CI as a band; "
@@ -236,7 +237,7 @@ def _label_section(store: RunStore, run_id: str, bias: dict) -> str:
         cells += [f"{100 * counts.get(c, 0) / total:.1f}%" if total else "n/a" for c in classes]
         rows.append(f'<tr><td class="name">{escape(site)}</td>'
                     + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
-    caption = ("Labelled training images per class at each site and the class prevalence. "
+    caption = ("Labelled training patients per class at each site and the class prevalence. "
                "Very different prevalences across sites let a model learn the hospital instead "
                "of the disease (a \"Frankenstein\" federation).")
     return (f'<h2>Labels by site</h2><table><tr><th class="name">site</th>{head}</tr>'
@@ -290,7 +291,7 @@ def _training_section(rows: list[dict], sites: list[str]) -> str:
             ax.plot([r for r, _ in series[site]], [p["value"] for _, p in series[site]],
                     marker="o", markersize=4, label=site, color=colours[site])
     ax.set(xlabel="round", ylabel="local training loss")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xticks(sorted({r for points in series.values() for r, _ in points}))
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return f"<h2>Training loss by round</h2>{_img(fig)}"

@@ -47,7 +47,7 @@ def site_label_association(
     The alarm needs both significance (p < ``alpha``) and an effect size (Cramer's V >=
     ``min_cramers_v``): with thousands of images a trivial prevalence difference is
     significant, and with a handful a large one is not; only a large, real difference
-    lets a model learn "site" as a proxy for "label". Sites without labelled images and
+    lets a model learn "site" as a proxy for "label". Sites without labelled patients and
     classes without images are dropped first (they carry no information and make the
     expected counts zero). The sites named are those whose positive-class count has an
     adjusted standardized residual beyond +-3 (the cells that drive the statistic),
@@ -72,7 +72,7 @@ def site_label_association(
     }
     if len(sites) < 2 or len(classes) < 2:
         out["reason"] = (
-            f"not computable: needs at least 2 sites and 2 classes with labelled images, "
+            f"not computable: needs at least 2 sites and 2 classes with labelled patients, "
             f"got {len(sites)} site(s) and {len(classes)} class(es)"
         )
         return out

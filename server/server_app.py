@@ -1,0 +1,144 @@
+"""The ServerApp the coordinator runs: read the settings, start the strategy, keep the record.
+
+Each round, PerSiteFedAvg hands the sites' decoded replies to a StudyRecorder, which
+pools the evaluation aggregates, runs the first bias checks and writes everything to the
+run store (runs.sqlite). When the rounds are done, summary.json and report.html are
+built from the store alone, and the final global weights are saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
+
+from fedir.config import Settings
+from fedir.metrics import pooled_metrics
+from fedir.server.report import write_report
+from fedir.server.runstore import RunStore
+from fedir.server.summary import build_summary, write_summary
+from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
+from fedir.strategies.per_site import PerSiteFedAvg, RoundReplies
+from fedir.task import build_model
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id(settings: Settings) -> str:
+    """Time-ordered and unique enough for one run folder: UTC time plus a config digest."""
+    digest = hashlib.sha256(json.dumps(settings.to_run_config(), sort_keys=True).encode()).hexdigest()
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
+
+
+class StudyRecorder:
+    """Receives each round's per-site replies and records them with the bias checks."""
+
+    def __init__(self, store: RunStore, run_id: str, settings: Settings, rounds: int) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.settings = settings
+        self.label_counts: dict[str, dict[int, int]] = {}
+        self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
+
+    def on_train(self, replies: RoundReplies) -> None:
+        self.store.record_training(self.run_id, replies.server_round, replies.per_site)
+        for site, values in replies.per_site.items():
+            self.label_counts[site] = values["label_counts"]
+            for reason, count in values["skipped"].items():
+                self.store.record_note(
+                    self.run_id, replies.server_round, site, "skipped", f"{count} file(s): {reason}"
+                )
+        self._record_failures(replies, "train")
+
+    def on_evaluate(self, replies: RoundReplies) -> None:
+        self._record_failures(replies, "evaluate")
+        pooled = pooled_metrics(replies.per_site, n_boot=self.settings.eval_bootstrap,
+                                seed=self.settings.train_seed) if replies.per_site else None
+        self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
+        tests = {
+            "site_label_association": site_label_association(
+                dict(sorted(self.label_counts.items())),
+                alpha=self.settings.bias_alpha,
+                min_cramers_v=self.settings.bias_min_cramers_v,
+            ),
+            "pooled_vs_within_auc": pooled_vs_within_auc(
+                replies.per_site, max_gap=self.settings.bias_max_auc_gap
+            ),
+        }
+        result = verdict(tests)
+        self.store.record_bias(self.run_id, replies.server_round, result)
+        auc = pooled["auc"] if pooled else None
+        self.progress.set_postfix(
+            auc="n/a" if auc is None else f"{auc:.3f}", alarm="YES" if result["alarm"] else "no"
+        )
+        self.progress.update(1)
+
+    def _record_failures(self, replies: RoundReplies, stage: str) -> None:
+        for node, reason in replies.failed.items():
+            self.store.record_note(
+                self.run_id, replies.server_round, node, "missing", f"{stage} failed: {reason}"
+            )
+
+
+def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> dict[str, Any]:
+    """Run every round, then write summary.json, report.html and model.pt into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_sites = len(settings.sites)
+    min_nodes = settings.federation_min_sites or max(n_sites, 1)
+    run_id = new_run_id(settings)
+    with RunStore(out_dir / "runs.sqlite") as store:
+        store.start_run(run_id, scenario, settings.to_run_config(), [Path(s).name for s in settings.sites])
+        recorder = StudyRecorder(store, run_id, settings, settings.train_rounds)
+        strategy = PerSiteFedAvg(
+            on_train=recorder.on_train,
+            on_evaluate=recorder.on_evaluate,
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=min_nodes,
+            min_evaluate_nodes=min_nodes,
+            min_available_nodes=min_nodes,
+        )
+        model = build_model(settings.model_name, seed=settings.train_seed)
+        try:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=settings.train_rounds,
+                train_config=ConfigRecord(),
+                evaluate_config=ConfigRecord(),
+            )
+        except BaseException:
+            store.finish_run(run_id, "failed")
+            raise
+        finally:
+            recorder.progress.close()
+        torch.save(result.arrays.to_torch_state_dict(), out_dir / "model.pt")
+        store.finish_run(run_id, "finished")
+        summary = build_summary(store, run_id)
+        write_summary(summary, out_dir / "summary.json")
+        write_report(store, run_id, out_dir / "report.html")
+    return summary
+
+
+def build_server_app(settings: Settings | None = None, out_dir: Path | None = None,
+                     scenario: str = "pyproject") -> ServerApp:
+    """The ServerApp; without arguments it reads everything from the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_settings = settings or Settings.from_run_config(context.run_config)
+        run_study(grid, run_settings, out_dir or Path(run_settings.output_dir), scenario)
+
+    return app
+
+
+app = build_server_app()

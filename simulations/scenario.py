@@ -1,0 +1,85 @@
+"""Scenario files: a study described in TOML, turned into the flat Settings Flower carries.
+
+```toml
+[federation]
+sites = ["federation/site-0", "federation/site-1"]   # relative to this file's folder
+[train]
+rounds = 3
+```
+Every other key is one of fedir.config.Settings (section and key as in pyproject's
+`[tool.flwr.app.config]`, e.g. `[model] image-size = 128`). `--set section.key=value`
+overrides a key from the command line; the value is parsed as TOML (so `3`, `0.5`,
+`"text"` and bare words all work).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from fedir.config import SITE_SEPARATOR, Settings, SettingsError
+from fedir.manifest import MANIFEST_NAME
+
+
+class ScenarioError(ValueError):
+    """The scenario file cannot be used; the message says why in one line."""
+
+
+def _flatten(doc: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise ScenarioError(f"{source}: top-level key {section!r} must be a [section]")
+        for key, value in table.items():
+            flat[f"{section}.{key.replace('_', '-')}"] = value
+    return flat
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ScenarioError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word, e.g. --set train.objective=supervised
+    return key.strip().replace("_", "-"), value
+
+
+def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
+    """Read a scenario TOML, apply overrides, resolve and check the site folders."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML ({exc})") from None
+    flat = _flatten(doc, str(path))
+    flat.update(dict(_parse_override(item) for item in overrides))
+    sites = flat.get("federation.sites")
+    if isinstance(sites, str):
+        sites = [s for s in sites.split(SITE_SEPARATOR) if s]
+    if not isinstance(sites, list) or not sites:
+        raise ScenarioError(f"{path}: [federation] sites must list at least one site folder")
+    flat["federation.sites"] = SITE_SEPARATOR.join(str(p) for p in _resolve_sites(sites, path.parent))
+    try:
+        return Settings.from_run_config(flat)
+    except SettingsError as exc:
+        raise ScenarioError(f"{path}: {exc}") from None
+
+
+def _resolve_sites(sites: list[Any], base: Path) -> list[Path]:
+    resolved = []
+    for entry in sites:
+        site = (base / str(entry)).resolve()
+        if not (site / MANIFEST_NAME).is_file():
+            raise ScenarioError(f"site {entry!r} ({site}): no {MANIFEST_NAME} there")
+        resolved.append(site)
+    names = [s.name for s in resolved]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ScenarioError(f"site folder names must be unique (a site's name is its folder's name): {duplicates}")
+    return resolved

@@ -1,0 +1,69 @@
+"""Flower's FedAvg, extended only to hand every site's reply to the server before averaging.
+
+Flower's strategies keep the weighted average of the sites' MetricRecords and drop the
+rest; fedir needs each site's own aggregates (per-site metrics, histograms, label counts)
+for the per-site table and the bias analysis. So `aggregate_train` and
+`aggregate_evaluate` decode each reply (fedir.records) and pass them, keyed by site name,
+to callbacks the ServerApp provides, then let FedAvg do exactly what it always does.
+Replies that carry an error (a site whose ClientApp failed) are passed on as missing,
+with Flower's error reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from fedir.records import decode_evaluation, decode_training
+
+
+@dataclass
+class RoundReplies:
+    """One round's replies: decoded aggregates per site, and the sites that failed."""
+
+    server_round: int
+    per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # node id -> error reason
+
+
+Callback = Callable[[RoundReplies], None]
+
+
+def _collect(
+    server_round: int, replies: list[Message], decode: Callable[..., tuple[str, dict]]
+) -> RoundReplies:
+    out = RoundReplies(server_round)
+    for msg in replies:
+        if msg.has_error():
+            out.failed[f"node {msg.metadata.src_node_id}"] = msg.error.reason
+            continue
+        site, values = decode(msg.content)
+        out.per_site[site] = values
+    return out
+
+
+class PerSiteFedAvg(FedAvg):
+    """FedAvg that reports each site's decoded replies to `on_train` / `on_evaluate`."""
+
+    def __init__(self, *, on_train: Callback, on_evaluate: Callback, **fedavg_kwargs: Any) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.on_train = on_train
+        self.on_evaluate = on_evaluate
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.on_train(_collect(server_round, replies, decode_training))
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self.on_evaluate(_collect(server_round, replies, decode_evaluation))
+        return super().aggregate_evaluate(server_round, replies)
