@@ -1,0 +1,596 @@
+"""A synthetic X-ray angiography (XA) federation, written as real DICOM files.
+
+Why: the demo, the tests and a researcher's first simulation need a multi-site imaging
+federation on a machine with no patient data. This module writes one: every site is a
+folder with `manifest.csv` (DESIGN.md) and uncompressed XA DICOM files that go through
+the same reader as a hospital's export, including the awkward parts a real reader must
+handle (modality LUT, VOI window, MONOCHROME1, 10- and 12-bit data, cine runs).
+
+The task. Each image shows a contrast-filled, coronary-like vessel tree (branching,
+curved, tapering vessels) over a smooth noisy anatomical background. Label 1 means a
+significant stenosis (a focal 85-97% diameter narrowing in the proximal half of a trunk,
+with fainter opacification downstream of it);
+label 0 means none (mild irregularities of at most 30% are present in both classes, so
+"any narrowing" is not the answer). A patient has 2-4 images (at least one cine run and
+one single frame) that share the label.
+
+Pixel convention. After the modality LUT and MONOCHROME1 inversion, pixel values increase
+with iodine: vessels are BRIGHTER than the background at every site. This is chosen so
+that a maximum-intensity projection over a cine run (fedir's default frame policy) keeps
+the peak-contrast frames; the MONOCHROME1 site stores the inverted values, so it only
+looks like the others once the reader inverts it.
+
+Sites differ the way scanners do: vendor and model names, bit depth (10 or 12 bits),
+rescale slope/intercept (some sites), a VOI window (some sites), MONOCHROME1 (site-1
+only), noise, vessel contrast, blur, an intensity curve (gamma), collimator shutters
+(dark or bright edges) and a burned-in corner marker. The marker and shutters are site
+artefacts a model can learn to recognise, which is what a Frankenstein federation exploits.
+
+Labels and splits. The split of a patient is `fedir.split.split_of(patient_id)` with its
+defaults. Validation and test patients are ALWAYS labelled (a study annotates its
+reference standard); a fraction `unlabelled_fraction` of the TRAIN patients (drawn per
+patient) have their label removed, for the semi-supervised objective.
+
+Confounding. `confound` in [0, 1] makes label prevalence depend on the site: 0 gives the
+same prevalence (0.4) everywhere, 1 gives site-0 a prevalence of 0.95 and every other
+site 0.05; values in between interpolate linearly.
+
+Everything is deterministic given the seed, and the result is cached: `federation.json`
+records the parameters, and a second call with the same parameters returns it without
+rewriting anything. All identifiers are made up (PatientName "SYNTH^...").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+from tqdm import tqdm
+
+from fedir.manifest import MANIFEST_NAME, write_manifest
+from fedir.split import split_of
+
+GENERATOR_VERSION = 2
+FEDERATION_FILE = "federation.json"
+XA_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.12.1"
+BASE_PREVALENCE = 0.4
+CONFOUNDED_PREVALENCE = (0.95, 0.05)  # (site-0, every other site) at confound=1
+MONOCHROME1_SITE = 1
+SEGMENTS_PER_CHUNK = 8
+MAX_WORKERS = 8
+PARALLEL_MIN_PATIENTS = 24  # below this, starting workers costs more than it saves
+_FORK = "fork"  # workers inherit the imported modules; spawn would re-import the caller
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """One scanner's character: DICOM encoding and image appearance."""
+
+    manufacturer: str
+    model: str
+    bits_stored: int
+    rescale: tuple[float, float] | None  # (slope, intercept) or no modality LUT
+    window: bool  # write a VOI window covering the data
+    monochrome1: bool
+    noise: float  # std of additive noise, in display units [0, 1]
+    contrast: float  # peak iodine signal of a trunk
+    blur: float  # Gaussian blur in pixels at 256x256 (focal spot, detector)
+    gamma: float  # intensity curve of the processing chain
+    shutter: tuple[float, float]  # (border fraction, shutter grey level)
+    round_shutter: bool  # circular (image intensifier) or rectangular collimation
+    marker_corner: int  # 0..3: top-left, top-right, bottom-left, bottom-right
+
+
+_VENDORS = (
+    ("Helion Medical", "AngioStar 9", 12, None, False, 0.030, 0.30, 0.8, 1.00, (0.06, 0.02), False),
+    ("Corvex Imaging", "CV-Cath 300", 10, None, True, 0.040, 0.26, 1.1, 0.85, (0.08, 0.95), False),
+    ("Nordlys Systems", "VascuView X", 12, (2.0, -1024.0), True, 0.025, 0.32, 0.6, 1.15, (0.10, 0.05), True),
+    ("Tessaray", "TR-Flux 12", 10, (1.0, -512.0), False, 0.045, 0.28, 1.3, 0.95, (0.05, 0.90), False),
+    ("Quillon Health", "QH Arc 5", 12, None, True, 0.035, 0.27, 0.9, 1.05, (0.07, 0.03), True),
+    ("Aurel Devices", "Lumen LX", 10, (0.5, 0.0), True, 0.030, 0.29, 1.0, 0.90, (0.09, 0.85), False),
+)
+
+
+def site_profile(site: int) -> SiteProfile:
+    """The scanner of site `site`; beyond the six vendors, models repeat with a unit number."""
+    name, model, bits, rescale, window, noise, contrast, blur, gamma, shutter, round_ = _VENDORS[
+        site % len(_VENDORS)
+    ]
+    if site >= len(_VENDORS):
+        name = f"{name} Unit {site}"
+    return SiteProfile(
+        manufacturer=name,
+        model=model,
+        bits_stored=bits,
+        rescale=rescale,
+        window=window,
+        monochrome1=site == MONOCHROME1_SITE,
+        noise=noise,
+        contrast=contrast,
+        blur=blur,
+        gamma=gamma,
+        shutter=shutter,
+        round_shutter=round_,
+        marker_corner=site % 4,
+    )
+
+
+def site_prevalence(site: int, confound: float) -> float:
+    """Label prevalence of a site, interpolated between unconfounded and fully confounded."""
+    target = CONFOUNDED_PREVALENCE[0] if site == 0 else CONFOUNDED_PREVALENCE[1]
+    return (1.0 - confound) * BASE_PREVALENCE + confound * target
+
+
+# ---------------------------------------------------------------------------- geometry
+
+
+@dataclass
+class Vessel:
+    """A centreline (N x 2 points, row/col pixels) with a radius per point."""
+
+    points: np.ndarray
+    radius: np.ndarray
+    level: int  # 0 trunk, 1 main branch, 2 side branch
+    opacity: np.ndarray | None = None  # iodine filling per point (1 = full)
+
+
+def _centreline(rng: np.random.Generator, start: np.ndarray, angle: float, length: float,
+                step: float) -> np.ndarray:
+    """A smoothly curving path: the heading follows a few random low-frequency sines."""
+    n = max(int(length / step), 4)
+    t = np.linspace(0.0, 1.0, n)
+    wiggle = sum(
+        rng.normal(0, 0.35) * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+        for f in (0.5, 1.0, 1.7)
+    )
+    heading = angle + wiggle
+    steps = step * np.stack([np.sin(heading), np.cos(heading)], axis=1)
+    return start + np.vstack([np.zeros(2), np.cumsum(steps[:-1], axis=0)])
+
+
+def _vessel_tree(rng: np.random.Generator, size: int) -> list[Vessel]:
+    """Two or three tapering trunks from a common ostium, each with branches and twigs."""
+    scale = size / 256.0
+    step = 1.5 * scale
+    ostium = np.array([rng.uniform(0.15, 0.35), rng.uniform(0.3, 0.7)]) * size
+    vessels: list[Vessel] = []
+    base_angle = rng.uniform(0.3, 1.3)  # downwards, towards the image centre
+    for trunk in range(int(rng.integers(2, 4))):
+        angle = base_angle + (trunk - 1) * rng.uniform(0.6, 0.9) + rng.normal(0, 0.15)
+        length = rng.uniform(0.55, 0.8) * size
+        r0 = rng.uniform(5.0, 6.5) * scale
+        pts = _centreline(rng, ostium, angle, length, step)
+        vessels.append(Vessel(pts, np.linspace(r0, 0.45 * r0, len(pts)), 0))
+    for parent in [v for v in vessels if v.level == 0]:
+        vessels.extend(_branches(rng, parent, size, step, count=int(rng.integers(2, 4)), level=1))
+    for parent in [v for v in vessels if v.level == 1]:
+        vessels.extend(_branches(rng, parent, size, step, count=int(rng.integers(0, 3)), level=2))
+    return vessels
+
+
+def _branches(rng: np.random.Generator, parent: Vessel, size: int, step: float, count: int,
+              level: int) -> list[Vessel]:
+    """Daughter vessels leaving `parent` at 25-60 degrees, thinner and shorter."""
+    out = []
+    n = len(parent.points)
+    for _ in range(count):
+        i = int(rng.uniform(0.15, 0.8) * (n - 1))
+        d = parent.points[min(i + 1, n - 1)] - parent.points[max(i - 1, 0)]
+        heading = np.arctan2(d[0], d[1]) + rng.choice([-1, 1]) * rng.uniform(0.45, 1.05)
+        length = rng.uniform(0.25, 0.45) * size * (0.7 if level == 2 else 1.0)
+        r0 = parent.radius[i] * rng.uniform(0.55, 0.75)
+        pts = _centreline(rng, parent.points[i], heading, length, step)
+        out.append(Vessel(pts, np.linspace(r0, 0.4 * r0, len(pts)), level))
+    return out
+
+
+def _narrow(rng: np.random.Generator, vessel: Vessel, severity: float, where: float) -> None:
+    """Apply a focal narrowing (fraction `severity` of the diameter) at fraction `where`."""
+    arc = np.arange(len(vessel.points), dtype=float)
+    centre = where * (len(arc) - 1)
+    width = rng.uniform(2.5, 4.0) * vessel.radius[int(centre)] / max(
+        np.linalg.norm(vessel.points[1] - vessel.points[0]), 1e-6
+    )
+    vessel.radius = vessel.radius * (1.0 - severity * np.exp(-0.5 * ((arc - centre) / width) ** 2))
+
+
+def _slow_distal_flow(rng: np.random.Generator, vessel: Vessel, where: float) -> None:
+    """Fainter opacification beyond a significant stenosis (reduced flow downstream)."""
+    arc = np.linspace(0.0, 1.0, len(vessel.points))
+    drop = rng.uniform(0.7, 0.9) / (1.0 + np.exp(-(arc - where - 0.03) / 0.015))
+    vessel.opacity = 1.0 - drop
+
+
+def _add_lesions(rng: np.random.Generator, vessels: list[Vessel], label: int) -> None:
+    """Mild irregularities in every image; one significant stenosis on a large vessel if label 1."""
+    for _ in range(int(rng.integers(1, 4))):
+        v = vessels[int(rng.integers(len(vessels)))]
+        _narrow(rng, v, rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.8))
+    if label == 1:
+        trunks = [v for v in vessels if v.level == 0]
+        v = trunks[int(rng.integers(len(trunks)))]
+        where = rng.uniform(0.12, 0.4)
+        _narrow(rng, v, rng.uniform(0.85, 0.97), where)
+        _slow_distal_flow(rng, v, where)
+
+
+def _render_vessels(vessels: list[Vessel], size: int) -> np.ndarray:
+    """Projected iodine thickness: a Gaussian cross-section around every centreline segment.
+
+    Segments are drawn in runs of SEGMENTS_PER_CHUNK, vectorised over the run's bounding
+    box, so the cost scales with vessel length rather than image area; overlapping vessels
+    combine by maximum so junctions do not double in density.
+    """
+    out = np.zeros((size, size), dtype=np.float32)
+    r_ref = 4.5 * size / 256.0
+    for v in vessels:
+        amplitude = v.radius / r_ref * (1.0 if v.opacity is None else v.opacity)
+        for start in range(0, len(v.points) - 1, SEGMENTS_PER_CHUNK):
+            stop = min(start + SEGMENTS_PER_CHUNK, len(v.points) - 1)
+            run = slice(start, stop + 1)
+            _draw_segments(out, v.points[run], amplitude[run], v.radius[run])
+    return out
+
+
+def _draw_segments(out: np.ndarray, points: np.ndarray, amplitude: np.ndarray,
+                   radius: np.ndarray) -> None:
+    """Max-composite the segments of one polyline run (points[i] to points[i+1]) into `out`."""
+    size = out.shape[0]
+    reach = 2.5 * float(radius.max()) + 1.5
+    lo = np.clip(np.floor(points.min(axis=0) - reach), 0, size).astype(int)
+    hi = np.clip(np.ceil(points.max(axis=0) + reach), 0, size).astype(int)
+    if (hi <= lo).any():
+        return
+    p0 = points[:-1, :, None, None].astype(np.float32)
+    d = (points[1:] - points[:-1])[:, :, None, None].astype(np.float32)
+    rows = np.arange(lo[0], hi[0], dtype=np.float32)[None, :, None] - p0[:, 0]
+    cols = np.arange(lo[1], hi[1], dtype=np.float32)[None, None, :] - p0[:, 1]
+    denom = np.maximum((d**2).sum(axis=1), 1e-6)
+    t = np.clip((rows * d[:, 0] + cols * d[:, 1]) / denom, 0.0, 1.0)
+    dist2 = (rows - t * d[:, 0]) ** 2 + (cols - t * d[:, 1]) ** 2
+    r0, r1 = radius[:-1, None, None], radius[1:, None, None]
+    a0, a1 = amplitude[:-1, None, None], amplitude[1:, None, None]
+    sigma = np.maximum(0.6 * (r0 + t * (r1 - r0)), 0.5)
+    value = (a0 + t * (a1 - a0)) * np.exp(-0.5 * dist2 / sigma**2)
+    window = out[lo[0]:hi[0], lo[1]:hi[1]]
+    np.maximum(window, value.max(axis=0), out=window)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise: a coarse random grid upsampled with cubic splines."""
+    coarse = rng.normal(0, 1, (cells, cells)).astype(np.float32)
+    return ndimage.zoom(coarse, size / cells, order=1, mode="nearest", grid_mode=True)[:size, :size]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Soft-tissue/lung-like background: a broad gradient plus low-frequency structure."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0, 2 * np.pi)
+    gradient = 0.08 * (np.cos(angle) * yy + np.sin(angle) * xx)
+    return 0.35 + gradient + 0.05 * _smooth_field(rng, size, 6) + 0.02 * _smooth_field(rng, size, 16)
+
+
+def contrast_curve(frames: int) -> np.ndarray:
+    """Fraction of peak iodine per frame: washing in and out, peaking in the middle frames."""
+    k = np.arange(frames, dtype=float)
+    return np.exp(-0.5 * ((k - (frames - 1) / 2) / (frames / 4.0)) ** 2)
+
+
+def _marker(site: int, size: int) -> tuple[np.ndarray, slice, slice]:
+    """A burned-in 3x3 block pattern encoding the site, in the site's corner."""
+    bits = np.array([(site * 37 + 11) >> i & 1 for i in range(9)], dtype=np.float32).reshape(3, 3)
+    bits[1, 1] = 1.0  # never blank
+    block = max(size // 48, 1)
+    pattern = np.kron(bits, np.ones((block, block), dtype=np.float32))
+    margin = max(size // 32, 1)
+    n = pattern.shape[0]
+    corner = site % 4
+    r0 = margin if corner < 2 else size - margin - n
+    c0 = margin if corner % 2 == 0 else size - margin - n
+    return pattern, slice(r0, r0 + n), slice(c0, c0 + n)
+
+
+def _shutter_mask(profile: SiteProfile, size: int) -> np.ndarray:
+    """True outside the collimated field."""
+    border, _ = profile.shutter
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if profile.round_shutter:
+        return (yy - 0.5) ** 2 + (xx - 0.5) ** 2 > (0.5 - border * 0.3) ** 2 + 0.03
+    return (yy < border) | (yy > 1 - border) | (xx < border) | (xx > 1 - border)
+
+
+def render_image(rng: np.random.Generator, site: int, label: int, frames: int,
+                 size: int) -> np.ndarray:
+    """Display values in [0, 1] (vessels bright), shape (frames, size, size)."""
+    profile = site_profile(site)
+    vessels = _vessel_tree(rng, size)
+    _add_lesions(rng, vessels, label)
+    iodine = _render_vessels(vessels, size)
+    iodine = ndimage.gaussian_filter(iodine, profile.blur * size / 256.0)
+    background = _background(rng, size)
+    curve = contrast_curve(frames) if frames > 1 else np.ones(1)
+    contrast = profile.contrast * rng.uniform(0.85, 1.15)
+    stack = background[None] + contrast * curve[:, None, None].astype(np.float32) * iodine[None]
+    stack += profile.noise * rng.standard_normal(stack.shape, dtype=np.float32)
+    stack = np.clip(stack, 0.0, 1.0) ** profile.gamma
+    stack[:, _shutter_mask(profile, size)] = profile.shutter[1]
+    pattern, rows, cols = _marker(site, size)
+    stack[:, rows, cols] = np.maximum(stack[:, rows, cols], pattern)
+    return stack
+
+
+# ------------------------------------------------------------------------------ DICOM
+
+
+def encode_pixels(display: np.ndarray, profile: SiteProfile) -> np.ndarray:
+    """Display values in [0, 1] to stored values, so that the reader's chain undoes it.
+
+    Stored = display scaled to the full BitsStored range; a MONOCHROME1 site stores the
+    inverse (max - value). The modality LUT (slope, intercept) then maps stored values to
+    output units; the display relationship is the same at every site after the chain.
+    """
+    top = 2**profile.bits_stored - 1
+    stored = np.rint(np.clip(display, 0.0, 1.0) * top).astype(np.uint16)
+    return (top - stored).astype(np.uint16) if profile.monochrome1 else stored
+
+
+def _uid(*parts: object) -> str:
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def _dicom(pixels: np.ndarray, profile: SiteProfile, patient: dict, series: int,
+           study_uid: str, uid_key: str) -> Dataset:
+    """An XA dataset with the modules a real export has (patient, study, series, equipment,
+    image pixel, cine, modality LUT, VOI LUT, SOP common) and file meta."""
+    sop_uid = _uid(uid_key, "sop")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = XA_SOP_CLASS_UID
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = XA_SOP_CLASS_UID
+    ds.SOPInstanceUID = sop_uid
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds.Modality = "XA"
+    ds.PatientName = patient["name"]
+    ds.PatientID = patient["patient_id"]
+    ds.PatientBirthDate = patient["birth_date"]
+    ds.PatientSex = "M" if patient["sex"] == 1 else "F"
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = patient["study_date"]
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = patient["study_time"]
+    ds.AccessionNumber = patient["accession"]
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.SeriesInstanceUID = _uid(uid_key, "series")
+    ds.SeriesNumber = series
+    ds.InstanceNumber = 1
+    ds.Manufacturer = profile.manufacturer
+    ds.ManufacturerModelName = profile.model
+    ds.InstitutionName = "Synthetic Federation"
+    ds.PositionerPrimaryAngle = round(float(patient["angles"][series % 4][0]), 1)
+    ds.PositionerSecondaryAngle = round(float(patient["angles"][series % 4][1]), 1)
+    ds.ImagerPixelSpacing = [0.2 * 512 / pixels.shape[-1]] * 2
+    ds.KVP = 80
+    ds.RadiationSetting = "GR"
+
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if profile.monochrome1 else "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.BitsAllocated = 16
+    ds.BitsStored = profile.bits_stored
+    ds.HighBit = profile.bits_stored - 1
+    ds.PixelRepresentation = 0
+    if pixels.shape[0] > 1:
+        ds.NumberOfFrames = pixels.shape[0]
+        ds.FrameTime = 66.7
+        ds.CineRate = 15
+        ds.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
+    if profile.rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = profile.rescale
+        ds.RescaleType = "US"
+    if profile.window:
+        slope, intercept = profile.rescale or (1.0, 0.0)
+        top = 2**profile.bits_stored - 1
+        ds.WindowCenter = round(intercept + slope * 0.5 * top, 1)
+        ds.WindowWidth = round(slope * 0.9 * top, 1)
+    ds.PixelData = (pixels[0] if pixels.shape[0] == 1 else pixels).tobytes()
+    return ds
+
+
+# ------------------------------------------------------------------------- federation
+
+
+def _patient(rng: np.random.Generator, site: int, index: int, confound: float,
+             unlabelled_fraction: float) -> dict:
+    """Label, clinical covariates and made-up demographics of one patient."""
+    patient_id = f"S{site}-P{index:04d}"
+    label = int(rng.random() < site_prevalence(site, confound))
+    age = int(np.clip(rng.normal(61 + 6 * label, 10), 30, 92))
+    sex = int(rng.random() < 0.62 + 0.08 * label)
+    study = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5 * 365)))
+    birth = study - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
+    split = split_of(patient_id)
+    unlabelled = split == "train" and rng.random() < unlabelled_fraction
+    return {
+        "patient_id": patient_id,
+        "name": f"SYNTH^S{site}P{index:04d}",
+        "label": label,
+        "manifest_label": None if unlabelled else label,
+        "age": age,
+        "sex": sex,
+        "split": split,
+        "study_date": study.strftime("%Y%m%d"),
+        "study_time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
+        "birth_date": birth.strftime("%Y%m%d"),
+        "accession": f"SYN{site}{index:06d}",
+        "angles": rng.uniform(-40, 40, (4, 2)),
+        "images": int(rng.integers(2, 5)),
+    }
+
+
+def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[dict]:
+    """Generate and write one patient's images; return its manifest rows."""
+    rng = np.random.default_rng([params["seed"], site, index])
+    patient = _patient(rng, site, index, params["confound"], params["unlabelled_fraction"])
+    profile = site_profile(site)
+    key = f"{params['key']}/{patient['patient_id']}"
+    study_uid = _uid(key, "study")
+    rows = []
+    for k in range(patient["images"]):
+        cine = k == 0 or (k > 1 and rng.random() < 0.5)  # image 0 cine, image 1 single
+        frames = int(rng.integers(4, 7)) if cine else 1
+        display = render_image(rng, site, patient["label"], frames, params["image_size"])
+        ds = _dicom(encode_pixels(display, profile), profile, patient, k + 1, study_uid,
+                    f"{key}/{k}")
+        rel = f"images/{patient['patient_id']}_{k}.dcm"
+        ds.save_as(site_dir / rel, enforce_file_format=True)
+        rows.append({
+            "patient_id": patient["patient_id"],
+            "path": rel,
+            "label": patient["manifest_label"],
+            "clin_age": patient["age"],
+            "clin_sex": patient["sex"],
+        })
+    return rows
+
+
+def _write_patient_job(out: Path, params: dict, job: tuple[int, int]) -> list[dict]:
+    site, index = job
+    return _write_patient(out / f"site-{site}", site, index, params)
+
+
+def _write_patients(out: Path, params: dict, progress: bool) -> dict[int, list[dict]]:
+    """Write every patient's images, in parallel where the platform forks cheaply.
+
+    Each patient has its own generator seeded by (seed, site, patient), so the files do
+    not depend on the number of workers or on the order in which they finish.
+    """
+    for site in range(params["sites"]):
+        (out / f"site-{site}" / "images").mkdir(parents=True)
+    jobs = [(s, i) for s in range(params["sites"]) for i in range(params["patients"])]
+    work = partial(_write_patient_job, out, params)
+    workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    rows: dict[int, list[dict]] = {s: [] for s in range(params["sites"])}
+    bar = tqdm(total=len(jobs), desc="synthetic XA", unit="patient", disable=not progress)
+    if workers > 1 and len(jobs) >= PARALLEL_MIN_PATIENTS and _FORK in mp.get_all_start_methods():
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(_FORK)) as pool:
+            results = pool.map(work, jobs, chunksize=4)
+            for (site, _), patient_rows in zip(jobs, results):
+                rows[site].extend(patient_rows)
+                bar.update()
+    else:
+        for site, index in jobs:
+            rows[site].extend(work((site, index)))
+            bar.update()
+    bar.close()
+    return rows
+
+
+def _site_summary(rows: list[dict], profile: SiteProfile) -> dict:
+    patients = {r["patient_id"]: r["label"] for r in rows}
+    return {
+        "images": len(rows),
+        "patients": len(patients),
+        "labelled_patients": sum(v is not None for v in patients.values()),
+        "positive_patients": sum(v == 1 for v in patients.values()),
+        "labelled_images": sum(r["label"] is not None for r in rows),
+        "positive_images": sum(r["label"] == 1 for r in rows),
+        "manufacturer": profile.manufacturer,
+        "model": profile.model,
+        "bits_stored": profile.bits_stored,
+        "photometric": "MONOCHROME1" if profile.monochrome1 else "MONOCHROME2",
+        "rescale": list(profile.rescale) if profile.rescale else None,
+    }
+
+
+def _cached(out: Path, params: dict) -> dict | None:
+    """The existing federation.json if it was made with these parameters and is complete."""
+    path = out / FEDERATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if content.get("parameters") != params:
+        return None
+    if not all((out / f"site-{i}" / MANIFEST_NAME).is_file() for i in range(params["sites"])):
+        return None
+    return content
+
+
+def _clear(out: Path, force: bool) -> None:
+    """Remove a previous federation's site folders; refuse to touch unknown content."""
+    ours = (out / FEDERATION_FILE).is_file()
+    sites = sorted(p for p in out.glob("site-*") if p.is_dir())
+    if sites and not ours and not force:
+        raise FileExistsError(
+            f"{out} holds site folders but no {FEDERATION_FILE}; not overwriting (use force)"
+        )
+    for site_dir in sites:
+        shutil.rmtree(site_dir)
+    (out / FEDERATION_FILE).unlink(missing_ok=True)
+
+
+def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, seed: int = 0,
+                        confound: float = 0.0, unlabelled_fraction: float = 0.7,
+                        image_size: int = 256, force: bool = False,
+                        progress: bool = True) -> dict:
+    """Write (or reuse) a synthetic XA federation under `out`; return its federation.json.
+
+    `patients` is per site. The returned dict holds the parameters and, per site, counts of
+    images, patients, labelled and positive patients, and the scanner description.
+    """
+    if sites < 1 or patients < 1:
+        raise ValueError("sites and patients must be at least 1")
+    if not 0.0 <= confound <= 1.0:
+        raise ValueError(f"confound must be in [0, 1], got {confound}")
+    if not 0.0 <= unlabelled_fraction <= 1.0:
+        raise ValueError(f"unlabelled_fraction must be in [0, 1], got {unlabelled_fraction}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16, got {image_size}")
+    out = Path(out)
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "sites": int(sites),
+        "patients": int(patients),
+        "seed": int(seed),
+        "confound": float(confound),
+        "unlabelled_fraction": float(unlabelled_fraction),
+        "image_size": int(image_size),
+    }
+    if not force and (cached := _cached(out, params)) is not None:
+        return cached
+    out.mkdir(parents=True, exist_ok=True)
+    _clear(out, force)
+    params_key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    work = dict(params, key=params_key)
+    rows = _write_patients(out, work, progress)
+    summary = {}
+    for site in range(sites):
+        write_manifest(out / f"site-{site}", rows[site])
+        summary[f"site-{site}"] = _site_summary(rows[site], site_profile(site))
+    content = {"parameters": params, "sites": summary}
+    (out / FEDERATION_FILE).write_text(json.dumps(content, indent=2) + "\n")
+    return content

@@ -1,0 +1,187 @@
+"""The synthetic XA federation: valid DICOM, the reader-facing encodings, labels, caching."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.pixels import apply_modality_lut
+
+from fedir.simulations.synthetic import (
+    XA_SOP_CLASS_UID,
+    encode_pixels,
+    generate_federation,
+    site_profile,
+)
+from fedir.split import split_of
+
+SITES, PATIENTS, SIZE = 3, 6, 64
+
+
+def _rows(root: Path, site: int) -> list[dict]:
+    with (root / f"site-{site}" / "manifest.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _files(root: Path) -> list[Path]:
+    return [root / f"site-{s}" / r["path"] for s in range(SITES) for r in _rows(root, s)]
+
+
+def _display(ds: pydicom.Dataset) -> np.ndarray:
+    """Pixels as a reader shows them: modality LUT, MONOCHROME1 inverted, frames max-projected."""
+    pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        slope = float(getattr(ds, "RescaleSlope", 1.0))
+        pixels = slope * (2**ds.BitsStored - 1) + float(getattr(ds, "RescaleIntercept", 0.0)) - pixels
+    return pixels.max(axis=0) if pixels.ndim == 3 else pixels
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("fed")
+    content = generate_federation(root, sites=SITES, patients=PATIENTS, seed=3,
+                                  image_size=SIZE, progress=False)
+    return root, content
+
+
+def test_every_file_is_valid_xa(federation: tuple[Path, dict]) -> None:
+    root, _ = federation
+    frames = Counter()
+    for path in _files(root):
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == XA_SOP_CLASS_UID == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.Modality == "XA"
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.BitsStored in {10, 12} and ds.HighBit == ds.BitsStored - 1
+        assert ds.pixel_array.max() < 2**ds.BitsStored
+        assert str(ds.PatientName).startswith("SYNTH")
+        frames["multi" if int(getattr(ds, "NumberOfFrames", 1)) > 1 else "single"] += 1
+        if "NumberOfFrames" in ds:
+            assert ds.pixel_array.shape == (ds.NumberOfFrames, SIZE, SIZE)
+    assert frames["multi"] > 0 and frames["single"] > 0
+
+
+def test_sites_have_distinct_scanners(federation: tuple[Path, dict]) -> None:
+    root, content = federation
+    makers = {pydicom.dcmread(root / f"site-{s}" / _rows(root, s)[0]["path"]).Manufacturer
+              for s in range(SITES)}
+    assert len(makers) == SITES
+    assert {content["sites"][f"site-{s}"]["bits_stored"] for s in range(SITES)} == {10, 12}
+
+
+def test_modality_lut_round_trip(federation: tuple[Path, dict]) -> None:
+    root, _ = federation
+    site = next(s for s in range(SITES) if site_profile(s).rescale is not None)
+    slope, intercept = site_profile(site).rescale
+    ds = pydicom.dcmread(root / f"site-{site}" / _rows(root, site)[0]["path"])
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (slope, intercept)
+    display = np.array([0.0, 0.25, 1.0])
+    stored = encode_pixels(display, site_profile(site))
+    rescaled = apply_modality_lut(stored, ds)
+    expected = intercept + slope * np.rint(display * (2**ds.BitsStored - 1))
+    np.testing.assert_allclose(rescaled, expected)
+    assert float(apply_modality_lut(ds.pixel_array, ds).min()) >= intercept
+
+
+def test_monochrome1_site_looks_like_the_others_after_inversion(
+    federation: tuple[Path, dict],
+) -> None:
+    """Vessels (the brightest in-field pixels after handling) sit above the background at
+    every site, including the MONOCHROME1 one, whose raw values are the other way round."""
+    root, _ = federation
+    photometric = {s: pydicom.dcmread(root / f"site-{s}" / _rows(root, s)[0]["path"])
+                   .PhotometricInterpretation for s in range(SITES)}
+    assert list(photometric.values()).count("MONOCHROME1") == 1
+    for site in range(SITES):
+        ds = pydicom.dcmread(root / f"site-{site}" / _rows(root, site)[0]["path"])
+        image = _display(ds)
+        centre = image[SIZE // 4: 3 * SIZE // 4, SIZE // 4: 3 * SIZE // 4]
+        top = 2**ds.BitsStored - 1
+        lo, hi = apply_modality_lut(np.array([0, top]), ds)
+        # background (median) in the lower half of the range, vessels well above it
+        assert np.median(centre) < lo + 0.6 * (hi - lo), site
+        assert np.percentile(centre, 99.5) - np.median(centre) > 0.1 * (hi - lo), site
+
+
+def test_manifest_labels_and_splits(federation: tuple[Path, dict]) -> None:
+    root, content = federation
+    for site in range(SITES):
+        rows = _rows(root, site)
+        assert set(rows[0]) >= {"patient_id", "path", "label", "clin_age", "clin_sex"}
+        for row in rows:
+            assert row["patient_id"].startswith(f"S{site}-P")
+            assert row["clin_sex"] in {"0", "1"} and 18 <= float(row["clin_age"]) <= 100
+            if split_of(row["patient_id"]) != "train":
+                assert row["label"] in {"0", "1"}
+        per_patient = {}
+        for row in rows:
+            per_patient.setdefault(row["patient_id"], set()).add(row["label"])
+        assert all(len(labels) == 1 for labels in per_patient.values())
+        assert len(per_patient) == PATIENTS
+        assert content["sites"][f"site-{site}"]["patients"] == PATIENTS
+
+
+def test_unlabelled_fraction_applies_to_train_patients_only(tmp_path: Path) -> None:
+    generate_federation(tmp_path, sites=3, patients=60, seed=1, image_size=16,
+                        unlabelled_fraction=0.7, progress=False)
+    train = {}
+    for site in range(3):
+        for row in _rows(tmp_path, site):
+            if split_of(row["patient_id"]) == "train":
+                train[row["patient_id"]] = row["label"]
+            else:
+                assert row["label"] != ""
+    fraction = sum(v == "" for v in train.values()) / len(train)
+    assert 0.55 < fraction < 0.85
+
+
+def test_same_seed_same_files_and_cache_does_not_rewrite(
+    federation: tuple[Path, dict], tmp_path: Path,
+) -> None:
+    root, content = federation
+    mtimes = {p: p.stat().st_mtime_ns for p in _files(root)}
+    again = generate_federation(root, sites=SITES, patients=PATIENTS, seed=3, image_size=SIZE,
+                                progress=False)
+    assert again == content
+    assert {p: p.stat().st_mtime_ns for p in _files(root)} == mtimes
+
+    other = tmp_path / "copy"
+    generate_federation(other, sites=SITES, patients=PATIENTS, seed=3, image_size=SIZE,
+                        progress=False)
+    for site in range(SITES):
+        assert _rows(other, site) == _rows(root, site)
+    for path in _files(root):
+        twin = other / path.relative_to(root)
+        a, b = pydicom.dcmread(path), pydicom.dcmread(twin)
+        assert a.SOPInstanceUID == b.SOPInstanceUID
+        assert a.PixelData == b.PixelData
+
+
+def test_parameters_change_regenerates(tmp_path: Path) -> None:
+    first = generate_federation(tmp_path, sites=2, patients=3, seed=0, image_size=16,
+                                progress=False)
+    second = generate_federation(tmp_path, sites=2, patients=3, seed=1, image_size=16,
+                                 progress=False)
+    assert first["parameters"]["seed"] == 0 and second["parameters"]["seed"] == 1
+    assert _rows(tmp_path, 0)  # rewritten, readable
+
+
+def _prevalence(root: Path, site: int) -> float:
+    labels = {r["patient_id"]: r["label"] for r in _rows(root, site)}
+    return sum(v == "1" for v in labels.values()) / len(labels)
+
+
+@pytest.mark.parametrize("confound", [0.0, 1.0])
+def test_confound_controls_site_prevalence(tmp_path: Path, confound: float) -> None:
+    generate_federation(tmp_path, sites=3, patients=60, seed=2, confound=confound,
+                        unlabelled_fraction=0.0, image_size=16, progress=False)
+    site0 = _prevalence(tmp_path, 0)
+    others = np.mean([_prevalence(tmp_path, s) for s in (1, 2)])
+    if confound == 1.0:
+        assert site0 > 0.85 and others < 0.15
+    else:
+        assert abs(site0 - others) < 0.2 and 0.25 < others < 0.55
