@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedir data synth $(DEMO_DATA) --sites 4 --patients 80 --seed 0
+	$(BIN)/fedir data synth $(DEMO_DATA) --sites 4 --patients 120 --unlabelled 0.5 --seed 0
 	$(BIN)/fedir simulate scenarios/demo.toml --out $(DEMO_OUT)
 
 test: $(STAMP)
