@@ -48,3 +48,14 @@ def test_settings_round_trip_through_the_flat_run_config():
     s = Settings(train_rounds=4, federation_sites="a;b")
     assert Settings.from_run_config(s.to_run_config()) == s
     assert s.sites == ["a", "b"]
+
+
+def test_pyproject_run_config_declares_every_setting():
+    """`flwr run .` reads pyproject's run config: it must name exactly the known settings."""
+    import tomllib
+    from pathlib import Path
+
+    doc = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    config = doc["tool"]["flwr"]["app"]["config"]
+    assert set(config) == set(Settings().to_run_config())
+    Settings.from_run_config(config)
