@@ -180,11 +180,12 @@ def _decode_pixels(ds: Dataset) -> np.ndarray:
     except RuntimeError as exc:
         reason = (
             SkipReason.UNSUPPORTED_TRANSFER_SYNTAX
-            if "plugin" in str(exc).lower() and syntax is not None and syntax.is_compressed
+            if _no_plugin_supports(str(exc))
             else SkipReason.DECODE_ERROR
         )
         name = syntax.name if syntax is not None else "no transfer syntax"
-        raise UnreadableImage(reason, f"{name}: {_first_line(exc)}") from None
+        detail = "; ".join(line.strip() for line in str(exc).strip().splitlines()[1:])
+        raise UnreadableImage(reason, f"{name}: {detail or _first_line(exc)}") from None
     except ValueError as exc:
         short = "less than expected" in str(exc)
         reason = SkipReason.TRUNCATED if short else SkipReason.DECODE_ERROR
@@ -193,6 +194,16 @@ def _decode_pixels(ds: Dataset) -> np.ndarray:
         raise UnreadableImage(
             SkipReason.DECODE_ERROR, f"{type(exc).__name__}: {_first_line(exc)}"
         ) from None
+
+
+def _no_plugin_supports(message: str) -> bool:
+    """True when pydicom says that no installed plugin handles this kind of data (every
+    plugin lacks a dependency, or each declines the encoding, e.g. 12-bit JPEG Extended
+    without the GPL codec extra); False when a plugin tried and the data were bad."""
+    if "missing dependencies" in message:
+        return True
+    plugins = [line for line in message.strip().splitlines()[1:] if line.strip()]
+    return bool(plugins) and all("does not support" in line for line in plugins)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -229,7 +240,7 @@ def _grey_display(ds: Dataset, pixels: np.ndarray, frames: int) -> np.ndarray:
 
 
 _TOP_LEVEL_LUT_KEYWORDS = (
-    "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType",
     "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
 )
 _FRAME_LUT_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
