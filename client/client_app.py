@@ -17,8 +17,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedir.client.site import SiteData, load_site
+from fedir.client.site import SiteData, SiteUnusable, load_site
 from fedir.config import Settings
+from fedir.manifest import ManifestError
 from fedir.metrics import site_metrics
 from fedir.objectives import build_objective
 from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
@@ -57,13 +58,17 @@ def _load_site_cached(
 
 def _site(context: Context, fixed: Settings | None) -> tuple[Settings, SiteData]:
     settings = fixed or Settings.from_run_config(context.run_config)
-    site = _load_site_cached(
-        str(site_dir_of(context, settings).resolve()),
-        settings.model_image_size,
-        settings.data_frame_policy,
-        settings.data_val_fraction,
-        settings.data_test_fraction,
-    )
+    try:
+        site = _load_site_cached(
+            str(site_dir_of(context, settings).resolve()),
+            settings.model_image_size,
+            settings.data_frame_policy,
+            settings.data_val_fraction,
+            settings.data_test_fraction,
+        )
+    except ManifestError as exc:
+        log.error("%s", exc)
+        raise SiteUnusable(f"{exc.public}; run `fedir data check` at the site") from None
     return settings, site
 
 
