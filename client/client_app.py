@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedir.client.site import SiteData, SiteUnusable, load_site
 from fedir.config import Settings
@@ -78,10 +80,11 @@ def _model_from(msg: Message, settings: Settings):
     return model
 
 
-def build_client_app(settings: Settings | None = None) -> ClientApp:
+def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp. Settings come from the run config Flower delivers, unless given
-    here (`fedir simulate` builds the apps from a scenario file)."""
-    app = ClientApp()
+    here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
+    mods wrapped around every message handler (the wire audit test captures replies so)."""
+    app = ClientApp(mods=list(mods))
     fixed = settings
 
     @app.train()
