@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedir.client.datacard import card_once
 from fedir.client.site import SiteData, SiteUnusable, load_site
 from fedir.config import Settings
 from fedir.manifest import ManifestError
@@ -115,6 +116,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             label_counts=site.patient_label_counts("train"),
             num_classes=NUM_CLASSES,
             skipped=Counter(s.reason for s in site.skipped),
+            card=card_once(context, site, settings),
         )
         content = RecordDict(
             {ARRAYS_KEY: ArrayRecord(model.cpu().state_dict()), METRICS_KEY: metrics, SITE_KEY: site_rec}

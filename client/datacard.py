@@ -26,11 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from flwr.app import ConfigRecord, Context
 from pydicom.dataset import Dataset
 
+from fedir.client.site import SiteData
+from fedir.config import Settings
 from fedir.imaging import DICOM_SUFFIXES, NUMPY_SUFFIXES, PILLOW_SUFFIXES
-from fedir.manifest import ManifestRow
+from fedir.manifest import ManifestRow, read_manifest
 from fedir.split import SPLITS, split_of
+from fedir.task import NUM_CLASSES
 
 CARD_VERSION = 1
 DEFAULT_K = 5
@@ -43,6 +47,7 @@ _SPACING_EDGES = (0.15, 0.3, 0.5, 1.0)
 _FRAME_BINS = ((1, "1"), (9, "2-9"), (49, "10-49"), (99, "50-99"))
 _MAX_VALUE_LENGTH = 64
 UNKNOWN = "unknown"
+_SENT_KEY = "fedir-data-card-sent"
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def build_card(
     val_fraction: float,
     test_fraction: float,
     k: int = DEFAULT_K,
-    num_classes: int = 2,
+    num_classes: int = NUM_CLASSES,
 ) -> dict:
     """The card of one site from its rows' outcomes (see the module docstring)."""
     if k < 1:
@@ -181,3 +186,20 @@ def build_card(
         "acquisition": {name: suppress({v: len(p) for v, p in values.items()}, k)
                         for name, values in sorted(categories.items())},
     }
+
+
+def card_once(context: Context, site: SiteData, settings: Settings, k: int = DEFAULT_K) -> dict | None:
+    """The site's card for this node's first reply of the run, None afterwards: the flag
+    lives in `context.state`, which Flower keeps per node for the run (module globals do
+    not survive in deployment, where every message runs in a fresh process)."""
+    if _SENT_KEY in context.state:
+        return None
+    skipped = {entry.path: entry.reason for entry in site.skipped}
+    outcomes = [
+        ImageOutcome(row, skipped.get(row.path.relative_to(site.root).as_posix()))
+        for row in read_manifest(site.root, NUM_CLASSES)
+    ]
+    card = build_card(outcomes, val_fraction=settings.data_val_fraction,
+                      test_fraction=settings.data_test_fraction, k=k, num_classes=NUM_CLASSES)
+    context.state[_SENT_KEY] = ConfigRecord({"sent": 1})
+    return card
