@@ -231,8 +231,11 @@ def _cache_key(root: Path, rows: list[ManifestRow], settings: tuple) -> str:
 
 
 def _stat_signature(path: Path) -> str:
-    """Size and modification time of a file, or 'missing', so a file appearing counts too."""
+    """Size and modification time of a file, or 'missing', so a file appearing counts too;
+    for a series folder, those of every file in it."""
     try:
+        if path.is_dir():
+            return "|".join(f"{p.name}:{_stat_signature(p)}" for p in sorted(path.iterdir()))
         stat = path.stat()
     except OSError:
         return "missing"
