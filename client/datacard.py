@@ -22,7 +22,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -52,10 +52,19 @@ _SENT_KEY = "fedir-data-card-sent"
 
 @dataclass(frozen=True)
 class ImageOutcome:
-    """One manifest row after reading: loaded, or skipped with a SkipReason value."""
+    """One manifest row after reading: loaded with its acquisition categories
+    (`acquisition_of`), or skipped with a SkipReason value."""
 
     row: ManifestRow
     skipped_reason: str | None = None
+    acquisition: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, row: ManifestRow, skipped_reason: str | None) -> ImageOutcome:
+        """The outcome of a row, reading its header when it loaded."""
+        if skipped_reason is not None:
+            return cls(row, skipped_reason)
+        return cls(row, None, acquisition_of(row.path))
 
 
 def acquisition_of(path: Path) -> dict[str, str]:
@@ -164,7 +173,7 @@ def build_card(
         split_patients[split].add(row.patient_id)
         split_images[split] += 1
         (unlabelled if row.label is None else class_patients[row.label]).add(row.patient_id)
-        for name, value in acquisition_of(row.path).items():
+        for name, value in outcome.acquisition.items():
             categories[name][value].add(row.patient_id)
     per_class = {str(c): len(p) for c, p in class_patients.items()}
     labelled = sum(per_class.values())
@@ -196,7 +205,7 @@ def card_once(context: Context, site: SiteData, settings: Settings, k: int = DEF
         return None
     skipped = {entry.path: entry.reason for entry in site.skipped}
     outcomes = [
-        ImageOutcome(row, skipped.get(row.path.relative_to(site.root).as_posix()))
+        ImageOutcome.of(row, skipped.get(row.path.relative_to(site.root).as_posix()))
         for row in read_manifest(site.root, NUM_CLASSES)
     ]
     card = build_card(outcomes, val_fraction=settings.data_val_fraction,

@@ -53,12 +53,12 @@ def check_site(site_dir: str | Path, *, progress: bool = True) -> SiteCheck:
         try:
             read_display_frames(row.path)
         except UnreadableImage as exc:
-            outcomes.append(ImageOutcome(row, exc.reason.value))
+            outcomes.append(ImageOutcome.of(row, exc.reason.value))
             first = details.setdefault(exc.reason.value, [])
             if len(first) < FIRST_PATHS:
                 first.append(f"{row.path.relative_to(root).as_posix()}: {exc.detail}")
             continue
-        outcomes.append(ImageOutcome(row))
+        outcomes.append(ImageOutcome.of(row, None))
     return SiteCheck(root, outcomes, details, time.perf_counter() - start)
 
 
