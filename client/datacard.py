@@ -64,7 +64,11 @@ class ImageOutcome:
         """The outcome of a row, reading its header when it loaded."""
         if skipped_reason is not None:
             return cls(row, skipped_reason)
-        return cls(row, None, acquisition_of(row.path))
+        try:
+            acquisition = acquisition_of(row.path)
+        except Exception:  # noqa: BLE001 - a card must never fail a round; pydicom raises many types
+            acquisition = {**_non_dicom("unreadable header"), "frames per file": UNKNOWN}
+        return cls(row, None, acquisition)
 
 
 def acquisition_of(path: Path) -> dict[str, str]:

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from fedir.cli import main
-from fedir.client.datacard import suppress
-from fedir.manifest import write_manifest
+from fedir.client.datacard import ImageOutcome, suppress
+from fedir.manifest import ManifestRow, write_manifest
 from tests.dicom_factory import write_dicom
 from tests.phi import needles, plant
 
@@ -86,3 +86,11 @@ def test_suppression_hides_small_cells_and_their_complement() -> None:
     assert suppress({"a": 9, "b": 6, "c": 1, "d": 2}, 5) == {"values": {"a": 9, "b": 6},
                                                             "suppressed_cells": 2}
     assert suppress({"a": 3}, 5) == {"values": {}, "suppressed_cells": 1}
+
+
+def test_a_header_the_card_cannot_read_counts_as_unknown(tmp_path: Path) -> None:
+    """The card reads headers apart from decoding; a failure there must not fail a round."""
+    row = ManifestRow(row=2, patient_id="P1", path=tmp_path / "gone.dcm", label=1)
+    outcome = ImageOutcome.of(row, None)
+    assert outcome.acquisition["Modality"] == "none (unreadable header)"
+    assert outcome.acquisition["frames per file"] == "unknown"
