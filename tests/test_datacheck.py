@@ -4,6 +4,7 @@ and that no planted identifier reaches a card."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,12 @@ import pydicom
 import pytest
 
 from fedir.cli import main
-from fedir.client.datacard import ImageOutcome, suppress
+from fedir.client.datacard import ImageOutcome, build_card, suppress
+from fedir.client.datacheck import check_site
 from fedir.manifest import ManifestRow, write_manifest
 from tests.dicom_factory import write_dicom
 from tests.phi import needles, plant
+from tests.shared_data import XA_CINE, shared_data
 
 SCANNERS = (("Acme", 7), ("Zenith", 2))  # (manufacturer, patients): Zenith is below k=5
 
@@ -94,3 +97,15 @@ def test_a_header_the_card_cannot_read_counts_as_unknown(tmp_path: Path) -> None
     outcome = ImageOutcome.of(row, None)
     assert outcome.acquisition["Modality"] == "none (unreadable header)"
     assert outcome.acquisition["frames per file"] == "unknown"
+
+
+def test_card_of_the_real_xa_cine(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    root.mkdir()
+    shutil.copyfile(shared_data() / XA_CINE, root / "cine.dcm")
+    write_manifest(root, [{"patient_id": "P1", "path": "cine.dcm", "label": 1}])
+    card = build_card(check_site(root, progress=False).outcomes, val_fraction=0.15,
+                      test_fraction=0.25, k=1)
+    acquisition = {name: table["values"] for name, table in card["acquisition"].items()}
+    assert acquisition["Modality"] == {"XA": 1} and acquisition["BitsStored"] == {"8": 1}
+    assert acquisition["frames per file"] == {"50-99": 1}
