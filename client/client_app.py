@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
-from fedir.client.site import SiteData, load_site
+from fedir.client.datacard import card_once
+from fedir.client.site import SiteData, SiteUnusable, load_site
 from fedir.config import Settings
+from fedir.manifest import ManifestError
 from fedir.metrics import site_metrics
 from fedir.objectives import build_objective
 from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
@@ -57,13 +61,17 @@ def _load_site_cached(
 
 def _site(context: Context, fixed: Settings | None) -> tuple[Settings, SiteData]:
     settings = fixed or Settings.from_run_config(context.run_config)
-    site = _load_site_cached(
-        str(site_dir_of(context, settings).resolve()),
-        settings.model_image_size,
-        settings.data_frame_policy,
-        settings.data_val_fraction,
-        settings.data_test_fraction,
-    )
+    try:
+        site = _load_site_cached(
+            str(site_dir_of(context, settings).resolve()),
+            settings.model_image_size,
+            settings.data_frame_policy,
+            settings.data_val_fraction,
+            settings.data_test_fraction,
+        )
+    except ManifestError as exc:
+        log.error("%s", exc)
+        raise SiteUnusable(f"{exc.public}; run `fedir data check` at the site") from None
     return settings, site
 
 
@@ -73,10 +81,11 @@ def _model_from(msg: Message, settings: Settings):
     return model
 
 
-def build_client_app(settings: Settings | None = None) -> ClientApp:
+def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp. Settings come from the run config Flower delivers, unless given
-    here (`fedir simulate` builds the apps from a scenario file)."""
-    app = ClientApp()
+    here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
+    mods wrapped around every message handler (the wire audit test captures replies so)."""
+    app = ClientApp(mods=list(mods))
     fixed = settings
 
     @app.train()
@@ -107,6 +116,7 @@ def build_client_app(settings: Settings | None = None) -> ClientApp:
             label_counts=site.patient_label_counts("train"),
             num_classes=NUM_CLASSES,
             skipped=Counter(s.reason for s in site.skipped),
+            card=card_once(context, site, settings),
         )
         content = RecordDict(
             {ARRAYS_KEY: ArrayRecord(model.cpu().state_dict()), METRICS_KEY: metrics, SITE_KEY: site_rec}

@@ -24,11 +24,18 @@ from tqdm import tqdm
 from fedir.imaging import UnreadableImage, load_image
 from fedir.manifest import MANIFEST_NAME, ManifestRow, read_manifest
 from fedir.split import SPLITS, split_of
+from fedir.task import NUM_CLASSES
 
 LOG = logging.getLogger(__name__)
 CACHE_DIR_NAME = ".fedir-cache"
 # Bump when decoding or preprocessing changes, so that old caches are not reused.
 CACHE_VERSION = 1
+
+
+class SiteUnusable(RuntimeError):
+    """A site that cannot take part (its manifest is invalid). The message is the
+    ManifestError's path-free `public` text: Flower sends a failed ClientApp's message to
+    the server, which records the site as missing with it; the full one is logged here."""
 
 
 @dataclass
@@ -95,6 +102,7 @@ def load_site(
     test_fraction: float = 0.25,
     cache_dir: Path | None = None,
     progress: bool = False,
+    num_classes: int = NUM_CLASSES,
 ) -> SiteData:
     """Read a site folder into tensors by split, decoding each image at most once.
 
@@ -104,9 +112,10 @@ def load_site(
     image's size and mtime_ns (or its absence). Any edit to the manifest, or a touched,
     replaced, added or removed image, therefore re-decodes the site. An unwritable cache
     folder (a read-only site) only costs speed: a warning is logged and nothing cached.
+    A label outside 0..num_classes-1 makes the manifest invalid (ManifestError).
     """
     root = Path(site_dir).resolve()
-    rows = read_manifest(root)
+    rows = read_manifest(root, num_classes)
     settings = (image_size, frame_policy, val_fraction, test_fraction)
     cache_file = _cache_path(Path(cache_dir) if cache_dir else root / CACHE_DIR_NAME, settings)
     key = _cache_key(root, rows, settings)
@@ -222,8 +231,11 @@ def _cache_key(root: Path, rows: list[ManifestRow], settings: tuple) -> str:
 
 
 def _stat_signature(path: Path) -> str:
-    """Size and modification time of a file, or 'missing', so a file appearing counts too."""
+    """Size and modification time of a file, or 'missing', so a file appearing counts too;
+    for a series folder, those of every file in it."""
     try:
+        if path.is_dir():
+            return "|".join(f"{p.name}:{_stat_signature(p)}" for p in sorted(path.iterdir()))
         stat = path.stat()
     except OSError:
         return "missing"

@@ -1,6 +1,7 @@
 """The `fedir` command line.
 
     fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH]
+    fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
 
 Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
@@ -29,6 +30,13 @@ def _synth(args: argparse.Namespace) -> int:
     )
     print(f"synthetic federation in {Path(args.out).resolve()}: {len(info.get('sites', []))} sites")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from fedir.client.datacheck import run_check
+
+    return run_check(args.site_dir, args.card, k=args.k, val_fraction=args.val_fraction,
+                     test_fraction=args.test_fraction)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -66,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=256)
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
     synth.set_defaults(func=_synth)
+
+    check = data.add_parser("check", help="read every image of a site; print what loads and why not")
+    check.add_argument("site_dir", type=Path, help="site folder with manifest.csv")
+    check.add_argument("--card", type=Path, help="write the site's data card (JSON) here")
+    check.add_argument("--k", type=int, default=5, help="suppress data-card cells below k patients")
+    check.add_argument("--val-fraction", type=float, default=0.15)
+    check.add_argument("--test-fraction", type=float, default=0.25)
+    check.set_defaults(func=_check)
 
     sim = sub.add_parser("simulate", help="run a scenario on Flower's simulation engine")
     sim.add_argument("scenario", type=Path)

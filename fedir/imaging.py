@@ -60,7 +60,7 @@ class UnreadableImage(Exception):
 
 
 FRAME_POLICIES = ("mip", "middle", "all", "peak")
-"""How the frames (F, H, W) of a file become model images:
+"""How the frames (F, H, W) of a file, or the slices of a series folder, become model images:
 
 - "mip": maximum-intensity projection over frames of the display image (higher =
   brighter), i.e. per pixel the brightest value it takes in the cine. Literal MIP: in
@@ -71,7 +71,12 @@ FRAME_POLICIES = ("mip", "middle", "all", "peak")
 - "peak": the single frame with the highest contrast, measured as the largest standard
   deviation of its display intensities (first one on ties): in a contrast run, the frame
   where the vessels are most opacified.
-For a single-frame file every policy returns that frame.
+- "every-K" (K a positive integer, e.g. "every-4"): frames 0, K, 2K, ..., each its own
+  image: a sample of a long cine or of a series' slices.
+For a single-frame file every policy returns that frame. A series folder's slices are
+frames in position order, so "middle" is the middle slice, "mip" a maximum-intensity
+projection through the volume and "all"/"every-K" 2D slices. Every image of a file or
+series keeps its row's patient, so frames and slices never cross splits.
 """
 
 
@@ -85,9 +90,12 @@ def read_display_frames(path: Path) -> np.ndarray:
     The format is chosen by suffix (.dcm/.dicom/.ima/none: DICOM; .png/.jpg/.jpeg: Pillow;
     .npy: NumPy, 2D = one frame, 3D = frames); any other suffix is read as DICOM only when
     the file carries the 'DICM' marker (UID-named DICOM files have suffixes like '.1').
+    A folder is a DICOM series: its slices, in position order, are the frames.
     Raises UnreadableImage, and nothing else, for a file that cannot be used.
     """
     path = Path(path)
+    if path.is_dir():
+        return _finite_frames(_as_frames(_read_series(path)))
     _check_present(path)
     suffix = path.suffix.lower()
     if suffix in PILLOW_SUFFIXES:
@@ -105,10 +113,47 @@ def _check_present(path: Path) -> None:
     """Tell a missing or empty file apart from a broken one: they have different fixes."""
     if not path.exists():
         raise UnreadableImage(SkipReason.MISSING, str(path))
-    if path.is_dir():
-        raise UnreadableImage(SkipReason.UNSUPPORTED_FORMAT, "a folder, not an image file")
     if path.stat().st_size == 0:
         raise UnreadableImage(SkipReason.EMPTY, "0 bytes")
+
+
+def _read_series(folder: Path) -> np.ndarray:
+    """A series folder (one DICOM slice per file) -> display slices (S, H, W) in position
+    order: along the slice normal (ImageOrientationPatient x ImagePositionPatient), else
+    by InstanceNumber, else by file name. Hidden files are ignored; a slice that cannot be
+    read, a link out of the folder, or slices of different sizes make the series unusable,
+    since a volume with a hole is not the patient's anatomy."""
+    inside = folder.resolve()
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if not files:
+        raise UnreadableImage(SkipReason.NOT_AN_IMAGE, "empty series folder")
+    slices = []
+    for file in files:
+        if not file.resolve().is_relative_to(inside) or not file.is_file():
+            raise UnreadableImage(SkipReason.UNSUPPORTED_FORMAT,
+                                  f"{file.name}: not a file of the series folder")
+        try:
+            _check_present(file)
+            ds = _read_dataset(file)
+            frames = _as_frames(_read_dicom_dataset(ds))
+        except UnreadableImage as exc:
+            raise UnreadableImage(exc.reason, f"slice {file.name}: {exc.detail}") from None
+        slices.append((_slice_order(ds, file), frames))
+    shapes = {frames.shape[1:] for _, frames in slices}
+    if len(shapes) > 1:
+        raise UnreadableImage(SkipReason.NOT_AN_IMAGE, f"slices of different sizes {sorted(shapes)}")
+    slices.sort(key=lambda item: item[0])
+    return np.concatenate([frames for _, frames in slices])
+
+
+def _slice_order(ds: Dataset, file: Path) -> tuple[float, float, str]:
+    """Sort key of a slice: position along the normal, instance number, file name."""
+    try:
+        row, col = np.asarray(ds.ImageOrientationPatient, dtype=float).reshape(2, 3)
+        position = float(np.dot(np.cross(row, col), np.asarray(ds.ImagePositionPatient, dtype=float)))
+    except (AttributeError, ValueError, TypeError):
+        position = 0.0
+    return position, float(ds.get("InstanceNumber") or 0), file.name
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -143,7 +188,11 @@ def _read_numpy(path: Path) -> np.ndarray:
 
 def _read_dicom(path: Path) -> np.ndarray:
     """DICOM -> display frames: decode, then modality LUT, VOI, inversion, colour -> luma."""
-    ds = _read_dataset(path)
+    return _read_dicom_dataset(_read_dataset(path))
+
+
+def _read_dicom_dataset(ds: Dataset) -> np.ndarray:
+    """A parsed dataset -> display frames (see _read_dicom)."""
     pixels = _decode_pixels(ds)
     try:
         return _display_mapping(ds, pixels)
@@ -180,11 +229,12 @@ def _decode_pixels(ds: Dataset) -> np.ndarray:
     except RuntimeError as exc:
         reason = (
             SkipReason.UNSUPPORTED_TRANSFER_SYNTAX
-            if "plugin" in str(exc).lower() and syntax is not None and syntax.is_compressed
+            if _no_plugin_supports(str(exc))
             else SkipReason.DECODE_ERROR
         )
         name = syntax.name if syntax is not None else "no transfer syntax"
-        raise UnreadableImage(reason, f"{name}: {_first_line(exc)}") from None
+        detail = "; ".join(line.strip() for line in str(exc).strip().splitlines()[1:])
+        raise UnreadableImage(reason, f"{name}: {detail or _first_line(exc)}") from None
     except ValueError as exc:
         short = "less than expected" in str(exc)
         reason = SkipReason.TRUNCATED if short else SkipReason.DECODE_ERROR
@@ -193,6 +243,16 @@ def _decode_pixels(ds: Dataset) -> np.ndarray:
         raise UnreadableImage(
             SkipReason.DECODE_ERROR, f"{type(exc).__name__}: {_first_line(exc)}"
         ) from None
+
+
+def _no_plugin_supports(message: str) -> bool:
+    """True when pydicom says that no installed plugin handles this kind of data (every
+    plugin lacks a dependency, or each declines the encoding, e.g. 12-bit JPEG Extended
+    without the GPL codec extra); False when a plugin tried and the data were bad."""
+    if "missing dependencies" in message:
+        return True
+    plugins = [line for line in message.strip().splitlines()[1:] if line.strip()]
+    return bool(plugins) and all("does not support" in line for line in plugins)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -229,7 +289,7 @@ def _grey_display(ds: Dataset, pixels: np.ndarray, frames: int) -> np.ndarray:
 
 
 _TOP_LEVEL_LUT_KEYWORDS = (
-    "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType",
     "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
 )
 _FRAME_LUT_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
@@ -294,6 +354,8 @@ def apply_frame_policy(frames: np.ndarray, policy: str) -> np.ndarray:
     _check_policy(policy)
     if policy == "all":
         return frames
+    if policy.startswith("every-"):
+        return frames[:: int(policy.removeprefix("every-"))]
     if policy == "middle":
         return frames[len(frames) // 2][None]
     if policy == "peak":
@@ -304,8 +366,11 @@ def apply_frame_policy(frames: np.ndarray, policy: str) -> np.ndarray:
 
 def _check_policy(policy: str) -> None:
     """A wrong policy is a configuration error (ValueError), not an unreadable file."""
-    if policy not in FRAME_POLICIES:
-        raise ValueError(f"frame policy {policy!r} is not one of {', '.join(FRAME_POLICIES)}")
+    step = policy.removeprefix("every-")
+    if policy not in FRAME_POLICIES and not (step.isdigit() and int(step) > 0):
+        raise ValueError(
+            f"frame policy {policy!r} is not one of {', '.join(FRAME_POLICIES)}, every-K (K > 0)"
+        )
 
 
 # ---------------------------------------------------------------------------------------

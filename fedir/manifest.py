@@ -18,7 +18,16 @@ REQUIRED_COLUMNS = ("patient_id", "path")
 
 
 class ManifestError(ValueError):
-    """The manifest cannot be used; the message names the file and, where known, the row."""
+    """The manifest cannot be used; the message names the file and, where known, the row.
+
+    `public` says the same without a path, a patient identifier or a cell's value: it is
+    what a ClientApp may send to the server, because folder and file names of a hospital
+    export can carry patient names. The full message stays at the site.
+    """
+
+    def __init__(self, message: str, public: str) -> None:
+        super().__init__(message)
+        self.public = f"manifest.csv: {public}"
 
 
 @dataclass(frozen=True)
@@ -32,27 +41,37 @@ class ManifestRow:
     clinical: dict[str, float | None] = field(default_factory=dict)
 
 
-def _parse_label(raw: str, where: str) -> int | None:
+def _parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
+    """A class index in 0..num_classes-1 (any non-negative one when num_classes is None)."""
     raw = raw.strip()
     if raw == "":
         return None
     try:
         value = float(raw)
     except ValueError:
-        raise ManifestError(f"{where}: label {raw!r} is not a class index") from None
-    if value != int(value) or value < 0:
-        raise ManifestError(f"{where}: label {raw!r} is not a non-negative class index")
+        raise ManifestError(f"{where}: label {raw!r} is not a class index",
+                            f"row {row}: a label is not a class index") from None
+    if not value.is_integer() or value < 0:
+        raise ManifestError(f"{where}: label {raw!r} is not a non-negative class index",
+                            f"row {row}: a label is not a non-negative class index")
+    if num_classes is not None and value >= num_classes:
+        classes = f"0..{num_classes - 1}"
+        raise ManifestError(
+            f"{where}: label {raw!r} is outside the task's classes {classes} (empty = unlabelled)",
+            f"row {row}: a label is outside the task's classes {classes}",
+        )
     return int(value)
 
 
-def _parse_float(raw: str, column: str, where: str) -> float | None:
+def _parse_float(raw: str, column: str, where: str, row: int) -> float | None:
     raw = raw.strip()
     if raw == "":
         return None
     try:
         return float(raw)
     except ValueError:
-        raise ManifestError(f"{where}: {column} {raw!r} is not a number") from None
+        raise ManifestError(f"{where}: {column} {raw!r} is not a number",
+                            f"row {row}: a {column} value is not a number") from None
 
 
 def _records(reader: csv.DictReader, manifest: Path) -> Iterator[dict[str | None, str | None]]:
@@ -60,33 +79,43 @@ def _records(reader: csv.DictReader, manifest: Path) -> Iterator[dict[str | None
     try:
         yield from reader
     except csv.Error as exc:
-        raise ManifestError(f"{manifest}, row {reader.line_num}: malformed CSV ({exc})") from None
+        raise ManifestError(f"{manifest}, row {reader.line_num}: malformed CSV ({exc})",
+                            f"row {reader.line_num}: malformed CSV") from None
 
 
-def read_manifest(site_dir: str | Path) -> list[ManifestRow]:
+def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[ManifestRow]:
     """Read and validate `site_dir/manifest.csv`.
 
-    Raises ManifestError for a missing file, a missing required column, an empty
-    patient_id or path, or a path that resolves outside the site folder (symlinks
-    included), so that a site can never be made to read files it did not export.
+    Raises ManifestError for a missing file, text that is not UTF-8, a missing required
+    column, an empty patient_id or path, a path listed twice, a label outside
+    0..num_classes-1 (when given), or a path that resolves outside the site folder
+    (symlinks included), so that a site can never be made to read files it did not export.
     """
     site = Path(site_dir).resolve()
     manifest = site / MANIFEST_NAME
     if not site.is_dir():
-        raise ManifestError(f"{site}: not a folder")
+        raise ManifestError(f"{site}: not a folder", "the site folder does not exist")
     if not manifest.is_file():
-        raise ManifestError(f"{manifest}: no manifest.csv in the site folder")
+        raise ManifestError(f"{manifest}: no manifest.csv in the site folder",
+                            "no manifest.csv in the site folder")
+    raw = manifest.read_bytes()
     try:
-        text = manifest.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"{manifest}: not UTF-8 text (byte {exc.start})") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{manifest}, row {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}); save the file as UTF-8",
+            f"row {line}: not UTF-8 text",
+        ) from None
     reader = csv.DictReader(text.splitlines())
     columns = [c.strip() for c in (reader.fieldnames or [])]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ManifestError(
             f"{manifest}: missing required column(s) {', '.join(missing)} "
-            f"(found: {', '.join(columns) or 'none'})"
+            f"(found: {', '.join(columns) or 'none'})",
+            f"missing required column(s) {', '.join(missing)}",
         )
     clin_columns = [c for c in columns if c.startswith("clin_")]
     rows: list[ManifestRow] = []
@@ -100,25 +129,30 @@ def read_manifest(site_dir: str | Path) -> list[ManifestRow]:
         patient_id = record["patient_id"].strip()
         rel = record["path"].strip()
         if not patient_id:
-            raise ManifestError(f"{where}: empty patient_id")
+            raise ManifestError(f"{where}: empty patient_id", f"row {number}: empty patient_id")
         if not rel:
-            raise ManifestError(f"{where}: empty path")
+            raise ManifestError(f"{where}: empty path", f"row {number}: empty path")
         try:
             path = (site / rel).resolve()
         except (ValueError, OSError) as exc:
-            raise ManifestError(f"{where}: path {rel!r} is not usable ({exc})") from None
+            raise ManifestError(f"{where}: path {rel!r} is not usable ({exc})",
+                                f"row {number}: a path is not usable") from None
         if not path.is_relative_to(site):
-            raise ManifestError(f"{where}: path {rel!r} points outside the site folder")
+            raise ManifestError(f"{where}: path {rel!r} points outside the site folder",
+                                f"row {number}: a path points outside the site folder")
         if path in seen:
-            raise ManifestError(f"{where}: path {rel!r} is listed again (first at row {seen[path]})")
+            raise ManifestError(
+                f"{where}: path {rel!r} is listed again (first at row {seen[path]})",
+                f"row {number}: a path is listed again (first at row {seen[path]})",
+            )
         seen[path] = number
         rows.append(
             ManifestRow(
                 row=number,
                 patient_id=patient_id,
                 path=path,
-                label=_parse_label(record.get("label", ""), where),
-                clinical={c: _parse_float(record[c], c, where) for c in clin_columns},
+                label=_parse_label(record.get("label", ""), where, number, num_classes),
+                clinical={c: _parse_float(record[c], c, where, number) for c in clin_columns},
             )
         )
     return rows

@@ -21,6 +21,7 @@ METRICS_KEY = "metrics"
 SITE_KEY = "site"
 ARRAYS_KEY = "arrays"
 WEIGHT_KEY = "num-examples"
+CARD_KEY = "data-card"
 
 SCALAR_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
 COUNTS = ("n", "n_patients", "positives", "tp", "tn", "fp", "fn")
@@ -74,11 +75,14 @@ def encode_training(
     label_counts: Mapping[int, int],
     num_classes: int,
     skipped: Mapping[str, int],
+    card: Mapping[str, Any] | None = None,
 ) -> tuple[MetricRecord, ConfigRecord]:
     """A site's training aggregates: the weight of its update, its loss, and its data counts.
 
     `label_counts` (labelled training patients per class) is what the server's
     site-label association test needs; `skipped` counts unreadable files by reason (never paths).
+    `card`, the site's k-suppressed data card (fedir.client.datacard), rides along as JSON
+    in the ConfigRecord in a node's first reply only (ConfigRecords may differ across sites).
     """
     rec = MetricRecord(
         {
@@ -92,6 +96,8 @@ def encode_training(
         }
     )
     site_rec = ConfigRecord({"name": site, "skipped": json.dumps(dict(skipped))})
+    if card is not None:
+        site_rec[CARD_KEY] = json.dumps(card)
     return rec, site_rec
 
 
@@ -107,4 +113,6 @@ def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
         "label_counts": {c: int(v) for c, v in enumerate(rec["label-counts"])},
         "skipped": json.loads(str(site_rec["skipped"])),
     }
+    if CARD_KEY in site_rec:
+        out["card"] = json.loads(str(site_rec[CARD_KEY]))
     return str(site_rec["name"]), out

@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from fedir.server.card_report import card_section  # noqa: E402
 from fedir.server.runstore import GLOBAL_SITE, RunStore  # noqa: E402
 from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, key_numbers  # noqa: E402
 
@@ -78,6 +79,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         _label_section(store, run_id, summary["bias"]),
         _bias_tests_section(summary["bias"]),
         _training_section(rows, summary["sites"]),
+        card_section(store.cards(run_id)),
         _notes_section(summary["notes"]),
     ]
     title = escape(f"fedir run {run_id}")

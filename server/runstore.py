@@ -35,6 +35,9 @@ ci_low REAL, ci_high REAL)``
 ``bias(run_id TEXT, round INTEGER, json TEXT)``
     The bias verdict of each round, as JSON (``{"alarm", "reasons", "tests"}``).
 
+``cards(run_id TEXT, site TEXT, json TEXT)``
+    Each site's data card (k-suppressed counts, fedir.client.datacard), sent once.
+
 Non-finite floats (NaN, inf) are stored as NULL: JSON consumers downstream refuse them.
 """
 
@@ -73,6 +76,9 @@ CREATE INDEX IF NOT EXISTS notes_run ON notes (run_id);
 CREATE TABLE IF NOT EXISTS bias (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, json TEXT NOT NULL,
     PRIMARY KEY (run_id, round));
+CREATE TABLE IF NOT EXISTS cards (
+    run_id TEXT NOT NULL, site TEXT NOT NULL, json TEXT NOT NULL,
+    PRIMARY KEY (run_id, site));
 """
 
 # Metrics that are counts: stored as REAL (the contract), handed back as int.
@@ -228,6 +234,18 @@ class RunStore:
             cur.execute(
                 "INSERT OR REPLACE INTO bias VALUES (?, ?, ?)", (run_id, server_round, _dumps(verdict))
             )
+
+    def record_card(self, run_id: str, site: str, card: dict) -> None:
+        """Store a site's data card (a later one from the same site replaces it)."""
+        with self._transaction() as cur:
+            cur.execute("INSERT OR REPLACE INTO cards VALUES (?, ?, ?)", (run_id, site, _dumps(card)))
+
+    def cards(self, run_id: str) -> dict[str, dict]:
+        """``{site: card}`` of a run, by site name."""
+        rows = self._conn.execute(
+            "SELECT site, json FROM cards WHERE run_id = ? ORDER BY site", (run_id,)
+        )
+        return {row["site"]: json.loads(row["json"]) for row in rows}
 
     def _write_site(
         self, cur: sqlite3.Cursor, run_id: str, server_round: int, site: str, split: str, aggregates: dict

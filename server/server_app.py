@@ -49,6 +49,10 @@ class StudyRecorder:
         self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
     def on_train(self, replies: RoundReplies) -> None:
+        for site, values in replies.per_site.items():
+            card = values.pop("card", None)  # a node's first reply only; stored apart
+            if card is not None:
+                self.store.record_card(self.run_id, site, card)
         self.store.record_training(self.run_id, replies.server_round, replies.per_site)
         for site, values in replies.per_site.items():
             self.label_counts[site] = values["label_counts"]

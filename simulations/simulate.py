@@ -11,8 +11,11 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from flwr.clientapp.typing import Mod
 
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings
@@ -32,8 +35,10 @@ def backend_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def simulate(settings: Settings, out_dir: Path, scenario: str, verbose: bool = False) -> dict[str, Any]:
-    """Run the study; return summary.json's content (also written to out_dir)."""
+def simulate(settings: Settings, out_dir: Path, scenario: str, verbose: bool = False,
+             client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
+    """Run the study; return summary.json's content (also written to out_dir).
+    `client_mods` wrap every site's ClientApp handlers (Flower client mods)."""
     from flwr.simulation import run_simulation
 
     out_dir = Path(out_dir).resolve()
@@ -49,7 +54,7 @@ def simulate(settings: Settings, out_dir: Path, scenario: str, verbose: bool = F
     server_app = build_server_app(settings, out_dir, scenario)
     run_simulation(
         server_app=server_app,
-        client_app=build_client_app(settings),
+        client_app=build_client_app(settings, client_mods),
         num_supernodes=len(settings.sites),
         backend_config=backend_config(settings),
         verbose_logging=verbose,

@@ -1,0 +1,141 @@
+"""Wire audit, end to end through Flower's simulation engine.
+
+Two synthetic hospitals, one of which has planted PHI in every DICOM header and in its
+manifest's patient ids, and a third whose manifest is invalid. Every reply a ClientApp
+sends is captured (tests/wire_capture.py) and checked: the only arrays are the model's
+weights, every other vector has a fixed, data-independent length, and no planted value
+appears in any reply, the data cards, runs.sqlite, summary.json or report.html. The
+invalid site fails alone, with a path-free reason the server records as missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from pathlib import Path
+
+import pydicom
+import pytest
+import ray.cloudpickle
+
+import tests.wire_capture
+from fedir.manifest import write_manifest
+from fedir.simulations.scenario import load_scenario
+from fedir.simulations.simulate import simulate
+from fedir.simulations.synthetic import generate_federation
+from fedir.task import NUM_CLASSES, build_model
+from tests.phi import PLANTED, needles, plant, planted_numbers
+from tests.wire_capture import CaptureReplies, read_captured
+
+pytestmark = pytest.mark.slow
+
+HIST_BINS = 20
+ROUNDS = 2
+BROKEN_FILE = "DOE_JOHN_19450317.dcm"
+
+
+def _plant_site(site: Path) -> list[str]:
+    """Plant PHI in every header of `site` and make its patient ids MRN-like; return them."""
+    with (site / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ids = {old: f"{PLANTED['PatientID']}-{i:03d}" for i, old in enumerate(dict.fromkeys(r["patient_id"] for r in rows))}
+    for row in rows:
+        row["patient_id"] = ids[row["patient_id"]]
+        plant(site / row["path"], patient_id=row["patient_id"])
+    write_manifest(site, rows)
+    assert str(pydicom.dcmread(site / rows[0]["path"]).PatientName) == PLANTED["PatientName"]
+    return list(ids.values())
+
+
+def _broken_site(site: Path) -> None:
+    """A site whose manifest has a label outside the task's classes, on a PHI-named file."""
+    site.mkdir()
+    (site / BROKEN_FILE).write_bytes(b"")
+    write_manifest(site, [{"patient_id": PLANTED["PatientID"], "path": BROKEN_FILE, "label": 7}])
+
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("audit")
+    fed = tmp / "fed"
+    generate_federation(fed, sites=2, patients=24, seed=5, image_size=32, progress=False)
+    patient_ids = _plant_site(fed / "site-0")
+    _broken_site(fed / "site-broken")
+    toml = tmp / "audit.toml"
+    toml.write_text(
+        '[federation]\nsites = ["fed/site-0", "fed/site-1", "fed/site-broken"]\n'
+        f"[train]\nrounds = {ROUNDS}\nlocal-epochs = 1\n[model]\nimage-size = 32\n"
+        f"[eval]\nbootstrap = 50\nhist-bins = {HIST_BINS}\n"
+    )
+    capture = tmp / "capture"
+    capture.mkdir()
+    ray.cloudpickle.register_pickle_by_value(tests.wire_capture)  # Ray workers cannot import tests/
+    out = tmp / "run"
+    summary = simulate(load_scenario(toml), out, scenario=str(toml),
+                       client_mods=[CaptureReplies(str(capture))])
+    return {"out": out, "summary": summary, "replies": read_captured(capture),
+            "needles": needles(patient_ids), "settings": load_scenario(toml)}
+
+
+def test_only_the_models_weights_and_fixed_length_vectors_leave_a_site(audited_run: dict) -> None:
+    replies = audited_run["replies"]
+    # 2 working sites x (train + evaluate) x rounds; the broken site sends only errors.
+    assert len(replies) == 2 * 2 * ROUNDS
+    model = build_model(audited_run["settings"].model_name).state_dict()
+    weights = {f"arrays/{k}": (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.items()}
+    for reply in replies:
+        if reply["message_type"] == "train":
+            assert reply["arrays"] == weights
+        else:
+            assert reply["arrays"] == {}
+        for key, value in reply["metrics"].items():
+            if isinstance(value, list):
+                assert len(value) in {2, NUM_CLASSES, HIST_BINS}, key
+        for key, value in reply["configs"].items():
+            assert isinstance(value, str), key
+
+
+def test_no_planted_value_leaves_a_site(audited_run: dict) -> None:
+    numbers = planted_numbers()
+    for reply in audited_run["replies"]:
+        text = json.dumps({k: v for k, v in reply.items() if k != "arrays"})
+        for needle in audited_run["needles"]:
+            assert needle not in text, needle
+        for value in reply["metrics"].values():
+            for number in value if isinstance(value, list) else [value]:
+                assert float(number) not in numbers
+
+
+def test_no_planted_value_in_the_run_store_summary_or_report(audited_run: dict) -> None:
+    out = audited_run["out"]
+    con = sqlite3.connect(out / "runs.sqlite")
+    tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    stored = json.dumps({t: con.execute(f"SELECT * FROM {t}").fetchall() for t in tables})
+    con.close()
+    for name, text in [("runs.sqlite", stored), ("summary.json", (out / "summary.json").read_text()),
+                       ("report.html", (out / "report.html").read_text())]:
+        for needle in audited_run["needles"] + [BROKEN_FILE]:
+            assert needle not in text, (name, needle)
+
+
+def test_each_working_site_sends_its_card_once_and_the_report_shows_it(audited_run: dict) -> None:
+    cards = [json.loads(r["configs"]["site/data-card"]) for r in audited_run["replies"]
+             if "site/data-card" in r["configs"]]
+    assert len(cards) == 2 and all(card["k"] == 5 for card in cards)
+    assert {card["acquisition"]["Modality"]["values"].get("XA") for card in cards} == {24}
+    con = sqlite3.connect(audited_run["out"] / "runs.sqlite")
+    assert sorted(site for (site,) in con.execute("SELECT site FROM cards")) == ["site-0", "site-1"]
+    con.close()
+    report = (audited_run["out"] / "report.html").read_text()
+    assert "<h2>Data cards</h2>" in report and "Modality" in report
+
+
+def test_an_invalid_site_fails_alone_and_is_recorded_as_missing(audited_run: dict) -> None:
+    summary = audited_run["summary"]
+    assert summary["rounds"] == ROUNDS
+    assert all(summary["per_site"][s]["n_test"] > 0 for s in ("site-0", "site-1"))
+    missing = [n["message"] for n in summary["notes"] if n["kind"] == "missing"]
+    assert len(missing) == 2 * ROUNDS  # train and evaluate, every round
+    assert all("row 2: a label is outside the task's classes 0..1" in m for m in missing), missing
+    assert all("fedir data check" in m and "/" not in m.split("Message:")[-1] for m in missing), missing
