@@ -71,6 +71,7 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8050) -> None
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(128)  # connections made after the URL is printed wait for uvicorn, never refused
     shown = f"[{host}]" if ":" in host else host
     print(f"fedir dashboard on http://{shown}:{sock.getsockname()[1]}/ over {Path(folder).resolve()}"
           " (Ctrl-C to stop)", flush=True)

@@ -21,6 +21,8 @@ def site_eval(rng: random.Random, auc: float | None, n: int = 60) -> dict:
     positives = n // 3 if auc is not None else 0
     half = 0.04 + 0.06 * rng.random()
     entry = {"n": n, "n_patients": n // 2, "positives": positives, "reasons": {},
+             "tp": positives // 2, "fn": positives - positives // 2, "tn": (n - positives) // 2,
+             "fp": n - positives - (n - positives) // 2,
              "hist_neg": [rng.randint(0, 9) for _ in range(20)], "hist_pos": [rng.randint(0, 9) for _ in range(20)]}
     values = {"auc": auc, "accuracy": 0.6 + 0.3 * rng.random(), "sensitivity": 0.5 + 0.4 * rng.random(),
               "specificity": 0.55 + 0.4 * rng.random()}
