@@ -23,7 +23,6 @@ from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, key_n
 # Note kinds that mean a site's update or reply did not count this round.
 MISSING_KINDS = ("missing",)
 REJECTED_MARK = "reject"
-CARD_MARK = "card"
 MAX_NOTES = 300  # the page lists the latest notes; a 1,000-site run can have many
 
 
@@ -122,7 +121,7 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
         },
         "series": store.series(run_id, RATE_METRICS),
         "notes": {"total": len(notes), "latest": [_note(n) for n in notes[-MAX_NOTES:]]},
-        "cards": _cards(store, run_id),
+        "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
     }
 
 
@@ -169,15 +168,6 @@ def _table(summary: dict) -> list[dict[str, Any]]:
 def _note(note: dict) -> dict[str, Any]:
     message = note["message"] if not note.get("metric") else f"{note['metric']}: {note['message']}"
     return {"round": note["round"], "site": note["site"], "kind": note["kind"], "message": message}
-
-
-def _cards(store: ReadOnlyRunStore, run_id: str) -> dict[str, dict[str, str]]:
-    """Each site's latest data card (a vector whose name mentions "card"), flattened to text."""
-    cards: dict[str, dict[str, str]] = {}
-    for vector in store.vectors(run_id):
-        if CARD_MARK in vector["name"] and isinstance(vector["json"], dict):
-            cards[vector["site"]] = _flatten(vector["json"])
-    return cards
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, str]:

@@ -12,6 +12,7 @@ store's WAL journal, such a reader never blocks the writer, nor the writer it.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterator
@@ -94,9 +95,18 @@ class ReadOnlyRunStore(RunStore):
             (run_id, *metrics),
         )
         out: dict[str, dict[str, list]] = {m: defaultdict(list) for m in metrics}
-        for metric, site, server_round, value, low, high in rows:
-            out[metric][site].append([server_round, value, low, high])
+        for metric, site, server_round, value, low, high in rows:  # 4 decimals: plots, not the table
+            out[metric][site].append([server_round, *(None if v is None else round(v, 4) for v in (value, low, high))])
         return {m: dict(by_site) for m, by_site in out.items()}
+
+    def data_cards(self, run_id: str) -> dict[str, dict]:
+        """Each site's latest data card: a vector whose name mentions "card" (e.g. ``data_card``)."""
+        rows = self._conn.execute(
+            "SELECT site, json FROM vectors WHERE run_id = ? AND name LIKE '%card%' ORDER BY round, rowid",
+            (run_id,),
+        )
+        cards = {site: json.loads(text) for site, text in rows}
+        return {site: card for site, card in cards.items() if isinstance(card, dict)}
 
     def alarm_rounds(self, run_id: str) -> list[int]:
         """The rounds whose bias verdict raised the alarm."""

@@ -55,6 +55,7 @@ def test_finished_run_matches_summary(page, tmp_path: Path) -> None:
     with served(tmp_path) as url:
         page.goto(url)
         page.wait_for_selector('#site-table tr[data-site="global"]', timeout=WAIT_MS)
+        page.wait_for_function("(document.getElementById('site-plot').data || []).length > 0", timeout=WAIT_MS)
         for site, entry in [*summary["per_site"].items(), ("global", summary["global"])]:
             row = page.locator(f'#site-table tr[data-site="{site}"]')
             assert row.locator('[data-col="n_test"] .value').inner_text() == str(entry["n_test"])
@@ -104,9 +105,12 @@ def test_run_being_written_updates_without_reload(page, tmp_path: Path) -> None:
                                timeout=WAIT_MS)
         writer.join()
         assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
-        pooled_rounds = page.evaluate("document.getElementById('global-plot').data.at(-1).x")
-        assert pooled_rounds == [1, 2, 3, 4]
+        page.wait_for_function("JSON.stringify((document.getElementById('global-plot').data || []).at(-1)?.x)"
+                               " === '[1,2,3,4]'", timeout=WAIT_MS)  # the pooled line has the new rounds
         assert "Round 4 (evaluated): 4 of 4 sites answered" in page.locator("#round-status").inner_text()
+        assert page.locator("#verdict").inner_text().splitlines()[:2] == [
+            "No bias alarm (round 4)", "site label association: p=0.41, Cramer's V=0.07 \u00b7 pooled vs within auc:"
+            " pooled AUC=0.75, within-site AUC=0.74, gap=0.01"]
         screenshot(page, "dashboard-run-being-written")
         assert_local_only(page)
     store.close()
@@ -122,7 +126,7 @@ def test_several_runs_compared(page, tmp_path: Path) -> None:
         page.wait_for_selector("#runs tbody tr:nth-child(3)", timeout=WAIT_MS)
         assert page.locator("#runs tbody tr").count() == 3
         assert page.locator("#compare-plot").is_visible()
-        assert page.evaluate("document.getElementById('compare-plot').data.length") == 3
+        page.wait_for_function("(document.getElementById('compare-plot').data || []).length === 3", timeout=WAIT_MS)
         page.locator('#runs tr[data-run="baseline/a-1"]').click()
         page.wait_for_function("document.querySelector('#run-title').innerText.startsWith('Run a-1')", timeout=WAIT_MS)
         assert "No bias alarm" in page.locator("#verdict").inner_text()

@@ -8,6 +8,20 @@ const TABLE_COLUMNS = ["n_test", "positives", "auc", "accuracy", "sensitivity", 
 const MAX_BANDS = 12; // above this many sites, per-site CI bands only for the site chosen
 const state = { poll: 2, selected: null, fingerprint: null, detail: null, runs: [] };
 
+// plotly.min.js is a few MB of JavaScript: parsing it holds the page for a moment (seconds on
+// a busy machine). So it is loaded only once the first data is on screen: the verdict and the
+// tables show at once, the plots follow as soon as plotly is ready.
+let plotlyLoaded, plotlyFailed;
+const plotlyReady = new Promise((resolve, reject) => { plotlyLoaded = resolve; plotlyFailed = reject; });
+function loadPlotly() {
+  if (document.getElementById("plotly-js")) return;
+  const script = el("script", { id: "plotly-js", src: "/static/plotly.min.js" });
+  script.onload = plotlyLoaded;
+  script.onerror = () => plotlyFailed(new Error("plotly.min.js did not load: the plots cannot be drawn"));
+  document.head.append(script);
+}
+function whenPlotly(draw) { plotlyReady.then(draw, (err) => showProblem(err.message)); }
+
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs || {})) {
@@ -52,14 +66,17 @@ function renderRuns(data) {
     row.addEventListener("click", () => select(runKey(run)));
     return row;
   }));
-  renderComparison(data.runs);
+  const plot = document.getElementById("compare-plot");
+  plot.hidden = data.runs.length < 2 || !data.runs.some((run) => run.auc_series.length > 0);
+  whenPlotly(() => renderComparison(data.runs));
 }
 
 function renderComparison(runs) {
   const plot = document.getElementById("compare-plot");
   const shown = runs.filter((run) => run.auc_series.length > 0);
-  plot.hidden = runs.length < 2 || shown.length === 0;
-  if (plot.hidden) return;
+  const drawn = JSON.stringify(shown.map((run) => [runKey(run), run.auc_series.length, run.global_auc]));
+  if (plot.hidden || drawn === plot.dataset.drawn) return;
+  plot.dataset.drawn = drawn;
   const traces = shown.map((run) => ({
     x: run.auc_series.map((p) => p[0]), y: run.auc_series.map((p) => p[1]), mode: "lines+markers",
     name: run.source === "." ? run.run_id : run.source + " / " + run.run_id,
@@ -80,7 +97,7 @@ function select(key) {
   for (const row of document.querySelectorAll("#runs tbody tr")) {
     row.classList.toggle("selected", row.dataset.run === key);
   }
-  refreshRun();
+  return refreshRun();
 }
 
 // ---- one run ------------------------------------------------------------------------------
@@ -114,7 +131,7 @@ function renderRun(detail) {
   renderVerdict(detail.verdict);
   renderRound(detail.round, run.sites.length);
   renderControls(run.sites);
-  renderPlots();
+  whenPlotly(renderPlots);
   renderTable(detail.table, run.rounds_evaluated);
   renderCards(detail.cards);
   renderNotes(detail.notes);
@@ -132,10 +149,10 @@ function renderVerdict(verdict) {
   const numbers = Object.entries(verdict.numbers).map(([name, text]) => name + ": " + text).join(" \u00b7 ");
   const history = verdict.alarm_rounds.length
     ? "alarm raised in round(s) " + verdict.alarm_rounds.join(", ") : "no round has raised the alarm";
-  box.replaceChildren(
-    el("div", { class: "title" }, title + " (round " + verdict.round + ")"),
-    verdict.reasons.length ? el("ul", { class: "reasons" }, ...verdict.reasons.map((r) => el("li", {}, r))) : null,
-    el("div", { class: "numbers" }, numbers), el("div", { class: "numbers" }, history));
+  const parts = [el("div", { class: "title" }, title + " (round " + verdict.round + ")")];
+  if (verdict.reasons.length) parts.push(el("ul", { class: "reasons" }, ...verdict.reasons.map((r) => el("li", {}, r))));
+  parts.push(el("div", { class: "numbers" }, numbers), el("div", { class: "numbers" }, history));
+  box.replaceChildren(...parts);
 }
 
 function chips(names, kind) {
@@ -171,7 +188,7 @@ function renderControls(sites) {
   const metric = document.getElementById("metric");
   if (!metric.options.length) {
     for (const [key, name] of Object.entries(METRICS)) metric.append(el("option", { value: key }, name));
-    metric.addEventListener("change", renderPlots);
+    metric.addEventListener("change", () => whenPlotly(renderPlots));
   }
   const focus = document.getElementById("site-focus");
   const wanted = ["", ...sites];
@@ -180,7 +197,7 @@ function renderControls(sites) {
     const keep = focus.value;
     focus.replaceChildren(el("option", { value: "" }, "all sites"), ...sites.map((s) => el("option", { value: s }, s)));
     focus.value = sites.includes(keep) ? keep : "";
-    if (!focus.dataset.bound) { focus.addEventListener("change", renderPlots); focus.dataset.bound = "1"; }
+    if (!focus.dataset.bound) { focus.addEventListener("change", () => whenPlotly(renderPlots)); focus.dataset.bound = "1"; }
   }
 }
 
@@ -302,12 +319,13 @@ async function tick() {
     if (!known.includes(state.selected)) {
       const fromHash = decodeURIComponent(location.hash.slice(1));
       const key = known.includes(fromHash) ? fromHash : defaultRun(data.runs);
-      if (key) select(key); else document.getElementById("run-section").hidden = true;
+      if (key) await select(key); else document.getElementById("run-section").hidden = true;
     } else {
       await refreshRun();
     }
     live.textContent = "updated " + new Date().toLocaleTimeString() + ", every " + state.poll + " s";
     live.className = "";
+    requestAnimationFrame(() => setTimeout(loadPlotly, 0)); // after the first paint
   } catch (err) {
     live.textContent = "cannot reach the dashboard server (" + err.message + "); retrying";
     live.className = "stale";
