@@ -6,6 +6,8 @@
 const METRICS = { auc: "AUC", accuracy: "accuracy", sensitivity: "sensitivity", specificity: "specificity" };
 const TABLE_COLUMNS = ["n_test", "positives", "auc", "accuracy", "sensitivity", "specificity"];
 const MAX_BANDS = 12; // above this many sites, per-site CI bands only for the site chosen
+const MAX_CHIPS = 24; // above this many sites, the ones that answered are listed on request
+const MAX_ROUND_TICKS = 20; // up to this many rounds, one x tick per round
 const state = { poll: 2, selected: null, fingerprint: null, detail: null, runs: [] };
 
 // plotly.min.js is a few MB of JavaScript: parsing it holds the page for a moment (seconds on
@@ -81,7 +83,8 @@ function renderComparison(runs) {
     x: run.auc_series.map((p) => p[0]), y: run.auc_series.map((p) => p[1]), mode: "lines+markers",
     name: run.source === "." ? run.run_id : run.source + " / " + run.run_id,
   }));
-  Plotly.react(plot, traces, layout("pooled AUC by round, every run", "pooled AUC"), { displaylogo: false, responsive: true });
+  const rounds = Math.max(...shown.map((run) => run.auc_series.length));
+  Plotly.react(plot, traces, layout("pooled AUC by round, every run", "pooled AUC", rounds), { displaylogo: false, responsive: true });
 }
 
 function defaultRun(runs) {
@@ -148,11 +151,23 @@ function renderVerdict(verdict) {
   const title = verdict.alarm ? "BIAS ALARM: the label may be confounded with the site" : "No bias alarm";
   const numbers = Object.entries(verdict.numbers).map(([name, text]) => name + ": " + text).join(" \u00b7 ");
   const history = verdict.alarm_rounds.length
-    ? "alarm raised in round(s) " + verdict.alarm_rounds.join(", ") : "no round has raised the alarm";
+    ? "alarm raised in round(s) " + ranges(verdict.alarm_rounds) : "no round has raised the alarm";
   const parts = [el("div", { class: "title" }, title + " (round " + verdict.round + ")")];
   if (verdict.reasons.length) parts.push(el("ul", { class: "reasons" }, ...verdict.reasons.map((r) => el("li", {}, r))));
   parts.push(el("div", { class: "numbers" }, numbers), el("div", { class: "numbers" }, history));
   box.replaceChildren(...parts);
+}
+
+// [1, 2, 3, 7, 9, 10] -> "1-3, 7, 9-10"
+function ranges(rounds) {
+  const parts = [];
+  for (let i = 0; i < rounds.length; i++) {
+    let j = i;
+    while (j + 1 < rounds.length && rounds[j + 1] === rounds[j] + 1) j++;
+    parts.push(j > i ? rounds[i] + "\u2013" + rounds[j] : String(rounds[i]));
+    i = j;
+  }
+  return parts.join(", ");
 }
 
 function chips(names, kind) {
@@ -168,7 +183,9 @@ function renderRound(round, nSites) {
   const parts = [
     el("div", { class: "round-line" }, "Round " + round.round + " (" + round.stage + "): "
       + round.answered.length + " of " + nSites + " sites answered"),
-    chips(round.answered, "answered"),
+    round.answered.length <= MAX_CHIPS ? chips(round.answered, "answered")
+      : el("details", {}, el("summary", {}, "show the " + round.answered.length + " sites that answered"),
+        chips(round.answered, "answered")),
   ];
   if (round.missing.length) {
     parts.push(el("div", { class: "round-line" }, round.missing.length + " site(s) without a reply this round:"),
@@ -231,10 +248,11 @@ function bandTraces(points, name, css, showBand, width) {
   return traces;
 }
 
-function layout(title, yTitle) {
+function layout(title, yTitle, rounds) {
+  const ticks = rounds <= MAX_ROUND_TICKS ? { dtick: 1 } : { tickformat: "d" };
   return {
     title: { text: title, font: { size: 14 } }, margin: { l: 55, r: 10, t: 36, b: 40 },
-    xaxis: { title: { text: "round" }, dtick: 1, rangemode: "tozero" },
+    xaxis: { title: { text: "round" }, rangemode: "tozero", ...ticks },
     yaxis: { title: { text: yTitle }, range: [0, 1.02] }, legend: { font: { size: 10 } },
     hovermode: "closest", uirevision: "keep",
   };
@@ -249,7 +267,7 @@ function renderPlots() {
   const name = METRICS[metric];
   const config = { displaylogo: false, responsive: true };
   Plotly.react("global-plot", bandTraces(series.global || [], "global (pooled)", "#000000", true, 2.5),
-    layout("pooled " + name + " by round", name), config);
+    layout("pooled " + name + " by round", name, detail.run.rounds_evaluated), config);
   const sites = detail.run.sites;
   const traces = [];
   sites.forEach((site, i) => {
@@ -258,7 +276,7 @@ function renderPlots() {
     traces.push(...bandTraces(series[site] || [], site, colour(i, sites.length), showBand, 1.5));
   });
   const title = "per-site " + name + " by round" + (!focus && sites.length > MAX_BANDS ? " (choose a site to see its CI band)" : "");
-  Plotly.react("site-plot", traces, layout(title, name), config);
+  Plotly.react("site-plot", traces, layout(title, name, detail.run.rounds_evaluated), config);
 }
 
 function renderTable(rows, evaluatedRound) {
