@@ -116,7 +116,7 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
         "verdict": {
             "alarm": bool(bias.get("alarm")), "reasons": list(bias.get("reasons") or []),
             "numbers": {name.replace("_", " "): text for name, text in key_numbers(bias).items() if text},
-            "round": summary["evaluated_round"],
+            "round": store.last_verdict_round(run_id),
             "alarm_rounds": store.alarm_rounds(run_id),
         },
         "series": store.series(run_id, RATE_METRICS),

@@ -31,7 +31,8 @@ class StoreUnreadable(Exception):
 class ReadOnlyRunStore(RunStore):
     """A ``RunStore`` that only reads (see the module docstring)."""
 
-    def __init__(self, path: str | Path, timeout: float = 5.0) -> None:  # noqa: D107 (no super: it writes)
+    def __init__(self, path: str | Path, timeout: float = 5.0) -> None:
+        # RunStore.__init__ is not called: it creates the file and its schema.
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreUnreadable(f"no {self.path.name} at {self.path.parent}: the run has not started yet,"
@@ -95,8 +96,8 @@ class ReadOnlyRunStore(RunStore):
             (run_id, *metrics),
         )
         out: dict[str, dict[str, list]] = {m: defaultdict(list) for m in metrics}
-        for metric, site, server_round, value, low, high in rows:  # 4 decimals: plots, not the table
-            out[metric][site].append([server_round, *(None if v is None else round(v, 4) for v in (value, low, high))])
+        for metric, site, server_round, *numbers in rows:  # 4 decimals: for plots, not the table
+            out[metric][site].append([server_round, *(None if v is None else round(v, 4) for v in numbers)])
         return {m: dict(by_site) for m, by_site in out.items()}
 
     def data_cards(self, run_id: str) -> dict[str, dict]:
@@ -107,6 +108,10 @@ class ReadOnlyRunStore(RunStore):
         )
         cards = {site: json.loads(text) for site, text in rows}
         return {site: card for site, card in cards.items() if isinstance(card, dict)}
+
+    def last_verdict_round(self, run_id: str) -> int | None:
+        """The latest round with a bias verdict (it lags its evaluation by one transaction)."""
+        return self._conn.execute("SELECT MAX(round) FROM bias WHERE run_id = ?", (run_id,)).fetchone()[0]
 
     def alarm_rounds(self, run_id: str) -> list[int]:
         """The rounds whose bias verdict raised the alarm."""

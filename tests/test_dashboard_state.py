@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
+import random
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from fedir.cli import build_parser
 from fedir.server.dashboard_state import overview, run_detail
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable
 from fedir.server.runstore import RunStore
-from run_factory import start, write_round, write_run
+from run_factory import site_eval, start, write_round, write_run
 
 SITES = [f"site-{i}" for i in range(20)]
 
@@ -137,3 +138,17 @@ def test_cli_binds_loopback_by_default_and_serves(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_verdict_is_labelled_with_its_own_round(tmp_path: Path) -> None:
+    """Between a round's evaluation and its verdict (two transactions) the page shows the previous verdict as such."""
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        write_run(store, "r", SITES[:2], 1, finish=False, alarm_from=1)
+        store.record_evaluation("r", 2, {"site-0": site_eval(random.Random(0), 0.7)}, None)
+        detail = run_detail(tmp_path, ".", "r")
+        assert detail["run"]["rounds_evaluated"] == 2
+        assert (detail["verdict"]["round"], detail["verdict"]["alarm"]) == (1, True)
+        store.record_bias("r", 2, {"alarm": False, "reasons": [], "tests": {}})
+        detail = run_detail(tmp_path, ".", "r")
+        assert (detail["verdict"]["round"], detail["verdict"]["alarm"]) == (2, False)
+        assert detail["verdict"]["alarm_rounds"] == [1]
