@@ -7,8 +7,8 @@ which sites answered this round, the per-site table of the last evaluated round 
 ``summary.build_summary``, so it is exactly what ``summary.json`` says), metric series
 with CIs for the plots, the bias verdict, notes and site data cards.
 
-Everything is computed here in Python and formatted the way the terminal table formats
-it (``summary.fmt_with_ci``), so the page only lays out what it receives.
+The per-site table is formatted here exactly as the terminal table formats it
+(``summary.fmt_with_ci``), so the page and summary.json cannot disagree about a number.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def overview(folder: Path) -> dict[str, Any]:
             store.close()
     error = "; ".join(errors) or None
     if not runs and error is None:
-        error = f"the run store{'s' if len(stores) > 1 else ''} under {folder} hold no run yet"
+        error = (f"the run stores under {folder} hold no run yet" if len(stores) > 1
+                 else f"the run store under {folder} holds no run yet")
     return {"folder": str(folder), "error": error, "runs": runs}
 
 
