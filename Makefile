@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fedir-installed
 DEMO_DATA := demo-data/federation
 DEMO_OUT  := runs/demo
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean browser
 
 setup: $(STAMP)
 
@@ -29,10 +29,15 @@ demo: $(STAMP)
 	$(BIN)/fedir data synth $(DEMO_DATA) --sites 4 --patients 120 --unlabelled 0.5 --seed 0
 	$(BIN)/fedir simulate scenarios/demo.toml --out $(DEMO_OUT)
 
-test: $(STAMP)
+# The dashboard's browser tests drive Debian's chromium through Playwright (Playwright's own
+# browser download cannot work offline); install it when missing (CI runs as root).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

@@ -3,6 +3,7 @@
     fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH]
     fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
+    fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
 
 Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
 and exit status 2, not a traceback.
@@ -57,6 +58,13 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from fedir.server.dashboard import serve
+
+    serve(args.run_dir, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedir", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a scenario setting (repeatable)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
+
+    dash = sub.add_parser("dashboard", help="watch runs in a local web page while they are written")
+    dash.add_argument("run_dir", type=Path, help="a run folder (runs.sqlite) or a folder of run folders")
+    dash.add_argument("--port", type=int, default=8050, help="0 picks a free port")
+    dash.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on; the default keeps the page on this machine")
+    dash.set_defaults(func=_dashboard)
     return parser
 
 

@@ -45,6 +45,8 @@ class Settings:
     bias_min_cramers_v: float = 0.2
     bias_max_auc_gap: float = 0.05
     output_dir: str = "runs/flwr-run"
+    monitor_tensorboard: str = ""  # TensorBoard log folder (relative: inside the run folder); "" = off
+    monitor_mlflow: str = ""  # MLflow tracking URI, or a folder for DIR/mlflow.db; "" = off
 
     @staticmethod
     def key_of(field_name: str) -> str:

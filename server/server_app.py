@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fedir.config import Settings
 from fedir.metrics import pooled_metrics
+from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
 from fedir.server.report import write_report
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
@@ -41,10 +42,12 @@ def new_run_id(settings: Settings) -> str:
 class StudyRecorder:
     """Receives each round's per-site replies and records them with the bias checks."""
 
-    def __init__(self, store: RunStore, run_id: str, settings: Settings, rounds: int) -> None:
+    def __init__(self, store: RunStore, run_id: str, settings: Settings, rounds: int,
+                 exports: list[RoundExport] | None = None) -> None:
         self.store = store
         self.run_id = run_id
         self.settings = settings
+        self.exports = exports or []
         self.label_counts: dict[str, dict[int, int]] = {}
         self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
@@ -61,6 +64,8 @@ class StudyRecorder:
                     self.run_id, replies.server_round, site, "skipped", f"{count} file(s): {reason}"
                 )
         self._record_failures(replies, "train")
+        for export in self.exports:
+            export.write(replies.server_round, training_scalars(replies.per_site))
 
     def on_evaluate(self, replies: RoundReplies) -> None:
         self._record_failures(replies, "evaluate")
@@ -79,6 +84,8 @@ class StudyRecorder:
         }
         result = verdict(tests)
         self.store.record_bias(self.run_id, replies.server_round, result)
+        for export in self.exports:
+            export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, result["alarm"]))
         auc = pooled["auc"] if pooled else None
         self.progress.set_postfix(
             auc="n/a" if auc is None else f"{auc:.3f}", alarm="YES" if result["alarm"] else "no"
@@ -100,7 +107,8 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
     run_id = new_run_id(settings)
     with RunStore(out_dir / "runs.sqlite") as store:
         store.start_run(run_id, scenario, settings.to_run_config(), [Path(s).name for s in settings.sites])
-        recorder = StudyRecorder(store, run_id, settings, settings.train_rounds)
+        exports = open_exports(settings, out_dir, run_id)
+        recorder = StudyRecorder(store, run_id, settings, settings.train_rounds, exports)
         strategy = PerSiteFedAvg(
             on_train=recorder.on_train,
             on_evaluate=recorder.on_evaluate,
@@ -124,6 +132,8 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             raise
         finally:
             recorder.progress.close()
+            for export in exports:
+                export.close()
         torch.save(result.arrays.to_torch_state_dict(), out_dir / "model.pt")
         store.finish_run(run_id, "finished")
         summary = build_summary(store, run_id)

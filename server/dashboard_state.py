@@ -1,0 +1,183 @@
+"""What the dashboard shows, as JSON, read from run stores in one consistent snapshot each.
+
+Two views: ``overview`` lists every run under the dashboard's folder (a run folder, or a
+parent folder of run folders, each ``runs.sqlite`` possibly holding several runs) with
+their pooled AUC by round, so runs can be compared; ``run_detail`` is one run: progress,
+which sites answered this round, the per-site table of the last evaluated round (built by
+``summary.build_summary``, so it is exactly what ``summary.json`` says), metric series
+with CIs for the plots, the bias verdict, notes and site data cards.
+
+The per-site table is formatted here exactly as the terminal table formats it
+(``summary.fmt_with_ci``), so the page and summary.json cannot disagree about a number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable, find_stores
+from fedir.server.runstore import GLOBAL_SITE
+from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, key_numbers
+
+# Note kinds that mean a site's update or reply did not count this round.
+MISSING_KINDS = ("missing",)
+REJECTED_MARK = "reject"
+MAX_NOTES = 300  # the page lists the latest notes; a 1,000-site run can have many
+
+
+def source_name(folder: Path, store: Path) -> str:
+    """How the page names a run store: its folder relative to the dashboard's folder."""
+    rel = store.parent.resolve().relative_to(folder.resolve())
+    return "." if str(rel) == "." else rel.as_posix()
+
+
+def overview(folder: Path) -> dict[str, Any]:
+    """Every run under ``folder``, newest last, with a pooled-AUC series each for comparison."""
+    stores = find_stores(folder)
+    if not stores:
+        return {"folder": str(folder), "error": f"no runs.sqlite in {folder} nor in any folder directly"
+                " inside it: the run has not started yet, or this is not a run folder", "runs": []}
+    runs: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for path in stores:
+        source = source_name(folder, path)
+        try:
+            store = ReadOnlyRunStore(path)
+        except StoreUnreadable as exc:
+            errors.append(str(exc))
+            continue
+        try:
+            with store.snapshot():
+                runs.extend(_run_line(store, source, run_id) for run_id in store.run_ids())
+        except StoreUnreadable as exc:
+            errors.append(str(exc))
+        finally:
+            store.close()
+    error = "; ".join(errors) or None
+    if not runs and error is None:
+        error = (f"the run stores under {folder} hold no run yet" if len(stores) > 1
+                 else f"the run store under {folder} holds no run yet")
+    return {"folder": str(folder), "error": error, "runs": runs}
+
+
+def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, Any]:
+    run = store.run(run_id)
+    series = store.series(run_id, ("auc",)).get("auc", {}).get(GLOBAL_SITE, [])
+    bias = store.bias(run_id)
+    return {
+        "source": source, "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
+        "started_at": run["started_at"], "finished_at": run["finished_at"],
+        "rounds_done": store.last_round(run_id, split="test") or 0,
+        "rounds_planned": _planned_rounds(run["config"]), "n_sites": len(run["sites"]),
+        "global_auc": series[-1][1] if series else None,
+        "alarm": None if bias is None else bool(bias.get("alarm")),
+        "auc_series": series,
+    }
+
+
+def run_detail(folder: Path, source: str, run_id: str, since: str | None = None) -> dict[str, Any]:
+    """One run's page content, or ``{"unchanged": True}`` if its fingerprint is still ``since``."""
+    path = _store_path(folder, source)
+    store = ReadOnlyRunStore(path)
+    try:
+        with store.snapshot():
+            if run_id not in store.run_ids():
+                raise StoreUnreadable(f"no run {run_id!r} in {path}")
+            fingerprint = store.fingerprint(run_id)
+            if since is not None and since == fingerprint:
+                return {"unchanged": True, "fingerprint": fingerprint}
+            return {"fingerprint": fingerprint, **_detail(store, run_id)}
+    finally:
+        store.close()
+
+
+def _store_path(folder: Path, source: str) -> Path:
+    """The store a page asked for, only among those the folder holds (no path from the URL is trusted)."""
+    for path in find_stores(folder):
+        if source_name(folder, path) == source:
+            return path
+    raise StoreUnreadable(f"no run store {source!r} under {folder}")
+
+
+def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
+    summary = build_summary(store, run_id)
+    run = store.run(run_id)
+    notes = store.notes(run_id)
+    bias = summary["bias"]
+    return {
+        "run": {
+            "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
+            "started_at": run["started_at"], "finished_at": run["finished_at"],
+            "sites": summary["sites"], "rounds_planned": _planned_rounds(run["config"]),
+            "rounds_evaluated": summary["evaluated_round"] or 0,
+        },
+        "round": _round_status(store, run_id, summary["sites"], notes),
+        "table": _table(summary),
+        "verdict": {
+            "alarm": bool(bias.get("alarm")), "reasons": list(bias.get("reasons") or []),
+            "numbers": {name.replace("_", " "): text for name, text in key_numbers(bias).items() if text},
+            "round": store.last_verdict_round(run_id),
+            "alarm_rounds": store.alarm_rounds(run_id),
+        },
+        "series": store.series(run_id, RATE_METRICS),
+        "notes": {"total": len(notes), "latest": [_note(n) for n in notes[-MAX_NOTES:]]},
+        "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
+    }
+
+
+def _planned_rounds(config: dict) -> int | None:
+    value = config.get("train.rounds")
+    return value if isinstance(value, int) else None
+
+
+def _round_status(store: ReadOnlyRunStore, run_id: str, sites: list[str], notes: list[dict]) -> dict[str, Any]:
+    """The latest round: which stage it reached, who answered, who is missing, who was rejected."""
+    current = store.last_round(run_id)
+    if current is None:
+        return {"round": None, "stage": "waiting for the first round", "answered": [], "missing": sites,
+                "failed": [], "rejected": []}
+    evaluated = store.last_round(run_id, split="test") == current
+    split = "test" if evaluated else "train"
+    answered = sorted(s for s in store.site_metrics(run_id, current, split) if s != GLOBAL_SITE)
+    this_round = [n for n in notes if n["round"] == current]
+    return {
+        "round": current,
+        "stage": "evaluated" if evaluated else "trained, evaluation pending",
+        "answered": answered,
+        "missing": [s for s in sites if s not in answered],
+        "failed": [_note(n) for n in this_round if n["kind"] in MISSING_KINDS],
+        "rejected": [_note(n) for n in this_round if REJECTED_MARK in n["kind"]],
+    }
+
+
+def _table(summary: dict) -> list[dict[str, Any]]:
+    """The per-site rows then the pooled row, formatted as the terminal table formats them."""
+    rows = []
+    for site, entry in [*summary["per_site"].items(), (GLOBAL_SITE, summary["global"])]:
+        row: dict[str, Any] = {
+            "site": site, "n_test": str(entry.get("n_test", 0)),
+            "positives": "n/a" if entry.get("positives") is None else str(entry["positives"]),
+            "reasons": entry["reasons"],
+        }
+        for metric in RATE_METRICS:
+            row[metric] = fmt_with_ci(entry.get(metric), entry.get(metric + "_ci"))
+        rows.append(row)
+    return rows
+
+
+def _note(note: dict) -> dict[str, Any]:
+    message = note["message"] if not note.get("metric") else f"{note['metric']}: {note['message']}"
+    return {"round": note["round"], "site": note["site"], "kind": note["kind"], "message": message}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a / b": "1"}``: a card's nesting depth is the sender's business."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix} / {key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list):
+        return {prefix: ", ".join(str(v) for v in value)}
+    return {prefix: "n/a" if value is None else str(value)}

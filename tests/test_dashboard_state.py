@@ -1,0 +1,154 @@
+"""The dashboard's reading side: read-only, consistent snapshots, a writer never locked out, clear errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fedir.cli import build_parser
+from fedir.server.dashboard_state import overview, run_detail
+from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable
+from fedir.server.runstore import RunStore
+from run_factory import site_eval, start, write_round, write_run
+
+SITES = [f"site-{i}" for i in range(20)]
+
+
+def test_reader_never_writes(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnreadable, match="no runs.sqlite"):
+        ReadOnlyRunStore(tmp_path / "runs.sqlite")
+    assert not (tmp_path / "runs.sqlite").exists()
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        write_run(store, "r", SITES[:3], 2)
+    reader = ReadOnlyRunStore(tmp_path / "runs.sqlite")
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader._conn.execute("DELETE FROM metrics")
+    reader.close()
+
+
+def test_open_snapshot_does_not_lock_the_writer_out(tmp_path: Path) -> None:
+    """A page being read while the server commits a round: no wait, and the page sees no part of it."""
+    store = RunStore(tmp_path / "runs.sqlite")
+    write_run(store, "r", SITES, 1, finish=False)
+    store._conn.execute("PRAGMA busy_timeout = 0")  # any lock held by the reader would raise at once
+    reader = ReadOnlyRunStore(tmp_path / "runs.sqlite")
+    with reader.snapshot():
+        assert reader.last_round("r") == 1
+        write_round(store, "r", SITES, 2)
+        store.finish_run("r")
+        assert reader.last_round("r") == 1 and reader.run("r")["status"] == "running"
+    with reader.snapshot():
+        assert reader.last_round("r") == 2 and reader.run("r")["status"] == "finished"
+    reader.close()
+    store.close()
+
+
+def _write_rounds(path: str, rounds: int) -> None:
+    with RunStore(path) as store:
+        for server_round in range(2, rounds + 1):
+            write_round(store, "r", SITES, server_round)
+        store.finish_run("r")
+
+
+def test_reader_never_sees_half_a_round_while_another_process_writes(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite"
+    with RunStore(path) as store:
+        start(store, "r", SITES, 40)
+        write_round(store, "r", SITES, 1)
+    writer = multiprocessing.get_context("spawn").Process(target=_write_rounds, args=(str(path), 40))
+    writer.start()
+    seen_rounds = set()
+    while True:
+        detail = run_detail(tmp_path, ".", "r")
+        series = detail["series"]["accuracy"]
+        rounds = {site: [p[0] for p in points] for site, points in series.items()}
+        evaluated = detail["run"]["rounds_evaluated"]
+        # Every site and the pooled entry have exactly the rounds evaluated so far, no more, no less.
+        assert set(rounds) == {*SITES, "global"}
+        assert all(r == list(range(1, evaluated + 1)) for r in rounds.values()), rounds
+        assert len(detail["table"]) == len(SITES) + 1
+        seen_rounds.add(evaluated)
+        if detail["run"]["status"] == "finished":
+            break
+    writer.join(timeout=60)
+    assert writer.exitcode == 0
+    assert max(seen_rounds) == 40 and len(seen_rounds) > 2, seen_rounds  # the reader watched it grow
+
+
+def test_corrupt_and_foreign_files_are_named_clearly(tmp_path: Path) -> None:
+    (tmp_path / "runs.sqlite").write_bytes(b"\x00garbage" * 512)
+    assert "cannot be read as SQLite" in overview(tmp_path)["error"]
+    (tmp_path / "runs.sqlite").unlink()
+    sqlite3.connect(tmp_path / "runs.sqlite").execute("CREATE TABLE other (x)").connection.close()
+    assert "not a fedir run store" in overview(tmp_path)["error"]
+    assert "no runs.sqlite" in overview(tmp_path / "nothing-here")["error"]
+
+
+def test_parent_folder_lists_every_run_of_every_store(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "a" / "runs.sqlite") as store:
+        write_run(store, "a-1", SITES[:2], 2)
+        write_run(store, "a-2", SITES[:2], 3, finish=False)
+    with RunStore(tmp_path / "b" / "runs.sqlite") as store:
+        write_run(store, "b-1", SITES[:3], 1)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "runs.sqlite").write_bytes(b"not sqlite" * 200)
+    view = overview(tmp_path)
+    assert [(r["source"], r["run_id"], r["status"]) for r in view["runs"]] == [
+        ("a", "a-1", "finished"), ("a", "a-2", "running"), ("b", "b-1", "finished")]
+    assert "c/runs.sqlite" in view["error"]  # the broken one is named, the others still shown
+    assert [p[0] for p in view["runs"][1]["auc_series"]] == [1, 2, 3]
+    with pytest.raises(StoreUnreadable, match="no run store"):
+        run_detail(tmp_path, "../elsewhere", "a-1")
+
+
+def test_unchanged_run_is_not_sent_again(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        write_run(store, "r", SITES[:2], 1, finish=False)
+        first = run_detail(tmp_path, ".", "r")
+        assert run_detail(tmp_path, ".", "r", since=first["fingerprint"]) == {
+            "unchanged": True, "fingerprint": first["fingerprint"]}
+        store.record_note("r", 1, "site-0", "skipped", "1 file(s): truncated")
+        assert "table" in run_detail(tmp_path, ".", "r", since=first["fingerprint"])
+
+
+def test_cli_binds_loopback_by_default_and_serves(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["dashboard", str(tmp_path)])
+    assert args.host == "127.0.0.1"
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        write_run(store, "r", SITES[:2], 1)
+    proc = subprocess.Popen([sys.executable, "-m", "fedir.cli", "dashboard", str(tmp_path), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, line
+        url = line.split()[3]
+        with urllib.request.urlopen(url + "api/runs", timeout=10) as response:
+            assert [r["run_id"] for r in json.load(response)["runs"]] == ["r"]
+        with urllib.request.urlopen(url + "static/plotly.min.js", timeout=10) as response:
+            assert b"plotly" in response.read(2000).lower()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_verdict_is_labelled_with_its_own_round(tmp_path: Path) -> None:
+    """Between a round's evaluation and its verdict (two transactions) the page shows the previous verdict as such."""
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        write_run(store, "r", SITES[:2], 1, finish=False, alarm_from=1)
+        store.record_evaluation("r", 2, {"site-0": site_eval(random.Random(0), 0.7)}, None)
+        detail = run_detail(tmp_path, ".", "r")
+        assert detail["run"]["rounds_evaluated"] == 2
+        assert (detail["verdict"]["round"], detail["verdict"]["alarm"]) == (1, True)
+        store.record_bias("r", 2, {"alarm": False, "reasons": [], "tests": {}})
+        detail = run_detail(tmp_path, ".", "r")
+        assert (detail["verdict"]["round"], detail["verdict"]["alarm"]) == (2, False)
+        assert detail["verdict"]["alarm_rounds"] == [1]
