@@ -81,6 +81,11 @@ class StudyRecorder:
         )
         self.progress.update(1)
 
+    def on_reject(self, server_round: int, site: str, reason: str) -> None:
+        """An update left out of the average (fedir.strategies.validation), with its reason."""
+        log.warning("round %d: update from %s rejected: %s", server_round, site, reason)
+        self.store.record_note(self.run_id, server_round, site, "rejected", reason)
+
     def _record_failures(self, replies: RoundReplies, stage: str) -> None:
         for node, reason in replies.failed.items():
             self.store.record_note(
@@ -97,16 +102,20 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
     with RunStore(out_dir / "runs.sqlite") as store:
         store.start_run(run_id, scenario, settings.to_run_config(), [Path(s).name for s in settings.sites])
         recorder = StudyRecorder(store, run_id, settings, settings.train_rounds)
+        model = build_model(settings.model_name, seed=settings.train_seed)
         strategy = PerSiteFedAvg(
             on_train=recorder.on_train,
             on_evaluate=recorder.on_evaluate,
+            on_reject=recorder.on_reject,
+            template=ArrayRecord(model.state_dict()),
+            max_norm_ratio=settings.validation_max_norm_ratio,
+            min_accepted=settings.validation_min_accepted,
             fraction_train=1.0,
             fraction_evaluate=1.0,
             min_train_nodes=min_nodes,
             min_evaluate_nodes=min_nodes,
             min_available_nodes=min_nodes,
         )
-        model = build_model(settings.model_name, seed=settings.train_seed)
         try:
             result = strategy.start(
                 grid=grid,
