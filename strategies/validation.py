@@ -119,7 +119,7 @@ class ValidatedUpdates:
     ) -> None:
         super().__init__(**strategy_kwargs)
         self.on_reject = on_reject
-        self.template = template
+        self._template = template
         self.max_norm_ratio = max_norm_ratio
         self.min_accepted = min_accepted
         self._sent: ArrayRecord | None = None
@@ -144,7 +144,7 @@ class ValidatedUpdates:
             else:
                 updates[site_of(msg)] = records[ARRAYS_KEY]
         assert self._sent is not None, "configure_train runs before aggregate_train"
-        reasons.update(screen_updates(updates, self._sent, self.template, self.max_norm_ratio))
+        reasons.update(screen_updates(updates, self._sent, self._template, self.max_norm_ratio))
         for site, reason in reasons.items():
             self.on_reject(server_round, site, reason)
         kept = [m for m in replies if m.has_error() or site_of(m) not in reasons]
