@@ -2,6 +2,8 @@
 
     fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
+    fedir certs init DIR --host NAME [--host NAME ...] [--force]
+    fedir certs node DIR SITE [--force]
 
 Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
 and exit status 2, not a traceback.
@@ -49,6 +51,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedir.certs import init_ca, node_keys
+
+    if args.certs_command == "init":
+        paths = init_ca(args.dir, args.host, force=args.force)
+    else:
+        paths = node_keys(args.dir, args.site, force=args.force)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedir", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,10 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a scenario setting (repeatable)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
+
+    certs = sub.add_parser("certs", help="TLS certificates and SuperNode keys for a deployment (DEPLOY.md)")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser("init", help="a CA and the SuperLink's server certificate")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--host", action="append", required=True,
+                      help="a name or IP address the sites dial (repeatable)")
+    node = certs_sub.add_parser("node", help="a SuperNode's key pair (OpenSSH EC) for node authentication")
+    node.add_argument("dir", type=Path)
+    node.add_argument("site")
+    for p in (init, node):
+        p.add_argument("--force", action="store_true", help="replace existing files")
+        p.set_defaults(func=_certs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedir.certs import CertsError
     from fedir.config import SettingsError
     from fedir.manifest import ManifestError
     from fedir.simulations.scenario import ScenarioError
@@ -85,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ManifestError, SettingsError, ScenarioError) as exc:
+    except (CertsError, ManifestError, SettingsError, ScenarioError) as exc:
         print(f"fedir: error: {exc}", file=sys.stderr)
         return 2
 
