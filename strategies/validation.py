@@ -19,7 +19,7 @@ it is measured against.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -63,10 +63,10 @@ def update_norm(update: ArrayRecord, sent: ArrayRecord, template: ArrayRecord) -
 
 
 def screen_updates(
-    updates: Mapping[str, ArrayRecord], sent: ArrayRecord, template: ArrayRecord,
+    updates: Mapping[Hashable, ArrayRecord], sent: ArrayRecord, template: ArrayRecord,
     max_norm_ratio: float,
-) -> dict[str, str]:
-    """`{site: reason}` for every update to leave out of this round's average."""
+) -> dict[Hashable, str]:
+    """`{key: reason}` for every update (keyed by site or node) to leave out of this round's average."""
     rejected = {
         site: why
         for site, update in updates.items()
@@ -134,20 +134,22 @@ class ValidatedUpdates:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        answered = [m for m in replies if not m.has_error()]
-        updates: dict[str, ArrayRecord] = {}
-        reasons: dict[str, str] = {}
-        for msg in answered:
+        # Keyed by node id, which Flower sets, not by the site name a reply claims: two
+        # replies claiming one name must still be checked one by one.
+        answered = {m.metadata.src_node_id: m for m in replies if not m.has_error()}
+        updates: dict[int, ArrayRecord] = {}
+        reasons: dict[int, str] = {}
+        for node, msg in answered.items():
             records = msg.content.array_records
             if list(records) != [ARRAYS_KEY]:
-                reasons[site_of(msg)] = f"expected one ArrayRecord {ARRAYS_KEY!r}, got {sorted(records)}"
+                reasons[node] = f"expected one ArrayRecord {ARRAYS_KEY!r}, got {sorted(records)}"
             else:
-                updates[site_of(msg)] = records[ARRAYS_KEY]
+                updates[node] = records[ARRAYS_KEY]
         assert self._sent is not None, "configure_train runs before aggregate_train"
         reasons.update(screen_updates(updates, self._sent, self._template, self.max_norm_ratio))
-        for site, reason in reasons.items():
-            self.on_reject(server_round, site, reason)
-        kept = [m for m in replies if m.has_error() or site_of(m) not in reasons]
+        for node, reason in reasons.items():
+            self.on_reject(server_round, site_of(answered[node]), reason)
+        kept = [m for m in replies if m.has_error() or m.metadata.src_node_id not in reasons]
         accepted = sum(1 for m in kept if not m.has_error())
         if accepted < self.min_accepted:
             self.on_reject(

@@ -118,6 +118,13 @@ def test_the_mixin_averages_only_accepted_updates_and_reports_the_rest():
     assert [(r, s) for r, s, _ in rejects] == [(1, "c")]
     assert np.allclose(arrays["w"].numpy(), (good[0]["w"].numpy() + good[1]["w"].numpy()) / 2)
 
+    # a second reply claiming site "a"'s name is still checked on its own
+    rejects.clear()
+    impostor = _reply("a", nan, 4)
+    arrays, _ = strategy.aggregate_train(1, [*replies[:2], impostor])
+    assert [(r, s) for r, s, _ in rejects] == [(1, "a")]
+    assert np.allclose(arrays["w"].numpy(), (good[0]["w"].numpy() + good[1]["w"].numpy()) / 2)
+
     rejects.clear()
     arrays, metrics = strategy.aggregate_train(2, [replies[0], replies[2]])
     assert arrays is None and metrics is None
