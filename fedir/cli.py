@@ -4,6 +4,8 @@
     fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
     fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
+    fedir certs init DIR --host NAME [--host NAME ...] [--force]
+    fedir certs node DIR SITE [--force]
 
 Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
 and exit status 2, not a traceback.
@@ -65,6 +67,18 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedir.certs import init_ca, node_keys
+
+    if args.certs_command == "init":
+        paths = init_ca(args.dir, args.host, force=args.force)
+    else:
+        paths = node_keys(args.dir, args.site, force=args.force)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedir", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,10 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--host", default="127.0.0.1",
                       help="address to listen on; the default keeps the page on this machine")
     dash.set_defaults(func=_dashboard)
+
+    certs = sub.add_parser("certs", help="TLS certificates and SuperNode keys for a deployment (DEPLOY.md)")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser("init", help="a CA and the SuperLink's server certificate")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--host", action="append", required=True,
+                      help="a name or IP address the sites dial (repeatable)")
+    node = certs_sub.add_parser("node", help="a SuperNode's key pair (OpenSSH EC) for node authentication")
+    node.add_argument("dir", type=Path)
+    node.add_argument("site")
+    for p in (init, node):
+        p.add_argument("--force", action="store_true", help="replace existing files")
+        p.set_defaults(func=_certs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedir.certs import CertsError
     from fedir.config import SettingsError
     from fedir.manifest import ManifestError
     from fedir.simulations.scenario import ScenarioError
@@ -116,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ManifestError, SettingsError, ScenarioError) as exc:
+    except (CertsError, ManifestError, SettingsError, ScenarioError) as exc:
         print(f"fedir: error: {exc}", file=sys.stderr)
         return 2
 

@@ -44,6 +44,8 @@ class Settings:
     bias_alpha: float = 0.01
     bias_min_cramers_v: float = 0.2
     bias_max_auc_gap: float = 0.05
+    validation_max_norm_ratio: float = 10.0  # reject updates this far above the others' median norm
+    validation_min_accepted: int = 1  # fewer acceptable updates: the round leaves the model unchanged
     output_dir: str = "runs/flwr-run"
     monitor_tensorboard: str = ""  # TensorBoard log folder (relative: inside the run folder); "" = off
     monitor_mlflow: str = ""  # MLflow tracking URI, or a folder for DIR/mlflow.db; "" = off

@@ -62,7 +62,7 @@ _LABELS = {
 }
 _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity",
                  "specificity": "specificity"}
-_NOTE_KINDS = {"null_metric": "metric not computed"}
+_NOTE_KINDS = {"null_metric": "metric not computed", "rejected": "update rejected"}
 _SKIPPED_TEST_KEYS = {"table", "prevalence", "reason", "alarm"}
 
 

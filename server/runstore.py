@@ -202,6 +202,15 @@ class RunStore:
                 (_now(), status, run_id),
             )
 
+    def reopen_run(self, run_id: str, after_round: int) -> None:
+        """Continue `run_id` after `after_round` (a resumed ServerApp): mark it running and
+        drop every row of later rounds, which an interrupted round may have half written."""
+        with self._transaction() as cur:
+            cur.execute("UPDATE runs SET finished_at = NULL, status = 'running' WHERE run_id = ?",
+                        (run_id,))
+            for table in ("metrics", "vectors", "notes", "bias"):
+                cur.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
+
     def record_evaluation(
         self, run_id: str, server_round: int, per_site: Mapping[str, dict], pooled: dict | None
     ) -> None:

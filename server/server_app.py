@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 
 from fedir.config import Settings
 from fedir.metrics import pooled_metrics
+from fedir.server.checkpoint import (
+    CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
+)
 from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
 from fedir.server.report import write_report
 from fedir.server.runstore import RunStore
@@ -92,6 +95,11 @@ class StudyRecorder:
         )
         self.progress.update(1)
 
+    def on_reject(self, server_round: int, site: str, reason: str) -> None:
+        """An update left out of the average (fedir.strategies.validation), with its reason."""
+        log.warning("round %d: update from %s rejected: %s", server_round, site, reason)
+        self.store.record_note(self.run_id, server_round, site, "rejected", reason)
+
     def _record_failures(self, replies: RoundReplies, stage: str) -> None:
         for node, reason in replies.failed.items():
             self.store.record_note(
@@ -100,30 +108,52 @@ class StudyRecorder:
 
 
 def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> dict[str, Any]:
-    """Run every round, then write summary.json, report.html and model.pt into out_dir."""
+    """Run every round, then write summary.json, report.html and model.pt into out_dir.
+
+    With an unfinished run's checkpoint in out_dir (fedir.server.checkpoint), continue
+    that run after its last completed round instead of starting a new one.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     n_sites = len(settings.sites)
     min_nodes = settings.federation_min_sites or max(n_sites, 1)
-    run_id = new_run_id(settings)
+    config = settings.to_run_config()
+    checkpoint_path = out_dir / CHECKPOINT_NAME
     with RunStore(out_dir / "runs.sqlite") as store:
-        store.start_run(run_id, scenario, settings.to_run_config(), [Path(s).name for s in settings.sites])
+        resumed = resume_point(checkpoint_path, lambda rid: store.run(rid)["status"], config)
+        model = build_model(settings.model_name, seed=settings.train_seed)
+        if resumed is None:
+            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(model.state_dict())
+            store.start_run(run_id, scenario, config, [Path(s).name for s in settings.sites])
+        else:
+            run_id, done, start_arrays = resumed.run_id, resumed.completed_round, resumed.array_record()
+            store.reopen_run(run_id, after_round=done)
+            log.info("resuming run %s after round %d", run_id, done)
         exports = open_exports(settings, out_dir, run_id)
         recorder = StudyRecorder(store, run_id, settings, settings.train_rounds, exports)
-        strategy = PerSiteFedAvg(
+        strategy = StudyStrategy(
+            plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
+            app_state=lambda: {"label_counts": recorder.label_counts},
             on_train=recorder.on_train,
             on_evaluate=recorder.on_evaluate,
+            on_reject=recorder.on_reject,
+            template=ArrayRecord(model.state_dict()),
+            max_norm_ratio=settings.validation_max_norm_ratio,
+            min_accepted=settings.validation_min_accepted,
             fraction_train=1.0,
             fraction_evaluate=1.0,
             min_train_nodes=min_nodes,
             min_evaluate_nodes=min_nodes,
             min_available_nodes=min_nodes,
         )
-        model = build_model(settings.model_name, seed=settings.train_seed)
+        if resumed is not None:
+            restore_strategy_state(strategy, resumed.strategy_state)
+            recorder.label_counts = resumed.app_state["label_counts"]
+            recorder.progress.update(done)
         try:
             result = strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(model.state_dict()),
-                num_rounds=settings.train_rounds,
+                initial_arrays=start_arrays,
+                num_rounds=settings.train_rounds - done,
                 train_config=ConfigRecord(),
                 evaluate_config=ConfigRecord(),
             )
@@ -134,12 +164,17 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             recorder.progress.close()
             for export in exports:
                 export.close()
-        torch.save(result.arrays.to_torch_state_dict(), out_dir / "model.pt")
+        final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
+        torch.save(final.to_torch_state_dict(), out_dir / "model.pt")
         store.finish_run(run_id, "finished")
         summary = build_summary(store, run_id)
         write_summary(summary, out_dir / "summary.json")
         write_report(store, run_id, out_dir / "report.html")
     return summary
+
+
+class StudyStrategy(ResumedRounds, PerSiteFedAvg):
+    """PerSiteFedAvg with true round numbers and a checkpoint after every round."""
 
 
 def build_server_app(settings: Settings | None = None, out_dir: Path | None = None,

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedir.records import decode_evaluation, decode_training
+from fedir.strategies.validation import ValidatedUpdates
 
 
 @dataclass
@@ -46,8 +47,12 @@ def _collect(
     return out
 
 
-class PerSiteFedAvg(FedAvg):
-    """FedAvg that reports each site's decoded replies to `on_train` / `on_evaluate`."""
+class PerSiteFedAvg(ValidatedUpdates, FedAvg):
+    """FedAvg that reports each site's decoded replies to `on_train` / `on_evaluate`.
+
+    Every training reply is reported; only the updates that pass ValidatedUpdates
+    (fedir.strategies.validation) are averaged.
+    """
 
     def __init__(self, *, on_train: Callback, on_evaluate: Callback, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)

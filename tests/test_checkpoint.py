@@ -1,0 +1,141 @@
+"""Checkpoints: the file, the strategy state it carries, the run store's reopening, and a
+ServerApp killed mid-run and started again on the same run folder."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAdam
+
+from fedir.server.checkpoint import (
+    CHECKPOINT_NAME, Checkpoint, ResumeError, load_checkpoint, restore_strategy_state,
+    resume_point, save_checkpoint, strategy_state,
+)
+from fedir.server.runstore import RunStore
+from fedir.simulations.scenario import load_scenario
+from fedir.simulations.simulate import simulate
+from fedir.simulations.synthetic import generate_federation
+
+
+def _ckpt(run_id="r1", done=2, settings=None):
+    return Checkpoint(run_id=run_id, settings=settings or {"train.rounds": 4, "output.dir": "a"},
+                      completed_round=done, arrays={"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+
+
+def test_checkpoint_round_trips_and_replaces_atomically(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    assert load_checkpoint(path) is None
+    save_checkpoint(path, _ckpt(done=1))
+    save_checkpoint(path, _ckpt(done=2))
+    got = load_checkpoint(path)
+    assert got.completed_round == 2 and list(tmp_path.iterdir()) == [path]
+    assert np.array_equal(got.array_record()["w"].numpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_resume_point_resumes_only_an_unfinished_run_with_the_same_settings(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, _ckpt())
+    same = {"train.rounds": 4, "output.dir": "moved"}
+    assert resume_point(path, lambda rid: "running", same).run_id == "r1"
+    assert resume_point(path, lambda rid: "failed", same).run_id == "r1"
+    assert resume_point(path, lambda rid: "finished", same) is None
+    with pytest.raises(ResumeError, match="other settings"):
+        resume_point(path, lambda rid: "running", {"train.rounds": 5, "output.dir": "a"})
+
+
+def test_fedadam_moments_survive_a_checkpoint(tmp_path):
+    adam = FedAdam()
+    adam.current_arrays = {"w": np.ones(3)}
+    adam.m_t = {"w": np.full(3, 0.5)}
+    adam.v_t = {"w": np.full(3, 0.25)}
+    save_checkpoint(tmp_path / "c.pkl", Checkpoint("r", {}, 1, {}, strategy_state=strategy_state(adam)))
+    fresh = FedAdam()
+    assert fresh.m_t is None and fresh.v_t is None
+    restore_strategy_state(fresh, load_checkpoint(tmp_path / "c.pkl").strategy_state)
+    assert np.array_equal(fresh.m_t["w"], adam.m_t["w"]) and np.array_equal(fresh.v_t["w"], adam.v_t["w"])
+    assert np.array_equal(fresh.current_arrays["w"], np.ones(3))
+
+
+def test_array_records_in_strategy_state_come_back_as_array_records():
+    class S:
+        def __init__(self):
+            self.kept = ArrayRecord({"a": Array(np.zeros(2, np.float32))})
+            self.callback = print
+            self._scratch = [1]
+
+    state = strategy_state(S())
+    assert set(state) == {"kept"}
+    target = S()
+    restore_strategy_state(target, state)
+    assert isinstance(target.kept, ArrayRecord) and target.kept["a"].shape == (2,)
+
+
+def test_reopening_a_run_drops_the_interrupted_rounds(tmp_path):
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("r", "s", {}, ["site-0"])
+        for rnd in (1, 2, 3):
+            store.record_training("r", rnd, {"site-0": {"steps": rnd, "label_counts": {0: 1}}})
+            store.record_note("r", rnd, "site-0", "skipped", "x")
+            store.record_bias("r", rnd, {"alarm": False})
+        store.finish_run("r", "failed")
+        store.reopen_run("r", after_round=2)
+        assert store.run("r")["status"] == "running"
+        assert store.last_round("r") == 2
+        assert {n["round"] for n in store.notes("r")} == {1, 2}
+        assert store.bias("r") == {"alarm": False} and store.bias("r", 3) is None
+        assert {v["round"] for v in store.vectors("r")} == {1, 2}
+
+
+def _rows(run_dir):
+    con = sqlite3.connect(run_dir / "runs.sqlite")
+    rows = con.execute("SELECT round, site, split, metric, value FROM metrics").fetchall()
+    runs = con.execute("SELECT run_id, status FROM runs").fetchall()
+    con.close()
+    return {r[:4]: r[4] for r in rows}, len(rows), runs
+
+
+@pytest.mark.slow
+def test_a_server_killed_after_round_2_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    fed = tmp_path / "fed"
+    generate_federation(fed, sites=3, patients=16, seed=5, image_size=32, progress=False)
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        '[federation]\nsites = ["fed/site-0", "fed/site-1", "fed/site-2"]\n'
+        "[train]\nrounds = 4\nlocal-epochs = 1\n[model]\nimage-size = 32\n[eval]\nbootstrap = 50\n"
+    )
+    reference = simulate(load_scenario(toml), tmp_path / "ref", scenario=str(toml))
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedir.cli", "simulate", str(toml), "--out", str(run)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while (ckpt := load_checkpoint(run / CHECKPOINT_NAME)) is None or ckpt.completed_round < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint of round 2"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_after = load_checkpoint(run / CHECKPOINT_NAME).completed_round
+    assert killed_after < 4, "the run finished before it could be killed"
+    assert _rows(run)[2][0][1] == "running"
+
+    resumed = simulate(load_scenario(toml), run, scenario=str(toml))
+
+    ref_rows, ref_count, _ = _rows(tmp_path / "ref")
+    got_rows, got_count, runs = _rows(run)
+    assert runs == [(resumed["run_id"], "finished")]  # the same run, continued, not a new one
+    assert got_count == ref_count and set(got_rows) == set(ref_rows)  # nothing lost or repeated
+    for key, value in ref_rows.items():
+        assert got_rows[key] == pytest.approx(value, abs=1e-4, nan_ok=True), key
+    assert resumed["global"]["auc"] == pytest.approx(reference["global"]["auc"], abs=1e-4)
+    for site, entry in reference["per_site"].items():
+        assert resumed["per_site"][site]["auc"] == pytest.approx(entry["auc"], abs=1e-4, nan_ok=True)
