@@ -53,9 +53,11 @@ def test_open_snapshot_does_not_lock_the_writer_out(tmp_path: Path) -> None:
 
 
 def _write_rounds(path: str, rounds: int) -> None:
+    """Write rounds at a pace a reader on a loaded machine can follow (a real round takes seconds)."""
     with RunStore(path) as store:
         for server_round in range(2, rounds + 1):
             write_round(store, "r", SITES, server_round)
+            time.sleep(0.1)
         store.finish_run("r")
 
 
