@@ -1,6 +1,7 @@
 """The `fedir` command line.
 
     fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH]
+    fedir data import heart --out DIR [--source DIR]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
 
 Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
@@ -28,6 +29,15 @@ def _synth(args: argparse.Namespace) -> int:
         force=args.force,
     )
     print(f"synthetic federation in {Path(args.out).resolve()}: {len(info.get('sites', []))} sites")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from fedir.simulations.heart import import_heart
+
+    counts = import_heart(args.out, args.source)
+    for site, n in counts.items():
+        print(f"{Path(args.out).resolve() / site}: {n['train']} train, {n['test']} test patients")
     return 0
 
 
@@ -66,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=256)
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
     synth.set_defaults(func=_synth)
+
+    imp = data.add_parser("import", help="turn a public data set into site folders")
+    imp.add_argument("dataset", choices=["heart"], help="heart: UCI Heart Disease, four hospitals (FLamby)")
+    imp.add_argument("--out", type=Path, required=True, help="folder to write one site folder per hospital into")
+    imp.add_argument("--source", type=Path, default=None,
+                     help="raw files (default: $FEDIR_DATA/uci_heart_disease or ../shared/data/uci_heart_disease)")
+    imp.set_defaults(func=_import)
 
     sim = sub.add_parser("simulate", help="run a scenario on Flower's simulation engine")
     sim.add_argument("scenario", type=Path)

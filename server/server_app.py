@@ -1,6 +1,6 @@
 """The ServerApp the coordinator runs: read the settings, start the strategy, keep the record.
 
-Each round, PerSiteFedAvg hands the sites' decoded replies to a StudyRecorder, which
+Each round, the scenario's Flower strategy (with per-site capture) hands the sites' decoded replies to a StudyRecorder, which
 pools the evaluation aggregates, runs the first bias checks and writes everything to the
 run store (runs.sqlite). When the rounds are done, summary.json and report.html are
 built from the store alone, and the final global weights are saved.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
@@ -26,7 +26,9 @@ from fedir.server.report import write_report
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
-from fedir.strategies.per_site import PerSiteFedAvg, RoundReplies
+from fedir.server.feature_stats import gather_feature_sums
+from fedir.strategies.per_site import RoundReplies
+from fedir.strategies.registry import build_strategy
 from fedir.task import build_model
 
 log = logging.getLogger(__name__)
@@ -97,23 +99,19 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
     with RunStore(out_dir / "runs.sqlite") as store:
         store.start_run(run_id, scenario, settings.to_run_config(), [Path(s).name for s in settings.sites])
         recorder = StudyRecorder(store, run_id, settings, settings.train_rounds)
-        strategy = PerSiteFedAvg(
-            on_train=recorder.on_train,
-            on_evaluate=recorder.on_evaluate,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-            min_train_nodes=min_nodes,
-            min_evaluate_nodes=min_nodes,
-            min_available_nodes=min_nodes,
+        strategy = build_strategy(
+            settings, n_sites, on_train=recorder.on_train, on_evaluate=recorder.on_evaluate
         )
-        model = build_model(settings.model_name, seed=settings.train_seed)
         try:
+            features = gather_feature_sums(grid, min_nodes)
+            model = build_model(settings.model_name, seed=settings.train_seed,
+                                n_features=len(features.names))
             result = strategy.start(
                 grid=grid,
                 initial_arrays=ArrayRecord(model.state_dict()),
                 num_rounds=settings.train_rounds,
-                train_config=ConfigRecord(),
-                evaluate_config=ConfigRecord(),
+                train_config=features.config(),
+                evaluate_config=features.config(),
             )
         except BaseException:
             store.finish_run(run_id, "failed")

@@ -1,10 +1,12 @@
-"""Flower's FedAvg, extended only to hand every site's reply to the server before averaging.
+"""Per-site capture for any Flower strategy: every site's reply reaches the server before aggregation.
 
 Flower's strategies keep the weighted average of the sites' MetricRecords and drop the
 rest; fedir needs each site's own aggregates (per-site metrics, histograms, label counts)
 for the per-site table and the bias analysis. So `aggregate_train` and
 `aggregate_evaluate` decode each reply (fedir.records) and pass them, keyed by site name,
-to callbacks the ServerApp provides, then let FedAvg do exactly what it always does.
+to callbacks the ServerApp provides, then let the strategy (FedAvg, FedAdam, Krum...) do
+exactly what it always does. The capture is a mixin placed before Flower's class in the
+MRO (`with_per_site_capture(FedAdam)`), so there is one implementation for all of them.
 Replies that carry an error (a site whose ClientApp failed) are passed on as missing,
 with Flower's error reason.
 """
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedir.records import decode_evaluation, decode_training
 
@@ -46,11 +48,12 @@ def _collect(
     return out
 
 
-class PerSiteFedAvg(FedAvg):
-    """FedAvg that reports each site's decoded replies to `on_train` / `on_evaluate`."""
+class PerSiteCapture:
+    """Mixin: report each site's decoded replies to `on_train` / `on_evaluate`, then defer
+    to the next class in the MRO (a Flower strategy) for the aggregation itself."""
 
-    def __init__(self, *, on_train: Callback, on_evaluate: Callback, **fedavg_kwargs: Any) -> None:
-        super().__init__(**fedavg_kwargs)
+    def __init__(self, *, on_train: Callback, on_evaluate: Callback, **strategy_kwargs: Any) -> None:
+        super().__init__(**strategy_kwargs)
         self.on_train = on_train
         self.on_evaluate = on_evaluate
 
@@ -59,11 +62,17 @@ class PerSiteFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.on_train(_collect(server_round, replies, decode_training))
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
         self.on_evaluate(_collect(server_round, replies, decode_evaluation))
-        return super().aggregate_evaluate(server_round, replies)
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+
+
+def with_per_site_capture(strategy_class: type[Strategy]) -> type[Strategy]:
+    """`FedAdam` -> `PerSiteFedAdam`: Flower's class with the capture mixed in."""
+    return type(f"PerSite{strategy_class.__name__}", (PerSiteCapture, strategy_class), {})
+
