@@ -75,12 +75,37 @@ def run_one(sites: str, arm: str, strategy: str, protocol: str, seed: int, out: 
             "pooled_test_ci": summary["global"]["accuracy_ci"]}
 
 
+def markdown(result: dict) -> str:
+    """The README table: per protocol and arm, mean over site tests and pooled test (mean
+    +- sd over seeds [95% t-interval]), each site's mean, and FLamby's published figure."""
+    def cell(stats: dict) -> str:
+        lo, hi = stats["ci95"] or (float("nan"), float("nan"))
+        return f"{stats['mean']:.3f} +- {stats['sd']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    head = ("| protocol | arm | mean over site tests | pooled test | " + " | ".join(CENTRES)
+            + " | FLamby (mean / pooled) |")
+    lines = [head, "|" + "---|" * (5 + len(CENTRES))]
+    for protocol, table in result["protocols"].items():
+        for arm, row in table.items():
+            flamby = FLAMBY.get(arm)
+            ref = "" if protocol != "flamby" or flamby is None else " / ".join(
+                "-" if v is None else f"{v:.3f}" for v in flamby)
+            sites = " | ".join(f"{row['per_site'][c]['mean']:.3f}" for c in CENTRES)
+            lines.append(f"| {protocol} | {arm} | {cell(row['mean_over_sites'])} | "
+                         f"{cell(row['pooled_test'])} | {sites} | {ref} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44, 45, 46])
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "heart.json")
+    parser.add_argument("--table", action="store_true", help="print the table of an existing --out and stop")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(1)  # a 13-feature model: threads only add contention
     result = {"machine": machine(), "loadavg_start": os.getloadavg(), "started": time.time(),

@@ -48,9 +48,16 @@ class SiteView:
 
 
 @lru_cache(maxsize=16)
-def load_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float) -> SiteView:
-    """Read a site once per process (imaging sites also cache decoded images on disk)."""
-    if is_tabular_site(site_dir):
+def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, val: float,
+              test: float) -> SiteView:
+    """Read a site once per process (imaging sites also cache decoded images on disk).
+
+    `inputs = "clinical"` reads only the clin_* columns of any site (the clinical-only
+    baseline of an imaging site); "auto" reads the images, or the table of a tabular site.
+    """
+    if inputs not in ("auto", "clinical"):
+        raise ValueError(f"data.inputs = {inputs!r}: choose auto or clinical")
+    if inputs == "clinical" or is_tabular_site(site_dir):
         site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test)
         counts = Counter(int(y) for y in site.train.y if y >= 0)
         return SiteView(
@@ -81,7 +88,8 @@ def load_view(site_dir: str, image_size: int, frame_policy: str, val: float, tes
 
 
 def view_of(site_dir: str, settings: Settings) -> SiteView:
-    return load_view(site_dir, settings.model_image_size, settings.data_frame_policy,
+    return load_view(site_dir, settings.data_inputs, settings.model_image_size,
+                     settings.data_frame_policy,
                      settings.data_val_fraction, settings.data_test_fraction)
 
 

@@ -54,6 +54,7 @@ class Settings:
     data_frame_policy: str = "mip"
     data_val_fraction: float = 0.15
     data_test_fraction: float = 0.25
+    data_inputs: str = "auto"  # auto (images, or the table of a tabular site) | clinical (clin_* only)
     data_standardise: str = "federated"  # tabular features: federated (n/sum/sum of squares) | site
     eval_bootstrap: int = 500
     eval_hist_bins: int = 20

@@ -1,5 +1,10 @@
 """Tabular sites: a manifest of clinical covariates (`clin_*`) with no `path` column.
 
+The same reader serves the clinical-only baseline of an imaging site (`data.inputs =
+"clinical"`): its manifest's clin_* columns, one row per patient (a patient's first
+row; every image of a patient carries the same covariates), split by the same patient
+hash as its images, so both models are tested on the same patients.
+
 Such a site is recognised from its manifest alone, so a federation of clinical tables
 runs through the same ClientApp as an imaging one. One row is one patient. A `split`
 column (train / val / test), when present, overrides the hash split of fedir.split: it
@@ -90,12 +95,16 @@ def read_tabular_site(
             raise ManifestError(f"{manifest}: a tabular site needs clin_* columns")
         parts: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in SPLITS}
         dropped = 0
+        seen: set[str] = set()
         for record in reader:
             record = {(k or "").strip(): (v or "").strip() for k, v in record.items()}
             where = f"{manifest}, row {reader.line_num}"
             patient = record["patient_id"]
             if not patient:
                 raise ManifestError(f"{where}: empty patient_id")
+            if patient in seen:  # an imaging manifest: one row per image
+                continue
+            seen.add(patient)
             values = [_parse_float(record[c], c, where) for c in features]
             if any(v is None for v in values):
                 dropped += 1

@@ -79,3 +79,22 @@ def test_step_budget_sgd_and_proximal_term_keep_weights_near_the_global_model():
         with torch.no_grad():
             moved[mu] = float(proximal_term(model, start, 2.0))
     assert moved[20.0] < 0.25 * moved[0.0]
+
+
+def test_clinical_inputs_of_an_imaging_site_give_one_row_per_patient_in_its_image_split(tmp_path):
+    from fedir.client.inputs import load_view
+    from fedir.split import split_of
+
+    rows = [{"patient_id": f"p{i}", "path": f"img{i}-{k}.dcm", "label": i % 2,
+             "clin_age": 50 + i, "clin_sex": i % 3 == 0} for i in range(30) for k in range(2)]
+    for r in rows:
+        r["clin_sex"] = int(r["clin_sex"])
+    site = _write(tmp_path / "imaging", rows)
+    assert not is_tabular_site(site)
+    view = load_view(str(site), "clinical", 64, "mip", 0.15, 0.25)
+    expected = sorted(f"p{i}" for i in range(30) if split_of(f"p{i}", 0.15, 0.25) == "test")
+    assert view.tabular and sorted(view.test_patients) == expected
+    assert len(view.train_y) == sum(split_of(f"p{i}", 0.15, 0.25) == "train" for i in range(30))
+    assert view.features == ["clin_age", "clin_sex"]
+    with pytest.raises(ValueError, match="inputs"):
+        load_view(str(site), "pixels", 64, "mip", 0.15, 0.25)
