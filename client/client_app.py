@@ -23,6 +23,7 @@ from fedir.metrics import site_metrics
 from fedir.objectives import build_objective
 from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
 from fedir.tabular import FeatureSums, encode_feature_sums
+from fedir.wire import to_wire
 from fedir.task import NUM_CLASSES, TrainConfig, build_model, pick_device, predict, train
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,9 @@ def build_client_app(settings: Settings | None = None) -> ClientApp:
             ),
             pick_device(),
         )
-        arrays = ArrayRecord(model.cpu().state_dict())
-        keep_local(settings, arrays, context)
+        state = model.cpu().state_dict()
+        keep_local(settings, ArrayRecord(state), context)
+        arrays = to_wire(state, settings.train_update_dtype)
         metrics, site_rec = encode_training(
             site.name,
             loss=result.loss if result.steps else None,

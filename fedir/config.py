@@ -48,6 +48,7 @@ class Settings:
     train_objective: str = "supervised"
     train_seed: int = 0
     train_optimizer: str = "adamw"  # adamw | sgd
+    train_update_dtype: str = "float32"  # float32 | float16: precision of the weights a site sends
     train_local_steps: int = 0  # > 0: this many optimiser steps per round instead of local-epochs
     model_name: str = "resnet_small"
     model_image_size: int = 128

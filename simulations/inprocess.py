@@ -22,7 +22,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings
+from fedir.records import ARRAYS_KEY
 from fedir.server.server_app import run_study
+from fedir.wire import payload_bytes
 
 SERVER_NODE_ID = 1
 
@@ -41,6 +43,7 @@ class InProcessGrid(Grid):
             for i in range(n_nodes)
         }
         self.replies: dict[str, Message] = {}
+        self.upload_bytes = 0  # serialised weights the sites sent back (fedir.wire)
         self._run = None
 
     def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run, unused here
@@ -64,6 +67,8 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_src_node_id"] = SERVER_NODE_ID
             msg.metadata.__dict__["_created_at"] = time.time()
             reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            if not reply.has_error() and ARRAYS_KEY in reply.content.array_records:
+                self.upload_bytes += payload_bytes(reply.content.array_records[ARRAYS_KEY])
             self.replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids
@@ -77,6 +82,8 @@ class InProcessGrid(Grid):
 
 
 def run_inprocess(settings: Settings, out_dir: Path) -> dict:
-    """A whole study (all rounds, run store, summary.json) without Ray; returns the summary."""
+    """A whole study (all rounds, run store, summary.json) without Ray; returns the summary
+    with `upload_bytes` added (the weights the sites sent, as serialised)."""
     grid = InProcessGrid(build_client_app(settings), len(settings.sites), settings.to_run_config())
-    return run_study(grid, settings, Path(out_dir), scenario="in-process")
+    summary = run_study(grid, settings, Path(out_dir), scenario="in-process")
+    return {**summary, "upload_bytes": grid.upload_bytes}

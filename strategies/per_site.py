@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedir.records import decode_evaluation, decode_training
+from fedir.wire import from_wire
 
 
 @dataclass
@@ -62,6 +63,10 @@ class PerSiteCapture:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.on_train(_collect(server_round, replies, decode_training))
+        key = self.arrayrecord_key  # type: ignore[attr-defined]
+        for msg in replies:  # float16 uploads are averaged in float32 (fedir.wire)
+            if not msg.has_error() and key in msg.content.array_records:
+                msg.content[key] = from_wire(msg.content.array_records[key])
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def aggregate_evaluate(

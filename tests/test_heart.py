@@ -111,3 +111,12 @@ bootstrap = 20
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 2 and set(summary["per_site"]) == set(CENTRES)
     assert summary["global"]["accuracy"] > 0.6
+
+
+def test_float16_updates_halve_the_weights_bytes_and_still_learn(heart, tmp_path):
+    full = run_inprocess(_settings(heart, model_name="mlp"), tmp_path / "32")
+    half = run_inprocess(_settings(heart, model_name="mlp", train_update_dtype="float16"), tmp_path / "16")
+    # each array also carries a 128-byte .npy header, so a small MLP saves a little under half
+    assert half["upload_bytes"] < 0.65 * full["upload_bytes"]
+    assert _accuracy(half) > 0.7
+    assert torch.load(tmp_path / "16" / "model.pt")["0.weight"].dtype == torch.float32
