@@ -197,15 +197,21 @@ def main() -> None:
     result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "torch": torch.__version__, "flwr": flwr.__version__, "shared_machine": True},
               "loadavg_start": os.getloadavg(), "steps": STEPS, "rows_per_site": ROWS}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every measurement: a run cut short still leaves its numbers
+        result["loadavg_end"] = os.getloadavg()
+        args.out.write_text(json.dumps(result, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_overhead:
             result["overhead"] = overhead(Path(tmp))
             print("overhead", result["overhead"]["per_round_s"], result["overhead"]["ratio"], flush=True)
-        if args.sizes:
-            result["growth"] = growth(Path(tmp), args.sizes)
-    result["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+            save()
+        result["growth"] = {}
+        for n in args.sizes:
+            result["growth"].update(growth(Path(tmp), [n]))
+            save()
     print(f"wrote {args.out}")
 
 
