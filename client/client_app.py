@@ -1,6 +1,7 @@
 """The ClientApp a hospital runs: one small function per message type.
 
-`train` loads the site (decoded once, then cached), sets the global weights, trains
+`query` answers the server's feature-statistics query (n / sum / sum of squares of a
+tabular site's training features). `train` loads the site (decoded once, then cached), sets the global weights, trains
 locally and returns the new weights with aggregate counts. `evaluate` scores the site's
 held-out patients and returns aggregates only (fedir.records). The site folder comes from
 node config `site-dir` in deployment, or, in simulation, from the run's site list indexed
@@ -10,22 +11,25 @@ by the node's `partition-id`.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
+
+from collections.abc import Sequence
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedir.client.arms import keep_local, start_weights, training_rows
 from fedir.client.datacard import card_once
-from fedir.client.site import SiteData, SiteUnusable, load_site
+from fedir.client.inputs import SiteView, scaled, scaler, view_of
+from fedir.client.site import SiteUnusable
 from fedir.config import Settings
 from fedir.manifest import ManifestError
 from fedir.metrics import site_metrics
 from fedir.objectives import build_objective
 from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
+from fedir.tabular import FeatureSums, encode_feature_sums
+from fedir.wire import to_wire
 from fedir.task import NUM_CLASSES, TrainConfig, build_model, pick_device, predict, train
 
 log = logging.getLogger(__name__)
@@ -44,40 +48,20 @@ def site_dir_of(context: Context, settings: Settings) -> Path:
     raise ValueError("this node has no site: set node config site-dir=/path/to/site")
 
 
-@lru_cache(maxsize=8)
-def _load_site_cached(
-    site_dir: str, image_size: int, frame_policy: str, val_fraction: float, test_fraction: float
-) -> SiteData:
-    """Keep a decoded site in memory for the life of the process (a simulation actor
-    serves every round); across processes the site's disk cache does the same job."""
-    return load_site(
-        site_dir,
-        image_size=image_size,
-        frame_policy=frame_policy,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-    )
-
-
-def _site(context: Context, fixed: Settings | None) -> tuple[Settings, SiteData]:
+def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]:
     settings = fixed or Settings.from_run_config(context.run_config)
     try:
-        site = _load_site_cached(
-            str(site_dir_of(context, settings).resolve()),
-            settings.model_image_size,
-            settings.data_frame_policy,
-            settings.data_val_fraction,
-            settings.data_test_fraction,
-        )
+        return settings, view_of(str(site_dir_of(context, settings).resolve()), settings)
     except ManifestError as exc:
+        # The full message (with paths) stays in the site's log; only the path-free
+        # text leaves the site, because file names can carry patient names.
         log.error("%s", exc)
         raise SiteUnusable(f"{exc.public}; run `fedir data check` at the site") from None
-    return settings, site
 
 
-def _model_from(msg: Message, settings: Settings):
-    model = build_model(settings.model_name)
-    model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
+def _model_from(arrays: ArrayRecord, settings: Settings, view: SiteView):
+    model = build_model(settings.model_name, n_features=view.n_features)
+    model.load_state_dict(arrays.to_torch_state_dict())
     return model
 
 
@@ -88,15 +72,26 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     app = ClientApp(mods=list(mods))
     fixed = settings
 
+    @app.query()
+    def query_fn(msg: Message, context: Context) -> Message:
+        """The feature-statistics query: a tabular site's n / sum / sum of squares."""
+        _, view = _view(context, fixed)
+        return Message(content=encode_feature_sums(view.features, view.train_sums()), reply_to=msg)
+
     @app.train()
     def train_fn(msg: Message, context: Context) -> Message:
-        settings, site = _site(context, fixed)
-        model = _model_from(msg, settings)
-        server_round = int(msg.content.config_records["config"].get("server-round", 0))
+        settings, site = _view(context, fixed)
+        config = msg.content.config_records["config"]
+        model = _model_from(start_weights(settings, msg.content.array_records[ARRAYS_KEY], context),
+                            settings, site)
+        server_round = int(config.get("server-round", 0))
+        x, y = training_rows(settings, site, context)
+        if site.tabular and len(x):
+            x = scaled(x, *scaler(settings, config, FeatureSums.of(x.numpy())))
         result = train(
             model,
-            site.train.images,
-            site.train.labels,
+            x,
+            y,
             build_objective(settings.train_objective),
             TrainConfig(
                 epochs=settings.train_local_epochs,
@@ -104,34 +99,45 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
                 lr=settings.train_lr,
                 weight_decay=settings.train_weight_decay,
                 seed=settings.train_seed * 1000 + server_round,
+                optimizer=settings.train_optimizer,
+                steps=settings.train_local_steps,
+                proximal_mu=float(config.get("proximal-mu", 0.0)),
             ),
             pick_device(),
         )
+        state = model.cpu().state_dict()
+        keep_local(settings, ArrayRecord(state), context)
+        arrays = to_wire(state, settings.train_update_dtype)
         metrics, site_rec = encode_training(
             site.name,
             loss=result.loss if result.steps else None,
             steps=result.steps,
             n_labelled=result.n_labelled,
             n_unlabelled=result.n_unlabelled,
-            label_counts=site.patient_label_counts("train"),
+            label_counts=site.label_counts,
             num_classes=NUM_CLASSES,
-            skipped=Counter(s.reason for s in site.skipped),
-            card=card_once(context, site, settings),
+            skipped=site.skipped,
+            card=None if site.imaging is None else card_once(context, site.imaging, settings),
         )
-        content = RecordDict(
-            {ARRAYS_KEY: ArrayRecord(model.cpu().state_dict()), METRICS_KEY: metrics, SITE_KEY: site_rec}
-        )
+        content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: site_rec})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
-        settings, site = _site(context, fixed)
-        model = _model_from(msg, settings)
-        labelled = site.test.labels >= 0
-        scores = predict(model, site.test.images[labelled], pick_device())
-        labels = site.test.labels[labelled].numpy()
-        patients = [p for p, keep in zip(site.test.patients, labelled.tolist()) if keep]
-        server_round = int(msg.content.config_records["config"].get("server-round", 0))
+        settings, site = _view(context, fixed)
+        config = msg.content.config_records["config"]
+        model = _model_from(start_weights(settings, msg.content.array_records[ARRAYS_KEY], context),
+                            settings, site)
+        labelled = site.test_y >= 0
+        x = site.test_x[labelled]
+        if site.tabular:
+            # The test rows are scaled as the protocol says: the federation's statistics,
+            # or this site's own training statistics (never its test rows).
+            x = scaled(x, *scaler(settings, config, site.train_sums()))
+        scores = predict(model, x, pick_device())
+        labels = site.test_y[labelled].numpy()
+        patients = [p for p, keep in zip(site.test_patients, labelled.tolist()) if keep]
+        server_round = int(config.get("server-round", 0))
         metrics = site_metrics(
             labels,
             scores,

@@ -2,6 +2,7 @@
 
     fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH]
     fedir data check SITE_DIR [--card OUT.json] [--k K]
+    fedir data import heart --out DIR [--source DIR]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
     fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
     fedir certs init DIR --host NAME [--host NAME ...] [--force]
@@ -40,6 +41,15 @@ def _check(args: argparse.Namespace) -> int:
 
     return run_check(args.site_dir, args.card, k=args.k, val_fraction=args.val_fraction,
                      test_fraction=args.test_fraction)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from fedir.simulations.heart import import_heart
+
+    counts = import_heart(args.out, args.source)
+    for site, n in counts.items():
+        print(f"{Path(args.out).resolve() / site}: {n['train']} train, {n['test']} test patients")
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -104,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--val-fraction", type=float, default=0.15)
     check.add_argument("--test-fraction", type=float, default=0.25)
     check.set_defaults(func=_check)
+
+    imp = data.add_parser("import", help="turn a public data set into site folders")
+    imp.add_argument("dataset", choices=["heart"], help="heart: UCI Heart Disease, four hospitals (FLamby)")
+    imp.add_argument("--out", type=Path, required=True, help="folder to write one site folder per hospital into")
+    imp.add_argument("--source", type=Path, default=None,
+                     help="raw files (default: $FEDIR_DATA/uci_heart_disease or ../shared/data/uci_heart_disease)")
+    imp.set_defaults(func=_import)
 
     sim = sub.add_parser("simulate", help="run a scenario on Flower's simulation engine")
     sim.add_argument("scenario", type=Path)

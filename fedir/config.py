@@ -26,6 +26,20 @@ class Settings:
 
     federation_sites: str = ""  # site folders, separated by ';' (simulation only)
     federation_min_sites: int = 0  # 0 = every site must answer
+    federation_arm: str = "federated"  # federated | local | pooled (fedir/arms.py)
+    strategy_name: str = "fedavg"  # a Flower strategy (fedir.strategies.registry)
+    strategy_fraction_train: float = 1.0  # share of available sites sampled to train each round
+    strategy_fraction_evaluate: float = 1.0  # share sampled to evaluate each round
+    strategy_proximal_mu: float = 0.01  # fedprox: weight of the proximal term in the local loss
+    strategy_eta: float = 0.1  # fedadam/fedyogi/fedadagrad: server learning rate
+    strategy_eta_l: float = 0.1  # fedadam/fedyogi/fedadagrad: client learning rate (Flower's record)
+    strategy_beta_1: float = 0.9  # fedadam/fedyogi: first-moment decay
+    strategy_beta_2: float = 0.99  # fedadam/fedyogi: second-moment decay
+    strategy_tau: float = 0.001  # fedadam/fedyogi/fedadagrad: adaptivity
+    strategy_server_learning_rate: float = 1.0  # fedavgm
+    strategy_server_momentum: float = 0.0  # fedavgm
+    strategy_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end
+    strategy_num_malicious_nodes: int = 0  # krum
     train_rounds: int = 3
     train_local_epochs: int = 2
     train_batch_size: int = 16
@@ -33,11 +47,16 @@ class Settings:
     train_weight_decay: float = 1e-4
     train_objective: str = "supervised"
     train_seed: int = 0
+    train_optimizer: str = "adamw"  # adamw | sgd
+    train_update_dtype: str = "float32"  # float32 | float16: precision of the weights a site sends
+    train_local_steps: int = 0  # > 0: this many optimiser steps per round instead of local-epochs
     model_name: str = "resnet_small"
     model_image_size: int = 128
     data_frame_policy: str = "mip"
     data_val_fraction: float = 0.15
     data_test_fraction: float = 0.25
+    data_inputs: str = "auto"  # auto (images, or the table of a tabular site) | clinical (clin_* only)
+    data_standardise: str = "federated"  # tabular features: federated (n/sum/sum of squares) | site
     eval_bootstrap: int = 500
     eval_hist_bins: int = 20
     eval_threshold: float = 0.5

@@ -23,17 +23,22 @@ from torch import nn
 from fedir.objectives import Objective
 
 NUM_CLASSES = 2
-MODEL_NAMES = ("resnet_small", "resnet10", "resnet18", "densenet121")
+IMAGE_MODELS = ("resnet_small", "resnet10", "resnet18", "densenet121")
+TABULAR_MODELS = ("logreg", "mlp")
+MODEL_NAMES = IMAGE_MODELS + TABULAR_MODELS
 
 
-def build_model(name: str = "resnet_small", seed: int = 0) -> nn.Module:
-    """A MONAI 2D classifier for one-channel images with two outputs.
+def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0) -> nn.Module:
+    """A two-output classifier: a MONAI 2D network for one-channel images, or, for a
+    tabular site (`logreg`, `mlp`), a small torch model over `n_features` columns.
 
     `resnet_small` (MONAI ResNet, basic blocks, one block per stage, 16-128 channels,
     0.3 M parameters) trains at about 240 images/s at 128x128 on one CPU core, which is
     what keeps the CPU demo within minutes; the larger ones are for GPUs.
     """
     torch.manual_seed(seed)
+    if name in TABULAR_MODELS:
+        return build_tabular_model(name, n_features)
     common = {"spatial_dims": 2, "n_input_channels": 1, "num_classes": NUM_CLASSES}
     if name == "resnet_small":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128], **common)
@@ -44,6 +49,16 @@ def build_model(name: str = "resnet_small", seed: int = 0) -> nn.Module:
     if name == "densenet121":
         return DenseNet121(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def build_tabular_model(name: str, n_features: int) -> nn.Module:
+    """Logistic regression (one linear layer, two logits: softmax regression, which is the
+    same model class as a sigmoid output) or an MLP with one hidden layer of 32 units."""
+    if n_features <= 0:
+        raise ValueError(f"a tabular model needs the number of features (got {n_features})")
+    if name == "logreg":
+        return nn.Linear(n_features, NUM_CLASSES)
+    return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
 
 
 def pick_device() -> torch.device:
@@ -74,6 +89,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    optimizer: str = "adamw"  # adamw | sgd
+    steps: int = 0  # > 0: exactly this many steps (cycling over the data), epochs ignored
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to every step's loss
 
 
 @dataclass(frozen=True)
@@ -112,24 +130,55 @@ def train(
     model.to(device).train()
     if n_lab == 0:
         return TrainResult(loss=float("nan"), steps=0, n_labelled=0, n_unlabelled=n_unl)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = _optimizer(model, config)
+    anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(config.seed)
     total = torch.zeros((), device=device)
     steps = 0
-    for _ in range(config.epochs):
-        for idx in _batches(n_lab, config.batch_size, gen):
-            idx = idx.to(device)
-            unl = None
-            if n_unl and objective.uses_unlabelled:
-                unl = x_unl[torch.randint(n_unl, (len(idx),), generator=gen).to(device)]
-            with autocast(device):
-                loss = objective.loss(model, x_lab[idx], y_lab[idx], unl)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach().float()
-            steps += 1
+    for idx in _schedule(n_lab, config, gen):
+        idx = idx.to(device)
+        unl = None
+        if n_unl and objective.uses_unlabelled:
+            unl = x_unl[torch.randint(n_unl, (len(idx),), generator=gen).to(device)]
+        with autocast(device):
+            loss = objective.loss(model, x_lab[idx], y_lab[idx], unl)
+        if anchor:
+            loss = loss + proximal_term(model, anchor, config.proximal_mu)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach().float()
+        steps += 1
     return TrainResult(loss=float(total) / steps, steps=steps, n_labelled=n_lab, n_unlabelled=n_unl)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adamw or sgd")
+
+
+def _schedule(n: int, config: TrainConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Batches of indices: `epochs` passes, or exactly `steps` batches when steps > 0
+    (a fresh shuffle each time the data runs out), FLamby's "local updates" budget."""
+    if config.steps <= 0:
+        for _ in range(config.epochs):
+            yield from _batches(n, config.batch_size, generator)
+        return
+    done = 0
+    while True:
+        for idx in _batches(n, config.batch_size, generator):
+            yield idx
+            done += 1
+            if done == config.steps:
+                return
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx (Li et al. 2020): mu/2 times the squared distance to the round's global weights."""
+    return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
 
 
 @torch.no_grad()

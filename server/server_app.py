@@ -1,6 +1,6 @@
 """The ServerApp the coordinator runs: read the settings, start the strategy, keep the record.
 
-Each round, PerSiteFedAvg hands the sites' decoded replies to a StudyRecorder, which
+Each round, the scenario's Flower strategy (with per-site capture) hands the sites' decoded replies to a StudyRecorder, which
 pools the evaluation aggregates, runs the first bias checks and writes everything to the
 run store (runs.sqlite). When the rounds are done, summary.json and report.html are
 built from the store alone, and the final global weights are saved.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
@@ -26,11 +26,13 @@ from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
 )
 from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
+from fedir.server.feature_stats import gather_feature_sums
 from fedir.server.report import write_report
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
-from fedir.strategies.per_site import PerSiteFedAvg, RoundReplies
+from fedir.strategies.per_site import RoundReplies
+from fedir.strategies.registry import build_strategy
 from fedir.task import build_model
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,10 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
     checkpoint_path = out_dir / CHECKPOINT_NAME
     with RunStore(out_dir / "runs.sqlite") as store:
         resumed = resume_point(checkpoint_path, lambda rid: store.run(rid)["status"], config)
-        model = build_model(settings.model_name, seed=settings.train_seed)
+        # Tabular sites: the feature names and federated statistics come first (a query).
+        features = gather_feature_sums(grid, min_nodes)
+        model = build_model(settings.model_name, seed=settings.train_seed,
+                            n_features=len(features.names))
         if resumed is None:
             run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(model.state_dict())
             store.start_run(run_id, scenario, config, [Path(s).name for s in settings.sites])
@@ -130,20 +135,16 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             log.info("resuming run %s after round %d", run_id, done)
         exports = open_exports(settings, out_dir, run_id)
         recorder = StudyRecorder(store, run_id, settings, settings.train_rounds, exports)
-        strategy = StudyStrategy(
-            plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
-            app_state=lambda: {"label_counts": recorder.label_counts},
+        strategy = build_strategy(
+            settings,
+            n_sites,
             on_train=recorder.on_train,
             on_evaluate=recorder.on_evaluate,
             on_reject=recorder.on_reject,
             template=ArrayRecord(model.state_dict()),
-            max_norm_ratio=settings.validation_max_norm_ratio,
-            min_accepted=settings.validation_min_accepted,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-            min_train_nodes=min_nodes,
-            min_evaluate_nodes=min_nodes,
-            min_available_nodes=min_nodes,
+            outer=(ResumedRounds,),
+            plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
+            app_state=lambda: {"label_counts": recorder.label_counts},
         )
         if resumed is not None:
             restore_strategy_state(strategy, resumed.strategy_state)
@@ -154,8 +155,8 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
                 grid=grid,
                 initial_arrays=start_arrays,
                 num_rounds=settings.train_rounds - done,
-                train_config=ConfigRecord(),
-                evaluate_config=ConfigRecord(),
+                train_config=features.config(),
+                evaluate_config=features.config(),
             )
         except BaseException:
             store.finish_run(run_id, "failed")
@@ -171,10 +172,6 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         write_summary(summary, out_dir / "summary.json")
         write_report(store, run_id, out_dir / "report.html")
     return summary
-
-
-class StudyStrategy(ResumedRounds, PerSiteFedAvg):
-    """PerSiteFedAvg with true round numbers and a checkpoint after every round."""
 
 
 def build_server_app(settings: Settings | None = None, out_dir: Path | None = None,

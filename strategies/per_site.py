@@ -1,10 +1,12 @@
-"""Flower's FedAvg, extended only to hand every site's reply to the server before averaging.
+"""Per-site capture for any Flower strategy: every site's reply reaches the server before aggregation.
 
 Flower's strategies keep the weighted average of the sites' MetricRecords and drop the
 rest; fedir needs each site's own aggregates (per-site metrics, histograms, label counts)
 for the per-site table and the bias analysis. So `aggregate_train` and
 `aggregate_evaluate` decode each reply (fedir.records) and pass them, keyed by site name,
-to callbacks the ServerApp provides, then let FedAvg do exactly what it always does.
+to callbacks the ServerApp provides, then let the strategy (FedAvg, FedAdam, Krum...) do
+exactly what it always does. The capture is a mixin placed before Flower's class in the
+MRO (`with_per_site_capture(FedAdam)`), so there is one implementation for all of them.
 Replies that carry an error (a site whose ClientApp failed) are passed on as missing,
 with Flower's error reason.
 """
@@ -16,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedir.records import decode_evaluation, decode_training
 from fedir.strategies.validation import ValidatedUpdates
+from fedir.wire import from_wire
 
 
 @dataclass
@@ -47,15 +50,12 @@ def _collect(
     return out
 
 
-class PerSiteFedAvg(ValidatedUpdates, FedAvg):
-    """FedAvg that reports each site's decoded replies to `on_train` / `on_evaluate`.
+class PerSiteCapture:
+    """Mixin: report each site's decoded replies to `on_train` / `on_evaluate`, then defer
+    to the next class in the MRO (a Flower strategy) for the aggregation itself."""
 
-    Every training reply is reported; only the updates that pass ValidatedUpdates
-    (fedir.strategies.validation) are averaged.
-    """
-
-    def __init__(self, *, on_train: Callback, on_evaluate: Callback, **fedavg_kwargs: Any) -> None:
-        super().__init__(**fedavg_kwargs)
+    def __init__(self, *, on_train: Callback, on_evaluate: Callback, **strategy_kwargs: Any) -> None:
+        super().__init__(**strategy_kwargs)
         self.on_train = on_train
         self.on_evaluate = on_evaluate
 
@@ -64,11 +64,26 @@ class PerSiteFedAvg(ValidatedUpdates, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.on_train(_collect(server_round, replies, decode_training))
-        return super().aggregate_train(server_round, replies)
+        key = self.arrayrecord_key  # type: ignore[attr-defined]
+        for msg in replies:  # float16 uploads are averaged in float32 (fedir.wire)
+            if not msg.has_error() and key in msg.content.array_records:
+                msg.content[key] = from_wire(msg.content.array_records[key])
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
         self.on_evaluate(_collect(server_round, replies, decode_evaluation))
-        return super().aggregate_evaluate(server_round, replies)
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+
+
+def with_per_site_capture(strategy_class: type[Strategy], *outer: type) -> type[Strategy]:
+    """`FedAdam` -> `PerSiteFedAdam`: Flower's class with the capture and the update
+    validation (fedir.strategies.validation) mixed in, in that order: every reply is
+    reported and float16 uploads are widened first, then only the updates that pass
+    validation reach Flower's aggregation. `outer` mixins go first (the server's
+    round numbering and checkpoints, fedir.server.checkpoint.ResumedRounds)."""
+    bases = (*outer, PerSiteCapture, ValidatedUpdates, strategy_class)
+    return type(f"PerSite{strategy_class.__name__}", bases, {})
+

@@ -77,7 +77,9 @@ def screen_updates(
         for site, update in updates.items() if site not in rejected
     }
     for site, norm in norms.items():
-        others = [n for s, n in norms.items() if s != site]
+        # Sites that did not move the model (no labelled data, or the idle nodes of the
+        # pooled arm) say nothing about how large an honest update is.
+        others = [n for s, n in norms.items() if s != site and n > 0]
         if not others:
             continue
         yardstick = float(np.median(others))

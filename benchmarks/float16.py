@@ -1,0 +1,74 @@
+"""float16 updates: bytes a site uploads per round and the accuracy change, paired by seed.
+
+Heart (like-for-like protocol, FedAvg, logistic regression and the MLP, FLamby's budget,
+seeds 42-46) run twice per seed through the in-process grid, with `train.update-dtype`
+float32 and float16; the grid counts the serialised weights every site sends. For the
+imaging models, the serialised size of one update is measured directly (no training).
+
+    .venv/bin/python benchmarks/float16.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import flwr
+import torch
+
+from fedir.config import Settings
+from fedir.simulations.heart import CENTRES, import_heart
+from fedir.simulations.inprocess import run_inprocess
+from fedir.task import build_model
+from fedir.wire import payload_bytes, to_wire
+
+SEEDS = (42, 43, 44, 45, 46)
+ROUNDS = 15
+
+
+def main() -> None:
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "torch": torch.__version__, "flwr": flwr.__version__, "shared_machine": True},
+              "loadavg_start": os.getloadavg(), "heart": {}, "imaging_update_bytes": {}}
+    for name in ("resnet_small", "resnet10"):
+        state = build_model(name).state_dict()
+        result["imaging_update_bytes"][name] = {d: payload_bytes(to_wire(state, d)) for d in ("float32", "float16")}
+    with tempfile.TemporaryDirectory() as tmp:
+        import_heart(Path(tmp) / "heart")
+        sites = ";".join(str(Path(tmp) / "heart" / c) for c in CENTRES)
+        for model in ("logreg", "mlp"):
+            runs: dict[str, list] = {"float32": [], "float16": []}
+            for seed in SEEDS:
+                for dtype in runs:
+                    s = Settings(federation_sites=sites, model_name=model, train_rounds=ROUNDS,
+                                 train_local_steps=100, train_batch_size=4, train_optimizer="sgd",
+                                 train_lr=0.01, train_weight_decay=0.0, train_seed=seed,
+                                 train_update_dtype=dtype, eval_bootstrap=100)
+                    summary = run_inprocess(s, Path(tmp) / f"{model}-{dtype}-{seed}")
+                    runs[dtype].append({
+                        "mean_over_sites": statistics.fmean(v["accuracy"] for v in summary["per_site"].values()),
+                        "upload_bytes_per_round": summary["upload_bytes"] / ROUNDS})
+            diffs = [b["mean_over_sites"] - a["mean_over_sites"] for a, b in zip(runs["float32"], runs["float16"])]
+            result["heart"][model] = {
+                "runs": runs,
+                "bytes_per_round": {d: runs[d][0]["upload_bytes_per_round"] for d in runs},
+                "accuracy": {d: statistics.fmean(r["mean_over_sites"] for r in runs[d]) for d in runs},
+                "paired_diff_mean": statistics.fmean(diffs), "paired_diff_sd": statistics.stdev(diffs),
+                "paired_diffs": diffs,
+            }
+            print(model, json.dumps({k: v for k, v in result["heart"][model].items() if k != "runs"}), flush=True)
+    result["loadavg_end"] = os.getloadavg()
+    out = Path(__file__).parent / "results" / "float16.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The three arms of a study, as seen by a site: federated, local-only, pooled.
+
+- federated: train from the global weights the server sends (the strategy aggregates).
+- local: every site trains alone: it starts each round from its own previous weights,
+  kept in `context.state` (which persists per node for the run), and is evaluated with
+  them. The floor a federation must beat.
+- pooled: all sites' training rows at one node (simulation only: partition 0 reads the
+  other sites' folders, which no deployment may do); the other nodes train nothing and
+  send a zero-weight update, so the server's FedAvg keeps the pooled model. Every site
+  evaluates it on its own test patients. The ceiling.
+Every arm is evaluated in the same way, by the same `evaluate` of the ClientApp.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context
+
+from fedir.client.inputs import SiteView, view_of
+from fedir.config import Settings
+
+ARMS = ("federated", "local", "pooled")
+LOCAL_KEY = "local-model"
+
+
+def check_arm(arm: str) -> str:
+    if arm not in ARMS:
+        raise ValueError(f"federation.arm = {arm!r}: choose one of {', '.join(ARMS)}")
+    return arm
+
+
+def start_weights(settings: Settings, received: ArrayRecord, context: Context) -> ArrayRecord:
+    """The weights a site trains or evaluates from: its own under the local arm."""
+    if check_arm(settings.federation_arm) == "local" and LOCAL_KEY in context.state.array_records:
+        return context.state.array_records[LOCAL_KEY]
+    return received
+
+
+def keep_local(settings: Settings, arrays: ArrayRecord, context: Context) -> None:
+    """Under the local arm, remember this site's weights for its next round and evaluation."""
+    if settings.federation_arm == "local":
+        context.state.array_records[LOCAL_KEY] = arrays
+
+
+def training_rows(settings: Settings, own: SiteView, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (x, y) this node trains on under its arm."""
+    if settings.federation_arm != "pooled":
+        return own.train_x, own.train_y
+    if "partition-id" not in context.node_config:
+        raise ValueError("federation.arm = pooled is a simulation arm: it needs federation.sites")
+    if int(context.node_config["partition-id"]) != 0:
+        return own.train_x[:0], own.train_y[:0]
+    views = [view_of(str(site), settings) for site in settings.sites]
+    return torch.cat([v.train_x for v in views]), torch.cat([v.train_y for v in views])

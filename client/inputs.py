@@ -1,0 +1,113 @@
+"""A site as the training loop sees it: tensors for train and test, imaging or tabular alike.
+
+The ClientApp should not care whether its site holds images or a clinical table: this
+module reads either (fedir.client.site for images, fedir.tabular for `clin_*` tables,
+recognised from the manifest) into one `SiteView`, kept in memory for the life of the
+process. Tabular features are standardised here, at the site, with the statistics the
+protocol asks for (`data.standardise`): the federation's, sent by the server from every
+site's n / sum / sum of squares, or the site's own (FLamby's Fed-Heart-Disease protocol).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord
+
+from fedir.client.site import SiteData, load_site
+from fedir.config import Settings
+from fedir.tabular import MEAN_KEY, STD_KEY, FeatureSums, is_tabular_site, read_tabular_site, standardise
+
+
+@dataclass
+class SiteView:
+    """One site's training and test data as tensors, and the aggregates it may share."""
+
+    name: str
+    tabular: bool
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    test_patients: list[str]
+    label_counts: dict[int, int]  # labelled training patients per class
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    features: list[str] = field(default_factory=list)
+    imaging: SiteData | None = None  # the decoded imaging site (its data card is built from it)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    def train_sums(self) -> FeatureSums | None:
+        """n / sum / sum of squares of the training features (tabular sites only)."""
+        return FeatureSums.of(self.train_x.numpy()) if self.tabular else None
+
+
+@lru_cache(maxsize=16)
+def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, val: float,
+              test: float) -> SiteView:
+    """Read a site once per process (imaging sites also cache decoded images on disk).
+
+    `inputs = "clinical"` reads only the clin_* columns of any site (the clinical-only
+    baseline of an imaging site); "auto" reads the images, or the table of a tabular site.
+    """
+    if inputs not in ("auto", "clinical"):
+        raise ValueError(f"data.inputs = {inputs!r}: choose auto or clinical")
+    if inputs == "clinical" or is_tabular_site(site_dir):
+        site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test)
+        counts = Counter(int(y) for y in site.train.y if y >= 0)
+        return SiteView(
+            name=site.name,
+            tabular=True,
+            train_x=torch.from_numpy(site.train.x),
+            train_y=torch.from_numpy(site.train.y),
+            test_x=torch.from_numpy(site.test.x),
+            test_y=torch.from_numpy(site.test.y),
+            test_patients=site.test.patients,
+            label_counts=dict(sorted(counts.items())),
+            skipped=Counter({"missing clinical value": site.dropped_missing} if site.dropped_missing else {}),
+            features=site.features,
+        )
+    site = load_site(site_dir, image_size=image_size, frame_policy=frame_policy,
+                     val_fraction=val, test_fraction=test)
+    return SiteView(
+        name=site.name,
+        tabular=False,
+        train_x=site.train.images,
+        train_y=site.train.labels,
+        test_x=site.test.images,
+        test_y=site.test.labels,
+        test_patients=site.test.patients,
+        label_counts=site.patient_label_counts("train"),
+        skipped=Counter(s.reason for s in site.skipped),
+        imaging=site,
+    )
+
+
+def view_of(site_dir: str, settings: Settings) -> SiteView:
+    return load_view(site_dir, settings.data_inputs, settings.model_image_size,
+                     settings.data_frame_policy,
+                     settings.data_val_fraction, settings.data_test_fraction)
+
+
+def scaler(
+    settings: Settings, config: ConfigRecord, own: FeatureSums
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) for this protocol: the federation's from the server's config, or the
+    statistics `own` of the rows at hand (`data.standardise = "site"`)."""
+    if settings.data_standardise == "federated":
+        if MEAN_KEY not in config:
+            raise ValueError("data.standardise = federated, but the server sent no feature statistics")
+        return np.asarray(config[MEAN_KEY]), np.asarray(config[STD_KEY])
+    if settings.data_standardise == "site":
+        return own.mean_std()
+    raise ValueError(f"data.standardise = {settings.data_standardise!r}: choose federated or site")
+
+
+def scaled(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(standardise(x.numpy(), mean, std))

@@ -1,0 +1,195 @@
+"""Tabular sites: a manifest of clinical covariates (`clin_*`) with no `path` column.
+
+The same reader serves the clinical-only baseline of an imaging site (`data.inputs =
+"clinical"`): its manifest's clin_* columns, one row per patient (a patient's first
+row; every image of a patient carries the same covariates), split by the same patient
+hash as its images, so both models are tested on the same patients.
+
+Such a site is recognised from its manifest alone, so a federation of clinical tables
+runs through the same ClientApp as an imaging one. One row is one patient. A `split`
+column (train / val / test), when present, overrides the hash split of fedir.split: it
+is how an imported benchmark (fedir data import heart) carries its published split.
+Rows with a missing covariate are dropped and counted (FLamby's Fed-Heart-Disease drops
+them too); an empty label is an unlabelled patient.
+
+Feature standardisation never pools raw rows: each site sends n, the sum and the sum of
+squares of its training features (`FeatureSums`, the records defined here), and the
+server combines them into the federation's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedir.manifest import MANIFEST_NAME, ManifestError, _parse_float, _parse_label
+from fedir.split import SPLITS, split_of
+
+BINARY_CLASSES = 2  # the task is binary (fedir.task.NUM_CLASSES), without importing torch here
+
+CLINICAL_PREFIX = "clin_"
+SPLIT_COLUMN = "split"
+STATS_KEY = "feature-sums"
+NAMES_KEY = "feature-names"
+MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/evaluate config
+STD_KEY = "feature-std"
+
+
+def manifest_columns(site_dir: str | Path) -> list[str]:
+    """The header of a site's manifest (stripped), or [] when there is none."""
+    manifest = Path(site_dir) / MANIFEST_NAME
+    if not manifest.is_file():
+        return []
+    with manifest.open(newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    return [c.strip() for c in header]
+
+
+def is_tabular_site(site_dir: str | Path) -> bool:
+    """clin_* columns and no `path` column: a table of patients, not of images."""
+    columns = manifest_columns(site_dir)
+    return "path" not in columns and any(c.startswith(CLINICAL_PREFIX) for c in columns)
+
+
+@dataclass
+class TabularSplit:
+    """One split: features (n, f) float32, labels (n,) int64 (-1 = unlabelled), patients."""
+
+    x: np.ndarray
+    y: np.ndarray
+    patients: list[str]
+
+
+@dataclass
+class TabularSite:
+    """A tabular site: its splits, its feature names and how many rows were dropped."""
+
+    name: str
+    features: list[str]
+    train: TabularSplit
+    val: TabularSplit
+    test: TabularSplit
+    dropped_missing: int
+
+    def split(self, split: str) -> TabularSplit:
+        return getattr(self, split)
+
+
+def read_tabular_site(
+    site_dir: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.25
+) -> TabularSite:
+    """Read a tabular site's manifest into per-split arrays (see the module docstring)."""
+    site = Path(site_dir).resolve()
+    manifest = site / MANIFEST_NAME
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: no manifest.csv in the site folder", "no manifest.csv in the site folder")
+    with manifest.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "patient_id" not in columns:
+            raise ManifestError(f"{manifest}: missing required column patient_id", "missing required column patient_id")
+        features = [c for c in columns if c.startswith(CLINICAL_PREFIX)]
+        if not features:
+            raise ManifestError(f"{manifest}: a tabular site needs clin_* columns", "a tabular site needs clin_* columns")
+        parts: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in SPLITS}
+        dropped = 0
+        seen: set[str] = set()
+        for record in reader:
+            record = {(k or "").strip(): (v or "").strip() for k, v in record.items()}
+            where = f"{manifest}, row {reader.line_num}"
+            patient = record["patient_id"]
+            if not patient:
+                raise ManifestError(f"{where}: empty patient_id", f"row {reader.line_num}: empty patient_id")
+            if patient in seen:  # an imaging manifest: one row per image
+                continue
+            seen.add(patient)
+            values = [_parse_float(record[c], c, where, reader.line_num) for c in features]
+            if any(v is None for v in values):
+                dropped += 1
+                continue
+            split = record.get(SPLIT_COLUMN) or split_of(patient, val_fraction, test_fraction)
+            if split not in SPLITS:
+                raise ManifestError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}",
+                                    f"row {reader.line_num}: a split is not one of {', '.join(SPLITS)}")
+            label = _parse_label(record.get("label", ""), where, reader.line_num, BINARY_CLASSES)
+            xs, ys, ps = parts[split]
+            xs.append(values)
+            ys.append(-1 if label is None else label)
+            ps.append(patient)
+    n_f = len(features)
+    splits = {
+        s: TabularSplit(
+            x=np.asarray(xs, dtype=np.float32).reshape(-1, n_f),
+            y=np.asarray(ys, dtype=np.int64),
+            patients=ps,
+        )
+        for s, (xs, ys, ps) in parts.items()
+    }
+    return TabularSite(site.name, features, splits["train"], splits["val"], splits["test"], dropped)
+
+
+@dataclass(frozen=True)
+class FeatureSums:
+    """n, sum and sum of squares per feature: all that standardisation needs, no rows."""
+
+    n: int
+    total: np.ndarray
+    total_sq: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> "FeatureSums":
+        x64 = x.astype(np.float64)
+        return cls(int(x.shape[0]), x64.sum(axis=0), (x64**2).sum(axis=0))
+
+    def __add__(self, other: "FeatureSums") -> "FeatureSums":
+        return FeatureSums(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and population standard deviation; a constant feature gets std 1 (left as is)."""
+        if self.n == 0:
+            raise ValueError("no rows to standardise with")
+        mean = self.total / self.n
+        var = np.maximum(self.total_sq / self.n - mean**2, 0.0)
+        std = np.sqrt(var)
+        return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def combine(sums: list[FeatureSums]) -> FeatureSums:
+    """The federation's sums: the element-wise total over sites."""
+    out = sums[0]
+    for s in sums[1:]:
+        out = out + s
+    return out
+
+
+def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return ((x - mean) / std).astype(np.float32)
+
+
+# ---- the query that gathers the sums (crosses the trust boundary) ----------------------
+
+
+def encode_feature_sums(features: list[str], sums: FeatureSums | None) -> RecordDict:
+    """A site's reply to the feature-statistics query; an imaging site sends n = 0."""
+    rec = MetricRecord(
+        {
+            "n": 0 if sums is None else sums.n,
+            "sum": [] if sums is None else [float(v) for v in sums.total],
+            "sum-sq": [] if sums is None else [float(v) for v in sums.total_sq],
+        }
+    )
+    return RecordDict({STATS_KEY: rec, NAMES_KEY: ConfigRecord({"names": ";".join(features)})})
+
+
+def decode_feature_sums(content: RecordDict) -> tuple[list[str], FeatureSums | None]:
+    rec = content.metric_records[STATS_KEY]
+    names = [n for n in str(content.config_records[NAMES_KEY]["names"]).split(";") if n]
+    if int(rec["n"]) == 0:
+        return names, None
+    return names, FeatureSums(
+        int(rec["n"]), np.asarray(rec["sum"], dtype=np.float64), np.asarray(rec["sum-sq"], dtype=np.float64)
+    )

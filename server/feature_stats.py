@@ -1,0 +1,56 @@
+"""Before round 1: ask every site for its feature sums and turn them into standardisation.
+
+The server sends one `query` message to each node; a tabular site replies with n, the
+sum and the sum of squares of its training features, an imaging site with n = 0
+(fedir.tabular). The federation's mean and standard deviation follow from the totals,
+exactly as if the rows had been pooled, without any row leaving its site. The same query
+tells the server how many features the tabular model takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedir.tabular import MEAN_KEY, STD_KEY, FeatureSums, combine, decode_feature_sums
+
+
+@dataclass(frozen=True)
+class FederationFeatures:
+    """The features every tabular site shares, and the federation's sums (None: imaging)."""
+
+    names: list[str]
+    sums: FeatureSums | None
+
+    def config(self) -> ConfigRecord:
+        """What each train/evaluate message carries: the federation's mean and std."""
+        if self.sums is None:
+            return ConfigRecord()
+        mean, std = self.sums.mean_std()
+        return ConfigRecord({MEAN_KEY: [float(v) for v in mean], STD_KEY: [float(v) for v in std]})
+
+
+def gather_feature_sums(grid: Grid, min_nodes: int, timeout: float = 600) -> FederationFeatures:
+    """Query every node (waiting for `min_nodes`) and combine the replies."""
+    sample_nodes(grid, min_nodes, min_nodes)  # waits until min_nodes have connected
+    node_ids = list(grid.get_node_ids())  # then ask every connected node
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), node_id, "query") for node_id in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) < min_nodes:
+        reasons = "; ".join(m.error.reason for m in failed) or "too few replies"
+        raise RuntimeError(f"feature-statistics query: {len(replies)} replies ({reasons})")
+    decoded = [decode_feature_sums(m.content) for m in replies]
+    tabular = [(names, sums) for names, sums in decoded if sums is not None]
+    if not tabular:
+        return FederationFeatures([], None)
+    names = tabular[0][0]
+    if any(n != names for n, _ in tabular) or len(tabular) != len(decoded):
+        raise ValueError("the sites do not share the same clin_* columns (or mix tabular and imaging)")
+    return FederationFeatures(names, combine([s for _, s in tabular]))
