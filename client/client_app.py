@@ -24,7 +24,7 @@ from fedir.client.site import SiteData, SiteUnusable, load_site
 from fedir.config import Settings
 from fedir.manifest import ManifestError
 from fedir.metrics import site_metrics
-from fedir.objectives import build_objective
+from fedir.objectives import ObjectiveParams, build_objective
 from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
 from fedir.task import NUM_CLASSES, TrainConfig, build_model, pick_device, predict, train
 
@@ -93,17 +93,29 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         settings, site = _site(context, fixed)
         model = _model_from(msg, settings)
         server_round = int(msg.content.config_records["config"].get("server-round", 0))
+        seed = settings.train_seed * 1000 + server_round
+        objective = build_objective(
+            settings.train_objective,
+            ObjectiveParams(
+                threshold=settings.train_threshold,
+                unlabelled_weight=settings.train_unlabelled_weight,
+                ema_decay=settings.train_ema_decay,
+                mixup_alpha=settings.train_mixup_alpha,
+                seed=seed,
+            ),
+        )
         result = train(
             model,
             site.train.images,
             site.train.labels,
-            build_objective(settings.train_objective),
+            objective,
             TrainConfig(
                 epochs=settings.train_local_epochs,
                 batch_size=settings.train_batch_size,
                 lr=settings.train_lr,
                 weight_decay=settings.train_weight_decay,
-                seed=settings.train_seed * 1000 + server_round,
+                seed=seed,
+                unlabelled_ratio=settings.train_unlabelled_ratio,
             ),
             pick_device(),
         )
