@@ -46,9 +46,10 @@ def _to_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return (x - lo) / span, lo, span
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of a (B, 1, H, W) batch with MONAI's separable filter."""
-    return GaussianFilter(spatial_dims=2, sigma=sigma).to(x.device)(x)
+def _blur(x: torch.Tensor, gaussian: GaussianFilter) -> torch.Tensor:
+    """Gaussian blur of a (B, 1, H, W) batch with MONAI's separable filter (zero padding),
+    its kernel moved to x's device once."""
+    return gaussian.to(x.device)(x)
 
 
 class Compose:
@@ -114,10 +115,10 @@ class GaussianBlur:
     (one fixed kernel for the batch, so no per-image kernel and no host-side choice)."""
 
     def __init__(self, sigma: float = 1.5) -> None:
-        self.sigma = sigma
+        self.gaussian = GaussianFilter(spatial_dims=2, sigma=sigma)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.lerp(x, _blur(x, self.sigma), _uniform(x, 0.0, 1.0, generator))
+        return torch.lerp(x, _blur(x, self.gaussian), _uniform(x, 0.0, 1.0, generator))
 
 
 class Contrast:
@@ -191,11 +192,12 @@ class Scatter:
     lowers local contrast as scatter does without an anti-scatter grid."""
 
     def __init__(self, max_fraction: float = 0.4, sigma: float = 8.0) -> None:
-        self.max_fraction, self.sigma = max_fraction, sigma
+        self.max_fraction = max_fraction
+        self.gaussian = GaussianFilter(spatial_dims=2, sigma=sigma)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x01, lo, span = _to_unit(x)
-        haze = _blur(x01, self.sigma)
+        haze = _blur(x01, self.gaussian)
         return lo + span * (x01 + _uniform(x, 0.0, self.max_fraction, generator) * haze)
 
 
