@@ -1,6 +1,7 @@
 """The ClientApp a hospital runs: one small function per message type.
 
-`train` loads the site (decoded once, then cached), sets the global weights, trains
+`train` loads the site (decoded once, then cached), sets the global weights (keeping the
+site's own normalisation layers under FedBN, fedir.client.fedbn), trains
 locally and returns the new weights with aggregate counts. `evaluate` scores the site's
 held-out patients and returns aggregates only (fedir.records). The site folder comes from
 node config `site-dir` in deployment, or, in simulation, from the run's site list indexed
@@ -15,11 +16,12 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedir.client.datacard import card_once
+from fedir.client.fedbn import load_global, reply_arrays
 from fedir.client.site import SiteData, SiteUnusable, load_site
 from fedir.config import Settings
 from fedir.manifest import ManifestError
@@ -75,9 +77,11 @@ def _site(context: Context, fixed: Settings | None) -> tuple[Settings, SiteData]
     return settings, site
 
 
-def _model_from(msg: Message, settings: Settings):
+def _model_from(msg: Message, context: Context, settings: Settings):
+    """The global model, with the site's own normalisation layers under FedBN."""
     model = build_model(settings.model_name)
-    model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
+    received = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    load_global(model, received, context.state, settings.train_fedbn)
     return model
 
 
@@ -91,7 +95,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     @app.train()
     def train_fn(msg: Message, context: Context) -> Message:
         settings, site = _site(context, fixed)
-        model = _model_from(msg, settings)
+        model = _model_from(msg, context, settings)
         server_round = int(msg.content.config_records["config"].get("server-round", 0))
         seed = settings.train_seed * 1000 + server_round
         objective = build_objective(
@@ -131,14 +135,18 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             card=card_once(context, site, settings),
         )
         content = RecordDict(
-            {ARRAYS_KEY: ArrayRecord(model.cpu().state_dict()), METRICS_KEY: metrics, SITE_KEY: site_rec}
+            {
+                ARRAYS_KEY: reply_arrays(model, context.state, settings.train_fedbn),
+                METRICS_KEY: metrics,
+                SITE_KEY: site_rec,
+            }
         )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
         settings, site = _site(context, fixed)
-        model = _model_from(msg, settings)
+        model = _model_from(msg, context, settings)
         labelled = site.test.labels >= 0
         scores = predict(model, site.test.images[labelled], pick_device())
         labels = site.test.labels[labelled].numpy()

@@ -54,6 +54,7 @@ class Settings:
     train_unlabelled_ratio: int = 1  # unlabelled images per labelled image in a step (mu)
     train_ema_decay: float = 0.99  # mean_teacher: EMA decay of the teacher
     train_mixup_alpha: float = 0.0  # MixUp of the labelled batch, Beta(alpha, alpha); 0 = off
+    train_fedbn: bool = False  # FedBN: normalisation layers stay at each site (fedir.client.fedbn)
 
     @staticmethod
     def key_of(field_name: str) -> str:
