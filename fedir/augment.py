@@ -48,8 +48,9 @@ def _to_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _blur(x: torch.Tensor, gaussian: GaussianFilter) -> torch.Tensor:
     """Gaussian blur of a (B, 1, H, W) batch with MONAI's separable filter (zero padding),
-    its kernel moved to x's device once."""
-    return gaussian.to(x.device)(x)
+    its kernel moved to x's device once. Under autocast the convolution runs in bfloat16;
+    the result is cast back so every transform returns x's dtype."""
+    return gaussian.to(x.device)(x).to(x.dtype)
 
 
 class Compose:

@@ -58,6 +58,15 @@ def test_transform_keeps_shape_is_finite_reproducible_and_changes_the_image(name
     assert not torch.allclose(a, x)
 
 
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_transform_keeps_the_dtype_under_autocast(name):
+    """The training loop runs objectives under bf16 autocast on a GPU; CPU autocast mimics it."""
+    x = _images()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = TRANSFORMS[name](x, _gen(0))
+    assert out.dtype == x.dtype and torch.isfinite(out).all()
+
+
 def test_affine_with_no_range_is_the_identity_and_flip_flips():
     x = _images()
     assert torch.allclose(RandomAffine(degrees=0, translate=0, scale=0)(x, _gen(0)), x, atol=1e-5)

@@ -48,6 +48,15 @@ def test_each_objective_gives_a_finite_loss_with_gradients(name, alpha):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("name", ["supervised", "fixmatch", "mean_teacher"])
+def test_each_objective_runs_under_bf16_autocast(name):
+    """fedir.task.train calls the objective under bf16 autocast on a GPU; CPU autocast mimics it."""
+    x, y, u = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = build_objective(name, ObjectiveParams(threshold=0.0, mixup_alpha=0.4)).loss(_tiny_model(), x, y, u)
+    assert math.isfinite(float(loss.detach()))
+
+
 def test_fixmatch_masks_pseudo_labels_below_the_threshold():
     x, y, u = _batch()
     model = _tiny_model()  # untrained: its probabilities stay near 0.5
