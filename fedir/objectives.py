@@ -37,6 +37,19 @@ class ObjectiveParams:
     mixup_alpha: float = 0.0  # MixUp of the labelled batch, lambda ~ Beta(alpha, alpha); 0 = off
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse values that would train silently wrong (a decay of 1 freezes the teacher)."""
+        checks = {
+            "train.threshold": 0.0 <= self.threshold <= 1.0,
+            "train.unlabelled-weight": self.unlabelled_weight >= 0.0,
+            "train.ema-decay": 0.0 <= self.ema_decay < 1.0,
+            "train.mixup-alpha": self.mixup_alpha >= 0.0,
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)} (threshold in [0, 1], ema-decay in "
+                             "[0, 1), unlabelled-weight and mixup-alpha >= 0)")
+
 
 class Objective(Protocol):
     """The interface of a local objective."""
@@ -98,6 +111,11 @@ class _Base:
         perm = torch.randperm(x.shape[0], generator=self.generator(x.device), device=x.device)
         return (*mixup(x, y, lam, perm), lam)
 
+    def labelled_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of the labelled batch alone (MixUp'ed when mixup_alpha > 0)."""
+        x_in, y_a, y_b, lam = self.labelled_batch(x, y)
+        return mixed_cross_entropy(model(x_in), y_a, y_b, lam)
+
     def after_step(self, model: nn.Module) -> None:
         """Nothing to do after a step, unless an objective keeps extra state."""
 
@@ -111,8 +129,7 @@ class Supervised(_Base):
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
     ) -> torch.Tensor:
-        x_in, y_a, y_b, lam = self.labelled_batch(x, y)
-        return mixed_cross_entropy(model(x_in), y_a, y_b, lam)
+        return self.labelled_loss(model, x, y)
 
 
 class FixMatch(_Base):
@@ -158,8 +175,7 @@ class FixMatch(_Base):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
     ) -> torch.Tensor:
         if x_unlabelled is None or x_unlabelled.shape[0] == 0:
-            x_in, y_a, y_b, lam = self.labelled_batch(x, y)
-            return mixed_cross_entropy(model(x_in), y_a, y_b, lam)
+            return self.labelled_loss(model, x, y)
         supervised, unlabelled, _ = self.terms(model, x, y, x_unlabelled)
         return supervised + self.params.unlabelled_weight * unlabelled
 
@@ -196,9 +212,9 @@ class MeanTeacher(_Base):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
     ) -> torch.Tensor:
         teacher = self._teacher_of(model)
-        x_in, y_a, y_b, lam = self.labelled_batch(x, y)
         if x_unlabelled is None or x_unlabelled.shape[0] == 0:
-            return mixed_cross_entropy(model(x_in), y_a, y_b, lam)
+            return self.labelled_loss(model, x, y)
+        x_in, y_a, y_b, lam = self.labelled_batch(x, y)
         g = self.generator(x.device)
         student_view, teacher_view = self.view(x_unlabelled, g), self.view(x_unlabelled, g)
         logits = model(torch.cat([x_in, student_view]))
