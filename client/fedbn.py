@@ -7,7 +7,8 @@ weight is averaged. Under `train.fedbn`, the ClientApp strips normalisation entr
 in the node's `context.state`, which Flower persists per node for the whole run in
 simulation and in deployment (module globals would not survive: a deployed ClientApp runs
 each message in a fresh process). The server therefore never receives them, and after
-the first round its global model has no normalisation entries to send.
+the first round its global model has no normalisation entries to send. Which entries
+are normalisation layers is decided in fedir.fedbn, shared with the server.
 """
 
 from __future__ import annotations
@@ -16,20 +17,9 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
+from fedir.fedbn import norm_keys, shared_state
+
 STATE_KEY = "fedbn-local-norm"
-NORM_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
-)
-
-
-def norm_keys(model: nn.Module) -> set[str]:
-    """The state-dict keys of the model's normalisation layers."""
-    keys: set[str] = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, NORM_LAYERS):
-            keys |= {f"{prefix}.{k}" if prefix else k for k in module.state_dict()}
-    return keys
 
 
 def load_global(
@@ -60,6 +50,5 @@ def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool) -> ArrayRecor
     weights = model.cpu().state_dict()
     if not fedbn:
         return ArrayRecord(weights)
-    local = norm_keys(model)
-    state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in local})
-    return ArrayRecord({k: v for k, v in weights.items() if k not in local})
+    state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in norm_keys(model)})
+    return ArrayRecord(shared_state(model))

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedir.config import Settings
+from fedir.fedbn import shared_state
 from fedir.metrics import pooled_metrics
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
@@ -136,7 +137,8 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             on_train=recorder.on_train,
             on_evaluate=recorder.on_evaluate,
             on_reject=recorder.on_reject,
-            template=ArrayRecord(model.state_dict()),
+            # under FedBN the sites keep their normalisation layers: updates come without them
+            template=ArrayRecord(shared_state(model) if settings.train_fedbn else model.state_dict()),
             max_norm_ratio=settings.validation_max_norm_ratio,
             min_accepted=settings.validation_min_accepted,
             fraction_train=1.0,

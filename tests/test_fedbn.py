@@ -12,7 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from torch import nn
 
 from fedir.client.client_app import build_client_app
-from fedir.client.fedbn import STATE_KEY, load_global, norm_keys, reply_arrays
+from fedir.client.fedbn import STATE_KEY, load_global, reply_arrays
+from fedir.fedbn import norm_keys
 from fedir.config import Settings
 from fedir.manifest import write_manifest
 from fedir.records import ARRAYS_KEY
@@ -99,3 +100,33 @@ def test_clientapp_under_fedbn_sends_no_norm_entry_and_keeps_its_own_across_roun
     stateless = Context(run_id=1, node_id=2, node_config=context.node_config, state=RecordDict(),
                         run_config=context.run_config)
     assert scores(context) != scores(stateless)
+
+
+@pytest.mark.slow
+def test_fedbn_federation_runs_end_to_end_and_no_update_is_rejected(tmp_path):
+    """Through Flower's simulation engine: the server's update validation expects FedBN's
+    replies (no normalisation entries), so every site's update is averaged, and the global
+    model it writes has no normalisation layer."""
+    import sqlite3
+
+    from fedir.simulations.scenario import load_scenario
+    from fedir.simulations.simulate import simulate
+    from fedir.simulations.synthetic import generate_federation
+
+    generate_federation(tmp_path / "fed", sites=2, patients=16, seed=0, unlabelled_fraction=0.5,
+                        image_size=32, progress=False)
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        '[federation]\nsites = ["fed/site-0", "fed/site-1"]\n'
+        '[train]\nrounds = 2\nlocal-epochs = 1\nbatch-size = 4\nobjective = "fixmatch"\n'
+        "threshold = 0.5\nmixup-alpha = 0.4\nfedbn = true\n"
+        "[model]\nimage-size = 32\n[eval]\nbootstrap = 20\n"
+    )
+    simulate(load_scenario(toml), tmp_path / "run", scenario=str(toml))
+    with sqlite3.connect(tmp_path / "run" / "runs.sqlite") as db:
+        kinds = [k for (k,) in db.execute("SELECT kind FROM notes")]
+        trained = db.execute("SELECT COUNT(DISTINCT site) FROM metrics WHERE split = 'train'").fetchone()
+    assert "rejected" not in kinds and "missing" not in kinds
+    model = torch.load(tmp_path / "run" / "model.pt")
+    assert model and not set(model) & norm_keys(build_model("resnet_small"))
+    assert trained == (2,)
