@@ -1,7 +1,9 @@
 """The ClientApp a hospital runs: one small function per message type.
 
 `query` answers the server's feature-statistics query (n / sum / sum of squares of a
-tabular site's training features). `train` loads the site (decoded once, then cached), sets the global weights, trains
+tabular site's training features). `train` loads the site (decoded once, then cached),
+sets the global weights (keeping the site's own normalisation layers under FedBN,
+fedir.client.fedbn), trains
 locally and returns the new weights with aggregate counts. `evaluate` scores the site's
 held-out patients and returns aggregates only (fedir.records). The site folder comes from
 node config `site-dir` in deployment, or, in simulation, from the run's site list indexed
@@ -21,15 +23,15 @@ from flwr.clientapp.typing import Mod
 
 from fedir.client.arms import keep_local, start_weights, training_rows
 from fedir.client.datacard import card_once
+from fedir.client.fedbn import load_global, reply_arrays
 from fedir.client.inputs import SiteView, scaled, scaler, view_of
 from fedir.client.site import SiteUnusable
 from fedir.config import Settings
 from fedir.manifest import ManifestError
 from fedir.metrics import site_metrics
-from fedir.objectives import build_objective
+from fedir.objectives import ObjectiveParams, build_objective
 from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
 from fedir.tabular import FeatureSums, encode_feature_sums
-from fedir.wire import to_wire
 from fedir.task import NUM_CLASSES, TrainConfig, build_model, pick_device, predict, train
 
 log = logging.getLogger(__name__)
@@ -59,9 +61,10 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
         raise SiteUnusable(f"{exc.public}; run `fedir data check` at the site") from None
 
 
-def _model_from(arrays: ArrayRecord, settings: Settings, view: SiteView):
+def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
+    """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(settings.model_name, n_features=view.n_features)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    load_global(model, arrays.to_torch_state_dict(), context.state, settings.train_fedbn)
     return model
 
 
@@ -83,8 +86,19 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         settings, site = _view(context, fixed)
         config = msg.content.config_records["config"]
         model = _model_from(start_weights(settings, msg.content.array_records[ARRAYS_KEY], context),
-                            settings, site)
+                            context, settings, site)
         server_round = int(config.get("server-round", 0))
+        seed = settings.train_seed * 1000 + server_round
+        objective = build_objective(
+            settings.train_objective,
+            ObjectiveParams(
+                threshold=settings.train_threshold,
+                unlabelled_weight=settings.train_unlabelled_weight,
+                ema_decay=settings.train_ema_decay,
+                mixup_alpha=settings.train_mixup_alpha,
+                seed=seed,
+            ),
+        )
         x, y = training_rows(settings, site, context)
         if site.tabular and len(x):
             x = scaled(x, *scaler(settings, config, FeatureSums.of(x.numpy())))
@@ -92,22 +106,22 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             model,
             x,
             y,
-            build_objective(settings.train_objective),
+            objective,
             TrainConfig(
                 epochs=settings.train_local_epochs,
                 batch_size=settings.train_batch_size,
                 lr=settings.train_lr,
                 weight_decay=settings.train_weight_decay,
-                seed=settings.train_seed * 1000 + server_round,
+                seed=seed,
+                unlabelled_ratio=settings.train_unlabelled_ratio,
                 optimizer=settings.train_optimizer,
                 steps=settings.train_local_steps,
                 proximal_mu=float(config.get("proximal-mu", 0.0)),
             ),
             pick_device(),
         )
-        state = model.cpu().state_dict()
-        keep_local(settings, ArrayRecord(state), context)
-        arrays = to_wire(state, settings.train_update_dtype)
+        keep_local(settings, ArrayRecord(model.cpu().state_dict()), context)
+        arrays = reply_arrays(model, context.state, settings.train_fedbn, settings.train_update_dtype)
         metrics, site_rec = encode_training(
             site.name,
             loss=result.loss if result.steps else None,
@@ -127,7 +141,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         settings, site = _view(context, fixed)
         config = msg.content.config_records["config"]
         model = _model_from(start_weights(settings, msg.content.array_records[ARRAYS_KEY], context),
-                            settings, site)
+                            context, settings, site)
         labelled = site.test_y >= 0
         x = site.test_x[labelled]
         if site.tabular:

@@ -68,6 +68,12 @@ class Settings:
     output_dir: str = "runs/flwr-run"
     monitor_tensorboard: str = ""  # TensorBoard log folder (relative: inside the run folder); "" = off
     monitor_mlflow: str = ""  # MLflow tracking URI, or a folder for DIR/mlflow.db; "" = off
+    train_threshold: float = 0.95  # fixmatch: confidence a pseudo-label needs
+    train_unlabelled_weight: float = 1.0  # fixmatch / mean_teacher: weight of the unlabelled loss
+    train_unlabelled_ratio: int = 1  # unlabelled images per labelled image in a step (mu)
+    train_ema_decay: float = 0.99  # mean_teacher: EMA decay of the teacher
+    train_mixup_alpha: float = 0.0  # MixUp of the labelled batch, Beta(alpha, alpha); 0 = off
+    train_fedbn: bool = False  # FedBN: normalisation layers stay at each site (fedir.client.fedbn)
 
     @staticmethod
     def key_of(field_name: str) -> str:

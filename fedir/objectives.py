@@ -1,18 +1,54 @@
 """Local training objectives: what a site minimises each step.
 
 An objective receives a labelled batch and, when it asks for one, a batch of unlabelled
-images of the same site, and returns a scalar loss. The training loop (fedir.task.train)
-is the same for all of them, so a semi-supervised objective is a new class here and a
-name in OBJECTIVES, nothing else.
+images of the same site, and returns a scalar loss; after each optimiser step the training
+loop calls its `after_step` (the mean teacher's EMA update lives there). The training
+loop (fedir.task.train) is the same for all of them, so a semi-supervised objective is a
+new class here and a name in OBJECTIVES, nothing else.
+
+An objective instance serves one local training run (the ClientApp builds one per round):
+the mean teacher starts from the weights the round starts from. Its randomness (views,
+MixUp) comes from a generator on the batch's device, seeded from `ObjectiveParams.seed`,
+so no random draw waits for the host.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedir.augment import Transform, strong_view, weak_view
+
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """The knobs of the objectives (scenario `[train]`: threshold, unlabelled-weight,
+    ema-decay, mixup-alpha; seed is the round's training seed)."""
+
+    threshold: float = 0.95  # FixMatch: pseudo-labels need this confidence
+    unlabelled_weight: float = 1.0  # weight of the unlabelled (or consistency) loss
+    ema_decay: float = 0.99  # mean teacher: teacher <- decay * teacher + (1 - decay) * student
+    mixup_alpha: float = 0.0  # MixUp of the labelled batch, lambda ~ Beta(alpha, alpha); 0 = off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse values that would train silently wrong (a decay of 1 freezes the teacher)."""
+        checks = {
+            "train.threshold": 0.0 <= self.threshold <= 1.0,
+            "train.unlabelled-weight": self.unlabelled_weight >= 0.0,
+            "train.ema-decay": 0.0 <= self.ema_decay < 1.0,
+            "train.mixup-alpha": self.mixup_alpha >= 0.0,
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)} (threshold in [0, 1], ema-decay in "
+                             "[0, 1), unlabelled-weight and mixup-alpha >= 0)")
 
 
 class Objective(Protocol):
@@ -27,8 +63,64 @@ class Objective(Protocol):
         """x: (B, 1, S, S) labelled images, y: (B,) class indices, x_unlabelled: (B', 1, S, S) or None."""
         ...
 
+    def after_step(self, model: nn.Module) -> None:
+        """Called by the training loop after every optimiser step."""
+        ...
 
-class Supervised:
+
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MixUp (Zhang et al. 2018): each image mixed with the image perm sends it to,
+    lam * x + (1 - lam) * x[perm]; its target is lam * y + (1 - lam) * y[perm], returned as
+    the two label vectors (y, y[perm]) so the loss needs no one-hot encoding."""
+    return lam * x + (1 - lam) * x[perm], y, y[perm]
+
+
+def mixed_cross_entropy(
+    logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """Cross-entropy against the soft target lam * onehot(y_a) + (1 - lam) * onehot(y_b)."""
+    return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+
+
+class _Base:
+    """What every objective shares: the labelled batch (MixUp'ed when mixup_alpha > 0), its
+    loss, and the seeded generators."""
+
+    def __init__(self, params: ObjectiveParams = ObjectiveParams()) -> None:
+        self.params = params
+        self._device_gen: torch.Generator | None = None
+        self._host_rng = np.random.default_rng(params.seed)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The objective's generator on `device` (created, seeded, on first use)."""
+        if self._device_gen is None:
+            self._device_gen = torch.Generator(device=device).manual_seed(self.params.seed)
+        return self._device_gen
+
+    def labelled_batch(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(images, y_a, y_b, lam) for mixed_cross_entropy: MixUp when mixup_alpha > 0,
+        else the batch itself with lam = 1."""
+        if self.params.mixup_alpha <= 0:
+            return x, y, y, 1.0
+        # lambda is one host scalar per step: drawn on the host, so the device never syncs.
+        lam = float(self._host_rng.beta(self.params.mixup_alpha, self.params.mixup_alpha))
+        perm = torch.randperm(x.shape[0], generator=self.generator(x.device), device=x.device)
+        return (*mixup(x, y, lam, perm), lam)
+
+    def labelled_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of the labelled batch alone (MixUp'ed when mixup_alpha > 0)."""
+        x_in, y_a, y_b, lam = self.labelled_batch(x, y)
+        return mixed_cross_entropy(model(x_in), y_a, y_b, lam)
+
+    def after_step(self, model: nn.Module) -> None:
+        """Nothing to do after a step, unless an objective keeps extra state."""
+
+
+class Supervised(_Base):
     """Cross-entropy on the labelled images only; unlabelled images are not used."""
 
     name: ClassVar[str] = "supervised"
@@ -37,16 +129,124 @@ class Supervised:
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
     ) -> torch.Tensor:
-        return F.cross_entropy(model(x), y)
+        return self.labelled_loss(model, x, y)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"supervised": Supervised}
+class FixMatch(_Base):
+    """FixMatch (Sohn et al. 2020): the model's confident predictions on a weak view of an
+    unlabelled image are the targets of its predictions on a strong view.
+
+    One forward pass over [labelled, weak, strong] (as the reference implementation does,
+    so batch-norm statistics see all three); the weak view's prediction is detached, and
+    an unlabelled image contributes only when its top class probability reaches
+    `threshold`. The unlabelled loss is averaged over all unlabelled images (masked ones
+    count as 0), as in the paper.
+    """
+
+    name: ClassVar[str] = "fixmatch"
+    uses_unlabelled: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        params: ObjectiveParams = ObjectiveParams(),
+        weak: Transform | None = None,
+        strong: Transform | None = None,
+    ) -> None:
+        super().__init__(params)
+        self.weak = weak or weak_view()
+        self.strong = strong or strong_view()
+
+    def terms(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(supervised loss, unlabelled loss, mask (B',) of the pseudo-labels used)."""
+        g = self.generator(x.device)
+        x_in, y_a, y_b, lam = self.labelled_batch(x, y)
+        weak, strong = self.weak(x_unlabelled, g), self.strong(x_unlabelled, g)
+        logits = model(torch.cat([x_in, weak, strong]))
+        logits_x, logits_w, logits_s = logits.split([x.shape[0], weak.shape[0], strong.shape[0]])
+        confidence, pseudo = torch.softmax(logits_w.detach().float(), dim=1).max(dim=1)
+        mask = confidence >= self.params.threshold
+        per_image = F.cross_entropy(logits_s, pseudo, reduction="none")
+        unlabelled = (per_image * mask).mean()
+        return mixed_cross_entropy(logits_x, y_a, y_b, lam), unlabelled, mask
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
+    ) -> torch.Tensor:
+        if x_unlabelled is None or x_unlabelled.shape[0] == 0:
+            return self.labelled_loss(model, x, y)
+        supervised, unlabelled, _ = self.terms(model, x, y, x_unlabelled)
+        return supervised + self.params.unlabelled_weight * unlabelled
 
 
-def build_objective(name: str) -> Objective:
-    """The objective named in the scenario's `[train] objective`."""
+class MeanTeacher(_Base):
+    """Mean teacher (Tarvainen and Valpola 2017): a teacher whose weights are an exponential
+    moving average of the student's gives targets for the student on unlabelled images.
+
+    The student sees one perturbed view of an unlabelled image, the teacher another; the
+    consistency loss is the mean squared difference of their class probabilities (the
+    choice of the paper and of FedIRM). The teacher starts as a copy of the model at the
+    first step, i.e. the global model of the round, and after every optimiser step moves
+    toward the student: floating-point parameters and buffers (batch-norm running
+    statistics) by ema_decay, integer buffers copied. It predicts in eval mode, with its
+    own averaged statistics.
+    """
+
+    name: ClassVar[str] = "mean_teacher"
+    uses_unlabelled: ClassVar[bool] = True
+
+    def __init__(
+        self, params: ObjectiveParams = ObjectiveParams(), view: Transform | None = None
+    ) -> None:
+        super().__init__(params)
+        self.view = view or strong_view()
+        self.teacher: nn.Module | None = None
+
+    def _teacher_of(self, model: nn.Module) -> nn.Module:
+        if self.teacher is None:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        return self.teacher
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
+    ) -> torch.Tensor:
+        teacher = self._teacher_of(model)
+        if x_unlabelled is None or x_unlabelled.shape[0] == 0:
+            return self.labelled_loss(model, x, y)
+        x_in, y_a, y_b, lam = self.labelled_batch(x, y)
+        g = self.generator(x.device)
+        student_view, teacher_view = self.view(x_unlabelled, g), self.view(x_unlabelled, g)
+        logits = model(torch.cat([x_in, student_view]))
+        logits_x, logits_u = logits.split([x.shape[0], student_view.shape[0]])
+        with torch.no_grad():
+            target = torch.softmax(teacher(teacher_view).float(), dim=1)
+        consistency = F.mse_loss(torch.softmax(logits_u.float(), dim=1), target)
+        return mixed_cross_entropy(logits_x, y_a, y_b, lam) + self.params.unlabelled_weight * consistency
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        """teacher <- decay * teacher + (1 - decay) * student."""
+        if self.teacher is None:
+            return
+        student = model.state_dict()
+        for key, t in self.teacher.state_dict().items():
+            s = student[key]
+            if t.is_floating_point():
+                t.lerp_(s, 1 - self.params.ema_decay)
+            else:
+                t.copy_(s)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Supervised, FixMatch, MeanTeacher)
+}
+
+
+def build_objective(name: str, params: ObjectiveParams = ObjectiveParams()) -> Objective:
+    """The objective named in the scenario's `[train] objective`, with its knobs."""
     try:
-        return OBJECTIVES[name]()
+        return OBJECTIVES[name](params)
     except KeyError:
         raise ValueError(
             f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}"

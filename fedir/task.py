@@ -92,6 +92,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd
     steps: int = 0  # > 0: exactly this many steps (cycling over the data), epochs ignored
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to every step's loss
+    unlabelled_ratio: int = 1  # unlabelled images per labelled image in a step (FixMatch's mu)
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,9 @@ def train(
 ) -> TrainResult:
     """Train in place on a site's training split; labels of -1 are unlabelled images.
 
-    One epoch is one pass over the labelled images; each step also draws a batch of
-    unlabelled images for the objective (the supervised objective ignores it). A site
+    One epoch is one pass over the labelled images; each step also draws
+    `unlabelled_ratio` x the batch size of unlabelled images for an objective that uses
+    them, and calls the objective's `after_step` after the optimiser step. A site
     with no labelled image does not step and reports zero steps.
     """
     labelled = labels >= 0
@@ -139,7 +141,8 @@ def train(
         idx = idx.to(device)
         unl = None
         if n_unl and objective.uses_unlabelled:
-            unl = x_unl[torch.randint(n_unl, (len(idx),), generator=gen).to(device)]
+            draw = torch.randint(n_unl, (config.unlabelled_ratio * len(idx),), generator=gen)
+            unl = x_unl[draw.to(device)]
         with autocast(device):
             loss = objective.loss(model, x_lab[idx], y_lab[idx], unl)
         if anchor:
@@ -147,6 +150,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        objective.after_step(model)
         total += loss.detach().float()
         steps += 1
     return TrainResult(loss=float(total) / steps, steps=steps, n_labelled=n_lab, n_unlabelled=n_unl)

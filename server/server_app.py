@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedir.config import Settings
+from fedir.fedbn import shared_state
 from fedir.metrics import pooled_metrics
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
@@ -141,7 +142,8 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             on_train=recorder.on_train,
             on_evaluate=recorder.on_evaluate,
             on_reject=recorder.on_reject,
-            template=ArrayRecord(model.state_dict()),
+            # under FedBN the sites keep their normalisation layers: updates come without them
+            template=ArrayRecord(shared_state(model) if settings.train_fedbn else model.state_dict()),
             outer=(ResumedRounds,),
             plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
             app_state=lambda: {"label_counts": recorder.label_counts},

@@ -1,0 +1,56 @@
+"""FedBN (Li et al. 2021): a site's normalisation layers never leave it.
+
+Scanners differ in grey levels, noise and contrast; FedBN lets each site keep the
+normalisation statistics and affine parameters that fit its own images while every other
+weight is averaged. Under `train.fedbn`, the ClientApp strips normalisation entries
+(weights, biases, running statistics, num_batches_tracked) from its reply and keeps them
+in the node's `context.state`, which Flower persists per node for the whole run in
+simulation and in deployment (module globals would not survive: a deployed ClientApp runs
+each message in a fresh process). The server therefore never receives them, and after
+the first round its global model has no normalisation entries to send. Which entries
+are normalisation layers is decided in fedir.fedbn, shared with the server.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import nn
+
+from fedir.fedbn import norm_keys, shared_state
+from fedir.wire import to_wire
+
+STATE_KEY = "fedbn-local-norm"
+
+
+def load_global(
+    model: nn.Module, received: dict[str, torch.Tensor], state: RecordDict, fedbn: bool
+) -> None:
+    """Load the server's weights; under FedBN, then the site's own normalisation layers.
+
+    Under FedBN the server may send the normalisation entries (round 1: the initial
+    model) or not (later rounds); either way the site's stored ones win. A site with none
+    stored yet starts from what it received, or from the model's initialisation. Any
+    other missing or unexpected key is an error, as without FedBN.
+    """
+    if not fedbn:
+        model.load_state_dict(received)
+        return
+    result = model.load_state_dict(received, strict=False)
+    not_norm = sorted(set(result.missing_keys) - norm_keys(model))
+    if not_norm or result.unexpected_keys:
+        raise ValueError(
+            f"global weights do not fit the model: missing {not_norm}, unexpected {result.unexpected_keys}"
+        )
+    if STATE_KEY in state.array_records:
+        model.load_state_dict(state.array_records[STATE_KEY].to_torch_state_dict(), strict=False)
+
+
+def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = "float32") -> ArrayRecord:
+    """The weights a site sends back, floats as `dtype` (fedir.wire); under FedBN its
+    normalisation layers go to `state` instead."""
+    weights = model.cpu().state_dict()
+    if not fedbn:
+        return to_wire(weights, dtype)
+    state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in norm_keys(model)})
+    return to_wire(shared_state(model), dtype)

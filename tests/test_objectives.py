@@ -1,0 +1,147 @@
+"""The local objectives: FixMatch, mean teacher, MixUp, each through the training loop."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedir.objectives import (
+    FixMatch,
+    MeanTeacher,
+    ObjectiveParams,
+    build_objective,
+    mixed_cross_entropy,
+    mixup,
+)
+from fedir.task import TrainConfig, build_model, train
+
+CPU = torch.device("cpu")
+
+
+def _tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )
+
+
+def _batch(n: int = 8, size: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size, size, generator=g)
+    y = torch.arange(n) % 2
+    u = torch.randn(n, 1, size, size, generator=g)
+    return x, y, u
+
+
+@pytest.mark.parametrize("name", ["supervised", "fixmatch", "mean_teacher"])
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_each_objective_gives_a_finite_loss_with_gradients(name, alpha):
+    model = _tiny_model()
+    x, y, u = _batch()
+    loss = build_objective(name, ObjectiveParams(threshold=0.0, mixup_alpha=alpha)).loss(model, x, y, u)
+    assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", ["supervised", "fixmatch", "mean_teacher"])
+def test_each_objective_runs_under_bf16_autocast(name):
+    """fedir.task.train calls the objective under bf16 autocast on a GPU; CPU autocast mimics it."""
+    x, y, u = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = build_objective(name, ObjectiveParams(threshold=0.0, mixup_alpha=0.4)).loss(_tiny_model(), x, y, u)
+    assert math.isfinite(float(loss.detach()))
+
+
+def test_fixmatch_masks_pseudo_labels_below_the_threshold():
+    x, y, u = _batch()
+    model = _tiny_model()  # untrained: its probabilities stay near 0.5
+    supervised, unlabelled, mask = FixMatch(ObjectiveParams(threshold=0.99)).terms(model, x, y, u)
+    assert not mask.any() and float(unlabelled.detach()) == 0.0
+    total = FixMatch(ObjectiveParams(threshold=0.99, unlabelled_weight=5.0)).loss(model, x, y, u)
+    assert torch.allclose(total, supervised)
+    _, unlabelled, mask = FixMatch(ObjectiveParams(threshold=0.0)).terms(model, x, y, u)
+    assert mask.all() and float(unlabelled.detach()) > 0
+
+
+def test_fixmatch_pseudo_labels_come_from_the_weak_view():
+    """With identity views, a confident model's pseudo-labels equal its own predictions, so
+    the unlabelled loss is the cross-entropy of its predictions against their argmax."""
+    x, y, u = _batch()
+    model = _tiny_model()
+    same = lambda t, g: t  # noqa: E731
+    fm = FixMatch(ObjectiveParams(threshold=0.0), weak=same, strong=same)
+    model.eval()  # identical outputs for the weak and strong copies
+    _, unlabelled, _ = fm.terms(model, x, y, u)
+    logits = model(u)
+    expected = nn.functional.cross_entropy(logits, logits.argmax(1))
+    assert torch.allclose(unlabelled, expected, atol=1e-6)
+
+
+def test_mean_teacher_ema_moves_the_teacher_toward_the_student():
+    model = _tiny_model()
+    x, y, u = _batch()
+    mt = MeanTeacher(ObjectiveParams(ema_decay=0.9))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mt.loss(model, x, y, u).backward()
+    opt.step()
+
+    def distance() -> float:
+        s, t = model.state_dict(), mt.teacher.state_dict()
+        return sum(float((s[k].float() - t[k].float()).norm()) for k in s if s[k].is_floating_point())
+
+    before = distance()
+    assert before > 0  # the student stepped, the teacher did not
+    mt.after_step(model)
+    after = distance()
+    assert after == pytest.approx(0.9 * before, rel=0.05)
+    assert not any(p.requires_grad for p in mt.teacher.parameters())
+
+
+def test_mixup_mixes_images_and_labels():
+    x, y, _ = _batch(4)
+    perm = torch.tensor([1, 0, 3, 2])  # every image meets one of the other class
+    x_mix, y_a, y_b = mixup(x, y, 0.7, perm)
+    assert torch.allclose(x_mix, 0.7 * x + 0.3 * x[perm])
+    assert torch.equal(y_a, y) and torch.equal(y_b, 1 - y)
+    logits = torch.randn(4, 2)
+    soft = 0.7 * nn.functional.one_hot(y, 2).float() + 0.3 * nn.functional.one_hot(1 - y, 2).float()
+    assert torch.allclose(mixed_cross_entropy(logits, y_a, y_b, 0.7),
+                          nn.functional.cross_entropy(logits, soft))
+
+
+def test_mixup_alpha_changes_the_supervised_loss():
+    x, y, u = _batch()
+    model = _tiny_model()
+    plain = build_objective("supervised").loss(model, x, y, None)
+    mixed = build_objective("supervised", ObjectiveParams(mixup_alpha=1.0)).loss(model, x, y, None)
+    assert not torch.allclose(plain, mixed)
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "mean_teacher"])
+def test_training_runs_with_each_semi_supervised_objective(name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 1, 16, 16, generator=g)
+    labels = torch.arange(24) % 2
+    labels[::2] = -1  # half unlabelled
+    model = build_model("resnet_small")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    objective = build_objective(name, ObjectiveParams(threshold=0.5, mixup_alpha=0.4))
+    result = train(model, x, labels, objective, TrainConfig(epochs=1, batch_size=4, unlabelled_ratio=2), CPU)
+    assert result.steps == 3 and math.isfinite(result.loss)
+    assert result.n_labelled == 12 and result.n_unlabelled == 12
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if name == "mean_teacher":  # the loop called after_step: the teacher followed the student
+        teacher = objective.teacher.state_dict()
+        assert any(not torch.equal(before[k], teacher[k]) for k in before)
+
+
+@pytest.mark.parametrize("bad", [{"threshold": 1.5}, {"ema_decay": 1.0}, {"mixup_alpha": -1.0},
+                                 {"unlabelled_weight": -0.1}])
+def test_out_of_range_knobs_are_refused(bad):
+    with pytest.raises(ValueError, match="out of range"):
+        ObjectiveParams(**bad)
