@@ -19,6 +19,9 @@ def card_section(cards: dict[str, dict[str, Any]]) -> str:
     head = "".join(f"<th>{escape(site)}</th>" for site in sites)
     rows = [_row(label, [_fmt(getter(card)) for card in cards.values()])
             for label, getter in _SUMMARY_ROWS]
+    # _table returns HTML (escaped values, line breaks), so it must not pass through _fmt
+    rows.append(_row("labelled patients per class",
+                     [_table(card["labels"]["per_class"]) for card in cards.values()]))
     fields = sorted({name for card in cards.values() for name in card.get("acquisition", {})})
     rows += [_row(name, [_table(card.get("acquisition", {}).get(name)) for card in cards.values()])
              for name in fields]
@@ -37,7 +40,6 @@ _SUMMARY_ROWS = (
     ("patients train / val / test", lambda c: " / ".join(str(v) for v in c["patients"].values())),
     ("labelled / unlabelled patients",
      lambda c: f'{c["labels"]["labelled_patients"]} / {c["labels"]["unlabelled_patients"]}'),
-    ("labelled patients per class", lambda c: _table(c["labels"]["per_class"])),
     ("prevalence (class 1)", lambda c: c["labels"]["prevalence"]),
 )
 

@@ -22,3 +22,9 @@ def test_card_section_escapes_and_shows_suppression() -> None:
 
 def test_no_cards_says_so() -> None:
     assert "No site sent a data card" in card_section({})
+
+
+def test_per_class_counts_render_as_lines_not_escaped_markup() -> None:
+    card = {**CARD, "labels": {**CARD["labels"], "per_class": {"values": {"0": 20, "1": 14}, "suppressed_cells": 0}}}
+    html = card_section({"a": card})
+    assert "0: 20<br>1: 14" in html and "&lt;br&gt;" not in html
