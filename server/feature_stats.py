@@ -9,14 +9,16 @@ tells the server how many features the tabular model takes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedir.tabular import MEAN_KEY, STD_KEY, FeatureSums, combine, decode_feature_sums
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,17 @@ def gather_feature_sums(grid: Grid, min_nodes: int, timeout: float = 600) -> Fed
         Message(RecordDict({"config": ConfigRecord()}), node_id, "query") for node_id in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failed = [m for m in replies if m.has_error()]
-    if failed or len(replies) < min_nodes:
-        reasons = "; ".join(m.error.reason for m in failed) or "too few replies"
-        raise RuntimeError(f"feature-statistics query: {len(replies)} replies ({reasons})")
-    decoded = [decode_feature_sums(m.content) for m in replies]
+    answered = [m for m in replies if not m.has_error()]
+    for m in replies:
+        if m.has_error():
+            # A site that cannot answer (an invalid manifest, say) will fail its training
+            # too, and be recorded missing there; it must not stop the other sites' run.
+            log.warning("feature-statistics query: node %d failed: %s",
+                        m.metadata.src_node_id, m.error.reason)
+    if not answered:
+        reasons = "; ".join(m.error.reason for m in replies) or "no reply"
+        raise RuntimeError(f"feature-statistics query: no site answered ({reasons})")
+    decoded = [decode_feature_sums(m.content) for m in answered]
     tabular = [(names, sums) for names, sums in decoded if sums is not None]
     if not tabular:
         return FederationFeatures([], None)

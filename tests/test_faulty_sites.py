@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message
-from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedir.client.client_app import build_client_app
@@ -40,30 +39,20 @@ def _huge(update: dict, sent: dict) -> dict:
 FAULTS = {"site-2": _nan, "site-3": _wrong_shape, "site-4": _huge}
 
 
-def faulty_client_app(settings: Settings) -> ClientApp:
-    """fedir's real ClientApp, with the training reply of some sites corrupted on the way out."""
-    real = build_client_app(settings)
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        reply = real(msg, context)
-        site = f"site-{context.node_config['partition-id']}"
-        if site in FAULTS:
-            sent = msg.content.array_records[ARRAYS_KEY].to_numpy_ndarrays()
-            got = reply.content.array_records[ARRAYS_KEY]
-            names = list(got)
-            update = dict(zip(names, got.to_numpy_ndarrays()))
-            bad = FAULTS[site](update, dict(zip(names, sent)))
-            reply.content.array_records[ARRAYS_KEY] = ArrayRecord(
-                {k: Array(np.array(v, order="C")) for k, v in bad.items()})
-        return reply
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return real(msg, context)
-
-    return app
+def corrupt_training_replies(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: fedir's real ClientApp runs, and the training reply of some
+    sites is corrupted on the way out (every other message passes untouched)."""
+    reply = call_next(msg, context)
+    site = f"site-{context.node_config['partition-id']}"
+    if msg.metadata.message_type.startswith("train") and site in FAULTS and not reply.has_error():
+        sent = msg.content.array_records[ARRAYS_KEY].to_numpy_ndarrays()
+        got = reply.content.array_records[ARRAYS_KEY]
+        names = list(got)
+        update = dict(zip(names, got.to_numpy_ndarrays()))
+        bad = FAULTS[site](update, dict(zip(names, sent)))
+        reply.content.array_records[ARRAYS_KEY] = ArrayRecord(
+            {k: Array(np.array(v, order="C")) for k, v in bad.items()})
+    return reply
 
 
 def test_faulty_updates_are_rejected_with_their_reason(tmp_path):
@@ -76,7 +65,7 @@ def test_faulty_updates_are_rejected_with_their_reason(tmp_path):
         "eval.bootstrap": 50, "output.dir": str(out), "validation.min-accepted": 2,
     })
     run_simulation(server_app=build_server_app(settings, out, "faulty"),
-                   client_app=faulty_client_app(settings), num_supernodes=5,
+                   client_app=build_client_app(settings, mods=[corrupt_training_replies]), num_supernodes=5,
                    backend_config=backend_config(settings))
 
     con = sqlite3.connect(out / "runs.sqlite")
