@@ -68,6 +68,14 @@ def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view:
     return model
 
 
+def _received(msg: Message, context: Context, fixed: Settings | None):
+    """What a train or evaluate message sets up: the settings, the site, the round's
+    config and the model to start from (the site's own weights under the local arm)."""
+    settings, site = _view(context, fixed)
+    arrays = start_weights(settings, msg.content.array_records[ARRAYS_KEY], context)
+    return settings, site, msg.content.config_records["config"], _model_from(arrays, context, settings, site)
+
+
 def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp. Settings come from the run config Flower delivers, unless given
     here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
@@ -83,10 +91,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
 
     @app.train()
     def train_fn(msg: Message, context: Context) -> Message:
-        settings, site = _view(context, fixed)
-        config = msg.content.config_records["config"]
-        model = _model_from(start_weights(settings, msg.content.array_records[ARRAYS_KEY], context),
-                            context, settings, site)
+        settings, site, config, model = _received(msg, context, fixed)
         server_round = int(config.get("server-round", 0))
         seed = settings.train_seed * 1000 + server_round
         objective = build_objective(
@@ -138,10 +143,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
-        settings, site = _view(context, fixed)
-        config = msg.content.config_records["config"]
-        model = _model_from(start_weights(settings, msg.content.array_records[ARRAYS_KEY], context),
-                            context, settings, site)
+        settings, site, config, model = _received(msg, context, fixed)
         labelled = site.test_y >= 0
         x = site.test_x[labelled]
         if site.tabular:
