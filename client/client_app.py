@@ -21,18 +21,20 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedir.client.arms import keep_local, start_weights, training_rows
+from fedir.client.arms import keep_local, start_weights
 from fedir.client.datacard import card_once
 from fedir.client.fedbn import load_global, reply_arrays
 from fedir.client.inputs import SiteView, scaled, scaler, view_of
+from fedir.client.local_training import local_rows, round_recipe
+from fedir.client.personalise import personalised
 from fedir.client.site import SiteUnusable
 from fedir.config import Settings
 from fedir.manifest import ManifestError
 from fedir.metrics import site_metrics
-from fedir.objectives import ObjectiveParams, build_objective
+from fedir.personalise import kept_keys
 from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
-from fedir.tabular import FeatureSums, encode_feature_sums
-from fedir.task import NUM_CLASSES, TrainConfig, build_model, pick_device, predict, train
+from fedir.tabular import encode_feature_sums
+from fedir.task import NUM_CLASSES, build_model, pick_device, predict, train
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(settings.model_name, n_features=view.n_features)
-    load_global(model, arrays.to_torch_state_dict(), context.state, settings.train_fedbn)
+    load_global(model, arrays.to_torch_state_dict(), context.state, settings.train_fedbn,
+                kept_keys(model, settings))
     return model
 
 
@@ -93,40 +96,20 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     def train_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = _received(msg, context, fixed)
         server_round = int(config.get("server-round", 0))
-        seed = settings.train_seed * 1000 + server_round
-        objective = build_objective(
-            settings.train_objective,
-            ObjectiveParams(
-                threshold=settings.train_threshold,
-                unlabelled_weight=settings.train_unlabelled_weight,
-                ema_decay=settings.train_ema_decay,
-                mixup_alpha=settings.train_mixup_alpha,
-                seed=seed,
-            ),
-        )
-        x, y = training_rows(settings, site, context)
-        if site.tabular and len(x):
-            x = scaled(x, *scaler(settings, config, FeatureSums.of(x.numpy())))
+        objective, recipe = round_recipe(settings, settings.train_seed * 1000 + server_round,
+                                         float(config.get("proximal-mu", 0.0)))
+        x, y = local_rows(settings, site, config, context)
         result = train(
             model,
             x,
             y,
             objective,
-            TrainConfig(
-                epochs=settings.train_local_epochs,
-                batch_size=settings.train_batch_size,
-                lr=settings.train_lr,
-                weight_decay=settings.train_weight_decay,
-                seed=seed,
-                unlabelled_ratio=settings.train_unlabelled_ratio,
-                optimizer=settings.train_optimizer,
-                steps=settings.train_local_steps,
-                proximal_mu=float(config.get("proximal-mu", 0.0)),
-            ),
+            recipe,
             pick_device(),
         )
         keep_local(settings, ArrayRecord(model.cpu().state_dict()), context)
-        arrays = reply_arrays(model, context.state, settings.train_fedbn, settings.train_update_dtype)
+        arrays = reply_arrays(model, context.state, settings.train_fedbn, settings.train_update_dtype,
+                              kept_keys(model, settings))
         metrics, site_rec = encode_training(
             site.name,
             loss=result.loss if result.steps else None,
@@ -144,6 +127,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = _received(msg, context, fixed)
+        model = personalised(model, settings, site, config, context)
         labelled = site.test_y >= 0
         x = site.test_x[labelled]
         if site.tabular:

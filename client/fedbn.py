@@ -9,35 +9,48 @@ simulation and in deployment (module globals would not survive: a deployed Clien
 each message in a fresh process). The server therefore never receives them, and after
 the first round its global model has no normalisation entries to send. Which entries
 are normalisation layers is decided in fedir.fedbn, shared with the server.
+
+The same mechanism keeps any other named entries at the site: `extra` (the output bias
+under `train.personalise = intercept`, fedir.personalise) is withheld, stored and
+restored exactly like the normalisation layers, with or without FedBN.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
-from fedir.fedbn import norm_keys, shared_state
+from fedir.fedbn import norm_keys
 from fedir.wire import to_wire
 
 STATE_KEY = "fedbn-local-norm"
 
 
+def _kept(model: nn.Module, fedbn: bool, extra: Collection[str]) -> set[str]:
+    return (norm_keys(model) if fedbn else set()) | set(extra)
+
+
 def load_global(
-    model: nn.Module, received: dict[str, torch.Tensor], state: RecordDict, fedbn: bool
+    model: nn.Module, received: dict[str, torch.Tensor], state: RecordDict, fedbn: bool,
+    extra: Collection[str] = (),
 ) -> None:
     """Load the server's weights; under FedBN, then the site's own normalisation layers.
 
     Under FedBN the server may send the normalisation entries (round 1: the initial
     model) or not (later rounds); either way the site's stored ones win. A site with none
     stored yet starts from what it received, or from the model's initialisation. Any
-    other missing or unexpected key is an error, as without FedBN.
+    other missing or unexpected key is an error, as without FedBN. `extra` entries are
+    kept at the site in the same way.
     """
-    if not fedbn:
+    kept = _kept(model, fedbn, extra)
+    if not kept:
         model.load_state_dict(received)
         return
     result = model.load_state_dict(received, strict=False)
-    not_norm = sorted(set(result.missing_keys) - norm_keys(model))
+    not_norm = sorted(set(result.missing_keys) - kept)
     if not_norm or result.unexpected_keys:
         raise ValueError(
             f"global weights do not fit the model: missing {not_norm}, unexpected {result.unexpected_keys}"
@@ -46,11 +59,13 @@ def load_global(
         model.load_state_dict(state.array_records[STATE_KEY].to_torch_state_dict(), strict=False)
 
 
-def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = "float32") -> ArrayRecord:
+def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = "float32",
+                 extra: Collection[str] = ()) -> ArrayRecord:
     """The weights a site sends back, floats as `dtype` (fedir.wire); under FedBN its
-    normalisation layers go to `state` instead."""
+    normalisation layers, and the `extra` entries, go to `state` instead."""
     weights = model.cpu().state_dict()
-    if not fedbn:
+    kept = _kept(model, fedbn, extra)
+    if not kept:
         return to_wire(weights, dtype)
-    state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in norm_keys(model)})
-    return to_wire(shared_state(model), dtype)
+    state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in kept})
+    return to_wire({k: v for k, v in weights.items() if k not in kept}, dtype)

@@ -74,6 +74,7 @@ class Settings:
     train_ema_decay: float = 0.99  # mean_teacher: EMA decay of the teacher
     train_mixup_alpha: float = 0.0  # MixUp of the labelled batch, Beta(alpha, alpha); 0 = off
     train_fedbn: bool = False  # FedBN: normalisation layers stay at each site (fedir.client.fedbn)
+    train_personalise: str = "none"  # none | intercept | finetune (fedir.personalise)
 
     @staticmethod
     def key_of(field_name: str) -> str:

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedir.config import Settings
-from fedir.fedbn import shared_state
+from fedir.personalise import sent_state
 from fedir.metrics import pooled_metrics
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
@@ -128,7 +128,9 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         model = build_model(settings.model_name, seed=settings.train_seed,
                             n_features=len(features.names))
         if resumed is None:
-            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(model.state_dict())
+            # entries the sites keep (FedBN, a local intercept) are never sent, not even at
+            # the start: server optimisers (FedAdam...) need the same keys every round
+            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(sent_state(model, settings))
             store.start_run(run_id, scenario, config, [Path(s).name for s in settings.sites])
         else:
             run_id, done, start_arrays = resumed.run_id, resumed.completed_round, resumed.array_record()
@@ -142,8 +144,8 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             on_train=recorder.on_train,
             on_evaluate=recorder.on_evaluate,
             on_reject=recorder.on_reject,
-            # under FedBN the sites keep their normalisation layers: updates come without them
-            template=ArrayRecord(shared_state(model) if settings.train_fedbn else model.state_dict()),
+            # entries the sites keep (FedBN, fedir.personalise): updates come without them
+            template=ArrayRecord(sent_state(model, settings)),
             outer=(ResumedRounds,),
             plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
             app_state=lambda: {"label_counts": recorder.label_counts},

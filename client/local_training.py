@@ -1,0 +1,55 @@
+"""One round's local training set-up, shared by a training round and local fine-tuning.
+
+A site trains in two places: each round (`train`), and, under `train.personalise =
+finetune`, before scoring (fedir.client.personalise). Both must see the same rows, scaled
+the same way, and the same objective and budget, or the fine-tuned arm would measure a
+different recipe rather than personalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, Context
+
+from fedir.client.arms import training_rows
+from fedir.client.inputs import SiteView, scaled, scaler
+from fedir.config import Settings
+from fedir.objectives import Objective, ObjectiveParams, build_objective
+from fedir.tabular import FeatureSums
+from fedir.task import TrainConfig
+
+
+def local_rows(settings: Settings, site: SiteView, config: ConfigRecord, context: Context
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (x, y) this node trains on under its arm; tabular features standardised as the
+    protocol says (the federation's statistics, or these rows' own)."""
+    x, y = training_rows(settings, site, context)
+    if site.tabular and len(x):
+        x = scaled(x, *scaler(settings, config, FeatureSums.of(x.numpy())))
+    return x, y
+
+
+def round_recipe(settings: Settings, seed: int, proximal_mu: float = 0.0) -> tuple[Objective, TrainConfig]:
+    """The local objective and budget of one round (local-epochs or local-steps)."""
+    objective = build_objective(
+        settings.train_objective,
+        ObjectiveParams(
+            threshold=settings.train_threshold,
+            unlabelled_weight=settings.train_unlabelled_weight,
+            ema_decay=settings.train_ema_decay,
+            mixup_alpha=settings.train_mixup_alpha,
+            seed=seed,
+        ),
+    )
+    config = TrainConfig(
+        epochs=settings.train_local_epochs,
+        batch_size=settings.train_batch_size,
+        lr=settings.train_lr,
+        weight_decay=settings.train_weight_decay,
+        seed=seed,
+        unlabelled_ratio=settings.train_unlabelled_ratio,
+        optimizer=settings.train_optimizer,
+        steps=settings.train_local_steps,
+        proximal_mu=proximal_mu,
+    )
+    return objective, config
