@@ -53,6 +53,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from fedir.server.baseline_report import baseline_text
     from fedir.server.summary import format_site_table
     from fedir.simulations.scenario import load_scenario
     from fedir.simulations.simulate import simulate
@@ -65,6 +66,8 @@ def _simulate(args: argparse.Namespace) -> int:
     summary = simulate(settings, out, scenario=str(args.scenario), verbose=args.verbose)
     print()
     print(format_site_table(summary))
+    if baseline_text(summary):
+        print("\n" + baseline_text(summary))
     print(f"\nreport: {(out / 'report.html').resolve()}")
     print(f"summary: {(out / 'summary.json').resolve()}")
     return 0

@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from fedir.server.baseline_report import baseline_section, with_clinical_baseline  # noqa: E402
 from fedir.server.card_report import card_section  # noqa: E402
 from fedir.server.runstore import GLOBAL_SITE, RunStore  # noqa: E402
 from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, key_numbers  # noqa: E402
@@ -75,6 +76,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         _verdict_box(summary["bias"]),
         _auc_section(rows, summary["sites"]),
         _site_table_section(summary),
+        baseline_section(with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])),
         _histogram_section(store, run_id, summary),
         _label_section(store, run_id, summary["bias"]),
         _bias_tests_section(summary["bias"]),

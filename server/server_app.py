@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedir.config import Settings
 from fedir.personalise import sent_state
 from fedir.metrics import pooled_metrics
+from fedir.server.baseline_report import with_clinical_baseline
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
 )
@@ -172,7 +173,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
         torch.save(final.to_torch_state_dict(), out_dir / "model.pt")
         store.finish_run(run_id, "finished")
-        summary = build_summary(store, run_id)
+        summary = with_clinical_baseline(build_summary(store, run_id), out_dir, config)
         write_summary(summary, out_dir / "summary.json")
         write_report(store, run_id, out_dir / "report.html")
     return summary

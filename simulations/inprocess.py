@@ -24,6 +24,7 @@ from fedir.client.client_app import build_client_app
 from fedir.config import Settings
 from fedir.records import ARRAYS_KEY
 from fedir.server.server_app import run_study
+from fedir.simulations.companion import run_companion
 from fedir.wire import payload_bytes
 
 SERVER_NODE_ID = 1
@@ -83,7 +84,9 @@ class InProcessGrid(Grid):
 
 def run_inprocess(settings: Settings, out_dir: Path) -> dict:
     """A whole study (all rounds, run store, summary.json) without Ray; returns the summary
-    with `upload_bytes` added (the weights the sites sent, as serialised)."""
+    with `upload_bytes` added (the weights the sites sent, as serialised). A clinical
+    companion study (`baseline.clinical`) runs first, in-process too."""
+    run_companion(settings, Path(out_dir), run_inprocess)
     grid = InProcessGrid(build_client_app(settings), len(settings.sites), settings.to_run_config())
     summary = run_study(grid, settings, Path(out_dir), scenario="in-process")
     return {**summary, "upload_bytes": grid.upload_bytes}

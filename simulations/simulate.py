@@ -20,6 +20,7 @@ from flwr.clientapp.typing import Mod
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings
 from fedir.server.server_app import build_server_app
+from fedir.simulations.companion import run_companion
 
 
 def backend_config(settings: Settings) -> dict[str, Any]:
@@ -51,6 +52,9 @@ def simulate(settings: Settings, out_dir: Path, scenario: str, verbose: bool = F
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    # the clinical-only companion first, so the imaging report can show both
+    run_companion(settings, out_dir, lambda s, d: simulate(s, d, f"{scenario} [clinical baseline]",
+                                                           verbose, client_mods))
     server_app = build_server_app(settings, out_dir, scenario)
     run_simulation(
         server_app=server_app,

@@ -1,0 +1,63 @@
+"""The clinical-only companion study of an imaging federation (`baseline.clinical = true`).
+
+The same sites, federation, strategy, rounds, seed and split fractions as the scenario,
+so each site tests both models on the same patients; only what is learnt from differs:
+the manifests' clin_* columns, one row per patient (`data.inputs = "clinical"`), with a
+logistic regression trained by local SGD (`baseline.clinical-steps`,
+`baseline.clinical-lr`). Image-only settings (semi-supervised objectives, FedBN,
+personalisation, monitoring exports) are switched off: they have no meaning for the
+clinical model, or would write into the imaging run's folders. The companion runs first,
+into OUT/clinical-baseline/, so that the imaging run's summary and report, written at its
+end, can show both (fedir.server.baseline_report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from fedir.config import Settings, SettingsError
+from fedir.manifest import MANIFEST_NAME
+from fedir.server.baseline_report import COMPANION_DIR
+
+CLINICAL_PREFIX = "clin_"
+
+
+def clinical_settings(settings: Settings) -> Settings:
+    """The companion study's settings, derived from the imaging scenario's."""
+    return replace(
+        settings,
+        data_inputs="clinical",
+        model_name="logreg",
+        train_objective="supervised",
+        train_optimizer="sgd",
+        train_local_steps=settings.baseline_clinical_steps,
+        train_lr=settings.baseline_clinical_lr,
+        train_weight_decay=0.0,
+        train_mixup_alpha=0.0,
+        train_fedbn=False,
+        train_personalise="none",
+        monitor_tensorboard="",
+        monitor_mlflow="",
+        baseline_clinical=False,
+    )
+
+
+def check_clinical_columns(settings: Settings) -> None:
+    """Every site's manifest must carry clin_* columns, or the companion has nothing to learn."""
+    for site in settings.sites:
+        with (Path(site) / MANIFEST_NAME).open(encoding="utf-8") as fh:
+            header = fh.readline().strip().split(",")
+        if not any(col.strip().strip('"').startswith(CLINICAL_PREFIX) for col in header):
+            raise SettingsError(f"baseline.clinical = true, but site {Path(site).name} has no clin_* columns")
+
+
+def run_companion(settings: Settings, out_dir: Path, runner: Callable[[Settings, Path], object]) -> Path | None:
+    """Run the clinical companion with `runner` into OUT/clinical-baseline/ when asked for."""
+    if not settings.baseline_clinical:
+        return None
+    check_clinical_columns(settings)
+    target = Path(out_dir) / COMPANION_DIR
+    runner(clinical_settings(settings), target)
+    return target
