@@ -96,9 +96,9 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     def train_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = _received(msg, context, fixed)
         server_round = int(config.get("server-round", 0))
-        objective, recipe = round_recipe(settings, settings.train_seed * 1000 + server_round,
-                                         float(config.get("proximal-mu", 0.0)))
-        x, y = local_rows(settings, site, config, context)
+        seed = settings.train_seed * 1000 + server_round
+        objective, recipe = round_recipe(settings, seed, float(config.get("proximal-mu", 0.0)))
+        x, y, synthetic = local_rows(settings, site, config, context, seed)
         result = train(
             model,
             x,
@@ -114,7 +114,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             site.name,
             loss=result.loss if result.steps else None,
             steps=result.steps,
-            n_labelled=result.n_labelled,
+            n_labelled=result.n_labelled - synthetic,  # real patients only (fedir.client.smote)
             n_unlabelled=result.n_unlabelled,
             label_counts=site.label_counts,
             num_classes=NUM_CLASSES,

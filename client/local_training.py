@@ -13,20 +13,27 @@ from flwr.app import ConfigRecord, Context
 
 from fedir.client.arms import training_rows
 from fedir.client.inputs import SiteView, scaled, scaler
+from fedir.client.smote import oversampled
 from fedir.config import Settings
 from fedir.objectives import Objective, ObjectiveParams, build_objective
 from fedir.tabular import FeatureSums
 from fedir.task import TrainConfig
 
 
-def local_rows(settings: Settings, site: SiteView, config: ConfigRecord, context: Context
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (x, y) this node trains on under its arm; tabular features standardised as the
-    protocol says (the federation's statistics, or these rows' own)."""
+def local_rows(settings: Settings, site: SiteView, config: ConfigRecord, context: Context,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(x, y, n_synthetic): the rows this node trains on under its arm; tabular features
+    standardised as the protocol says (the federation's statistics, or these rows' own);
+    under `train.smote`, synthetic minority rows appended (fedir.client.smote), counted so
+    that the site reports only its real patients."""
     x, y = training_rows(settings, site, context)
     if site.tabular and len(x):
         x = scaled(x, *scaler(settings, config, FeatureSums.of(x.numpy())))
-    return x, y
+    if not settings.train_smote:
+        return x, y, 0
+    if not site.tabular:
+        raise ValueError("train.smote applies to tabular rows (a tabular site, or data.inputs = clinical)")
+    return oversampled(x, y, seed)
 
 
 def round_recipe(settings: Settings, seed: int, proximal_mu: float = 0.0) -> tuple[Objective, TrainConfig]:

@@ -27,7 +27,7 @@ def personalised(model: nn.Module, settings: Settings, site: SiteView, config: C
         return model
     server_round = int(config.get("server-round", 0))
     seed = settings.train_seed * 1000 + server_round + FINETUNE_SEED_OFFSET
-    x, y = local_rows(settings, site, config, context)
+    x, y, _ = local_rows(settings, site, config, context, seed)
     objective, recipe = round_recipe(settings, seed)
     train(model, x, y, objective, recipe, pick_device())
     return model

@@ -75,6 +75,7 @@ class Settings:
     train_mixup_alpha: float = 0.0  # MixUp of the labelled batch, Beta(alpha, alpha); 0 = off
     train_fedbn: bool = False  # FedBN: normalisation layers stay at each site (fedir.client.fedbn)
     train_personalise: str = "none"  # none | intercept | finetune (fedir.personalise)
+    train_smote: bool = False  # SMOTE on a tabular site's labelled training rows, at the site (fedir.client.smote)
     baseline_clinical: bool = False  # also run a clinical-only companion study (fedir.simulations.companion)
     baseline_clinical_steps: int = 50  # its local SGD steps per round (logistic regression on clin_*)
     baseline_clinical_lr: float = 0.05  # its SGD learning rate
