@@ -143,11 +143,13 @@ def personalised_markdown(result: dict) -> str:
             sites = " | ".join(
                 f"{row['per_site'][c]['mean']:.3f} ({paired(row['runs'], base['runs'], lambda r, c=c: r['per_site'][c])['mean']:+.3f})"
                 for c in CENTRES)
-            alarms = sum(bool(r.get("bias_alarm")) for r in row["runs"])
+            recorded = [r for r in row["runs"] if "bias_alarm" in r]
+            alarms = (f"{sum(bool(r['bias_alarm']) for r in recorded)} of {len(recorded)}"
+                      if recorded else "not recorded")
             named = sorted({s for r in row["runs"] for s in r.get("bias_sites_named", [])})
             lines.append(f"| {protocol} | {arm} (vs {base_of(arm)}) | {_cell(row['mean_over_sites'])} | "
                          f"{gain['mean']:+.3f} +- {gain['sd']:.3f} | {sites} | "
-                         f"{alarms} of {len(row['runs'])} | {', '.join(named) or '-'} |")
+                         f"{alarms} | {', '.join(named) or '-'} |")
     return "\n".join(lines)
 
 
