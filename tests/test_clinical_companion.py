@@ -81,3 +81,21 @@ def test_an_imaging_run_with_a_clinical_baseline_reports_both_on_the_same_patien
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Clinical-only baseline beside the imaging model" in report
     assert f"{cmp['per_site']['site-0']['clinical']['auc']:.3f}" in report
+
+
+@pytest.mark.slow
+def test_fedir_simulate_runs_the_companion_on_flowers_engine_and_prints_both(tmp_path, capsys):
+    """The command line on Ray: the companion's folder, and the side-by-side table printed."""
+    from fedir.cli import main
+
+    generate_federation(tmp_path / "fed", sites=2, patients=16, seed=0, unlabelled_fraction=0.0,
+                        image_size=32, progress=False)
+    toml = tmp_path / "s.toml"
+    toml.write_text('[federation]\nsites = ["fed/site-0", "fed/site-1"]\n'
+                    "[train]\nrounds = 1\nlocal-epochs = 1\nbatch-size = 4\n"
+                    "[model]\nimage-size = 32\n[eval]\nbootstrap = 20\n[baseline]\nclinical = true\n")
+    assert main(["simulate", str(toml), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "Clinical-only baseline" in out and "clinical AUC [95% CI]" in out
+    assert (tmp_path / "run" / "clinical-baseline" / "report.html").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["clinical_baseline"]["available"]
