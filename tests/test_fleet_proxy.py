@@ -45,15 +45,22 @@ def test_the_proxy_forwards_exactly_the_routes_flower_supernode_calls():
 
 
 @needs_nginx
-def test_nginx_accepts_the_generated_configuration(tmp_path):
+def test_nginx_accepts_the_configuration_fedir_proxy_writes(tmp_path, capsys):
     import subprocess
+
+    from fedir.cli import main
 
     certs = tmp_path / "certs"
     init_ca(certs, ["localhost"])
-    conf = write_nginx_config(tmp_path / "proxy", "127.0.0.2:9443", "127.0.0.1:9000", certs)
+    assert main(["proxy", str(tmp_path / "proxy"), "--listen", "127.0.0.2:9443",
+                 "--superlink", "127.0.0.1:9000", "--certs", str(certs)]) == 0
+    conf = tmp_path / "proxy" / "nginx.conf"
+    assert str(conf) in capsys.readouterr().out
     checked = subprocess.run(nginx_args(conf)[:-2] + ["-t"], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-    assert "location /" in conf.read_text() and "return 403" in conf.read_text()
+    text = conf.read_text()
+    assert "listen 127.0.0.2:9443 ssl;" in text and "proxy_pass https://127.0.0.1:9000;" in text
+    assert "location /" in text and "return 403" in text
 
 
 @pytest.fixture(scope="module")
