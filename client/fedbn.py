@@ -46,11 +46,12 @@ def load_global(
         model.load_state_dict(state.array_records[STATE_KEY].to_torch_state_dict(), strict=False)
 
 
-def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = "float32") -> ArrayRecord:
-    """The weights a site sends back, floats as `dtype` (fedir.wire); under FedBN its
-    normalisation layers go to `state` instead."""
+def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = "float32",
+                 dp: bool = False) -> ArrayRecord:
+    """The weights a site sends back, floats as `dtype` (fedir.wire; under differential
+    privacy every array as a float); under FedBN its normalisation layers go to `state` instead."""
     weights = model.cpu().state_dict()
     if not fedbn:
-        return to_wire(weights, dtype)
+        return to_wire(weights, dtype, dp)
     state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in norm_keys(model)})
     return to_wire(shared_state(model), dtype)

@@ -74,6 +74,11 @@ class Settings:
     train_ema_decay: float = 0.99  # mean_teacher: EMA decay of the teacher
     train_mixup_alpha: float = 0.0  # MixUp of the labelled batch, Beta(alpha, alpha); 0 = off
     train_fedbn: bool = False  # FedBN: normalisation layers stay at each site (fedir.client.fedbn)
+    privacy_dp: str = "off"  # off | server-fixed | server-adaptive | client-fixed | client-adaptive (fedir.privacy)
+    privacy_noise_multiplier: float = 0.1  # Gaussian noise std = this x clipping norm / sampled sites
+    privacy_clipping_norm: float = 1.0  # L2 bound of a site's update (adaptive: the initial bound)
+    privacy_target_quantile: float = 0.5  # adaptive: share of updates left unclipped
+    privacy_clip_norm_lr: float = 0.2  # adaptive: learning rate of the clipping bound
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -99,6 +104,11 @@ class Settings:
     def to_run_config(self) -> dict[str, Any]:
         """The flat mapping Flower carries (only str/int/float/bool values)."""
         return {self.key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def dp(self) -> bool:
+        """Whether a differential-privacy mode is on (fedir.privacy)."""
+        return self.privacy_dp != "off"
 
     @property
     def sites(self) -> list[str]:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedir.config import Settings
 from fedir.fedbn import shared_state
 from fedir.metrics import pooled_metrics
+from fedir.privacy import dp_arrays, model_shaped
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
 )
@@ -33,6 +34,7 @@ from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
 from fedir.strategies.per_site import RoundReplies
+from fedir.strategies.privacy import inner_strategy
 from fedir.strategies.registry import build_strategy
 from fedir.task import build_model
 
@@ -110,6 +112,14 @@ class StudyRecorder:
             )
 
 
+def shared_arrays(model: torch.nn.Module, settings: Settings, initial: bool = False) -> dict[str, torch.Tensor]:
+    """What the sites send back, as the server's validation template (or, `initial`, the
+    first global model): under FedBN without the normalisation layers (round 1 still sends
+    them), under differential privacy every array a float of at least one dimension (fedir.privacy)."""
+    weights = shared_state(model) if settings.train_fedbn and not initial else model.state_dict()
+    return dp_arrays(weights) if settings.dp else weights
+
+
 def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> dict[str, Any]:
     """Run every round, then write summary.json, report.html and model.pt into out_dir.
 
@@ -128,7 +138,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         model = build_model(settings.model_name, seed=settings.train_seed,
                             n_features=len(features.names))
         if resumed is None:
-            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(model.state_dict())
+            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(shared_arrays(model, settings, initial=True))
             store.start_run(run_id, scenario, config, [Path(s).name for s in settings.sites])
         else:
             run_id, done, start_arrays = resumed.run_id, resumed.completed_round, resumed.array_record()
@@ -143,13 +153,13 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             on_evaluate=recorder.on_evaluate,
             on_reject=recorder.on_reject,
             # under FedBN the sites keep their normalisation layers: updates come without them
-            template=ArrayRecord(shared_state(model) if settings.train_fedbn else model.state_dict()),
+            template=ArrayRecord(shared_arrays(model, settings)),
             outer=(ResumedRounds,),
             plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
             app_state=lambda: {"label_counts": recorder.label_counts},
         )
         if resumed is not None:
-            restore_strategy_state(strategy, resumed.strategy_state)
+            restore_strategy_state(inner_strategy(strategy), resumed.strategy_state)
             recorder.label_counts = resumed.app_state["label_counts"]
             recorder.progress.update(done)
         try:
@@ -168,7 +178,8 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             for export in exports:
                 export.close()
         final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
-        torch.save(final.to_torch_state_dict(), out_dir / "model.pt")
+        weights = final.to_torch_state_dict()
+        torch.save(model_shaped(weights, model.state_dict()) if settings.dp else weights, out_dir / "model.pt")
         store.finish_run(run_id, "finished")
         summary = build_summary(store, run_id)
         write_summary(summary, out_dir / "summary.json")
