@@ -79,6 +79,7 @@ class Settings:
     privacy_clipping_norm: float = 1.0  # L2 bound of a site's update (adaptive: the initial bound)
     privacy_target_quantile: float = 0.5  # adaptive: share of updates left unclipped
     privacy_clip_norm_lr: float = 0.2  # adaptive: learning rate of the clipping bound
+    privacy_clipped_count_stddev: float = 0.0  # adaptive: noise on the clipped count; 0 = Flower's default (sites/20)
 
     @staticmethod
     def key_of(field_name: str) -> str:

@@ -34,8 +34,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedir.config import Settings
+from fedir.config import Settings, SettingsError
 from fedir.privacy import check_dp
+
 
 class PaperQuantileRule:
     """Mixin for Flower's adaptive-clipping wrappers: the clipping bound grows when more
@@ -78,13 +79,20 @@ def with_differential_privacy(strategy: Strategy, settings: Settings, n_sites: i
         return strategy
     sampled = sampled_sites(settings, n_sites, min_train_nodes)
     if mode in _FIXED:
-        return _FIXED[mode](strategy, noise_multiplier=settings.privacy_noise_multiplier,
-                            clipping_norm=settings.privacy_clipping_norm, num_sampled_clients=sampled)
-    return _ADAPTIVE[mode](strategy, noise_multiplier=settings.privacy_noise_multiplier,
-                           num_sampled_clients=sampled,
-                           initial_clipping_norm=settings.privacy_clipping_norm,
-                           target_clipped_quantile=settings.privacy_target_quantile,
-                           clip_norm_lr=settings.privacy_clip_norm_lr)
+        try:
+            return _FIXED[mode](strategy, noise_multiplier=settings.privacy_noise_multiplier,
+                                clipping_norm=settings.privacy_clipping_norm, num_sampled_clients=sampled)
+        except ValueError as exc:
+            raise SettingsError(f"privacy.dp = {mode!r}: {exc}") from None
+    try:
+        return _ADAPTIVE[mode](strategy, noise_multiplier=settings.privacy_noise_multiplier,
+                               num_sampled_clients=sampled,
+                               initial_clipping_norm=settings.privacy_clipping_norm,
+                               target_clipped_quantile=settings.privacy_target_quantile,
+                               clip_norm_lr=settings.privacy_clip_norm_lr,
+                               clipped_count_stddev=settings.privacy_clipped_count_stddev or None)
+    except ValueError as exc:  # Flower's own check of the parameters, e.g. too little count noise
+        raise SettingsError(f"privacy.dp = {mode!r}: {exc}") from None
 
 
 def inner_strategy(strategy: Strategy) -> Strategy:

@@ -159,8 +159,19 @@ def test_server_adaptive_clipping_adapts_its_norm(fed, tmp_path, monkeypatch):
     (dict(privacy_dp="server-fixed", train_fedbn=True), "train.fedbn"),
     (dict(privacy_dp="client-fixed", train_update_dtype="float16"), "train.update-dtype"),
     (dict(privacy_dp="server-adaptive", federation_arm="local"), "federation.arm"),
+    (dict(privacy_dp="server-fixed", privacy_clipping_norm=0.0), "clipping norm"),
+    # 2 sites: Flower's default count noise (2/20) cannot carry noise multiplier 1 ...
+    (dict(privacy_dp="client-adaptive", privacy_noise_multiplier=1.0), "clipped_count_stddev"),
 ])
 def test_combinations_dp_cannot_serve_are_refused_by_name(tmp_path, kw, message):
     settings = _settings(tmp_path, **kw)
     with pytest.raises(SettingsError, match=message.replace(".", r"\.")):
         with_differential_privacy(FedAvg(), settings, n_sites=2, min_train_nodes=2)
+
+
+def test_more_count_noise_lets_adaptive_clipping_carry_a_larger_noise_multiplier(tmp_path):
+    # ... 0.6 (> 1 / 2) can, and reaches Flower's wrapper
+    settings = _settings(tmp_path, privacy_dp="client-adaptive", privacy_noise_multiplier=1.0,
+                         privacy_clipped_count_stddev=0.6)
+    wrapped = with_differential_privacy(FedAvg(), settings, n_sites=2, min_train_nodes=2)
+    assert wrapped.clipped_count_stddev == 0.6
