@@ -106,9 +106,9 @@ class StudyRecorder:
         self.store.record_note(self.run_id, server_round, site, "rejected", reason)
 
     def _record_failures(self, replies: RoundReplies, stage: str) -> None:
-        for node, reason in replies.failed.items():
+        for site, reason in replies.failed.items():
             self.store.record_note(
-                self.run_id, replies.server_round, node, "missing", f"{stage} failed: {reason}"
+                self.run_id, replies.server_round, site, "missing", f"{stage} failed: {reason}"
             )
 
 
