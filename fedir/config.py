@@ -81,6 +81,14 @@ class Settings:
     privacy_clip_norm_lr: float = 0.2  # adaptive: learning rate of the clipping bound
     privacy_clipped_count_stddev: float = 0.0  # adaptive: noise on the clipped count; 0 = Flower's default (sites/20)
 
+    def __post_init__(self) -> None:
+        # DP modes and the settings they cannot serve are refused when the settings are
+        # read (a scenario file, the run config), before any run starts.
+        from fedir.privacy import check_dp
+
+        check_dp(self.privacy_dp, fedbn=self.train_fedbn, update_dtype=self.train_update_dtype,
+                 arm=self.federation_arm)
+
     @staticmethod
     def key_of(field_name: str) -> str:
         """`train_local_epochs` -> `train.local-epochs`."""

@@ -164,9 +164,9 @@ def test_server_adaptive_clipping_adapts_its_norm(fed, tmp_path, monkeypatch):
     (dict(privacy_dp="client-adaptive", privacy_noise_multiplier=1.0), "clipped_count_stddev"),
 ])
 def test_combinations_dp_cannot_serve_are_refused_by_name(tmp_path, kw, message):
-    settings = _settings(tmp_path, **kw)
     with pytest.raises(SettingsError, match=message.replace(".", r"\.")):
-        with_differential_privacy(FedAvg(), settings, n_sites=2, min_train_nodes=2)
+        settings = _settings(tmp_path, **kw)  # combinations are refused as the settings are read
+        with_differential_privacy(FedAvg(), settings, n_sites=2, min_train_nodes=2)  # Flower's own checks
 
 
 def test_more_count_noise_lets_adaptive_clipping_carry_a_larger_noise_multiplier(tmp_path):
