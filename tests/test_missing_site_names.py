@@ -1,8 +1,9 @@
 """A site that fails after answering is noted missing under its own name, not its node id.
 
-An error reply carries no site name (Flower builds it; the ClientApp may not even have
-run), so the server names a failed node from its earlier replies. A node that never
-answered stays "node ID"."""
+An error reply carries no site name, and when the SuperLink builds it (a node that went
+away) not even the node's id: it comes from the SuperLink's own node id and names the
+message it answers. So the server finds the node from the message it sent and names it
+from its earlier replies. A node that never answered stays "node ID"."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 from flwr.app import Context, Error, Message
 
 from fedir.client.client_app import build_client_app
+
+SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the sender of Flower's own error replies
 from fedir.config import Settings
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
@@ -25,7 +28,10 @@ def _drop(partition: int, from_round: int):
         config = msg.content.config_records.get("config")
         server_round = int(config.get("server-round", 0)) if config is not None else 0
         if context.node_config["partition-id"] == partition and server_round >= from_round:
-            return Message(error=Error(code=0, reason="Node Unavailable (test)"), reply_to=msg)
+            reply = Message(error=Error(code=0, reason="Node Unavailable (test)"), reply_to=msg)
+            # as the SuperLink makes it for a node that went away: from its own node id
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            return reply
         return call_next(msg, context)
 
     return mod
