@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fedir-installed
 DEMO_DATA := demo-data/federation
 DEMO_OUT  := runs/demo
 
-.PHONY: setup demo test test-fast clean browser
+.PHONY: setup demo test test-fast clean browser nginx
 
 setup: $(STAMP)
 
@@ -34,10 +34,15 @@ demo: $(STAMP)
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
 
-test: $(STAMP) browser
+# The deployment's front door for hospitals is nginx (DEPLOY.md, tests/test_fleet_proxy.py);
+# install it when missing (CI runs as root on Debian).
+nginx:
+	@test -x /usr/sbin/nginx || { apt-get update -q && apt-get install -y -q --no-install-recommends nginx-light; }
+
+test: $(STAMP) browser nginx
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) browser
+test-fast: $(STAMP) browser nginx
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

@@ -27,11 +27,13 @@ from fedir.client.fedbn import load_global, reply_arrays
 from fedir.client.inputs import SiteView, scaled, scaler, view_of
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.personalise import personalised
+from fedir.client.privacy import dp_clipping_mod
 from fedir.client.site import SiteUnusable
 from fedir.config import Settings
 from fedir.manifest import ManifestError
 from fedir.metrics import site_metrics
 from fedir.personalise import kept_keys
+from fedir.privacy import model_shaped
 from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
 from fedir.tabular import encode_feature_sums
 from fedir.task import NUM_CLASSES, build_model, pick_device, predict, train
@@ -66,8 +68,10 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(settings.model_name, n_features=view.n_features)
-    load_global(model, arrays.to_torch_state_dict(), context.state, settings.train_fedbn,
-                kept_keys(model, settings))
+    received = arrays.to_torch_state_dict()
+    if settings.dp:  # the global model travels in DP's shapes (fedir.privacy)
+        received = model_shaped(received, model.state_dict())
+    load_global(model, received, context.state, settings.train_fedbn, kept_keys(model, settings))
     return model
 
 
@@ -82,8 +86,9 @@ def _received(msg: Message, context: Context, fixed: Settings | None):
 def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp. Settings come from the run config Flower delivers, unless given
     here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
-    mods wrapped around every message handler (the wire audit test captures replies so)."""
-    app = ClientApp(mods=list(mods))
+    mods wrapped around every message handler (the wire audit test captures replies so);
+    innermost, the client-side DP clipping the run may ask for (fedir.client.privacy)."""
+    app = ClientApp(mods=[*mods, dp_clipping_mod(settings)])
     fixed = settings
 
     @app.query()
@@ -109,7 +114,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         )
         keep_local(settings, ArrayRecord(model.cpu().state_dict()), context)
         arrays = reply_arrays(model, context.state, settings.train_fedbn, settings.train_update_dtype,
-                              kept_keys(model, settings))
+                              kept_keys(model, settings), settings.dp)
         metrics, site_rec = encode_training(
             site.name,
             loss=result.loss if result.steps else None,

@@ -60,12 +60,13 @@ def load_global(
 
 
 def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = "float32",
-                 extra: Collection[str] = ()) -> ArrayRecord:
-    """The weights a site sends back, floats as `dtype` (fedir.wire); under FedBN its
-    normalisation layers, and the `extra` entries, go to `state` instead."""
+                 extra: Collection[str] = (), dp: bool = False) -> ArrayRecord:
+    """The weights a site sends back, floats as `dtype` (fedir.wire; under differential
+    privacy every array as a float); under FedBN its normalisation layers, and the `extra`
+    entries, go to `state` instead."""
     weights = model.cpu().state_dict()
     kept = _kept(model, fedbn, extra)
     if not kept:
-        return to_wire(weights, dtype)
+        return to_wire(weights, dtype, dp)
     state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in kept})
-    return to_wire({k: v for k, v in weights.items() if k not in kept}, dtype)
+    return to_wire({k: v for k, v in weights.items() if k not in kept}, dtype, dp)

@@ -7,6 +7,7 @@
     fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
     fedir certs init DIR --host NAME [--host NAME ...] [--force]
     fedir certs node DIR SITE [--force]
+    fedir proxy DIR --listen ADDR:PORT --superlink 127.0.0.1:PORT --certs CERTS_DIR [--upstream-name NAME] [--user USER]
 
 Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
 and exit status 2, not a traceback.
@@ -92,6 +93,16 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from fedir.server.fleet_proxy import write_nginx_config
+
+    conf = write_nginx_config(args.dir, args.listen, args.superlink, args.certs,
+                              upstream_name=args.upstream_name, user=args.user)
+    print(conf.resolve())
+    print(f"start: nginx -p {Path(args.dir).resolve()} -c {conf.resolve()} -e {Path(args.dir).resolve()}/error.log")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedir", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (init, node):
         p.add_argument("--force", action="store_true", help="replace existing files")
         p.set_defaults(func=_certs)
+
+    proxy = sub.add_parser("proxy", help="nginx config: hospitals reach only the SuperLink's Fleet API (DEPLOY.md)")
+    proxy.add_argument("dir", type=Path, help="folder for nginx.conf, its logs and temporary files")
+    proxy.add_argument("--listen", required=True, help="address:port the hospitals dial, e.g. 0.0.0.0:443")
+    proxy.add_argument("--superlink", default="127.0.0.1:8000",
+                       help="the SuperLink's --host:--port, on the coordinator's loopback")
+    proxy.add_argument("--certs", type=Path, required=True, help="the folder `fedir certs init` wrote")
+    proxy.add_argument("--upstream-name", default="localhost",
+                       help="a DNS name on server.crt that nginx checks when it dials the SuperLink")
+    proxy.add_argument("--user", default=None, help="user nginx's workers run as (nginx started as root)")
+    proxy.set_defaults(func=_proxy)
     return parser
 
 

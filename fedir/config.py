@@ -79,6 +79,20 @@ class Settings:
     baseline_clinical: bool = False  # also run a clinical-only companion study (fedir.simulations.companion)
     baseline_clinical_steps: int = 50  # its local SGD steps per round (logistic regression on clin_*)
     baseline_clinical_lr: float = 0.05  # its SGD learning rate
+    privacy_dp: str = "off"  # off | server-fixed | server-adaptive | client-fixed | client-adaptive (fedir.privacy)
+    privacy_noise_multiplier: float = 0.1  # Gaussian noise std = this x clipping norm / sampled sites
+    privacy_clipping_norm: float = 1.0  # L2 bound of a site's update (adaptive: the initial bound)
+    privacy_target_quantile: float = 0.5  # adaptive: share of updates left unclipped
+    privacy_clip_norm_lr: float = 0.2  # adaptive: learning rate of the clipping bound
+    privacy_clipped_count_stddev: float = 0.0  # adaptive: noise on the clipped count; 0 = Flower's default (sites/20)
+
+    def __post_init__(self) -> None:
+        # DP modes and the settings they cannot serve are refused when the settings are
+        # read (a scenario file, the run config), before any run starts.
+        from fedir.privacy import check_dp
+
+        check_dp(self.privacy_dp, fedbn=self.train_fedbn, update_dtype=self.train_update_dtype,
+                 arm=self.federation_arm)
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -104,6 +118,11 @@ class Settings:
     def to_run_config(self) -> dict[str, Any]:
         """The flat mapping Flower carries (only str/int/float/bool values)."""
         return {self.key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def dp(self) -> bool:
+        """Whether a differential-privacy mode is on (fedir.privacy)."""
+        return self.privacy_dp != "off"
 
     @property
     def sites(self) -> list[str]:

@@ -14,13 +14,18 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fedir.privacy import dp_arrays
+
 UPDATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def to_wire(state_dict: dict[str, torch.Tensor], dtype: str) -> ArrayRecord:
-    """A site's weights as the ArrayRecord it sends, floats cast to `dtype`."""
+def to_wire(state_dict: dict[str, torch.Tensor], dtype: str, dp: bool = False) -> ArrayRecord:
+    """A site's weights as the ArrayRecord it sends, floats cast to `dtype`; under
+    differential privacy every array a float with at least one dimension (fedir.privacy)."""
     if dtype not in UPDATE_DTYPES:
         raise ValueError(f"train.update-dtype = {dtype!r}: choose {' or '.join(UPDATE_DTYPES)}")
+    if dp:
+        state_dict = dp_arrays(state_dict)
     target = UPDATE_DTYPES[dtype]
     return ArrayRecord({k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()})
 

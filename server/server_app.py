@@ -24,6 +24,7 @@ from fedir.config import Settings
 from fedir.personalise import sent_state
 from fedir.metrics import pooled_metrics
 from fedir.server.baseline_report import with_clinical_baseline
+from fedir.privacy import dp_arrays, model_shaped
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
 )
@@ -34,6 +35,7 @@ from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
 from fedir.strategies.per_site import RoundReplies
+from fedir.strategies.privacy import inner_strategy
 from fedir.strategies.registry import build_strategy
 from fedir.task import build_model
 
@@ -105,10 +107,18 @@ class StudyRecorder:
         self.store.record_note(self.run_id, server_round, site, "rejected", reason)
 
     def _record_failures(self, replies: RoundReplies, stage: str) -> None:
-        for node, reason in replies.failed.items():
+        for site, reason in replies.failed.items():
             self.store.record_note(
-                self.run_id, replies.server_round, node, "missing", f"{stage} failed: {reason}"
+                self.run_id, replies.server_round, site, "missing", f"{stage} failed: {reason}"
             )
+
+
+def shared_arrays(model: torch.nn.Module, settings: Settings) -> dict[str, torch.Tensor]:
+    """What crosses the boundary, as the first global model and the server's validation
+    template: without the entries the sites keep (FedBN, fedir.personalise), and under
+    differential privacy every array a float of at least one dimension (fedir.privacy)."""
+    weights = sent_state(model, settings)
+    return dp_arrays(weights) if settings.dp else weights
 
 
 def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> dict[str, Any]:
@@ -131,7 +141,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         if resumed is None:
             # entries the sites keep (FedBN, a local intercept) are never sent, not even at
             # the start: server optimisers (FedAdam...) need the same keys every round
-            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(sent_state(model, settings))
+            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(shared_arrays(model, settings))
             store.start_run(run_id, scenario, config, [Path(s).name for s in settings.sites])
         else:
             run_id, done, start_arrays = resumed.run_id, resumed.completed_round, resumed.array_record()
@@ -146,13 +156,13 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             on_evaluate=recorder.on_evaluate,
             on_reject=recorder.on_reject,
             # entries the sites keep (FedBN, fedir.personalise): updates come without them
-            template=ArrayRecord(sent_state(model, settings)),
+            template=ArrayRecord(shared_arrays(model, settings)),
             outer=(ResumedRounds,),
             plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
             app_state=lambda: {"label_counts": recorder.label_counts},
         )
         if resumed is not None:
-            restore_strategy_state(strategy, resumed.strategy_state)
+            restore_strategy_state(inner_strategy(strategy), resumed.strategy_state)
             recorder.label_counts = resumed.app_state["label_counts"]
             recorder.progress.update(done)
         try:
@@ -171,7 +181,8 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             for export in exports:
                 export.close()
         final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
-        torch.save(final.to_torch_state_dict(), out_dir / "model.pt")
+        weights = final.to_torch_state_dict()
+        torch.save(model_shaped(weights, model.state_dict()) if settings.dp else weights, out_dir / "model.pt")
         store.finish_run(run_id, "finished")
         summary = with_clinical_baseline(build_summary(store, run_id), out_dir, config)
         write_summary(summary, out_dir / "summary.json")

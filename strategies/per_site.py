@@ -7,8 +7,10 @@ for the per-site table and the bias analysis. So `aggregate_train` and
 to callbacks the ServerApp provides, then let the strategy (FedAvg, FedAdam, Krum...) do
 exactly what it always does. The capture is a mixin placed before Flower's class in the
 MRO (`with_per_site_capture(FedAdam)`), so there is one implementation for all of them.
-Replies that carry an error (a site whose ClientApp failed) are passed on as missing,
-with Flower's error reason.
+Replies that carry an error (a site whose ClientApp failed, a SuperNode that dropped) are
+passed on as missing, with Flower's error reason, under the site's name when the node
+answered earlier in the run (an error reply carries no site name; the node id is kept in
+the reason), else as "node ID".
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedir.records import decode_evaluation, decode_training
@@ -31,21 +34,30 @@ class RoundReplies:
 
     server_round: int
     per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # node id -> error reason
+    failed: dict[str, str] = field(default_factory=dict)  # site (or "node ID" if never seen) -> reason
 
 
 Callback = Callable[[RoundReplies], None]
 
 
 def _collect(
-    server_round: int, replies: list[Message], decode: Callable[..., tuple[str, dict]]
+    server_round: int, replies: list[Message], decode: Callable[..., tuple[str, dict]],
+    known: dict[int, str], sent: list[Message],
 ) -> RoundReplies:
+    """Decode the replies; a failed node is named by the site it answered as before
+    (`known`, node id -> site, updated here), else by its Flower node id. An error reply
+    the SuperLink makes for a node that went away comes from the SuperLink's own node id,
+    so a failed node is found from the message it was `sent` that the error replies to."""
     out = RoundReplies(server_round)
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     for msg in replies:
         if msg.has_error():
-            out.failed[f"node {msg.metadata.src_node_id}"] = msg.error.reason
+            node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            name = known.get(node, f"node {node}")
+            out.failed[name] = f"(node {node}) {msg.error.reason}" if node in known else msg.error.reason
             continue
         site, values = decode(msg.content)
+        known[msg.metadata.src_node_id] = site
         out.per_site[site] = values
     return out
 
@@ -58,12 +70,30 @@ class PerSiteCapture:
         super().__init__(**strategy_kwargs)
         self.on_train = on_train
         self.on_evaluate = on_evaluate
+        # A site's name is in every reply it sends (ConfigRecord "site"); an error reply
+        # carries none, so a node that fails is named from its earlier replies.
+        self._site_of_node: dict[int, str] = {}
+        # The messages of the current stage: the grid gives them their ids when it sends them.
+        self._sent_messages: list[Message] = []
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent_messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        return self._sent_messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent_messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        return self._sent_messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.on_train(_collect(server_round, replies, decode_training))
+        self.on_train(_collect(server_round, replies, decode_training, self._site_of_node,
+                                     self._sent_messages))
         key = self.arrayrecord_key  # type: ignore[attr-defined]
         for msg in replies:  # float16 uploads are averaged in float32 (fedir.wire)
             if not msg.has_error() and key in msg.content.array_records:
@@ -74,7 +104,8 @@ class PerSiteCapture:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
-        self.on_evaluate(_collect(server_round, replies, decode_evaluation))
+        self.on_evaluate(_collect(server_round, replies, decode_evaluation, self._site_of_node,
+                                        self._sent_messages))
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
 

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 
 from fedir.config import Settings, SettingsError
 from fedir.strategies.per_site import Callback, with_per_site_capture
+from fedir.strategies.privacy import with_differential_privacy
 from fedir.strategies.validation import RejectCallback
 
 
@@ -99,7 +100,7 @@ def build_strategy(
         # optimiser (FedAdam...) or a robust rule would change what they measure.
         name, kwargs = "fedavg", {k: v for k, v in kwargs.items() if k.startswith(("fraction", "min"))}
     cls = with_per_site_capture(STRATEGIES[name].cls, *outer)
-    return cls(
+    strategy = cls(
         on_train=on_train,
         on_evaluate=on_evaluate,
         on_reject=on_reject,
@@ -109,3 +110,4 @@ def build_strategy(
         **kwargs,
         **extra,
     )
+    return with_differential_privacy(strategy, settings, n_sites, int(kwargs["min_train_nodes"]))

@@ -24,14 +24,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(5)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for_port(port: int, timeout: float = 60.0, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if port_open(host, port):
+            return
         time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
 @dataclass
@@ -75,11 +80,11 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def write_flower_config(flwr_home: Path, port: int, ca: Path | None) -> None:
+def write_flower_config(flwr_home: Path, port: int, ca: Path | None, host: str = "127.0.0.1") -> None:
     """The `flwr` CLI's connection file ($FLWR_HOME/config.toml) naming the coordinator."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ['[superlink]', f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-             f'address = "127.0.0.1:{port}"']
+             f'address = "{host}:{port}"']
     if ca is not None:
         lines.append(f'root-certificates = "{ca}"')
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
@@ -101,11 +106,22 @@ def superlink_args(certs: Path, port: int, state: Path) -> list[str]:
             "--database", str(state)]
 
 
-def supernode_args(certs: Path | None, port: int, key: Path, site_dir: Path, local_port: int) -> list[str]:
-    args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+def supernode_args(certs: Path | None, port: int, key: Path, site_dir: Path, local_port: int,
+                   host: str = "127.0.0.1") -> list[str]:
+    args = [str(BIN / "flower-supernode"), "--superlink", f"{host}:{port}",
             "--auth-supernode-private-key", str(key),
             "--node-config", f'site-dir="{site_dir}"',
             "--port", str(local_port), "--max-retries", "2", "--max-wait-time", "20"]
     if certs is not None:
         args += ["--root-certificates", str(certs / "ca.crt")]
     return args
+
+
+NGINX = "/usr/sbin/nginx"
+
+
+def nginx_args(conf: Path) -> list[str]:
+    """nginx in the foreground on fedir's generated config, everything under its folder."""
+    prefix = conf.parent
+    return [NGINX, "-e", str(prefix / "error.log"), "-p", str(prefix), "-c", str(conf),
+            "-g", "daemon off;"]
