@@ -32,13 +32,14 @@ class RoundReplies:
     server_round: int
     per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # node id -> error reason
+    arrays: dict[str, ArrayRecord] = field(default_factory=dict)  # site -> its update (training)
 
 
 Callback = Callable[[RoundReplies], None]
 
 
 def _collect(
-    server_round: int, replies: list[Message], decode: Callable[..., tuple[str, dict]]
+    server_round: int, replies: list[Message], decode: Callable[..., tuple[str, dict]], arrays_key: str = ""
 ) -> RoundReplies:
     out = RoundReplies(server_round)
     for msg in replies:
@@ -47,6 +48,8 @@ def _collect(
             continue
         site, values = decode(msg.content)
         out.per_site[site] = values
+        if arrays_key and arrays_key in msg.content.array_records:
+            out.arrays[site] = msg.content.array_records[arrays_key]
     return out
 
 
@@ -63,11 +66,11 @@ class PerSiteCapture:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.on_train(_collect(server_round, replies, decode_training))
         key = self.arrayrecord_key  # type: ignore[attr-defined]
         for msg in replies:  # float16 uploads are averaged in float32 (fedir.wire)
             if not msg.has_error() and key in msg.content.array_records:
                 msg.content[key] = from_wire(msg.content.array_records[key])
+        self.on_train(_collect(server_round, replies, decode_training, key))
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def aggregate_evaluate(

@@ -133,5 +133,7 @@ def test_verdict_collects_reasons_of_alarmed_tests():
     v = verdict({"association": alarmed, "quiet": quiet})
     assert v["alarm"] and v["reasons"] == [alarmed["reason"]]
     assert v["tests"]["quiet"] is quiet
-    assert verdict({"quiet": quiet}) == {"alarm": False, "reasons": [], "tests": {"quiet": quiet}}
+    assert verdict({"quiet": quiet}) == {
+        "alarm": False, "reasons": [], "warnings": [], "signals": [], "tests": {"quiet": quiet}
+    }
     _strict_json(v)
