@@ -67,7 +67,8 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
-    model = build_model(settings.model_name, n_features=view.n_features)
+    model = build_model(settings.model_name, n_features=view.n_features,
+                        spatial_dims=settings.spatial_dims)
     load_global(model, arrays.to_torch_state_dict(), context.state, settings.train_fedbn)
     return model
 

@@ -109,6 +109,11 @@ class Settings:
         return {self.key_of(f.name): getattr(self, f.name) for f in fields(self)}
 
     @property
+    def spatial_dims(self) -> int:
+        """3 when the frame policy keeps volumes ("volume"), else 2: what build_model needs."""
+        return 3 if self.data_frame_policy == "volume" else 2
+
+    @property
     def sites(self) -> list[str]:
         return [s for s in self.federation_sites.split(SITE_SEPARATOR) if s]
 

@@ -162,7 +162,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         # Tabular sites: the feature names and federated statistics come first (a query).
         features = gather_feature_sums(grid, min_nodes)
         model = build_model(settings.model_name, seed=settings.train_seed,
-                            n_features=len(features.names))
+                            n_features=len(features.names), spatial_dims=settings.spatial_dims)
         if resumed is None:
             run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(model.state_dict())
             store.start_run(run_id, scenario, config, [Path(s).name for s in settings.sites])
