@@ -165,12 +165,18 @@ def pooled_vs_within_auc(
 
     Pooled AUC is the binned Mann-Whitney AUC of the summed histograms of *all* sites,
     including sites with one class only (exactly the sites a confounded federation
-    has); within AUC is the n-weighted mean of the sites' defined AUCs, and the sites
+    has); within AUC is the n-weighted mean of the sites' defined AUCs, from their
+    histograms too (so that binning does not bias the gap), and the sites
     without one are listed in ``excluded`` with their reason. When alarmed, the sites
     named are those whose mean score (histogram bin centres) is furthest from the pooled
     mean: the sites the model separates from the rest.
     """
     site_auc = {site: _float_or_none(m.get("auc")) for site, m in per_site.items()}
+    # Both sides of the gap from the same histograms: binning ties scores within a bin,
+    # which lowers a binned AUC, so an exact within-site AUC against a binned pooled one
+    # would bias the gap downwards (by 0.03 for a good model with 20 bins, measured).
+    binned = {site: auc_from_histograms(m["hist_neg"], m["hist_pos"]) if auc is not None else None
+              for (site, m), auc in zip(per_site.items(), site_auc.values())}
     excluded = {
         site: m.get("reasons", {}).get("auc", "AUC undefined") for site, m in per_site.items() if site_auc[site] is None
     }
@@ -179,7 +185,7 @@ def pooled_vs_within_auc(
         "name": "pooled_vs_within_auc",
         "computable": False,
         "pooled_auc": _pooled_auc(per_site),
-        "within_auc": _within_auc(per_site, site_auc),
+        "within_auc": _within_auc(per_site, binned),
         "gap": None,
         "gap_ci": None,
         "gap_ci_sites": None,
