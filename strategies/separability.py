@@ -86,7 +86,7 @@ def site_separability(
         cls = "undefined (no site has both classes)" if class_acc is None else f"{class_acc:.2f}"
         out["reason"] = (
             f"the model's embedding identifies {top} with accuracy {per_site[top]:.2f} "
-            f"[{out['site_accuracy_ci'][0]:.2f}, {out['site_accuracy_ci'][1]:.2f}] among images of the same class, "
+            f"[{out['site_accuracy_ci'][0]:.2f}, {out['site_accuracy_ci'][1]:.2f}] among cases of the same class, "
             f"while it separates the classes within sites with accuracy {cls}: "
             f"it separates hospitals better than diseases"
         )
