@@ -26,6 +26,8 @@ Results: benchmarks/results/bias_calibration.json (every federation's signals, t
 thresholds, the false-alarm rate, the detection curve per family and strength).
 
     python benchmarks/bias_calibration.py [--reps 5] [--work DIR]
+    python benchmarks/bias_calibration.py --add-strengths 0.2 0.35   # more points on the
+        # MedMNIST curves, with the thresholds already chosen in the results file
 """
 
 from __future__ import annotations
@@ -255,6 +257,29 @@ def rates(runs: list[dict]) -> dict:
             for family, by_c in table.items()}
 
 
+def add_strengths(args: argparse.Namespace) -> None:
+    """Run the MedMNIST skew conditions at more strengths, judged with the thresholds the
+    results file already chose (on its tuning federations), and add them to it."""
+    result = json.loads(RESULTS.read_text())
+    chosen = Thresholds(**result["chosen_thresholds"])
+    default = Thresholds(**result["default_thresholds"])
+    for condition in ("skew+marker", "skew"):
+        for strength in args.add_strengths:
+            for r in range(args.reps):
+                run = {"role": "confounded", "family": "pneumoniamnist", "condition": condition,
+                       "strength": strength, "seed": 200 + r, "sites": 4}
+                out = execute(run, args.work, result["protocol"]["rounds"], result["protocol"]["local_steps"])
+                result["federations"].append({
+                    **run, "seconds": round(out["seconds"], 1), "pooled_auc": out["pooled_auc"],
+                    "verdict": summarise(verdict_of(out["inputs"], chosen)),
+                    "default_verdict": summarise(verdict_of(out["inputs"], default)),
+                })
+                print(f"{condition} {strength} seed {run['seed']}: {out['seconds']:.0f} s", flush=True)
+    result["rates"] = rates(result["federations"])
+    RESULTS.write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps(result["rates"], indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="federations per confounded condition and strength")
@@ -262,9 +287,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="local optimiser steps per round")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedir-bias-calibration")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription)")
+    parser.add_argument("--add-strengths", type=float, nargs="+", default=None,
+                        help="only run the MedMNIST skew conditions at these strengths and add them to the results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.add_strengths:
+        add_strengths(args)
+        return
     started = time.time()
     runs = plan(args.reps)
     done = []
