@@ -30,11 +30,15 @@ from fedir.client.personalise import personalised
 from fedir.client.privacy import dp_clipping_mod
 from fedir.client.site import SiteUnusable
 from fedir.config import Settings
+from fedir.embedding import embedding_moments, predict_with_embedding
 from fedir.manifest import ManifestError
 from fedir.metrics import site_metrics
 from fedir.personalise import kept_keys
 from fedir.privacy import model_shaped
-from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, encode_evaluation, encode_training
+from fedir.records import (
+    ARRAYS_KEY, METRICS_KEY, SITE_KEY, decode_cross_site_models, encode_cross_site, encode_evaluation,
+    encode_training,
+)
 from fedir.tabular import encode_feature_sums
 from fedir.task import NUM_CLASSES, build_model, pick_device, predict, train
 
@@ -67,7 +71,8 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
-    model = build_model(settings.model_name, n_features=view.n_features)
+    model = build_model(settings.model_name, n_features=view.n_features,
+                        spatial_dims=settings.spatial_dims)
     received = arrays.to_torch_state_dict()
     if settings.dp:  # the global model travels in DP's shapes (fedir.privacy)
         received = model_shaped(received, model.state_dict())
@@ -81,6 +86,31 @@ def _received(msg: Message, context: Context, fixed: Settings | None):
     settings, site = _view(context, fixed)
     arrays = start_weights(settings, msg.content.array_records[ARRAYS_KEY], context)
     return settings, site, msg.content.config_records["config"], _model_from(arrays, context, settings, site)
+
+
+def _test_rows(settings: Settings, site: SiteView, config) -> tuple:
+    """The labelled test inputs, their labels (numpy) and patient ids."""
+    labelled = site.test_y >= 0
+    x = site.test_x[labelled]
+    if site.tabular:
+        # The test rows are scaled as the protocol says: the federation's statistics,
+        # or this site's own training statistics (never its test rows).
+        x = scaled(x, *scaler(settings, config, site.train_sums()))
+    patients = [p for p, keep in zip(site.test_patients, labelled.tolist()) if keep]
+    return x, site.test_y[labelled].numpy(), patients
+
+
+def _metrics(settings: Settings, config, labels, scores, patients) -> dict:
+    server_round = int(config.get("server-round", 0))
+    return site_metrics(
+        labels,
+        scores,
+        patients,
+        n_boot=settings.eval_bootstrap,
+        seed=settings.train_seed * 1000 + server_round,
+        threshold=settings.eval_threshold,
+        bins=settings.eval_hist_bins,
+    )
 
 
 def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
@@ -133,26 +163,24 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     def evaluate_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = _received(msg, context, fixed)
         model = personalised(model, settings, site, config, context)
-        labelled = site.test_y >= 0
-        x = site.test_x[labelled]
-        if site.tabular:
-            # The test rows are scaled as the protocol says: the federation's statistics,
-            # or this site's own training statistics (never its test rows).
-            x = scaled(x, *scaler(settings, config, site.train_sums()))
-        scores = predict(model, x, pick_device())
-        labels = site.test_y[labelled].numpy()
-        patients = [p for p, keep in zip(site.test_patients, labelled.tolist()) if keep]
-        server_round = int(config.get("server-round", 0))
-        metrics = site_metrics(
-            labels,
-            scores,
-            patients,
-            n_boot=settings.eval_bootstrap,
-            seed=settings.train_seed * 1000 + server_round,
-            threshold=settings.eval_threshold,
-            bins=settings.eval_hist_bins,
-        )
-        return Message(content=encode_evaluation(site.name, metrics), reply_to=msg)
+        x, labels, patients = _test_rows(settings, site, config)
+        scores, features = predict_with_embedding(model, x, pick_device())
+        metrics = _metrics(settings, config, labels, scores, patients)
+        moments = embedding_moments(features, labels, NUM_CLASSES) if settings.bias_embedding else None
+        return Message(content=encode_evaluation(site.name, metrics, moments), reply_to=msg)
+
+    @app.evaluate("cross_site")
+    def cross_site_fn(msg: Message, context: Context) -> Message:
+        """Score every site's model (sent by the server after the last round) on this
+        site's test patients: one row of the cross-site matrix, aggregates only."""
+        settings, site = _view(context, fixed)
+        config = msg.content.config_records["config"]
+        x, labels, patients = _test_rows(settings, site, config)
+        row = {}
+        for model_site, arrays in decode_cross_site_models(msg.content).items():
+            model = _model_from(arrays, context, settings, site)
+            row[model_site] = _metrics(settings, config, labels, predict(model, x, pick_device()), patients)
+        return Message(content=encode_cross_site(site.name, row), reply_to=msg)
 
     return app
 

@@ -173,7 +173,7 @@ def build_card(
         if outcome.skipped_reason is not None:
             skipped[outcome.skipped_reason] += 1
             continue
-        split = split_of(row.patient_id, val_fraction, test_fraction)
+        split = row.split or split_of(row.patient_id, val_fraction, test_fraction)
         split_patients[split].add(row.patient_id)
         split_images[split] += 1
         (unlabelled if row.label is None else class_patients[row.label]).add(row.patient_id)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedir.imaging import UnreadableImage, load_image
+from fedir.imaging import UnreadableImage, load_image, spatial_dims_of
 from fedir.manifest import MANIFEST_NAME, ManifestRow, read_manifest
 from fedir.split import SPLITS, split_of
 from fedir.task import NUM_CLASSES
@@ -42,7 +42,7 @@ class SiteUnusable(RuntimeError):
 class SplitTensors:
     """The images of one split with their labels (-1 = unlabelled) and patients."""
 
-    images: torch.Tensor  # (N, 1, S, S) float32
+    images: torch.Tensor  # (N, 1, S, S) float32; (N, 1, S, S, S) under the "volume" policy
     labels: torch.Tensor  # (N,) int64
     patients: list[str]
 
@@ -157,13 +157,14 @@ def _decode_site(
             relative = _relative(row.path, root)
             skipped.append({"path": relative, "reason": exc.reason.value, "detail": exc.detail})
             continue
-        part = parts[split_of(row.patient_id, *fractions)]
+        part = parts[row.split or split_of(row.patient_id, *fractions)]
         part["images"].append(images)
         part["labels"].extend([-1 if row.label is None else row.label] * len(images))
         part["patients"].extend([row.patient_id] * len(images))
     if skipped:
         LOG.warning("%s: skipped %d of %d images", root.name, len(skipped), len(rows))
-    return {"splits": {s: _stack(parts[s], image_size) for s in SPLITS}, "skipped": skipped}
+    dims = spatial_dims_of(frame_policy)
+    return {"splits": {s: _stack(parts[s], image_size, dims) for s in SPLITS}, "skipped": skipped}
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -171,12 +172,12 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _stack(part: dict[str, list], image_size: int) -> dict:
-    """One split's lists -> tensors; an empty split gets shape (0, 1, S, S)."""
+def _stack(part: dict[str, list], image_size: int, dims: int = 2) -> dict:
+    """One split's lists -> tensors; an empty split gets shape (0, 1, S, S) (or (0, 1, S, S, S))."""
     images = (
         torch.from_numpy(np.concatenate(part["images"]))
         if part["images"]
-        else torch.zeros((0, 1, image_size, image_size), dtype=torch.float32)
+        else torch.zeros((0, 1) + (image_size,) * dims, dtype=torch.float32)
     )
     return {
         "images": images,

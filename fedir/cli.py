@@ -3,6 +3,8 @@
     fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH]
     fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir data import heart --out DIR [--source DIR]
+    fedir data import medmnist NPZ --out DIR --sites K --partition iid|dirichlet:ALPHA
+        [--labelled-fraction F] [--seed S] [--marker-site N] [--prevalence-skew S [--skew-site N]]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
     fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
     fedir certs init DIR --host NAME [--host NAME ...] [--force]
@@ -50,6 +52,19 @@ def _import(args: argparse.Namespace) -> int:
     counts = import_heart(args.out, args.source)
     for site, n in counts.items():
         print(f"{Path(args.out).resolve() / site}: {n['train']} train, {n['test']} test patients")
+    return 0
+
+
+def _import_medmnist(args: argparse.Namespace) -> int:
+    from fedir.simulations.medmnist import import_medmnist
+
+    record = import_medmnist(args.npz, args.out, sites=args.sites, partition=args.partition,
+                             labelled_fraction=args.labelled_fraction, seed=args.seed,
+                             marker_site=args.marker_site, prevalence_skew=args.prevalence_skew,
+                             skew_site=args.skew_site)
+    for site, counts in record["per_site"].items():
+        parts = ", ".join(f"{c['images']} {s} ({c['positives']} positive)" for s, c in counts.items())
+        print(f"{Path(args.out).resolve() / site}: {parts}; {counts['train']['labelled']} training labels")
     return 0
 
 
@@ -130,11 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     imp = data.add_parser("import", help="turn a public data set into site folders")
-    imp.add_argument("dataset", choices=["heart"], help="heart: UCI Heart Disease, four hospitals (FLamby)")
-    imp.add_argument("--out", type=Path, required=True, help="folder to write one site folder per hospital into")
-    imp.add_argument("--source", type=Path, default=None,
-                     help="raw files (default: $FEDIR_DATA/uci_heart_disease or ../shared/data/uci_heart_disease)")
-    imp.set_defaults(func=_import)
+    imp_sub = imp.add_subparsers(dest="dataset", required=True)
+    heart = imp_sub.add_parser("heart", help="UCI Heart Disease, four hospitals (FLamby)")
+    heart.add_argument("--out", type=Path, required=True, help="folder to write one site folder per hospital into")
+    heart.add_argument("--source", type=Path, default=None,
+                       help="raw files (default: $FEDIR_DATA/uci_heart_disease or ../shared/data/uci_heart_disease)")
+    heart.set_defaults(func=_import)
+    med = imp_sub.add_parser("medmnist", help="a MedMNIST .npz file cut into K sites (simulations/medmnist.py)")
+    med.add_argument("npz", type=Path, help="a MedMNIST .npz (train/val/test images and labels)")
+    med.add_argument("--out", type=Path, required=True, help="folder to write site-0 ... site-K-1 into")
+    med.add_argument("--sites", type=int, required=True)
+    med.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA (label skew; small = strong)")
+    med.add_argument("--labelled-fraction", type=float, default=1.0,
+                     help="share of each site's training images that keep their label")
+    med.add_argument("--seed", type=int, default=0)
+    med.add_argument("--marker-site", type=int, default=None,
+                     help="burn a bright corner square into every image of this site")
+    med.add_argument("--prevalence-skew", type=float, default=0.0,
+                     help="drop this share of --skew-site's negatives, raising its prevalence")
+    med.add_argument("--skew-site", type=int, default=0, help="the site --prevalence-skew applies to")
+    med.set_defaults(func=_import_medmnist)
 
     sim = sub.add_parser("simulate", help="run a scenario on Flower's simulation engine")
     sim.add_argument("scenario", type=Path)
@@ -181,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     from fedir.certs import CertsError
     from fedir.config import SettingsError
     from fedir.manifest import ManifestError
+    from fedir.simulations.medmnist import MedMNISTError
     from fedir.simulations.scenario import ScenarioError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CertsError, ManifestError, SettingsError, ScenarioError) as exc:
+    except (CertsError, ManifestError, MedMNISTError, SettingsError, ScenarioError) as exc:
         print(f"fedir: error: {exc}", file=sys.stderr)
         return 2
 

@@ -62,7 +62,15 @@ class Settings:
     eval_threshold: float = 0.5
     bias_alpha: float = 0.01
     bias_min_cramers_v: float = 0.2
-    bias_max_auc_gap: float = 0.05
+    bias_max_auc_gap: float = 0.05  # pooled minus within-site AUC (and its 95% CI above 0)
+    bias_min_i2: float = 0.5  # Cochran's Q p < bias.alpha and I^2 at least this: heterogeneity
+    bias_min_site_accuracy: float = 0.8  # embedding identifies a site at least this well...
+    bias_min_separability_excess: float = 0.1  # ...and this much better than it separates classes
+    bias_max_cross_site_gap: float = 0.1  # own-site minus other-site AUC of the sites' models
+    bias_embedding: bool = True  # sites send their embedding's moments (fedir.embedding)
+    bias_cross_site: bool = True  # after the last round, score every site's model at every site
+    bias_cross_site_max_sites: int = 16  # above this many sites the cross-site matrix is skipped
+    bias_bootstrap: int = 200  # resamples of the bias intervals (pooled-vs-within gap, separability)
     validation_max_norm_ratio: float = 10.0  # reject updates this far above the others' median norm
     validation_min_accepted: int = 1  # fewer acceptable updates: the round leaves the model unchanged
     output_dir: str = "runs/flwr-run"
@@ -123,6 +131,11 @@ class Settings:
     def dp(self) -> bool:
         """Whether a differential-privacy mode is on (fedir.privacy)."""
         return self.privacy_dp != "off"
+
+    @property
+    def spatial_dims(self) -> int:
+        """3 when the frame policy keeps volumes ("volume"), else 2: what build_model needs."""
+        return 3 if self.data_frame_policy == "volume" else 2
 
     @property
     def sites(self) -> list[str]:

@@ -59,7 +59,7 @@ class UnreadableImage(Exception):
         self.detail = detail
 
 
-FRAME_POLICIES = ("mip", "middle", "all", "peak")
+FRAME_POLICIES = ("mip", "middle", "all", "peak", "volume")
 """How the frames (F, H, W) of a file, or the slices of a series folder, become model images:
 
 - "mip": maximum-intensity projection over frames of the display image (higher =
@@ -73,7 +73,9 @@ FRAME_POLICIES = ("mip", "middle", "all", "peak")
   where the vessels are most opacified.
 - "every-K" (K a positive integer, e.g. "every-4"): frames 0, K, 2K, ..., each its own
   image: a sample of a long cine or of a series' slices.
-For a single-frame file every policy returns that frame. A series folder's slices are
+- "volume": the frames (or a series' slices, or a 3D .npy) stay one 3D image, resized
+  to S x S x S, for a 3D network (`spatial_dims_of`; e.g. VesselMNIST3D).
+For a single-frame file every policy but "volume" returns that frame. A series folder's slices are
 frames in position order, so "middle" is the middle slice, "mip" a maximum-intensity
 projection through the volume and "all"/"every-K" 2D slices. Every image of a file or
 series keeps its row's patient, so frames and slices never cross splits.
@@ -352,7 +354,7 @@ def _finite_frames(frames: np.ndarray) -> np.ndarray:
 def apply_frame_policy(frames: np.ndarray, policy: str) -> np.ndarray:
     """(F, H, W) -> (K, H, W) under one of FRAME_POLICIES; K = F for "all", else 1."""
     _check_policy(policy)
-    if policy == "all":
+    if policy in ("all", "volume"):
         return frames
     if policy.startswith("every-"):
         return frames[:: int(policy.removeprefix("every-"))]
@@ -362,6 +364,11 @@ def apply_frame_policy(frames: np.ndarray, policy: str) -> np.ndarray:
         contrast = frames.reshape(len(frames), -1).std(axis=1)
         return frames[int(np.argmax(contrast))][None]
     return frames.max(axis=0, keepdims=True)
+
+
+def spatial_dims_of(policy: str) -> int:
+    """3 for the "volume" policy (the model sees (1, S, S, S) volumes), else 2."""
+    return 3 if policy == "volume" else 2
 
 
 def _check_policy(policy: str) -> None:
@@ -395,6 +402,18 @@ def to_model_input(frames: np.ndarray, image_size: int) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)[:, None]
 
 
+def to_volume_input(frames: np.ndarray, image_size: int) -> np.ndarray:
+    """(D, H, W) -> (1, 1, S, S, S) float32: the volume resized in 3D (trilinear or area, as
+    `_resize_mode` picks) and z-scored as a whole, for a 3D network."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    size = (image_size,) * 3
+    mode = "area" if min(frames.shape) >= image_size else "trilinear"
+    transform = Compose([Resize(size, mode=mode), NormalizeIntensity()])
+    out = np.asarray(transform(np.ascontiguousarray(frames, dtype=np.float32)[None]), dtype=np.float32)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)[None]
+
+
 def _resize_mode(shape: tuple[int, ...], image_size: int) -> str:
     """Area averaging when shrinking (anti-aliased, no border artefacts, unlike MONAI's
     Gaussian anti-aliasing with zero padding); bilinear when enlarging (area would be
@@ -403,10 +422,12 @@ def _resize_mode(shape: tuple[int, ...], image_size: int) -> str:
 
 
 def load_image(path: Path, image_size: int, frame_policy: str = "mip") -> np.ndarray:
-    """One file -> (K, 1, S, S) float32. Raises UnreadableImage for a bad file, ValueError
+    """One file -> (K, 1, S, S) float32, or (1, 1, S, S, S) under the "volume" policy. Raises UnreadableImage for a bad file, ValueError
     for a bad policy or size (checked first, so a misconfiguration is not blamed on files)."""
     _check_policy(frame_policy)
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     frames = apply_frame_policy(read_display_frames(path), frame_policy)
+    if frame_policy == "volume":
+        return to_volume_input(frames, image_size)
     return to_model_input(frames, image_size)

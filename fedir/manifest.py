@@ -2,7 +2,8 @@
 
 Columns (DESIGN.md): `patient_id` (required), `path` (required for imaging sites, relative
 to the site folder), `label` (class index, empty = unlabelled), `clin_*` (optional
-clinical covariates). Errors name the file and the row, because the person reading them
+clinical covariates), `split` (optional: train / val / test; overrides the patient-hash
+split, so an imported benchmark keeps its published split). Errors name the file and the row, because the person reading them
 is a hospital IT team looking at a spreadsheet, not at a traceback.
 """
 
@@ -13,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from fedir.split import SPLITS
+
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("patient_id", "path")
+SPLIT_COLUMN = "split"
 
 
 class ManifestError(ValueError):
@@ -39,6 +43,7 @@ class ManifestRow:
     path: Path  # absolute, inside the site folder
     label: int | None
     clinical: dict[str, float | None] = field(default_factory=dict)
+    split: str | None = None  # the manifest's `split` cell; None = the patient-hash split
 
 
 def _parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
@@ -61,6 +66,17 @@ def _parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int
             f"row {row}: a label is outside the task's classes {classes}",
         )
     return int(value)
+
+
+def _parse_split(raw: str, where: str, row: int) -> str | None:
+    """An explicit split (train / val / test) or None for an empty or absent cell."""
+    raw = raw.strip()
+    if raw == "":
+        return None
+    if raw not in SPLITS:
+        raise ManifestError(f"{where}: split {raw!r} is not one of {', '.join(SPLITS)}",
+                            f"row {row}: a split is not one of {', '.join(SPLITS)}")
+    return raw
 
 
 def _parse_float(raw: str, column: str, where: str, row: int) -> float | None:
@@ -153,6 +169,7 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
                 path=path,
                 label=_parse_label(record.get("label", ""), where, number, num_classes),
                 clinical={c: _parse_float(record[c], c, where, number) for c in clin_columns},
+                split=_parse_split(record.get(SPLIT_COLUMN, ""), where, number),
             )
         )
     return rows

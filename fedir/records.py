@@ -15,13 +15,17 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedir.embedding import EmbeddingMoments
 
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
 ARRAYS_KEY = "arrays"
 WEIGHT_KEY = "num-examples"
 CARD_KEY = "data-card"
+EMBEDDING_KEY = "embedding"
 
 SCALAR_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
 COUNTS = ("n", "n_patients", "positives", "tp", "tn", "fp", "fn")
@@ -33,8 +37,15 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def encode_evaluation(site: str, metrics: Mapping[str, Any]) -> RecordDict:
-    """A site's `fedir.metrics.site_metrics` dict -> the reply's RecordDict."""
+def encode_evaluation(
+    site: str, metrics: Mapping[str, Any], embedding: EmbeddingMoments | None = None
+) -> RecordDict:
+    """A site's `fedir.metrics.site_metrics` dict -> the reply's RecordDict.
+
+    `embedding` (fedir.embedding: counts, means and covariances of the model's features,
+    small groups suppressed) travels as an ArrayRecord: Flower averages every MetricRecord
+    key across sites, and only one MetricRecord may be in an evaluation reply.
+    """
     rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
     for name in COUNTS:
         rec[_key(name)] = int(metrics[name])
@@ -47,7 +58,14 @@ def encode_evaluation(site: str, metrics: Mapping[str, Any]) -> RecordDict:
     for name in HISTOGRAMS:
         rec[_key(name)] = [int(v) for v in metrics[name]]
     site_rec = ConfigRecord({"name": site, "reasons": json.dumps(metrics.get("reasons", {}))})
-    return RecordDict({METRICS_KEY: rec, SITE_KEY: site_rec})
+    content = RecordDict({METRICS_KEY: rec, SITE_KEY: site_rec})
+    if embedding is not None:
+        content[EMBEDDING_KEY] = ArrayRecord({
+            "counts": Array(np.asarray(embedding.counts, dtype=np.int64)),
+            "means": Array(np.asarray(embedding.means, dtype=np.float32)),
+            "covs": Array(np.asarray(embedding.covs, dtype=np.float32)),
+        })
+    return content
 
 
 def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
@@ -62,6 +80,13 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
     for name in HISTOGRAMS:
         out[name] = [int(v) for v in rec[_key(name)]]
     out["reasons"] = json.loads(str(site_rec["reasons"]))
+    if EMBEDDING_KEY in content.array_records:
+        arrays = content.array_records[EMBEDDING_KEY]
+        out["embedding"] = EmbeddingMoments(
+            counts=arrays["counts"].numpy(),
+            means=arrays["means"].numpy().astype(np.float64),
+            covs=arrays["covs"].numpy().astype(np.float64),
+        )
     return str(site_rec["name"]), out
 
 
@@ -115,4 +140,56 @@ def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
     }
     if CARD_KEY in site_rec:
         out["card"] = json.loads(str(site_rec[CARD_KEY]))
+    return str(site_rec["name"]), out
+
+
+# ---- cross-site evaluation (after the last round) -------------------------------------------
+
+CROSS_SITE_ACTION = "evaluate.cross_site"
+_MODEL_PREFIX = "model-"
+
+
+def encode_cross_site_models(models: Mapping[str, ArrayRecord]) -> RecordDict:
+    """The server's cross-site request: every site's model, keyed by position, with the
+    positions' site names in a ConfigRecord (record keys must be plain identifiers)."""
+    names = list(models)
+    content = RecordDict({"config": ConfigRecord(), "models": ConfigRecord({"names": json.dumps(names)})})
+    for i, name in enumerate(names):
+        content[f"{_MODEL_PREFIX}{i}"] = models[name]
+    return content
+
+
+def decode_cross_site_models(content: RecordDict) -> dict[str, ArrayRecord]:
+    names = json.loads(str(content.config_records["models"]["names"]))
+    return {name: content.array_records[f"{_MODEL_PREFIX}{i}"] for i, name in enumerate(names)}
+
+
+def encode_cross_site(site: str, row: Mapping[str, Mapping[str, Any]]) -> RecordDict:
+    """One row of the cross-site matrix: each model's AUC (and CI) on this site's test patients."""
+    names = list(row)
+    auc = [row[m].get("auc") for m in names]
+    ci = [row[m].get("auc_ci") for m in names]
+    rec = MetricRecord({
+        "auc": [MISSING if a is None else float(a) for a in auc],
+        "auc-ok": [0 if a is None else 1 for a in auc],
+        "auc-ci": [float(v) for c in ci for v in (c if c is not None else (MISSING, MISSING))],
+        "auc-ci-ok": [0 if c is None else 1 for c in ci],
+        "n": [int(row[m]["n"]) for m in names],
+    })
+    return RecordDict({METRICS_KEY: rec, SITE_KEY: ConfigRecord({"name": site, "models": json.dumps(names)})})
+
+
+def decode_cross_site(content: RecordDict) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(evaluating site, {model site: {"auc", "auc_ci", "n"}})."""
+    rec = content.metric_records[METRICS_KEY]
+    site_rec = content.config_records[SITE_KEY]
+    names = json.loads(str(site_rec["models"]))
+    ci = list(rec["auc-ci"])
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = {
+            "auc": float(rec["auc"][i]) if rec["auc-ok"][i] else None,
+            "auc_ci": [float(ci[2 * i]), float(ci[2 * i + 1])] if rec["auc-ci-ok"][i] else None,
+            "n": int(rec["n"][i]),
+        }
     return str(site_rec["name"]), out

@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedir.manifest import MANIFEST_NAME, ManifestError, _parse_float, _parse_label
+from fedir.manifest import MANIFEST_NAME, SPLIT_COLUMN, ManifestError, _parse_float, _parse_label
 from fedir.split import SPLITS, split_of
 
 BINARY_CLASSES = 2  # the task is binary (fedir.task.NUM_CLASSES), without importing torch here
 
 CLINICAL_PREFIX = "clin_"
-SPLIT_COLUMN = "split"
 STATS_KEY = "feature-sums"
 NAMES_KEY = "feature-names"
 MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/evaluate config

@@ -28,9 +28,12 @@ TABULAR_MODELS = ("logreg", "mlp")
 MODEL_NAMES = IMAGE_MODELS + TABULAR_MODELS
 
 
-def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0) -> nn.Module:
-    """A two-output classifier: a MONAI 2D network for one-channel images, or, for a
-    tabular site (`logreg`, `mlp`), a small torch model over `n_features` columns.
+def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
+                spatial_dims: int = 2) -> nn.Module:
+    """A two-output classifier: a MONAI 2D (or, with spatial_dims=3, 3D) network for
+    one-channel images, or, for a tabular site (`logreg`, `mlp`), a small torch model over
+    `n_features` columns. The 3D networks are the same MONAI classes with 3D convolutions
+    (VesselMNIST3D volumes; `data.frame-policy = "volume"` selects them).
 
     `resnet_small` (MONAI ResNet, basic blocks, one block per stage, 16-128 channels,
     0.3 M parameters) trains at about 240 images/s at 128x128 on one CPU core, which is
@@ -39,7 +42,9 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0) 
     torch.manual_seed(seed)
     if name in TABULAR_MODELS:
         return build_tabular_model(name, n_features)
-    common = {"spatial_dims": 2, "n_input_channels": 1, "num_classes": NUM_CLASSES}
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    common = {"spatial_dims": spatial_dims, "n_input_channels": 1, "num_classes": NUM_CLASSES}
     if name == "resnet_small":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128], **common)
     if name == "resnet10":
@@ -47,7 +52,7 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0) 
     if name == "resnet18":
         return resnet18(**common)
     if name == "densenet121":
-        return DenseNet121(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES)
+        return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 

@@ -12,8 +12,6 @@ inline. Every string is HTML-escaped: site names come from folder names.
 
 from __future__ import annotations
 
-import base64
-import io
 from collections import defaultdict
 from datetime import datetime, timezone
 from html import escape
@@ -22,13 +20,12 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from fedir.server.baseline_report import baseline_section, with_clinical_baseline  # noqa: E402
-from fedir.server.card_report import card_section  # noqa: E402
-from fedir.server.runstore import GLOBAL_SITE, RunStore  # noqa: E402
-from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, key_numbers  # noqa: E402
+from fedir.server.plots import img as _img, plt
+from fedir.server.baseline_report import baseline_section, with_clinical_baseline
+from fedir.server.bias_report import bias_plots_section
+from fedir.server.card_report import card_section
+from fedir.server.runstore import GLOBAL_SITE, RunStore
+from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, key_numbers
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2933;
@@ -64,7 +61,8 @@ _LABELS = {
 _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity",
                  "specificity": "specificity"}
 _NOTE_KINDS = {"null_metric": "metric not computed", "rejected": "update rejected"}
-_SKIPPED_TEST_KEYS = {"table", "prevalence", "reason", "alarm"}
+_SKIPPED_TEST_KEYS = {"table", "prevalence", "reason", "alarm", "matrix", "pairwise", "site_se",
+                      "per_site_class_accuracy", "site_gap"}
 
 
 def write_report(store: RunStore, run_id: str, path: Path) -> Path:
@@ -79,6 +77,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         baseline_section(with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])),
         _histogram_section(store, run_id, summary),
         _label_section(store, run_id, summary["bias"]),
+        bias_plots_section(summary["bias"]),
         _bias_tests_section(summary["bias"]),
         _training_section(rows, summary["sites"]),
         card_section(store.cards(run_id)),
@@ -331,15 +330,6 @@ def _site_colours(sites: list[str]) -> dict[str, str]:
     palette = plt.get_cmap("tab10" if len(sites) <= 10 else "tab20").colors
     colours = {site: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, site in enumerate(sites)}
     return {**colours, GLOBAL_SITE: "#000000"}
-
-
-def _img(fig: Any) -> str:
-    """Embed a figure as a base64 PNG so the report needs no other file and no network."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img class="plot" alt="plot" src="data:image/png;base64,{data}">'
 
 
 def _int_cell(value: Any) -> str:

@@ -33,7 +33,8 @@ from fedir.server.feature_stats import gather_feature_sums
 from fedir.server.report import write_report
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
-from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
+from fedir.server.cross_site import cross_site_matrix
+from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.per_site import RoundReplies
 from fedir.strategies.privacy import inner_strategy
 from fedir.strategies.registry import build_strategy
@@ -58,6 +59,8 @@ class StudyRecorder:
         self.settings = settings
         self.exports = exports or []
         self.label_counts: dict[str, dict[int, int]] = {}
+        self.site_models: dict[str, ArrayRecord] = {}  # each site's latest accepted update
+        self.last_evaluation: tuple[int, dict, dict] | None = None  # round, per-site, moments
         self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
     def on_train(self, replies: RoundReplies) -> None:
@@ -66,6 +69,8 @@ class StudyRecorder:
             if card is not None:
                 self.store.record_card(self.run_id, site, card)
         self.store.record_training(self.run_id, replies.server_round, replies.per_site)
+        if self.settings.bias_cross_site and len(replies.arrays) <= self.settings.bias_cross_site_max_sites:
+            self.site_models = dict(replies.arrays)
         for site, values in replies.per_site.items():
             self.label_counts[site] = values["label_counts"]
             for reason, count in values["skipped"].items():
@@ -78,20 +83,12 @@ class StudyRecorder:
 
     def on_evaluate(self, replies: RoundReplies) -> None:
         self._record_failures(replies, "evaluate")
+        moments = {site: v.pop("embedding") for site, v in replies.per_site.items() if "embedding" in v}
         pooled = pooled_metrics(replies.per_site, n_boot=self.settings.eval_bootstrap,
                                 seed=self.settings.train_seed) if replies.per_site else None
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
-        tests = {
-            "site_label_association": site_label_association(
-                dict(sorted(self.label_counts.items())),
-                alpha=self.settings.bias_alpha,
-                min_cramers_v=self.settings.bias_min_cramers_v,
-            ),
-            "pooled_vs_within_auc": pooled_vs_within_auc(
-                replies.per_site, max_gap=self.settings.bias_max_auc_gap
-            ),
-        }
-        result = verdict(tests)
+        self.last_evaluation = (replies.server_round, replies.per_site, moments)
+        result = self.bias(replies.per_site, moments)
         self.store.record_bias(self.run_id, replies.server_round, result)
         for export in self.exports:
             export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, result["alarm"]))
@@ -101,8 +98,21 @@ class StudyRecorder:
         )
         self.progress.update(1)
 
+    def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None) -> dict:
+        """Every bias signal and the verdict (fedir.strategies.frankenstein)."""
+        return analyse(self.label_counts, per_site, moments, thresholds(self.settings), cross_site,
+                       seed=self.settings.train_seed)
+
+    def on_cross_site(self, matrix: dict) -> None:
+        """Redo the last evaluated round's verdict with the cross-site matrix."""
+        if self.last_evaluation is None:
+            return
+        server_round, per_site, moments = self.last_evaluation
+        self.store.record_bias(self.run_id, server_round, self.bias(per_site, moments, matrix))
+
     def on_reject(self, server_round: int, site: str, reason: str) -> None:
         """An update left out of the average (fedir.strategies.validation), with its reason."""
+        self.site_models.pop(site, None)  # a rejected update is no model to score elsewhere
         log.warning("round %d: update from %s rejected: %s", server_round, site, reason)
         self.store.record_note(self.run_id, server_round, site, "rejected", reason)
 
@@ -121,6 +131,32 @@ def shared_arrays(model: torch.nn.Module, settings: Settings) -> dict[str, torch
     return dp_arrays(weights) if settings.dp else weights
 
 
+def thresholds(settings: Settings) -> Thresholds:
+    """The bias thresholds of the scenario's `[bias]` section."""
+    return Thresholds(
+        alpha=settings.bias_alpha, min_cramers_v=settings.bias_min_cramers_v,
+        max_auc_gap=settings.bias_max_auc_gap, min_i2=settings.bias_min_i2,
+        min_site_accuracy=settings.bias_min_site_accuracy,
+        min_separability_excess=settings.bias_min_separability_excess,
+        max_cross_site_gap=settings.bias_max_cross_site_gap, bootstrap=settings.bias_bootstrap,
+    )
+
+
+def _cross_site(grid: Grid, recorder: StudyRecorder, settings: Settings, features) -> None:
+    """The cross-site matrix after the last round, when the scenario asks for it and it means
+    something (two or more site models; not the pooled arm, whose sites train nothing)."""
+    models = recorder.site_models
+    if not settings.bias_cross_site or settings.federation_arm == "pooled" or len(models) < 2:
+        return
+    config = features.config()
+    config["server-round"] = settings.train_rounds
+    try:
+        recorder.on_cross_site(cross_site_matrix(grid, models, config))
+    except Exception as exc:  # the study's rounds are done and recorded: keep them
+        log.warning("cross-site evaluation failed: %s", exc)
+        recorder.store.record_note(recorder.run_id, None, None, "cross_site", f"cross-site evaluation failed: {exc}")
+
+
 def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> dict[str, Any]:
     """Run every round, then write summary.json, report.html and model.pt into out_dir.
 
@@ -137,7 +173,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         # Tabular sites: the feature names and federated statistics come first (a query).
         features = gather_feature_sums(grid, min_nodes)
         model = build_model(settings.model_name, seed=settings.train_seed,
-                            n_features=len(features.names))
+                            n_features=len(features.names), spatial_dims=settings.spatial_dims)
         if resumed is None:
             # entries the sites keep (FedBN, a local intercept) are never sent, not even at
             # the start: server optimisers (FedAdam...) need the same keys every round
@@ -180,6 +216,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             recorder.progress.close()
             for export in exports:
                 export.close()
+        _cross_site(grid, recorder, settings, features)
         final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
         weights = final.to_torch_state_dict()
         torch.save(model_shaped(weights, model.state_dict()) if settings.dp else weights, out_dir / "model.pt")

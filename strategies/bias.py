@@ -153,7 +153,9 @@ def _association_reason(out: dict, table: np.ndarray, sites: list[str], column: 
 # ---- pooled vs within-site AUC ----------------------------------------------------------
 
 
-def pooled_vs_within_auc(per_site: Mapping[str, dict], *, max_gap: float = 0.05) -> dict:
+def pooled_vs_within_auc(
+    per_site: Mapping[str, dict], *, max_gap: float = 0.05, n_boot: int = 200, seed: int = 0
+) -> dict:
     """Compare the AUC of all sites' scores pooled with the mean within-site AUC.
 
     Within a site the hospital is constant, so a within-site AUC measures disease
@@ -163,12 +165,18 @@ def pooled_vs_within_auc(per_site: Mapping[str, dict], *, max_gap: float = 0.05)
 
     Pooled AUC is the binned Mann-Whitney AUC of the summed histograms of *all* sites,
     including sites with one class only (exactly the sites a confounded federation
-    has); within AUC is the n-weighted mean of the sites' defined AUCs, and the sites
+    has); within AUC is the n-weighted mean of the sites' defined AUCs, from their
+    histograms too (so that binning does not bias the gap), and the sites
     without one are listed in ``excluded`` with their reason. When alarmed, the sites
     named are those whose mean score (histogram bin centres) is furthest from the pooled
     mean: the sites the model separates from the rest.
     """
     site_auc = {site: _float_or_none(m.get("auc")) for site, m in per_site.items()}
+    # Both sides of the gap from the same histograms: binning ties scores within a bin,
+    # which lowers a binned AUC, so an exact within-site AUC against a binned pooled one
+    # would bias the gap downwards (by 0.03 for a good model with 20 bins, measured).
+    binned = {site: auc_from_histograms(m["hist_neg"], m["hist_pos"]) if auc is not None else None
+              for (site, m), auc in zip(per_site.items(), site_auc.values())}
     excluded = {
         site: m.get("reasons", {}).get("auc", "AUC undefined") for site, m in per_site.items() if site_auc[site] is None
     }
@@ -177,8 +185,10 @@ def pooled_vs_within_auc(per_site: Mapping[str, dict], *, max_gap: float = 0.05)
         "name": "pooled_vs_within_auc",
         "computable": False,
         "pooled_auc": _pooled_auc(per_site),
-        "within_auc": _within_auc(per_site, site_auc),
+        "within_auc": _within_auc(per_site, binned),
         "gap": None,
+        "gap_ci": None,
+        "gap_ci_sites": None,
         "site_auc": site_auc,
         "site_mean_score": means,
         "excluded": excluded,
@@ -192,12 +202,39 @@ def pooled_vs_within_auc(per_site: Mapping[str, dict], *, max_gap: float = 0.05)
         return out
     out["computable"] = True
     out["gap"] = out["pooled_auc"] - out["within_auc"]
-    out["alarm"] = bool(out["gap"] > max_gap)
+    out["gap_ci"] = _gap_ci(per_site, n_boot, seed, resample_sites=False)
+    out["gap_ci_sites"] = _gap_ci(per_site, n_boot, seed, resample_sites=True)
+    out["alarm"] = bool(out["gap"] > max_gap and (out["gap_ci"] is None or out["gap_ci"][0] > 0))
     if out["alarm"]:
         pooled_mean = _mean_score(_summed(per_site, "hist_neg"), _summed(per_site, "hist_pos"))
         out["sites"] = _most_separated(means, pooled_mean)
         out["reason"] = _gap_reason(out, pooled_mean)
     return out
+
+
+def _gap_ci(per_site: Mapping[str, dict], n_boot: int, seed: int, resample_sites: bool) -> list[float] | None:
+    """Percentile 95% interval of (pooled - within) AUC, resampling histogram counts (and sites)."""
+    if n_boot <= 0 or len(per_site) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    sites = list(per_site)
+    neg = np.array([per_site[s]["hist_neg"] for s in sites], dtype=float)
+    pos = np.array([per_site[s]["hist_pos"] for s in sites], dtype=float)
+    gaps = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(sites), len(sites)) if resample_sites else np.arange(len(sites))
+        rn = np.array([rng.multinomial(int(neg[i].sum()), neg[i] / max(neg[i].sum(), 1)) for i in pick])
+        rp = np.array([rng.multinomial(int(pos[i].sum()), pos[i] / max(pos[i].sum(), 1)) for i in pick])
+        pooled = auc_from_histograms(rn.sum(axis=0), rp.sum(axis=0))
+        within = [(rn[j].sum() + rp[j].sum(), auc_from_histograms(rn[j], rp[j])) for j in range(len(pick))]
+        within = [(n, a) for n, a in within if a is not None]
+        if pooled is None or not within:
+            continue
+        total = sum(n for n, _ in within)
+        gaps.append(pooled - sum(n * a for n, a in within) / total)
+    if len(gaps) < n_boot // 2:
+        return None
+    return [float(v) for v in np.percentile(gaps, [2.5, 97.5])]
 
 
 def _float_or_none(value) -> float | None:
@@ -245,9 +282,10 @@ def _gap_reason(out: dict, pooled_mean: float) -> str:
         auc = out["site_auc"][site]
         within = f"within-site AUC {auc:.2f}" if auc is not None else f"within-site AUC undefined: {out['excluded'][site]}"
         parts.append(f"{site} mean score {out['site_mean_score'][site]:.2f} ({within})")
+    ci = "" if out["gap_ci"] is None else f" [95% CI {out['gap_ci'][0]:.2f}, {out['gap_ci'][1]:.2f}]"
     return (
         f"pooled AUC {out['pooled_auc']:.2f} exceeds the mean within-site AUC {out['within_auc']:.2f} "
-        f"by {out['gap']:.2f} (> {out['thresholds']['max_gap']}): the model separates sites; "
+        f"by {out['gap']:.2f}{ci} (> {out['thresholds']['max_gap']}): the model separates sites; "
         f"pooled mean score {pooled_mean:.2f}, " + "; ".join(parts)
     )
 
@@ -264,11 +302,30 @@ def _not_computable_reason(out: dict) -> str:
 
 # ---- verdict ------------------------------------------------------------------------------
 
+# Each of these alone raises the alarm: the precondition of confounding (label depends on
+# site) and its direct symptom (the model ranks across sites better than within them).
+PRIMARY = ("site_label_association", "pooled_vs_within_auc")
+# These are common in clean federations too (hospitals differ in case mix and scanners),
+# so one alone is a warning; two together raise the alarm.
+SECONDARY = ("auc_heterogeneity", "site_separability", "cross_site")
+SECONDARY_TO_ALARM = 2
+
 
 def verdict(tests: Mapping[str, dict]) -> dict:
-    """Alarm if any test alarms; the reasons are the alarmed tests' sentences, in order."""
+    """Alarm if a primary test fires, or if SECONDARY_TO_ALARM secondary tests fire together.
+
+    `reasons` are the sentences of the tests that raised the alarm (and of secondary tests
+    that fired beside it, which corroborate); `warnings` are those of secondary tests that
+    fired without raising it. Tests not in either list (none today) count as primary.
+    """
+    fired = [name for name, t in tests.items() if t.get("alarm")]
+    primary = [n for n in fired if n not in SECONDARY]
+    secondary = [n for n in fired if n in SECONDARY]
+    alarm = bool(primary) or len(secondary) >= SECONDARY_TO_ALARM
     return {
-        "alarm": any(bool(t.get("alarm")) for t in tests.values()),
-        "reasons": [t["reason"] for t in tests.values() if t.get("alarm")],
+        "alarm": alarm,
+        "reasons": [tests[n]["reason"] for n in (primary + secondary if alarm else [])],
+        "warnings": [] if alarm else [tests[n]["reason"] for n in secondary],
+        "signals": fired,
         "tests": dict(tests),
     }

@@ -35,6 +35,7 @@ class RoundReplies:
     server_round: int
     per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # site (or "node ID" if never seen) -> reason
+    arrays: dict[str, ArrayRecord] = field(default_factory=dict)  # site -> its update (training)
 
 
 Callback = Callable[[RoundReplies], None]
@@ -42,7 +43,7 @@ Callback = Callable[[RoundReplies], None]
 
 def _collect(
     server_round: int, replies: list[Message], decode: Callable[..., tuple[str, dict]],
-    known: dict[int, str], sent: list[Message],
+    known: dict[int, str], sent: list[Message], arrays_key: str = "",
 ) -> RoundReplies:
     """Decode the replies; a failed node is named by the site it answered as before
     (`known`, node id -> site, updated here), else by its Flower node id. An error reply
@@ -59,6 +60,8 @@ def _collect(
         site, values = decode(msg.content)
         known[msg.metadata.src_node_id] = site
         out.per_site[site] = values
+        if arrays_key and arrays_key in msg.content.array_records:
+            out.arrays[site] = msg.content.array_records[arrays_key]
     return out
 
 
@@ -92,12 +95,12 @@ class PerSiteCapture:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.on_train(_collect(server_round, replies, decode_training, self._site_of_node,
-                                     self._sent_messages))
         key = self.arrayrecord_key  # type: ignore[attr-defined]
         for msg in replies:  # float16 uploads are averaged in float32 (fedir.wire)
             if not msg.has_error() and key in msg.content.array_records:
                 msg.content[key] = from_wire(msg.content.array_records[key])
+        self.on_train(_collect(server_round, replies, decode_training, self._site_of_node,
+                               self._sent_messages, key))
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def aggregate_evaluate(

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fedir.metrics import site_metrics
+from fedir.metrics import auc_from_histograms, site_metrics
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
 
 CONFOUNDED = {"a": {0: 5, 1: 95}, "b": {0: 90, 1: 10}, "c": {0: 88, 1: 12}}
@@ -108,7 +108,8 @@ def test_within_auc_is_n_weighted_and_undefined_sites_excluded():
         "neg-only": _eval(np.zeros(30, int), rng.uniform(0, 1, 30)),
     }
     result = pooled_vs_within_auc(per_site)
-    expected = (50 * per_site["small"]["auc"] + 450 * per_site["big"]["auc"]) / 500
+    binned = {s: auc_from_histograms(per_site[s]["hist_neg"], per_site[s]["hist_pos"]) for s in ("small", "big")}
+    expected = (50 * binned["small"] + 450 * binned["big"]) / 500  # from histograms, like the pooled AUC
     assert result["within_auc"] == pytest.approx(expected)
     assert result["site_auc"]["neg-only"] is None
     assert set(result["excluded"]) == {"neg-only"}
@@ -133,5 +134,7 @@ def test_verdict_collects_reasons_of_alarmed_tests():
     v = verdict({"association": alarmed, "quiet": quiet})
     assert v["alarm"] and v["reasons"] == [alarmed["reason"]]
     assert v["tests"]["quiet"] is quiet
-    assert verdict({"quiet": quiet}) == {"alarm": False, "reasons": [], "tests": {"quiet": quiet}}
+    assert verdict({"quiet": quiet}) == {
+        "alarm": False, "reasons": [], "warnings": [], "signals": [], "tests": {"quiet": quiet}
+    }
     _strict_json(v)

@@ -76,7 +76,8 @@ def test_frame_policies_shapes(tmp_path: Path) -> None:
     assert np.array_equal(apply_frame_policy(frames, "mip")[0], frames.max(axis=0))
     for policy in FRAME_POLICIES:
         out = load_image(tmp_path / "cine.dcm", 16, policy)
-        assert out.shape == ((5 if policy == "all" else 1), 1, 16, 16)
+        expected = {"all": (5, 1, 16, 16), "volume": (1, 1, 16, 16, 16)}.get(policy, (1, 1, 16, 16))
+        assert out.shape == expected
         assert out.dtype == np.float32 and np.isfinite(out).all()
 
 

@@ -24,6 +24,8 @@ from fedir.manifest import write_manifest
 from fedir.simulations.scenario import load_scenario
 from fedir.simulations.simulate import simulate
 from fedir.simulations.synthetic import generate_federation
+from fedir.embedding import MAX_DIM
+from fedir.records import CROSS_SITE_ACTION
 from fedir.task import NUM_CLASSES, build_model
 from tests.phi import PLANTED, needles, plant, planted_numbers
 from tests.wire_capture import CaptureReplies, read_captured
@@ -81,19 +83,28 @@ def audited_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_only_the_models_weights_and_fixed_length_vectors_leave_a_site(audited_run: dict) -> None:
     replies = audited_run["replies"]
     # 2 working sites x (train + evaluate) x rounds, plus each one's answer to the
-    # server's feature-statistics query; the broken site sends only errors.
-    assert len(replies) == 2 * 2 * ROUNDS + 2
+    # server's feature-statistics query and to the cross-site evaluation after the last
+    # round; the broken site sends only errors.
+    assert len(replies) == 2 * 2 * ROUNDS + 2 + 2
     assert sum(r["message_type"] == "query" for r in replies) == 2
+    assert sum(r["message_type"] == CROSS_SITE_ACTION for r in replies) == 2
     model = build_model(audited_run["settings"].model_name).state_dict()
     weights = {f"arrays/{k}": (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.items()}
+    # the embedding's summary statistics: per class and overall, a count, a mean and a
+    # covariance of the (projected) penultimate features; never one row per image
+    d = min(model["fc.weight"].shape[1], MAX_DIM)
+    moments = {"embedding/counts": ((NUM_CLASSES + 1,), "int64"),
+               "embedding/means": ((NUM_CLASSES + 1, d), "float32"),
+               "embedding/covs": ((NUM_CLASSES + 1, d, d), "float32")}
     for reply in replies:
-        if reply["message_type"] == "train":
-            assert reply["arrays"] == weights
-        else:
-            assert reply["arrays"] == {}
+        expected = {"train": weights, "evaluate": moments}.get(reply["message_type"], {})
+        assert reply["arrays"] == expected, reply["message_type"]
+        # list lengths: 0 (an imaging site's feature sums), CIs and classes (2), histogram
+        # bins; in a cross-site row, one entry per site model (2) and their CIs (4)
+        allowed = {0, 2, NUM_CLASSES, HIST_BINS} | ({2, 4} if reply["message_type"] == CROSS_SITE_ACTION else set())
         for key, value in reply["metrics"].items():
             if isinstance(value, list):
-                assert len(value) in {0, 2, NUM_CLASSES, HIST_BINS}, key  # 0: an imaging site's feature sums
+                assert len(value) in allowed, key
         for key, value in reply["configs"].items():
             assert isinstance(value, str), key
 

@@ -1,0 +1,39 @@
+"""After the last round: the cross-site matrix, by sending every site's model to every site.
+
+Each node gets one `evaluate.cross_site` message carrying all the sites' last models
+(fedir.records), scores each on its own test patients and returns one row of AUCs with
+CIs. Models are weights, which the sites already send to the server every round; no
+patient data moves. The analysis of the matrix is fedir.strategies.cross_site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
+from fedir.records import CROSS_SITE_ACTION, decode_cross_site, encode_cross_site_models
+
+log = logging.getLogger(__name__)
+
+
+def cross_site_matrix(
+    grid: Grid, models: Mapping[str, ArrayRecord], config, timeout: float = 600
+) -> dict[str, dict[str, dict]]:
+    """`{model_site: {data_site: {"auc", "auc_ci", "n"}}}` over the nodes that answered."""
+    messages = []
+    for node_id in grid.get_node_ids():
+        content = encode_cross_site_models(models)
+        content["config"] = config
+        messages.append(Message(content, node_id, CROSS_SITE_ACTION))
+    matrix: dict[str, dict[str, dict]] = {name: {} for name in models}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log.warning("cross-site evaluation: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        data_site, row = decode_cross_site(reply.content)
+        for model_site, entry in row.items():
+            matrix.setdefault(model_site, {})[data_site] = entry
+    return matrix

@@ -1,0 +1,89 @@
+"""The Frankenstein detector: every bias signal of a round, the verdict, and its sensitivity.
+
+One entry point, `analyse`, so the ServerApp, the calibration benchmark and the tests
+compute the verdict the same way. Inputs are aggregates only: labelled training patients
+per class per site (data counts), each site's evaluation aggregates (AUC with CI, score
+histograms), each site's embedding moments (fedir.embedding), and, after the last round,
+the cross-site AUC matrix. Thresholds are those chosen on the calibration federations
+(benchmarks/bias_calibration.py); they are scenario settings (`[bias]`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+
+from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
+from fedir.strategies.cross_site import cross_site_gap
+from fedir.strategies.heterogeneity import auc_heterogeneity
+from fedir.strategies.sensitivity import leave_one_site_out
+from fedir.strategies.separability import site_separability
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Each signal's alarm threshold (see each signal's module for its meaning)."""
+
+    alpha: float = 0.01
+    min_cramers_v: float = 0.2
+    max_auc_gap: float = 0.05
+    min_i2: float = 0.5
+    min_site_accuracy: float = 0.8
+    min_separability_excess: float = 0.1
+    max_cross_site_gap: float = 0.1
+    bootstrap: int = 200
+
+
+def signals(
+    label_counts: Mapping[str, Mapping[int, int]],
+    per_site: Mapping[str, dict],
+    moments: Mapping[str, object],
+    thresholds: Thresholds,
+    cross_site: Mapping[str, Mapping[str, dict]] | None = None,
+    seed: int = 0,
+) -> dict:
+    """The verdict over every signal that has its inputs (no sensitivity analysis)."""
+    tests = {
+        "site_label_association": site_label_association(
+            dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v
+        ),
+        "pooled_vs_within_auc": pooled_vs_within_auc(
+            per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap, seed=seed
+        ),
+        "auc_heterogeneity": auc_heterogeneity(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2),
+    }
+    if moments:
+        tests["site_separability"] = site_separability(
+            moments, min_accuracy=thresholds.min_site_accuracy,
+            min_excess=thresholds.min_separability_excess, seed=seed,
+        )
+    if cross_site:
+        tests["cross_site"] = cross_site_gap(cross_site, max_gap=thresholds.max_cross_site_gap)
+    return verdict(tests)
+
+
+def analyse(
+    label_counts: Mapping[str, Mapping[int, int]],
+    per_site: Mapping[str, dict],
+    moments: Mapping[str, object],
+    thresholds: Thresholds,
+    cross_site: Mapping[str, Mapping[str, dict]] | None = None,
+    seed: int = 0,
+) -> dict:
+    """`signals` plus the leave-one-site-out sensitivity of its conclusions (in `sensitivity`).
+
+    The sensitivity reruns the signals without the cross-site matrix (it belongs to the
+    run's models, not to a subset of sites) and without bootstrap intervals (their
+    thresholds are checked on the full federation only), so it costs little.
+    """
+    full = signals(label_counts, per_site, moments, thresholds, cross_site, seed)
+    quick = Thresholds(**{**thresholds.__dict__, "bootstrap": 0})
+    full["sensitivity"] = leave_one_site_out(
+        label_counts, per_site, moments, partial(_subset, thresholds=quick, seed=seed), full
+    )
+    return full
+
+
+def _subset(label_counts, per_site, moments, *, thresholds: Thresholds, seed: int) -> dict:
+    return signals(label_counts, per_site, moments, thresholds, None, seed)
