@@ -212,9 +212,11 @@ def main() -> None:
             result["partitions"][part] = block
             out_file.parent.mkdir(parents=True, exist_ok=True)
             out_file.write_text(json.dumps({**result, "partial": True}, indent=1))
-    result["loadavg_end"] = os.getloadavg()
-    result["wall_s"] = round(time.time() - started, 1)
-    out_file.write_text(json.dumps(result, indent=1))
+        # Written before the temporary federations are deleted: tens of thousands of
+        # small files take minutes to remove on a loaded machine.
+        result["loadavg_end"] = os.getloadavg()
+        result["wall_s"] = round(time.time() - started, 1)
+        out_file.write_text(json.dumps(result, indent=1))
     print(markdown(result))
     print(f"wrote {out_file}")
 
