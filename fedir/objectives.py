@@ -80,7 +80,11 @@ def mixup(
 def mixed_cross_entropy(
     logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float
 ) -> torch.Tensor:
-    """Cross-entropy against the soft target lam * onehot(y_a) + (1 - lam) * onehot(y_b)."""
+    """Cross-entropy against the soft target lam * onehot(y_a) + (1 - lam) * onehot(y_b).
+    Without MixUp (lam == 1) that is one cross-entropy: computing the zero-weighted second
+    term would cost every supervised step a second loss and its backward."""
+    if lam == 1.0:
+        return F.cross_entropy(logits, y_a)
     return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
 
 

@@ -129,6 +129,9 @@ def train(
     them, and calls the objective's `after_step` after the optimiser step. A site
     with no labelled image does not step and reports zero steps.
     """
+    if objective.uses_unlabelled and images.dim() == 5:
+        raise ValueError(f"objective {getattr(objective, 'name', objective)!r}: its augmentations are 2D; "
+                         "train 3D volumes with objective = supervised")
     labelled = labels >= 0
     x_lab = to_device(images[labelled], device)
     y_lab = to_device(labels[labelled], device)

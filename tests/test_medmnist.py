@@ -152,6 +152,16 @@ def test_vesselmnist3d_volumes_train_a_3d_network(tmp_path):
     assert tuple(model(site.train.images).shape) == (6, 2)
 
 
+def test_semi_supervised_objectives_refuse_volumes_clearly():
+    from fedir.objectives import build_objective
+    from fedir.task import TrainConfig, train
+
+    x, y = torch.randn(4, 1, 8, 8, 8), torch.tensor([0, 1, -1, -1])
+    with pytest.raises(ValueError, match="augmentations are 2D"):
+        train(build_model("resnet_small", spatial_dims=3), x, y, build_objective("fixmatch"),
+              TrainConfig(), torch.device("cpu"))
+
+
 def test_volume_federation_runs_a_round_end_to_end(tmp_path):
     from fedir.simulations.inprocess import run_inprocess
 
