@@ -25,6 +25,9 @@ VERDICT_NUMBERS = (
     ("pooled_auc", "pooled AUC"),
     ("within_auc", "within-site AUC"),
     ("gap", "gap"),
+    ("i2", "I^2"),
+    ("site_accuracy", "site separability"),
+    ("class_accuracy", "class separability"),
 )
 
 
@@ -139,7 +142,8 @@ def verdict_line(bias: dict) -> str:
     if bias.get("alarm"):
         return "BIAS ALARM: " + "; ".join(bias.get("reasons") or ["(no reason given)"])
     numbers = [f"{name}: {text}" for name, text in key_numbers(bias).items() if text]
-    return "No bias alarm: " + ("; ".join(numbers) or "; ".join(bias.get("reasons") or []))
+    warnings = "".join(f" WARNING: {w}." for w in bias.get("warnings") or [])
+    return "No bias alarm: " + ("; ".join(numbers) or "; ".join(bias.get("reasons") or [])) + warnings
 
 
 def key_numbers(bias: dict) -> dict[str, str]:
