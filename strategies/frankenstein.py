@@ -21,6 +21,13 @@ from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability
 
 
+# Above this many sites the pairwise and resampling analyses (the gap's bootstrap
+# intervals, pairwise site separability, leave-one-site-out) are skipped, each with its
+# reason: they grow with the square of the sites (or sites x resamples) and would
+# dominate a 1,000-site simulation's rounds. The count-based signals still run.
+MAX_DETAILED_SITES = 50
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Each signal's alarm threshold (see each signal's module for its meaning)."""
@@ -44,16 +51,19 @@ def signals(
     seed: int = 0,
 ) -> dict:
     """The verdict over every signal that has its inputs (no sensitivity analysis)."""
+    detailed = len(per_site) <= MAX_DETAILED_SITES
     tests = {
         "site_label_association": site_label_association(
             dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v
         ),
         "pooled_vs_within_auc": pooled_vs_within_auc(
-            per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap, seed=seed
+            per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap if detailed else 0, seed=seed
         ),
         "auc_heterogeneity": auc_heterogeneity(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2),
     }
-    if moments:
+    if moments and not detailed:
+        tests["site_separability"] = _skipped("site_separability", len(per_site))
+    elif moments:
         tests["site_separability"] = site_separability(
             moments, min_accuracy=thresholds.min_site_accuracy,
             min_excess=thresholds.min_separability_excess, seed=seed,
@@ -78,11 +88,20 @@ def analyse(
     thresholds are checked on the full federation only), so it costs little.
     """
     full = signals(label_counts, per_site, moments, thresholds, cross_site, seed)
+    if len(per_site) > MAX_DETAILED_SITES:
+        full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [],
+                               "reason": f"skipped: more than {MAX_DETAILED_SITES} sites"}
+        return full
     quick = Thresholds(**{**thresholds.__dict__, "bootstrap": 0})
     full["sensitivity"] = leave_one_site_out(
         label_counts, per_site, moments, partial(_subset, thresholds=quick, seed=seed), full
     )
     return full
+
+
+def _skipped(name: str, sites: int) -> dict:
+    return {"name": name, "computable": False, "alarm": False, "sites": [],
+            "reason": f"skipped: {sites} sites, more than {MAX_DETAILED_SITES} (pairwise analysis)"}
 
 
 def _subset(label_counts, per_site, moments, *, thresholds: Thresholds, seed: int) -> dict:

@@ -187,3 +187,18 @@ def test_analyse_clean_federation_is_quiet_and_stable():
     moments = {s: _moments(rng, 80, np.zeros(12), 2.0) for s in counts}
     out = analyse(counts, per_site, moments, Thresholds())
     assert not out["alarm"] and out["signals"] == [] and out["sensitivity"]["flags"] == []
+
+
+def test_many_sites_skip_the_pairwise_analyses():
+    """A 1,000-site simulation must not spend its rounds on pairwise separability,
+    bootstrap intervals or leave-one-site-out: those are skipped with a reason."""
+    rng = np.random.default_rng(10)
+    one = _eval(rng, 40, 0.5, 2.0)
+    moments = _moments(rng, 40, np.zeros(12), 2.0)
+    sites = [f"s{k}" for k in range(300)]
+    out = analyse({s: {0: 20, 1: 20} for s in sites}, {s: one for s in sites}, {s: moments for s in sites},
+                  Thresholds())
+    assert out["tests"]["site_separability"]["reason"].startswith("skipped")
+    assert out["tests"]["pooled_vs_within_auc"]["gap_ci"] is None
+    assert out["sensitivity"]["reason"].startswith("skipped")
+    assert out["tests"]["site_label_association"]["computable"]
