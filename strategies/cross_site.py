@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedir.strategies.heterogeneity import Z95, _se
+from fedir.strategies.heterogeneity import Z95, standard_error
 
 
 def cross_site_gap(matrix: Mapping[str, Mapping[str, dict]], *, max_gap: float = 0.1) -> dict:
@@ -62,5 +62,5 @@ def cross_site_gap(matrix: Mapping[str, Mapping[str, dict]], *, max_gap: float =
 
 
 def _var_of_mean(entries: list[dict]) -> float:
-    ses = [_se(e["auc_ci"]) if e.get("auc_ci") else 0.05 for e in entries]
+    ses = [standard_error(e["auc_ci"]) if e.get("auc_ci") else 0.05 for e in entries]
     return float(np.sum(np.square(ses)) / len(entries) ** 2)

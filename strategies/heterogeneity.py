@@ -33,7 +33,7 @@ def auc_heterogeneity(per_site: Mapping[str, dict], *, alpha: float = 0.01, min_
     the random-effects 95% interval around the pooled estimate, furthest first.
     """
     estimates = {
-        site: (float(m["auc"]), _se(m["auc_ci"]))
+        site: (float(m["auc"]), standard_error(m["auc_ci"]))
         for site, m in per_site.items()
         if m.get("auc") is not None and m.get("auc_ci") is not None
     }
@@ -81,5 +81,6 @@ def auc_heterogeneity(per_site: Mapping[str, dict], *, alpha: float = 0.01, min_
     return out
 
 
-def _se(ci) -> float:
+def standard_error(ci) -> float:
+    """A 95% CI's width / (2 x 1.96), floored at MIN_SE: the SE a site's AUC carries."""
     return max((float(ci[1]) - float(ci[0])) / (2 * Z95), MIN_SE)
