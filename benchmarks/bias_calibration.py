@@ -48,7 +48,7 @@ import torch
 
 from fedir.config import Settings
 from fedir.server import server_app
-from fedir.simulations.heart import CENTRES, import_heart
+from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.medmnist import import_medmnist
 from fedir.simulations.synthetic import generate_federation

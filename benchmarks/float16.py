@@ -28,10 +28,11 @@ import flwr
 import torch
 
 from fedir.config import Settings
-from fedir.simulations.heart import CENTRES, import_heart
+from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.simulations.inprocess import run_inprocess
-from fedir.task import build_model
-from fedir.wire import payload_bytes, to_wire
+from fedir.models import build_model
+from fedir.protocol import payload_bytes
+from fedir.client.kept_state import to_wire
 
 SEEDS = (42, 43, 44, 45, 46)
 ROUNDS = 15

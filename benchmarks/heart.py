@@ -9,7 +9,7 @@ each site scaled with its own training statistics; the pooled arm trained on poo
 statistics and tested with each site's own) and like-for-like (`"federated"`: one
 standardisation from the sites' n / sum / sum of squares, at training and test time).
 
-Personalised arms (`train.personalise`, fedir.personalise) run the federation as FedAvg
+Personalised arms (`train.personalise`, fedir.models) run the federation as FedAvg
 (or FedAdagrad) does, with either each site's intercept kept and learnt at the site, or
 one round's local budget of fine-tuning from the global model before each evaluation.
 `fedavg+smote` is FedAvg with `train.smote` (SMOTE on each site's training rows, at the
@@ -37,7 +37,7 @@ import flwr
 import torch
 
 from fedir.config import Settings
-from fedir.simulations.heart import CENTRES, import_heart
+from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.simulations.inprocess import run_inprocess
 
 ARMS = {  # name -> (federation.arm, strategy.name, train.personalise)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fedir.config import Settings
-from fedir.simulations.heart import CENTRES, import_heart
+from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.synthetic import generate_federation
 

@@ -46,7 +46,8 @@ from fedir.metrics import site_metrics
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.medmnist import import_medmnist
-from fedir.task import build_model, pick_device, predict
+from fedir.models import build_model
+from fedir.client.training import pick_device, predict
 
 ARMS = {  # name -> (federation.arm, objective, labelled fraction of the federation used)
     "sup10": ("federated", "supervised", "low"),

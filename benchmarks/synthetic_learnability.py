@@ -27,9 +27,10 @@ from sklearn.metrics import roc_auc_score
 
 from fedir.client.site import SplitTensors, load_site
 from fedir.metrics import site_metrics
-from fedir.objectives import build_objective
+from fedir.client.objectives import build_objective
 from fedir.simulations.synthetic import generate_federation
-from fedir.task import TrainConfig, build_model, pick_device, predict, train
+from fedir.client.training import TrainConfig, pick_device, predict, train
+from fedir.models import build_model
 
 RESULTS = Path(__file__).parent / "results" / "synthetic_learnability.json"
 

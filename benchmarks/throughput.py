@@ -1,10 +1,10 @@
 """Images per second of fedir's local training step against a plain PyTorch loop.
 
-Both train the same network (fedir.task.build_model), from the same initial weights, on
+Both train the same network (fedir.models.build_model), from the same initial weights, on
 the same images (PneumoniaMNIST's training split, z-scored per image and resized as a
 site would; random images with `--random-data`), with the same batch size, optimiser
 (AdamW) and loss (cross-entropy), in the same process. fedir's side is
-`fedir.task.train` with the supervised objective: exactly what a ClientApp runs each
+`fedir.models.train` with the supervised objective: exactly what a ClientApp runs each
 round. The plain loop is what a researcher would write: shuffled indices, one forward,
 loss, backward and optimiser step per batch.
 
@@ -38,9 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedir.imaging import to_model_input
-from fedir.objectives import build_objective
-from fedir.task import TrainConfig, autocast, build_model, pick_device, to_device, train
+from fedir.client.imaging import to_model_input
+from fedir.client.objectives import build_objective
+from fedir.client.training import TrainConfig, autocast, pick_device, to_device, train
+from fedir.models import build_model
 
 DATA = Path(os.environ.get("FEDIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist"
 
@@ -83,7 +84,7 @@ def plain_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: 
 
 def fedir_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
                lr: float, device: torch.device) -> tuple[float, float]:
-    """fedir.task.train with the supervised objective; returns (wall, CPU) seconds for
+    """fedir.models.train with the supervised objective; returns (wall, CPU) seconds for
     `steps` steps (the whole call: moving the data, the optimiser's set-up and the final
     loss read-back)."""
     config = TrainConfig(batch_size=batch, lr=lr, weight_decay=1e-4, steps=steps, seed=0)

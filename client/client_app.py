@@ -3,9 +3,9 @@
 `query` answers the server's feature-statistics query (n / sum / sum of squares of a
 tabular site's training features). `train` loads the site (decoded once, then cached),
 sets the global weights (keeping the site's own normalisation layers under FedBN,
-fedir.client.fedbn), trains
+fedir.client.kept_state), trains
 locally and returns the new weights with aggregate counts. `evaluate` scores the site's
-held-out patients and returns aggregates only (fedir.records). The site folder comes from
+held-out patients and returns aggregates only (fedir.protocol). The site folder comes from
 node config `site-dir` in deployment, or, in simulation, from the run's site list indexed
 by the node's `partition-id`.
 """
@@ -23,24 +23,22 @@ from flwr.clientapp.typing import Mod
 
 from fedir.client.arms import keep_local, start_weights
 from fedir.client.datacard import card_once
-from fedir.client.fedbn import load_global, reply_arrays
+from fedir.client.kept_state import load_global, reply_arrays
 from fedir.client.inputs import SiteView, scaled, scaler, view_of
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.personalise import personalised
-from fedir.client.privacy import dp_clipping_mod
+from fedir.client.dp_mods import dp_clipping_mod
 from fedir.client.site import SiteUnusable
 from fedir.config import Settings
-from fedir.embedding import embedding_moments, predict_with_embedding
-from fedir.manifest import ManifestError
+from fedir.client.embedding import embedding_moments, predict_with_embedding
+from fedir.client.manifest import ManifestError
 from fedir.metrics import site_metrics
-from fedir.personalise import kept_keys
-from fedir.privacy import model_shaped
-from fedir.records import (
-    ARRAYS_KEY, METRICS_KEY, SITE_KEY, decode_cross_site_models, encode_cross_site, encode_evaluation,
-    encode_training,
-)
-from fedir.tabular import encode_feature_sums
-from fedir.task import NUM_CLASSES, build_model, pick_device, predict, train
+from fedir.models import kept_keys
+from fedir.models import model_shaped
+from fedir.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, decode_cross_site_models, encode_cross_site, encode_evaluation, encode_training
+from fedir.protocol import encode_feature_sums
+from fedir.models import NUM_CLASSES, build_model
+from fedir.client.training import pick_device, predict, train
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view:
     model = build_model(settings.model_name, n_features=view.n_features,
                         spatial_dims=settings.spatial_dims)
     received = arrays.to_torch_state_dict()
-    if settings.dp:  # the global model travels in DP's shapes (fedir.privacy)
+    if settings.dp:  # the global model travels in DP's shapes (fedir.config)
         received = model_shaped(received, model.state_dict())
     load_global(model, received, context.state, settings.train_fedbn, kept_keys(model, settings))
     return model
@@ -107,7 +105,7 @@ def _metrics(settings: Settings, config, labels, scores, patients) -> dict:
         scores,
         patients,
         n_boot=settings.eval_bootstrap,
-        seed=settings.train_seed * 1000 + server_round,
+        seed=settings.round_seed(server_round),
         threshold=settings.eval_threshold,
         bins=settings.eval_hist_bins,
     )
@@ -117,7 +115,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     """The ClientApp. Settings come from the run config Flower delivers, unless given
     here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
     mods wrapped around every message handler (the wire audit test captures replies so);
-    innermost, the client-side DP clipping the run may ask for (fedir.client.privacy)."""
+    innermost, the client-side DP clipping the run may ask for (fedir.client.dp_mods)."""
     app = ClientApp(mods=[*mods, dp_clipping_mod(settings)])
     fixed = settings
 
@@ -131,7 +129,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     def train_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = _received(msg, context, fixed)
         server_round = int(config.get("server-round", 0))
-        seed = settings.train_seed * 1000 + server_round
+        seed = settings.round_seed(server_round)
         objective, recipe = round_recipe(settings, seed, float(config.get("proximal-mu", 0.0)))
         x, y, synthetic = local_rows(settings, site, config, context, seed)
         result = train(

@@ -31,10 +31,10 @@ from pydicom.dataset import Dataset
 
 from fedir.client.site import SiteData
 from fedir.config import Settings
-from fedir.imaging import DICOM_SUFFIXES, NUMPY_SUFFIXES, PILLOW_SUFFIXES
-from fedir.manifest import ManifestRow, read_manifest
-from fedir.split import SPLITS, split_of
-from fedir.task import NUM_CLASSES
+from fedir.client.imaging import DICOM_SUFFIXES, NUMPY_SUFFIXES, PILLOW_SUFFIXES
+from fedir.client.manifest import ManifestRow, read_manifest
+from fedir.client.split import SPLITS, split_of
+from fedir.models import NUM_CLASSES
 
 CARD_VERSION = 1
 DEFAULT_K = 5

@@ -21,9 +21,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fedir.client.datacard import DEFAULT_K, ImageOutcome, build_card
-from fedir.imaging import UnreadableImage, read_display_frames
-from fedir.manifest import read_manifest
-from fedir.task import NUM_CLASSES
+from fedir.client.imaging import UnreadableImage, read_display_frames
+from fedir.client.manifest import read_manifest
+from fedir.models import NUM_CLASSES
 
 FIRST_PATHS = 3
 

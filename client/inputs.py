@@ -1,7 +1,7 @@
 """A site as the training loop sees it: tensors for train and test, imaging or tabular alike.
 
 The ClientApp should not care whether its site holds images or a clinical table: this
-module reads either (fedir.client.site for images, fedir.tabular for `clin_*` tables,
+module reads either (fedir.client.site for images, fedir.client.tabular for `clin_*` tables,
 recognised from the manifest) into one `SiteView`, kept in memory for the life of the
 process. Tabular features are standardised here, at the site, with the statistics the
 protocol asks for (`data.standardise`): the federation's, sent by the server from every
@@ -20,7 +20,8 @@ from flwr.app import ConfigRecord
 
 from fedir.client.site import SiteData, load_site
 from fedir.config import Settings
-from fedir.tabular import MEAN_KEY, STD_KEY, FeatureSums, is_tabular_site, read_tabular_site, standardise
+from fedir.protocol import MEAN_KEY, STD_KEY, FeatureSums
+from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 
 
 @dataclass

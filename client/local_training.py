@@ -15,9 +15,9 @@ from fedir.client.arms import training_rows
 from fedir.client.inputs import SiteView, scaled, scaler
 from fedir.client.smote import oversampled
 from fedir.config import Settings
-from fedir.objectives import Objective, ObjectiveParams, build_objective
-from fedir.tabular import FeatureSums
-from fedir.task import TrainConfig
+from fedir.client.objectives import Objective, ObjectiveParams, build_objective
+from fedir.protocol import FeatureSums
+from fedir.client.training import TrainConfig
 
 
 def local_rows(settings: Settings, site: SiteView, config: ConfigRecord, context: Context,

@@ -1,4 +1,4 @@
-"""Local fine-tuning before evaluation (`train.personalise = finetune`, fedir.personalise).
+"""Local fine-tuning before evaluation (`train.personalise = finetune`, fedir.models).
 
 The site trains the global model it received for one round's local budget on its own
 training rows and scores that copy on its test patients; the copy is never sent and is
@@ -15,7 +15,7 @@ from torch import nn
 from fedir.client.inputs import SiteView
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.config import Settings
-from fedir.task import pick_device, train
+from fedir.client.training import pick_device, train
 
 FINETUNE_SEED_OFFSET = 500  # fine-tuning draws batches apart from the round's training
 
@@ -26,7 +26,7 @@ def personalised(model: nn.Module, settings: Settings, site: SiteView, config: C
     if settings.train_personalise != "finetune":
         return model
     server_round = int(config.get("server-round", 0))
-    seed = settings.train_seed * 1000 + server_round + FINETUNE_SEED_OFFSET
+    seed = settings.round_seed(server_round) + FINETUNE_SEED_OFFSET
     x, y, _ = local_rows(settings, site, config, context, seed)
     objective, recipe = round_recipe(settings, seed)
     train(model, x, y, objective, recipe, pick_device())

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedir.imaging import UnreadableImage, load_image, spatial_dims_of
-from fedir.manifest import MANIFEST_NAME, ManifestRow, read_manifest
-from fedir.split import SPLITS, split_of
-from fedir.task import NUM_CLASSES
+from fedir.client.imaging import UnreadableImage, load_image, spatial_dims_of
+from fedir.client.manifest import MANIFEST_NAME, ManifestRow, read_manifest
+from fedir.client.split import SPLITS, split_of
+from fedir.models import NUM_CLASSES
 
 LOG = logging.getLogger(__name__)
 CACHE_DIR_NAME = ".fedir-cache"

@@ -67,7 +67,7 @@ class Settings:
     bias_min_site_accuracy: float = 0.8  # embedding identifies a site at least this well...
     bias_min_separability_excess: float = 0.1  # ...and this much better than it separates classes
     bias_max_cross_site_gap: float = 0.1  # own-site minus other-site AUC of the sites' models
-    bias_embedding: bool = True  # sites send their embedding's moments (fedir.embedding)
+    bias_embedding: bool = True  # sites send their embedding's moments (fedir.client.embedding)
     bias_cross_site: bool = True  # after the last round, score every site's model at every site
     bias_cross_site_max_sites: int = 16  # above this many sites the cross-site matrix is skipped
     bias_bootstrap: int = 200  # resamples of the bias intervals (pooled-vs-within gap, separability)
@@ -81,13 +81,13 @@ class Settings:
     train_unlabelled_ratio: int = 1  # unlabelled images per labelled image in a step (mu)
     train_ema_decay: float = 0.99  # mean_teacher: EMA decay of the teacher
     train_mixup_alpha: float = 0.0  # MixUp of the labelled batch, Beta(alpha, alpha); 0 = off
-    train_fedbn: bool = False  # FedBN: normalisation layers stay at each site (fedir.client.fedbn)
-    train_personalise: str = "none"  # none | intercept | finetune (fedir.personalise)
+    train_fedbn: bool = False  # FedBN: normalisation layers stay at each site (fedir.client.kept_state)
+    train_personalise: str = "none"  # none | intercept | finetune (fedir.models)
     train_smote: bool = False  # SMOTE on a tabular site's labelled training rows, at the site (fedir.client.smote)
     baseline_clinical: bool = False  # also run a clinical-only companion study (fedir.simulations.companion)
     baseline_clinical_steps: int = 50  # its local SGD steps per round (logistic regression on clin_*)
     baseline_clinical_lr: float = 0.05  # its SGD learning rate
-    privacy_dp: str = "off"  # off | server-fixed | server-adaptive | client-fixed | client-adaptive (fedir.privacy)
+    privacy_dp: str = "off"  # off | server-fixed | server-adaptive | client-fixed | client-adaptive (fedir.config)
     privacy_noise_multiplier: float = 0.1  # Gaussian noise std = this x clipping norm / sampled sites
     privacy_clipping_norm: float = 1.0  # L2 bound of a site's update (adaptive: the initial bound)
     privacy_target_quantile: float = 0.5  # adaptive: share of updates left unclipped
@@ -97,10 +97,9 @@ class Settings:
     def __post_init__(self) -> None:
         # DP modes and the settings they cannot serve are refused when the settings are
         # read (a scenario file, the run config), before any run starts.
-        from fedir.privacy import check_dp
-
         check_dp(self.privacy_dp, fedbn=self.train_fedbn, update_dtype=self.train_update_dtype,
                  arm=self.federation_arm)
+        check_personalise(self.train_personalise, self.federation_arm)
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -127,9 +126,14 @@ class Settings:
         """The flat mapping Flower carries (only str/int/float/bool values)."""
         return {self.key_of(f.name): getattr(self, f.name) for f in fields(self)}
 
+    def round_seed(self, server_round: int) -> int:
+        """The seed of one round's local work at every site (training draws, bootstraps):
+        distinct per round, the same at every site, reproducible from `train.seed`."""
+        return self.train_seed * 1000 + server_round
+
     @property
     def dp(self) -> bool:
-        """Whether a differential-privacy mode is on (fedir.privacy)."""
+        """Whether a differential-privacy mode is on (fedir.config)."""
         return self.privacy_dp != "off"
 
     @property
@@ -140,6 +144,39 @@ class Settings:
     @property
     def sites(self) -> list[str]:
         return [s for s in self.federation_sites.split(SITE_SEPARATOR) if s]
+
+
+DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+PERSONALISE = ("none", "intercept", "finetune")
+
+
+def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
+    """Refuse combinations Flower's DP clipping cannot serve, naming the setting.
+
+    FedBN: the site's reply lacks the normalisation layers it was sent, and Flower's
+    client mods refuse a reply whose array names differ from the message's. float16
+    uploads: the update would be clipped in half precision. Local and pooled arms average
+    nothing a DP guarantee would apply to.
+    """
+    if mode not in DP_MODES:
+        raise SettingsError(f"privacy.dp = {mode!r} is not one of {', '.join(DP_MODES)}")
+    if mode == "off":
+        return
+    if fedbn:
+        raise SettingsError(f"privacy.dp = {mode!r} cannot be combined with train.fedbn = true")
+    if update_dtype != "float32":
+        raise SettingsError(f"privacy.dp = {mode!r} needs train.update-dtype = \"float32\"")
+    if arm != "federated":
+        raise SettingsError(f"privacy.dp = {mode!r} needs federation.arm = \"federated\"")
+
+
+def check_personalise(mode: str, arm: str) -> None:
+    """`train.personalise`: a known value, and only for the federated arm (the local arm is
+    already fully personal; the pooled arm has one model by definition)."""
+    if mode not in PERSONALISE:
+        raise SettingsError(f"train.personalise = {mode!r}: choose one of {', '.join(PERSONALISE)}")
+    if mode != "none" and arm != "federated":
+        raise SettingsError(f"train.personalise = {mode!r} needs federation.arm = federated")
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

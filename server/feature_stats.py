@@ -2,7 +2,7 @@
 
 The server sends one `query` message to each node; a tabular site replies with n, the
 sum and the sum of squares of its training features, an imaging site with n = 0
-(fedir.tabular). The federation's mean and standard deviation follow from the totals,
+(fedir.client.tabular). The federation's mean and standard deviation follow from the totals,
 exactly as if the rows had been pooled, without any row leaving its site. The same query
 tells the server how many features the tabular model takes.
 """
@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedir.tabular import MEAN_KEY, STD_KEY, FeatureSums, combine, decode_feature_sums
+from fedir.protocol import MEAN_KEY, STD_KEY, FeatureSums, combine, decode_feature_sums
 
 log = logging.getLogger(__name__)
 

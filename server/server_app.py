@@ -21,10 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedir.config import Settings
-from fedir.personalise import sent_state
+from fedir.models import sent_state
 from fedir.metrics import pooled_metrics
 from fedir.server.baseline_report import with_clinical_baseline
-from fedir.privacy import dp_arrays, model_shaped
+from fedir.models import dp_arrays, model_shaped
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
 )
@@ -33,12 +33,12 @@ from fedir.server.feature_stats import gather_feature_sums
 from fedir.server.report import write_report
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
-from fedir.server.cross_site import cross_site_matrix
+from fedir.server.cross_site_round import cross_site_matrix
 from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.per_site import RoundReplies
-from fedir.strategies.privacy import inner_strategy
+from fedir.strategies.differential_privacy import inner_strategy
 from fedir.strategies.registry import build_strategy
-from fedir.task import build_model
+from fedir.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ class StudyRecorder:
 
 def shared_arrays(model: torch.nn.Module, settings: Settings) -> dict[str, torch.Tensor]:
     """What crosses the boundary, as the first global model and the server's validation
-    template: without the entries the sites keep (FedBN, fedir.personalise), and under
-    differential privacy every array a float of at least one dimension (fedir.privacy)."""
+    template: without the entries the sites keep (FedBN, fedir.models), and under
+    differential privacy every array a float of at least one dimension (fedir.config)."""
     weights = sent_state(model, settings)
     return dp_arrays(weights) if settings.dp else weights
 
@@ -191,7 +191,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             on_train=recorder.on_train,
             on_evaluate=recorder.on_evaluate,
             on_reject=recorder.on_reject,
-            # entries the sites keep (FedBN, fedir.personalise): updates come without them
+            # entries the sites keep (FedBN, fedir.models): updates come without them
             template=ArrayRecord(shared_arrays(model, settings)),
             outer=(ResumedRounds,),
             plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),

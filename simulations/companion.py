@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedir.config import Settings, SettingsError
-from fedir.manifest import MANIFEST_NAME
+from fedir.client.manifest import MANIFEST_NAME
 from fedir.server.baseline_report import COMPANION_DIR
 
 CLINICAL_PREFIX = "clin_"

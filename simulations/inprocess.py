@@ -22,10 +22,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings
-from fedir.records import ARRAYS_KEY
+from fedir.protocol import ARRAYS_KEY
 from fedir.server.server_app import run_study
 from fedir.simulations.companion import run_companion
-from fedir.wire import payload_bytes
+from fedir.protocol import payload_bytes
 
 SERVER_NODE_ID = 1
 
@@ -44,7 +44,7 @@ class InProcessGrid(Grid):
             for i in range(n_nodes)
         }
         self.replies: dict[str, Message] = {}
-        self.upload_bytes = 0  # serialised weights the sites sent back (fedir.wire)
+        self.upload_bytes = 0  # serialised weights the sites sent back (fedir.protocol)
         self._run = None
 
     def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run, unused here

@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedir.manifest import MANIFEST_NAME, SPLIT_COLUMN
-from fedir.split import SPLITS
+from fedir.client.manifest import MANIFEST_NAME, SPLIT_COLUMN
+from fedir.client.split import SPLITS
 
 REQUIRED_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 MIN_TRAIN_PER_SITE = 2

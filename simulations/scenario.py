@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedir.config import SITE_SEPARATOR, Settings, SettingsError
-from fedir.manifest import MANIFEST_NAME
+from fedir.client.manifest import MANIFEST_NAME
 
 
 class ScenarioError(ValueError):

@@ -26,7 +26,7 @@ only), noise, vessel contrast, blur, an intensity curve (gamma), collimator shut
 (dark or bright edges) and a burned-in corner marker. The marker and shutters are site
 artefacts a model can learn to recognise, which is what a Frankenstein federation exploits.
 
-Labels and splits. The split of a patient is `fedir.split.split_of(patient_id)` with its
+Labels and splits. The split of a patient is `fedir.client.split.split_of(patient_id)` with its
 defaults. Validation and test patients are ALWAYS labelled (a study annotates its
 reference standard); a fraction `unlabelled_fraction` of the TRAIN patients (drawn per
 patient) have their label removed, for the semi-supervised objective.
@@ -60,8 +60,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 from tqdm import tqdm
 
-from fedir.manifest import MANIFEST_NAME, write_manifest
-from fedir.split import split_of
+from fedir.client.manifest import MANIFEST_NAME, write_manifest
+from fedir.client.split import split_of
 
 GENERATOR_VERSION = 3
 FEDERATION_FILE = "federation.json"

@@ -3,7 +3,7 @@
 One entry point, `analyse`, so the ServerApp, the calibration benchmark and the tests
 compute the verdict the same way. Inputs are aggregates only: labelled training patients
 per class per site (data counts), each site's evaluation aggregates (AUC with CI, score
-histograms), each site's embedding moments (fedir.embedding), and, after the last round,
+histograms), each site's embedding moments (fedir.client.embedding), and, after the last round,
 the cross-site AUC matrix. Thresholds are those chosen on the calibration federations
 (benchmarks/bias_calibration.py); they are scenario settings (`[bias]`).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
-from fedir.strategies.cross_site import cross_site_gap
+from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.heterogeneity import auc_heterogeneity
 from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability

@@ -3,7 +3,7 @@
 Flower's strategies keep the weighted average of the sites' MetricRecords and drop the
 rest; fedir needs each site's own aggregates (per-site metrics, histograms, label counts)
 for the per-site table and the bias analysis. So `aggregate_train` and
-`aggregate_evaluate` decode each reply (fedir.records) and pass them, keyed by site name,
+`aggregate_evaluate` decode each reply (fedir.protocol) and pass them, keyed by site name,
 to callbacks the ServerApp provides, then let the strategy (FedAvg, FedAdam, Krum...) do
 exactly what it always does. The capture is a mixin placed before Flower's class in the
 MRO (`with_per_site_capture(FedAdam)`), so there is one implementation for all of them.
@@ -23,9 +23,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedir.records import decode_evaluation, decode_training
+from fedir.protocol import decode_evaluation, decode_training
 from fedir.strategies.validation import ValidatedUpdates
-from fedir.wire import from_wire
+from fedir.protocol import from_wire
 
 
 @dataclass
@@ -96,7 +96,7 @@ class PerSiteCapture:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         key = self.arrayrecord_key  # type: ignore[attr-defined]
-        for msg in replies:  # float16 uploads are averaged in float32 (fedir.wire)
+        for msg in replies:  # float16 uploads are averaged in float32 (fedir.protocol)
             if not msg.has_error() and key in msg.content.array_records:
                 msg.content[key] = from_wire(msg.content.array_records[key])
         self.on_train(_collect(server_round, replies, decode_training, self._site_of_node,

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
 
 from fedir.config import Settings, SettingsError
 from fedir.strategies.per_site import Callback, with_per_site_capture
-from fedir.strategies.privacy import with_differential_privacy
+from fedir.strategies.differential_privacy import with_differential_privacy
 from fedir.strategies.validation import RejectCallback
 
 

@@ -1,7 +1,7 @@
 """Site identifiability from the model's embedding, from per-site feature moments alone.
 
 Each site sends the count, mean and covariance of its test images' penultimate features
-per class (fedir.embedding). Under a Gaussian model with a shared covariance, two groups
+per class (fedir.client.embedding). Under a Gaussian model with a shared covariance, two groups
 whose means are a Mahalanobis distance Delta apart are told apart by the best linear rule
 with accuracy Phi(Delta / 2) (equal priors). So, from moments only, the server estimates:
 
@@ -29,7 +29,7 @@ from itertools import combinations
 import numpy as np
 from scipy.stats import norm
 
-from fedir.embedding import EmbeddingMoments
+from fedir.protocol import EmbeddingMoments
 
 MAX_COMPONENTS = 8
 N_BOOT = 200

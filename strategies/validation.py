@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from fedir.records import ARRAYS_KEY, SITE_KEY
+from fedir.protocol import ARRAYS_KEY, SITE_KEY
 
 RejectCallback = Callable[[int, str, str], None]  # (server round, site, reason)
 
@@ -92,7 +92,7 @@ def screen_updates(
 
 
 def site_of(msg: Message) -> str:
-    """The site name a reply carries (fedir.records), else its node id."""
+    """The site name a reply carries (fedir.protocol), else its node id."""
     site_rec = msg.content.config_records.get(SITE_KEY)
     if site_rec is not None and "name" in site_rec:
         return str(site_rec["name"])

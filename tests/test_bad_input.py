@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from fedir.client.site import load_site
-from fedir.imaging import SkipReason
-from fedir.manifest import ManifestError, read_manifest, write_manifest
+from fedir.client.imaging import SkipReason
+from fedir.client.manifest import ManifestError, read_manifest, write_manifest
 from tests.dicom_factory import write_dicom
 
 SIZE = 16

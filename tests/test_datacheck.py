@@ -14,7 +14,7 @@ import pytest
 from fedir.cli import main
 from fedir.client.datacard import ImageOutcome, build_card, suppress
 from fedir.client.datacheck import check_site
-from fedir.manifest import ManifestRow, write_manifest
+from fedir.client.manifest import ManifestRow, write_manifest
 from tests.dicom_factory import write_dicom
 from tests.phi import needles, plant
 from tests.shared_data import XA_CINE, shared_data

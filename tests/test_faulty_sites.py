@@ -12,7 +12,7 @@ from flwr.simulation import run_simulation
 
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings
-from fedir.records import ARRAYS_KEY
+from fedir.protocol import ARRAYS_KEY
 from fedir.server.server_app import build_server_app
 from fedir.simulations.simulate import backend_config
 from fedir.simulations.synthetic import generate_federation

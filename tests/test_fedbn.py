@@ -12,12 +12,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from torch import nn
 
 from fedir.client.client_app import build_client_app
-from fedir.client.fedbn import STATE_KEY, load_global, reply_arrays
-from fedir.fedbn import norm_keys
+from fedir.client.kept_state import STATE_KEY, load_global, reply_arrays
+from fedir.models import norm_keys
 from fedir.config import Settings
-from fedir.manifest import write_manifest
-from fedir.records import ARRAYS_KEY
-from fedir.task import build_model
+from fedir.client.manifest import write_manifest
+from fedir.protocol import ARRAYS_KEY
+from fedir.models import build_model
 from tests.dicom_factory import write_dicom
 
 

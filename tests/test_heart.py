@@ -9,10 +9,10 @@ import torch
 
 from fedir.cli import main
 from fedir.config import Settings
-from fedir.simulations.heart import CENTRES, default_source, import_heart
+from fedir.simulations.uci_heart import CENTRES, default_source, import_heart
 from fedir.simulations.inprocess import run_inprocess
-from fedir.tabular import read_tabular_site
-from fedir.task import build_model
+from fedir.client.tabular import read_tabular_site
+from fedir.models import build_model
 
 SOURCE = default_source()
 pytestmark = pytest.mark.skipif(not SOURCE.is_dir(), reason=f"UCI heart data not at {SOURCE}")

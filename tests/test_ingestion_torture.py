@@ -17,8 +17,8 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
 from fedir.client.site import load_site
-from fedir.imaging import SkipReason, UnreadableImage, read_display_frames
-from fedir.manifest import write_manifest
+from fedir.client.imaging import SkipReason, UnreadableImage, read_display_frames
+from fedir.client.manifest import write_manifest
 from tests.shared_data import XA_CINE, shared_data
 
 SIZE = 16

@@ -13,9 +13,9 @@ import torch
 from fedir.cli import main
 from fedir.client.site import load_site
 from fedir.config import Settings
-from fedir.manifest import ManifestError, read_manifest
+from fedir.client.manifest import ManifestError, read_manifest
 from fedir.simulations.medmnist import MedMNISTError, Partition, import_medmnist
-from fedir.task import build_model
+from fedir.models import build_model
 from tests.shared_data import shared_data
 
 SPLIT_SIZES = {"train": 400, "val": 60, "test": 100}
@@ -153,8 +153,8 @@ def test_vesselmnist3d_volumes_train_a_3d_network(tmp_path):
 
 
 def test_semi_supervised_objectives_refuse_volumes_clearly():
-    from fedir.objectives import build_objective
-    from fedir.task import TrainConfig, train
+    from fedir.client.objectives import build_objective
+    from fedir.client.training import TrainConfig, train
 
     x, y = torch.randn(4, 1, 8, 8, 8), torch.tensor([0, 1, -1, -1])
     with pytest.raises(ValueError, match="augmentations are 2D"):

@@ -6,15 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedir.objectives import (
-    FixMatch,
-    MeanTeacher,
-    ObjectiveParams,
-    build_objective,
-    mixed_cross_entropy,
-    mixup,
-)
-from fedir.task import TrainConfig, build_model, train
+from fedir.client.objectives import FixMatch, MeanTeacher, ObjectiveParams, build_objective, mixed_cross_entropy, mixup
+from fedir.client.training import TrainConfig, train
+from fedir.models import build_model
 
 CPU = torch.device("cpu")
 
@@ -50,7 +44,7 @@ def test_each_objective_gives_a_finite_loss_with_gradients(name, alpha):
 
 @pytest.mark.parametrize("name", ["supervised", "fixmatch", "mean_teacher"])
 def test_each_objective_runs_under_bf16_autocast(name):
-    """fedir.task.train calls the objective under bf16 autocast on a GPU; CPU autocast mimics it."""
+    """fedir.models.train calls the objective under bf16 autocast on a GPU; CPU autocast mimics it."""
     x, y, u = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = build_objective(name, ObjectiveParams(threshold=0.0, mixup_alpha=0.4)).loss(_tiny_model(), x, y, u)

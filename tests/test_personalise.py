@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from fedir.client.client_app import build_client_app
-from fedir.client.fedbn import STATE_KEY
+from fedir.client.kept_state import STATE_KEY
 from fedir.config import Settings, SettingsError
-from fedir.personalise import check_personalise, intercept_key, kept_keys, sent_state
+from fedir.models import intercept_key, kept_keys, sent_state
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid, run_inprocess
-from fedir.task import build_model
+from fedir.models import build_model
 
 PREVALENCE = {"high": 0.9, "mid": 0.5, "low": 0.1}
 
@@ -58,9 +58,9 @@ def test_the_intercept_is_the_output_layers_bias():
 
 def test_bad_values_and_non_federated_arms_are_refused():
     with pytest.raises(SettingsError, match="choose one of"):
-        check_personalise(Settings(train_personalise="bias"))
+        Settings(train_personalise="bias")
     with pytest.raises(SettingsError, match="federated"):
-        check_personalise(Settings(train_personalise="finetune", federation_arm="local"))
+        Settings(train_personalise="finetune", federation_arm="local")
 
 
 def test_local_intercept_never_leaves_the_site_and_learns_its_prevalence(tmp_path):

@@ -20,12 +20,12 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings, SettingsError
-from fedir.records import ARRAYS_KEY
+from fedir.protocol import ARRAYS_KEY
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.synthetic import generate_federation
-from fedir.strategies.privacy import with_differential_privacy
-from fedir.task import build_model
+from fedir.strategies.differential_privacy import with_differential_privacy
+from fedir.models import build_model
 
 pytestmark = pytest.mark.timeout(600)
 study = pytest.mark.slow  # a real (in-process) study per test: 10-30 s each on 2 loaded cores
@@ -123,7 +123,7 @@ def test_server_side_noise_has_the_calibrated_standard_deviation(fed, tmp_path):
 
 # Every update exceeds CLIP, so the paper's rule (Andrew et al.) with target quantile 0.5
 # and learning rate 0.2 raises the bound by exp(0.2 x (1 - 0.5)); Flower's own rule would
-# lower it by the same factor (fedir.strategies.privacy.PaperQuantileRule).
+# lower it by the same factor (fedir.strategies.differential_privacy.PaperQuantileRule).
 RAISED = CLIP * math.exp(0.2 * 0.5)
 
 

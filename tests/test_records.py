@@ -1,6 +1,6 @@
 """The records that cross the trust boundary: same keys for every site, lossless round-trip."""
 
-from fedir.records import decode_evaluation, decode_training, encode_evaluation, encode_training, METRICS_KEY, SITE_KEY
+from fedir.protocol import decode_evaluation, decode_training, encode_evaluation, encode_training, METRICS_KEY, SITE_KEY
 from flwr.app import RecordDict
 
 

@@ -9,9 +9,9 @@ import pydicom
 import pytest
 
 from fedir.client.site import load_site
-from fedir.imaging import SkipReason, apply_frame_policy, load_image, read_display_frames
-from fedir.manifest import write_manifest
-from fedir.split import split_of
+from fedir.client.imaging import SkipReason, apply_frame_policy, load_image, read_display_frames
+from fedir.client.manifest import write_manifest
+from fedir.client.split import split_of
 from tests.dicom_factory import write_dicom
 
 SIZE = 8

@@ -13,9 +13,9 @@ import torch
 
 import fedir.client.site as site_module
 from fedir.client.site import load_site
-from fedir.imaging import SkipReason
-from fedir.manifest import ManifestError, write_manifest
-from fedir.split import split_of
+from fedir.client.imaging import SkipReason
+from fedir.client.manifest import ManifestError, write_manifest
+from fedir.client.split import split_of
 from tests.dicom_factory import write_dicom
 
 SIZE = 16

@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from fedir.client.client_app import build_client_app
 from fedir.client.smote import oversampled
 from fedir.config import Settings
-from fedir.records import ARRAYS_KEY
-from fedir.task import build_model
+from fedir.protocol import ARRAYS_KEY
+from fedir.models import build_model
 
 
 def test_smote_balances_the_labelled_rows_and_keeps_the_real_ones_first():

@@ -1,4 +1,4 @@
-"""fedir.split: the train/val/test assignment is a pure function of the patient."""
+"""fedir.client.split: the train/val/test assignment is a pure function of the patient."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedir.manifest import read_manifest, write_manifest
-from fedir.split import split_of
+from fedir.client.manifest import read_manifest, write_manifest
+from fedir.client.split import split_of
 
 IDS = [f"patient-{i:05d}" for i in range(5000)]
 

@@ -17,7 +17,7 @@ from fedir.simulations.synthetic import (
     generate_federation,
     site_profile,
 )
-from fedir.split import split_of
+from fedir.client.split import split_of
 
 SITES, PATIENTS, SIZE = 3, 6, 64
 

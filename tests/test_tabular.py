@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedir.manifest import ManifestError
-from fedir.tabular import (
-    FeatureSums,
-    combine,
-    decode_feature_sums,
-    encode_feature_sums,
-    is_tabular_site,
-    read_tabular_site,
-)
-from fedir.task import TrainConfig, build_model, proximal_term, train
-from fedir.objectives import build_objective
+from fedir.client.manifest import ManifestError
+from fedir.protocol import FeatureSums, combine, decode_feature_sums, encode_feature_sums
+from fedir.client.tabular import is_tabular_site, read_tabular_site
+from fedir.client.training import TrainConfig, proximal_term, train
+from fedir.models import build_model
+from fedir.client.objectives import build_objective
 
 
 def _write(site, rows):
@@ -83,7 +78,7 @@ def test_step_budget_sgd_and_proximal_term_keep_weights_near_the_global_model():
 
 def test_clinical_inputs_of_an_imaging_site_give_one_row_per_patient_in_its_image_split(tmp_path):
     from fedir.client.inputs import load_view
-    from fedir.split import split_of
+    from fedir.client.split import split_of
 
     rows = [{"patient_id": f"p{i}", "path": f"img{i}-{k}.dcm", "label": i % 2,
              "clin_age": 50 + i, "clin_sex": i % 3 == 0} for i in range(30) for k in range(2)]
@@ -101,7 +96,8 @@ def test_clinical_inputs_of_an_imaging_site_give_one_row_per_patient_in_its_imag
 
 
 def test_wire_casts_floats_only_and_widens_back():
-    from fedir.wire import from_wire, payload_bytes, to_wire
+    from fedir.protocol import from_wire, payload_bytes
+    from fedir.client.kept_state import to_wire
 
     state = {"w": torch.randn(64, 32), "count": torch.tensor(7)}
     half = to_wire(state, "float16")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedir.objectives import build_objective
-from fedir.task import MODEL_NAMES, TrainConfig, build_model, pick_device, predict, train
+from fedir.client.objectives import build_objective
+from fedir.models import MODEL_NAMES, build_model
+from fedir.client.training import TrainConfig, pick_device, predict, train
 
 
 def _toy(n=64, size=32, seed=0):

@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedir.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY
+from fedir.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY
 from fedir.strategies.validation import (
     ValidatedUpdates, screen_updates, structural_problem, update_norm,
 )

@@ -20,13 +20,13 @@ import pytest
 import ray.cloudpickle
 
 import tests.wire_capture
-from fedir.manifest import write_manifest
+from fedir.client.manifest import write_manifest
 from fedir.simulations.scenario import load_scenario
 from fedir.simulations.simulate import simulate
 from fedir.simulations.synthetic import generate_federation
-from fedir.embedding import MAX_DIM
-from fedir.records import CROSS_SITE_ACTION
-from fedir.task import NUM_CLASSES, build_model
+from fedir.client.embedding import MAX_DIM
+from fedir.protocol import CROSS_SITE_ACTION
+from fedir.models import NUM_CLASSES, build_model
 from tests.phi import PLANTED, needles, plant, planted_numbers
 from tests.wire_capture import CaptureReplies, read_captured
 

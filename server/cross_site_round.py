@@ -1,9 +1,9 @@
 """After the last round: the cross-site matrix, by sending every site's model to every site.
 
 Each node gets one `evaluate.cross_site` message carrying all the sites' last models
-(fedir.records), scores each on its own test patients and returns one row of AUCs with
+(fedir.protocol), scores each on its own test patients and returns one row of AUCs with
 CIs. Models are weights, which the sites already send to the server every round; no
-patient data moves. The analysis of the matrix is fedir.strategies.cross_site.
+patient data moves. The analysis of the matrix is fedir.strategies.cross_site_gap.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedir.records import CROSS_SITE_ACTION, decode_cross_site, encode_cross_site_models
+from fedir.protocol import CROSS_SITE_ACTION, decode_cross_site, encode_cross_site_models
 
 log = logging.getLogger(__name__)
 

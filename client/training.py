@@ -1,8 +1,7 @@
-"""The learning task shared by both sides: the network, the device, training and scoring.
+"""Local training and scoring at a site: the device, the training loop, predictions.
 
-The server needs the network to create the initial weights; the client trains and
-evaluates it. Data never enters this module as files: it receives tensors that the site
-reader already decoded, so everything here is the same for every data source.
+Data never enters this module as files: it receives tensors that the site reader already
+decoded, so everything here is the same for every data source.
 
 GPU when there is one: the site's tensors go to the device once per round (pinned,
 non-blocking), batches are indexed on the device, autocast runs in bfloat16, and the
@@ -17,53 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.networks.nets import DenseNet121, ResNet, resnet10, resnet18
 from torch import nn
 
-from fedir.objectives import Objective
-
-NUM_CLASSES = 2
-IMAGE_MODELS = ("resnet_small", "resnet10", "resnet18", "densenet121")
-TABULAR_MODELS = ("logreg", "mlp")
-MODEL_NAMES = IMAGE_MODELS + TABULAR_MODELS
-
-
-def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
-                spatial_dims: int = 2) -> nn.Module:
-    """A two-output classifier: a MONAI 2D (or, with spatial_dims=3, 3D) network for
-    one-channel images, or, for a tabular site (`logreg`, `mlp`), a small torch model over
-    `n_features` columns. The 3D networks are the same MONAI classes with 3D convolutions
-    (VesselMNIST3D volumes; `data.frame-policy = "volume"` selects them).
-
-    `resnet_small` (MONAI ResNet, basic blocks, one block per stage, 16-128 channels,
-    0.3 M parameters) trains at about 240 images/s at 128x128 on one CPU core, which is
-    what keeps the CPU demo within minutes; the larger ones are for GPUs.
-    """
-    torch.manual_seed(seed)
-    if name in TABULAR_MODELS:
-        return build_tabular_model(name, n_features)
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    common = {"spatial_dims": spatial_dims, "n_input_channels": 1, "num_classes": NUM_CLASSES}
-    if name == "resnet_small":
-        return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128], **common)
-    if name == "resnet10":
-        return resnet10(**common)
-    if name == "resnet18":
-        return resnet18(**common)
-    if name == "densenet121":
-        return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-
-
-def build_tabular_model(name: str, n_features: int) -> nn.Module:
-    """Logistic regression (one linear layer, two logits: softmax regression, which is the
-    same model class as a sigmoid output) or an MLP with one hidden layer of 32 units."""
-    if n_features <= 0:
-        raise ValueError(f"a tabular model needs the number of features (got {n_features})")
-    if name == "logreg":
-        return nn.Linear(n_features, NUM_CLASSES)
-    return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
+from fedir.client.objectives import Objective
 
 
 def pick_device() -> torch.device:

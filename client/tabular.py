@@ -7,14 +7,15 @@ hash as its images, so both models are tested on the same patients.
 
 Such a site is recognised from its manifest alone, so a federation of clinical tables
 runs through the same ClientApp as an imaging one. One row is one patient. A `split`
-column (train / val / test), when present, overrides the hash split of fedir.split: it
+column (train / val / test), when present, overrides the hash split of fedir.client.split: it
 is how an imported benchmark (fedir data import heart) carries its published split.
 Rows with a missing covariate are dropped and counted (FLamby's Fed-Heart-Disease drops
 them too); an empty label is an unlabelled patient.
 
 Feature standardisation never pools raw rows: each site sends n, the sum and the sum of
 squares of its training features (`FeatureSums`, the records defined here), and the
-server combines them into the federation's mean and standard deviation.
+server combines them into the federation's mean and standard deviation
+(fedir.protocol.FeatureSums).
 """
 
 from __future__ import annotations
@@ -24,18 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedir.manifest import MANIFEST_NAME, SPLIT_COLUMN, ManifestError, _parse_float, _parse_label
-from fedir.split import SPLITS, split_of
+from fedir.client.manifest import MANIFEST_NAME, SPLIT_COLUMN, ManifestError, _parse_float, _parse_label
+from fedir.client.split import SPLITS, split_of
 
-BINARY_CLASSES = 2  # the task is binary (fedir.task.NUM_CLASSES), without importing torch here
+BINARY_CLASSES = 2  # the task is binary (fedir.models.NUM_CLASSES), without importing torch here
 
 CLINICAL_PREFIX = "clin_"
-STATS_KEY = "feature-sums"
-NAMES_KEY = "feature-names"
-MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/evaluate config
-STD_KEY = "feature-std"
 
 
 def manifest_columns(site_dir: str | Path) -> list[str]:
@@ -131,64 +127,5 @@ def read_tabular_site(
     return TabularSite(site.name, features, splits["train"], splits["val"], splits["test"], dropped)
 
 
-@dataclass(frozen=True)
-class FeatureSums:
-    """n, sum and sum of squares per feature: all that standardisation needs, no rows."""
-
-    n: int
-    total: np.ndarray
-    total_sq: np.ndarray
-
-    @classmethod
-    def of(cls, x: np.ndarray) -> "FeatureSums":
-        x64 = x.astype(np.float64)
-        return cls(int(x.shape[0]), x64.sum(axis=0), (x64**2).sum(axis=0))
-
-    def __add__(self, other: "FeatureSums") -> "FeatureSums":
-        return FeatureSums(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
-
-    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and population standard deviation; a constant feature gets std 1 (left as is)."""
-        if self.n == 0:
-            raise ValueError("no rows to standardise with")
-        mean = self.total / self.n
-        var = np.maximum(self.total_sq / self.n - mean**2, 0.0)
-        std = np.sqrt(var)
-        return mean, np.where(std > 1e-12, std, 1.0)
-
-
-def combine(sums: list[FeatureSums]) -> FeatureSums:
-    """The federation's sums: the element-wise total over sites."""
-    out = sums[0]
-    for s in sums[1:]:
-        out = out + s
-    return out
-
-
 def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
-
-
-# ---- the query that gathers the sums (crosses the trust boundary) ----------------------
-
-
-def encode_feature_sums(features: list[str], sums: FeatureSums | None) -> RecordDict:
-    """A site's reply to the feature-statistics query; an imaging site sends n = 0."""
-    rec = MetricRecord(
-        {
-            "n": 0 if sums is None else sums.n,
-            "sum": [] if sums is None else [float(v) for v in sums.total],
-            "sum-sq": [] if sums is None else [float(v) for v in sums.total_sq],
-        }
-    )
-    return RecordDict({STATS_KEY: rec, NAMES_KEY: ConfigRecord({"names": ";".join(features)})})
-
-
-def decode_feature_sums(content: RecordDict) -> tuple[list[str], FeatureSums | None]:
-    rec = content.metric_records[STATS_KEY]
-    names = [n for n in str(content.config_records[NAMES_KEY]["names"]).split(";") if n]
-    if int(rec["n"]) == 0:
-        return names, None
-    return names, FeatureSums(
-        int(rec["n"]), np.asarray(rec["sum"], dtype=np.float64), np.asarray(rec["sum-sq"], dtype=np.float64)
-    )

@@ -6,7 +6,7 @@ only from the `torch.Generator` passed in, which must live on x's device: the sa
 gives the same views, and on a GPU nothing is sampled on the host, so a training step
 never waits for it. Each image of the batch draws its own strength.
 
-Site images reach the model z-scored per image (fedir.imaging.to_model_input). The
+Site images reach the model z-scored per image (fedir.client.imaging.to_model_input). The
 intensity and physics transforms that need a non-negative signal (gamma, quantum noise,
 scatter, bias field) map each image to [0, 1] by its own min and max, act there, and map
 back with the same min and max, so the model still sees comparably scaled inputs.

@@ -47,7 +47,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from fedir.simulations.heart import import_heart
+    from fedir.simulations.uci_heart import import_heart
 
     counts = import_heart(args.out, args.source)
     for site, n in counts.items():
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from fedir.certs import CertsError
     from fedir.config import SettingsError
-    from fedir.manifest import ManifestError
+    from fedir.client.manifest import ManifestError
     from fedir.simulations.medmnist import MedMNISTError
     from fedir.simulations.scenario import ScenarioError
 
@@ -221,6 +221,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedir: error: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

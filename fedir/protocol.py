@@ -1,4 +1,4 @@
-"""What crosses the trust boundary, defined once: the records a site sends back.
+"""What crosses the trust boundary, defined once: every record between a site and the coordinator.
 
 Flower 1.41 aborts a round when one site's MetricRecord has a key another lacks, and
 MetricRecord values can only be numbers or lists of numbers. So every site sends the same
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-
-from fedir.embedding import EmbeddingMoments
 
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
@@ -33,6 +32,62 @@ HISTOGRAMS = ("hist_neg", "hist_pos")
 MISSING = -1.0
 
 
+STATS_KEY = "feature-sums"
+NAMES_KEY = "feature-names"
+MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/evaluate config
+STD_KEY = "feature-std"
+UPDATE_DTYPES = ("float32", "float16")  # train.update-dtype: the precision of a site's upload
+
+
+@dataclass(frozen=True)
+class EmbeddingMoments:
+    """Count, mean and covariance of the features per class and overall (the last row)."""
+
+    counts: np.ndarray  # (C + 1,) int
+    means: np.ndarray  # (C + 1, d)
+    covs: np.ndarray  # (C + 1, d, d)
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+
+
+@dataclass(frozen=True)
+class FeatureSums:
+    """n, sum and sum of squares per feature: all that standardisation needs, no rows."""
+
+    n: int
+    total: np.ndarray
+    total_sq: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> "FeatureSums":
+        x64 = x.astype(np.float64)
+        return cls(int(x.shape[0]), x64.sum(axis=0), (x64**2).sum(axis=0))
+
+    def __add__(self, other: "FeatureSums") -> "FeatureSums":
+        return FeatureSums(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and population standard deviation; a constant feature gets std 1 (left as is)."""
+        if self.n == 0:
+            raise ValueError("no rows to standardise with")
+        mean = self.total / self.n
+        var = np.maximum(self.total_sq / self.n - mean**2, 0.0)
+        std = np.sqrt(var)
+        return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def combine(sums: list[FeatureSums]) -> FeatureSums:
+    """The federation's sums: the element-wise total over sites."""
+    out = sums[0]
+    for s in sums[1:]:
+        out = out + s
+    return out
+
+
+
 def _key(name: str) -> str:
     return name.replace("_", "-")
 
@@ -42,7 +97,7 @@ def encode_evaluation(
 ) -> RecordDict:
     """A site's `fedir.metrics.site_metrics` dict -> the reply's RecordDict.
 
-    `embedding` (fedir.embedding: counts, means and covariances of the model's features,
+    `embedding` (fedir.client.embedding: counts, means and covariances of the model's features,
     small groups suppressed) travels as an ArrayRecord: Flower averages every MetricRecord
     key across sites, and only one MetricRecord may be in an evaluation reply.
     """
@@ -193,3 +248,45 @@ def decode_cross_site(content: RecordDict) -> tuple[str, dict[str, dict[str, Any
             "n": int(rec["n"][i]),
         }
     return str(site_rec["name"]), out
+
+
+# ---- the feature-statistics query (tabular sites, before round 1) -------------------------
+
+
+def encode_feature_sums(features: list[str], sums: FeatureSums | None) -> RecordDict:
+    """A site's reply to the feature-statistics query; an imaging site sends n = 0."""
+    rec = MetricRecord(
+        {
+            "n": 0 if sums is None else sums.n,
+            "sum": [] if sums is None else [float(v) for v in sums.total],
+            "sum-sq": [] if sums is None else [float(v) for v in sums.total_sq],
+        }
+    )
+    return RecordDict({STATS_KEY: rec, NAMES_KEY: ConfigRecord({"names": ";".join(features)})})
+
+
+def decode_feature_sums(content: RecordDict) -> tuple[list[str], FeatureSums | None]:
+    rec = content.metric_records[STATS_KEY]
+    names = [n for n in str(content.config_records[NAMES_KEY]["names"]).split(";") if n]
+    if int(rec["n"]) == 0:
+        return names, None
+    return names, FeatureSums(
+        int(rec["n"]), np.asarray(rec["sum"], dtype=np.float64), np.asarray(rec["sum-sq"], dtype=np.float64)
+    )
+
+
+# ---- model weights -------------------------------------------------------------------------
+
+def from_wire(record: ArrayRecord) -> ArrayRecord:
+    """The same record with every float16 array widened to float32 (others unchanged)."""
+    if not any(arr.dtype == "float16" for arr in record.values()):
+        return record
+    return ArrayRecord(
+        {k: Array(arr.numpy().astype(np.float32)) if arr.dtype == "float16" else arr
+         for k, arr in record.items()}
+    )
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Serialised size of the record's arrays, as Flower sends them."""
+    return sum(len(arr.data) for arr in record.values())

@@ -1,7 +1,7 @@
 """Client-side clipping for differential privacy: Flower's own mods, applied when the run
 asks for them.
 
-Under `privacy.dp = "client-fixed"` / `"client-adaptive"` (fedir.privacy) a site clips its
+Under `privacy.dp = "client-fixed"` / `"client-adaptive"` (fedir.config) a site clips its
 model update itself, with Flower's `fixedclipping_mod` / `adaptiveclipping_mod`, before
 it leaves the hospital; the coordinator then never sees an unclipped update. A ClientApp
 is built once, before any run config exists, so fedir's ClientApp always carries this

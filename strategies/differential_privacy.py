@@ -1,5 +1,5 @@
 """Differential privacy at the coordinator: Flower's own central-DP wrappers around the
-scenario's strategy (`privacy.dp`, fedir.privacy).
+scenario's strategy (`privacy.dp`, fedir.config).
 
 The wrapper is the outermost strategy: Flower's `start` loop runs its `configure_train`
 (client-side modes add the clipping norm to the train config for the sites' mods) and
@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedir.config import Settings, SettingsError
-from fedir.privacy import check_dp
+from fedir.config import check_dp
 
 
 class PaperQuantileRule:

@@ -8,10 +8,10 @@ in the node's `context.state`, which Flower persists per node for the whole run 
 simulation and in deployment (module globals would not survive: a deployed ClientApp runs
 each message in a fresh process). The server therefore never receives them, and after
 the first round its global model has no normalisation entries to send. Which entries
-are normalisation layers is decided in fedir.fedbn, shared with the server.
+are normalisation layers is decided in fedir.models, shared with the server.
 
 The same mechanism keeps any other named entries at the site: `extra` (the output bias
-under `train.personalise = intercept`, fedir.personalise) is withheld, stored and
+under `train.personalise = intercept`, fedir.models) is withheld, stored and
 restored exactly like the normalisation layers, with or without FedBN.
 """
 
@@ -23,8 +23,8 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
-from fedir.fedbn import norm_keys
-from fedir.wire import to_wire
+from fedir.models import dp_arrays, norm_keys
+from fedir.protocol import UPDATE_DTYPES
 
 STATE_KEY = "fedbn-local-norm"
 
@@ -61,7 +61,7 @@ def load_global(
 
 def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = "float32",
                  extra: Collection[str] = (), dp: bool = False) -> ArrayRecord:
-    """The weights a site sends back, floats as `dtype` (fedir.wire; under differential
+    """The weights a site sends back, floats as `dtype` (fedir.protocol; under differential
     privacy every array as a float); under FedBN its normalisation layers, and the `extra`
     entries, go to `state` instead."""
     weights = model.cpu().state_dict()
@@ -70,3 +70,17 @@ def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = 
         return to_wire(weights, dtype, dp)
     state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in kept})
     return to_wire({k: v for k, v in weights.items() if k not in kept}, dtype, dp)
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def to_wire(state_dict: dict[str, torch.Tensor], dtype: str, dp: bool = False) -> ArrayRecord:
+    """A site's weights as the ArrayRecord it sends, floats cast to `dtype`; under
+    differential privacy every array a float with at least one dimension (fedir.config)."""
+    if dtype not in UPDATE_DTYPES:
+        raise ValueError(f"train.update-dtype = {dtype!r}: choose {' or '.join(UPDATE_DTYPES)}")
+    if dp:
+        state_dict = dp_arrays(state_dict)
+    target = _TORCH_DTYPES[dtype]
+    return ArrayRecord({k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()})

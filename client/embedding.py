@@ -19,30 +19,16 @@ d = min(D, MAX_DIM); row c is class c, the last row is all labelled images toget
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
-from fedir.task import autocast, to_device
+from fedir.client.training import autocast, to_device
+from fedir.protocol import EmbeddingMoments
 
 MAX_DIM = 64
 PROJECTION_SEED = 20_240_101  # fixed: every site must draw the same basis
 MIN_COUNT = 5
-
-
-@dataclass(frozen=True)
-class EmbeddingMoments:
-    """Count, mean and covariance of the features per class and overall (the last row)."""
-
-    counts: np.ndarray  # (C + 1,) int
-    means: np.ndarray  # (C + 1, d)
-    covs: np.ndarray  # (C + 1, d, d)
-
-    @property
-    def dim(self) -> int:
-        return int(self.means.shape[1])
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

@@ -3,7 +3,7 @@
 An objective receives a labelled batch and, when it asks for one, a batch of unlabelled
 images of the same site, and returns a scalar loss; after each optimiser step the training
 loop calls its `after_step` (the mean teacher's EMA update lives there). The training
-loop (fedir.task.train) is the same for all of them, so a semi-supervised objective is a
+loop (fedir.models.train) is the same for all of them, so a semi-supervised objective is a
 new class here and a name in OBJECTIVES, nothing else.
 
 An objective instance serves one local training run (the ClientApp builds one per round):
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedir.augment import Transform, strong_view, weak_view
+from fedir.client.augment import Transform, strong_view, weak_view
 
 
 @dataclass(frozen=True)

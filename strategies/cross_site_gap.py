@@ -2,7 +2,7 @@
 
 After the last round the server sends each site's locally trained model (its last update
 in the federated arm, its own model in the local-only arm) to every site, and each site
-returns the AUC of each model on its test patients (fedir.server.cross_site does the
+returns the AUC of each model on its test patients (fedir.server.cross_site_round does the
 messaging). Entry [i][j] is site i's model on site j's data. A model that is much better
 on its own site's patients than on the others' has learned something that does not
 transfer: a site marker, a scanner, a local prevalence. The gap is the mean diagonal

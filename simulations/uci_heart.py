@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sklearn.model_selection import train_test_split
 
-from fedir.tabular import SPLIT_COLUMN
+from fedir.client.manifest import SPLIT_COLUMN
 
 CENTRES = {
     "cleveland": "processed.cleveland.data",

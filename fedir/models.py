@@ -1,0 +1,127 @@
+"""Model construction, shared by both sides: the networks and which of their entries a site keeps.
+
+The server builds the network to create the initial weights and the template its update
+validation checks replies against; a site builds the same network to train it
+(fedir.client.training). Which state-dict entries never leave a site (FedBN's
+normalisation layers, a personal intercept) is decided here, once, because both sides
+must agree on it: the site withholds them and the server must expect replies without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from monai.networks.nets import DenseNet121, ResNet, resnet10, resnet18
+from torch import nn
+
+from fedir.config import Settings
+
+NUM_CLASSES = 2
+IMAGE_MODELS = ("resnet_small", "resnet10", "resnet18", "densenet121")
+TABULAR_MODELS = ("logreg", "mlp")
+MODEL_NAMES = IMAGE_MODELS + TABULAR_MODELS
+
+
+def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
+                spatial_dims: int = 2) -> nn.Module:
+    """A two-output classifier: a MONAI 2D (or, with spatial_dims=3, 3D) network for
+    one-channel images, or, for a tabular site (`logreg`, `mlp`), a small torch model over
+    `n_features` columns. The 3D networks are the same MONAI classes with 3D convolutions
+    (VesselMNIST3D volumes; `data.frame-policy = "volume"` selects them).
+
+    `resnet_small` (MONAI ResNet, basic blocks, one block per stage, 16-128 channels,
+    0.3 M parameters) trains at about 240 images/s at 128x128 on one CPU core, which is
+    what keeps the CPU demo within minutes; the larger ones are for GPUs.
+    """
+    torch.manual_seed(seed)
+    if name in TABULAR_MODELS:
+        return build_tabular_model(name, n_features)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    common = {"spatial_dims": spatial_dims, "n_input_channels": 1, "num_classes": NUM_CLASSES}
+    if name == "resnet_small":
+        return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128], **common)
+    if name == "resnet10":
+        return resnet10(**common)
+    if name == "resnet18":
+        return resnet18(**common)
+    if name == "densenet121":
+        return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def build_tabular_model(name: str, n_features: int) -> nn.Module:
+    """Logistic regression (one linear layer, two logits: softmax regression, which is the
+    same model class as a sigmoid output) or an MLP with one hidden layer of 32 units."""
+    if n_features <= 0:
+        raise ValueError(f"a tabular model needs the number of features (got {n_features})")
+    if name == "logreg":
+        return nn.Linear(n_features, NUM_CLASSES)
+    return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
+
+
+# ---- what stays at a site (FedBN, a personal intercept) ----------------------------------
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
+)
+
+
+def norm_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the model's normalisation layers (weights, biases, running
+    statistics, num_batches_tracked)."""
+    keys: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            keys |= {f"{prefix}.{k}" if prefix else k for k in module.state_dict()}
+    return keys
+
+
+def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the normalisation layers: what a site sends under FedBN."""
+    local = norm_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in local}
+
+
+def intercept_key(model: nn.Module) -> str:
+    """The state-dict key of the output layer's bias: the last Linear layer's bias."""
+    heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    if not heads:
+        raise ValueError("train.personalise = intercept: the model has no Linear output layer with a bias")
+    return f"{heads[-1]}.bias" if heads[-1] else "bias"
+
+
+def kept_keys(model: nn.Module, settings: Settings) -> set[str]:
+    """State-dict entries that stay at the site: FedBN's normalisation layers and, under
+    `personalise = intercept`, the output bias."""
+    keys = norm_keys(model) if settings.train_fedbn else set()
+    if settings.train_personalise == "intercept":
+        keys.add(intercept_key(model))
+    return keys
+
+
+def sent_state(model: nn.Module, settings: Settings) -> dict[str, torch.Tensor]:
+    """The entries that cross the boundary: the server's initial arrays and the template
+    its update validation checks replies against."""
+    kept = kept_keys(model, settings)
+    return {k: v for k, v in model.state_dict().items() if k not in kept}
+
+
+# ---- differential privacy's shapes -------------------------------------------------------
+
+def dp_arrays(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights as Flower's DP clipping can scale: integer buffers as float32,
+    0-d tensors as shape (1,)."""
+    out = {}
+    for k, v in state_dict.items():
+        v = v if v.is_floating_point() else v.to(torch.float32)
+        out[k] = v.reshape(1) if v.dim() == 0 else v
+    return out
+
+
+def model_shaped(received: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """`dp_arrays` undone: each tensor back in the shape the model's own state has."""
+    return {k: v.reshape(model_state[k].shape) if k in model_state else v for k, v in received.items()}
