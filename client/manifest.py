@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from fedir.client.split import SPLITS
 
@@ -46,7 +45,7 @@ class ManifestRow:
     split: str | None = None  # the manifest's `split` cell; None = the patient-hash split
 
 
-def _parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
+def parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
     """A class index in 0..num_classes-1 (any non-negative one when num_classes is None)."""
     raw = raw.strip()
     if raw == "":
@@ -68,7 +67,7 @@ def _parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int
     return int(value)
 
 
-def _parse_split(raw: str, where: str, row: int) -> str | None:
+def parse_split(raw: str, where: str, row: int) -> str | None:
     """An explicit split (train / val / test) or None for an empty or absent cell."""
     raw = raw.strip()
     if raw == "":
@@ -79,7 +78,7 @@ def _parse_split(raw: str, where: str, row: int) -> str | None:
     return raw
 
 
-def _parse_float(raw: str, column: str, where: str, row: int) -> float | None:
+def parse_float(raw: str, column: str, where: str, row: int) -> float | None:
     raw = raw.strip()
     if raw == "":
         return None
@@ -90,22 +89,31 @@ def _parse_float(raw: str, column: str, where: str, row: int) -> float | None:
                             f"row {row}: a {column} value is not a number") from None
 
 
-def _records(reader: csv.DictReader, manifest: Path) -> Iterator[dict[str | None, str | None]]:
-    """The reader's records, with a malformed line reported as a ManifestError."""
+@dataclass(frozen=True)
+class ManifestRecord:
+    """One CSV record with stripped column names; `row` is the line a spreadsheet shows."""
+
+    row: int
+    cells: dict[str, str]
+    where: str  # "<manifest>, row N": the site-side prefix of an error message
+
+
+def manifest_columns(site_dir: str | Path) -> list[str]:
+    """The header of a site's manifest (stripped), or [] when there is none or it is unreadable."""
     try:
-        yield from reader
-    except csv.Error as exc:
-        raise ManifestError(f"{manifest}, row {reader.line_num}: malformed CSV ({exc})",
-                            f"row {reader.line_num}: malformed CSV") from None
+        columns, _ = read_records(site_dir)
+    except ManifestError:
+        return []
+    return columns
 
 
-def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[ManifestRow]:
-    """Read and validate `site_dir/manifest.csv`.
+def read_records(site_dir: str | Path, required: tuple[str, ...] = ()) -> tuple[list[str], list[ManifestRecord]]:
+    """The one reader of `site_dir/manifest.csv`: its columns and its records.
 
-    Raises ManifestError for a missing file, text that is not UTF-8, a missing required
-    column, an empty patient_id or path, a path listed twice, a label outside
-    0..num_classes-1 (when given), or a path that resolves outside the site folder
-    (symlinks included), so that a site can never be made to read files it did not export.
+    Raises ManifestError for a missing folder or file, text that is not UTF-8, a
+    malformed CSV line or a missing `required` column. Imaging and tabular sites, the
+    data check and the clinical companion all read the manifest through here, so a
+    file is judged the same way everywhere.
     """
     site = Path(site_dir).resolve()
     manifest = site / MANIFEST_NAME
@@ -125,23 +133,43 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
             f"row {line}: not UTF-8 text",
         ) from None
     reader = csv.DictReader(text.splitlines())
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ManifestError(
-            f"{manifest}: missing required column(s) {', '.join(missing)} "
-            f"(found: {', '.join(columns) or 'none'})",
-            f"missing required column(s) {', '.join(missing)}",
-        )
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ManifestError(
+                f"{manifest}: missing required column(s) {', '.join(missing)} "
+                f"(found: {', '.join(columns) or 'none'})",
+                f"missing required column(s) {', '.join(missing)}",
+            )
+        records = []
+        for record in reader:
+            # The CSV line the record ends on: right even after blank lines, which the
+            # reader skips, so the message points at the line a spreadsheet shows.
+            number = reader.line_num
+            cells = {(k or "").strip(): (v or "") for k, v in record.items()}
+            records.append(ManifestRecord(number, cells, f"{manifest}, row {number}"))
+    except csv.Error as exc:
+        raise ManifestError(f"{manifest}, row {reader.line_num}: malformed CSV ({exc})",
+                            f"row {reader.line_num}: malformed CSV") from None
+    return columns, records
+
+
+def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[ManifestRow]:
+    """Read and validate an imaging site's `site_dir/manifest.csv`.
+
+    Raises ManifestError for what `read_records` refuses, an empty patient_id or path, a
+    path listed twice, a label outside 0..num_classes-1 (when given), or a path that
+    resolves outside the site folder (symlinks included), so that a site can never be
+    made to read files it did not export.
+    """
+    site = Path(site_dir).resolve()
+    columns, records = read_records(site, REQUIRED_COLUMNS)
     clin_columns = [c for c in columns if c.startswith("clin_")]
     rows: list[ManifestRow] = []
     seen: dict[Path, int] = {}
-    for record in _records(reader, manifest):
-        # The CSV line the record ends on: right even after blank lines, which the
-        # reader skips, so the message points at the line a spreadsheet shows.
-        number = reader.line_num
-        record = {(k or "").strip(): (v or "") for k, v in record.items()}
-        where = f"{manifest}, row {number}"
+    for rec in records:
+        record, number, where = rec.cells, rec.row, rec.where
         patient_id = record["patient_id"].strip()
         rel = record["path"].strip()
         if not patient_id:
@@ -167,9 +195,9 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
                 row=number,
                 patient_id=patient_id,
                 path=path,
-                label=_parse_label(record.get("label", ""), where, number, num_classes),
-                clinical={c: _parse_float(record[c], c, where, number) for c in clin_columns},
-                split=_parse_split(record.get(SPLIT_COLUMN, ""), where, number),
+                label=parse_label(record.get("label", ""), where, number, num_classes),
+                clinical={c: parse_float(record[c], c, where, number) for c in clin_columns},
+                split=parse_split(record.get(SPLIT_COLUMN, ""), where, number),
             )
         )
     return rows

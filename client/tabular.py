@@ -20,28 +20,24 @@ server combines them into the federation's mean and standard deviation
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from fedir.client.manifest import MANIFEST_NAME, SPLIT_COLUMN, ManifestError, _parse_float, _parse_label
+from fedir.client.manifest import (
+    SPLIT_COLUMN,
+    ManifestError,
+    manifest_columns,
+    parse_float,
+    parse_label,
+    parse_split,
+    read_records,
+)
 from fedir.client.split import SPLITS, split_of
 
 BINARY_CLASSES = 2  # the task is binary (fedir.models.NUM_CLASSES), without importing torch here
 
 CLINICAL_PREFIX = "clin_"
-
-
-def manifest_columns(site_dir: str | Path) -> list[str]:
-    """The header of a site's manifest (stripped), or [] when there is none."""
-    manifest = Path(site_dir) / MANIFEST_NAME
-    if not manifest.is_file():
-        return []
-    with manifest.open(newline="", encoding="utf-8-sig") as fh:
-        header = next(csv.reader(fh), [])
-    return [c.strip() for c in header]
 
 
 def is_tabular_site(site_dir: str | Path) -> bool:
@@ -79,42 +75,32 @@ def read_tabular_site(
 ) -> TabularSite:
     """Read a tabular site's manifest into per-split arrays (see the module docstring)."""
     site = Path(site_dir).resolve()
-    manifest = site / MANIFEST_NAME
-    if not manifest.is_file():
-        raise ManifestError(f"{manifest}: no manifest.csv in the site folder", "no manifest.csv in the site folder")
-    with manifest.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if "patient_id" not in columns:
-            raise ManifestError(f"{manifest}: missing required column patient_id", "missing required column patient_id")
-        features = [c for c in columns if c.startswith(CLINICAL_PREFIX)]
-        if not features:
-            raise ManifestError(f"{manifest}: a tabular site needs clin_* columns", "a tabular site needs clin_* columns")
-        parts: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in SPLITS}
-        dropped = 0
-        seen: set[str] = set()
-        for record in reader:
-            record = {(k or "").strip(): (v or "").strip() for k, v in record.items()}
-            where = f"{manifest}, row {reader.line_num}"
-            patient = record["patient_id"]
-            if not patient:
-                raise ManifestError(f"{where}: empty patient_id", f"row {reader.line_num}: empty patient_id")
-            if patient in seen:  # an imaging manifest: one row per image
-                continue
-            seen.add(patient)
-            values = [_parse_float(record[c], c, where, reader.line_num) for c in features]
-            if any(v is None for v in values):
-                dropped += 1
-                continue
-            split = record.get(SPLIT_COLUMN) or split_of(patient, val_fraction, test_fraction)
-            if split not in SPLITS:
-                raise ManifestError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}",
-                                    f"row {reader.line_num}: a split is not one of {', '.join(SPLITS)}")
-            label = _parse_label(record.get("label", ""), where, reader.line_num, BINARY_CLASSES)
-            xs, ys, ps = parts[split]
-            xs.append(values)
-            ys.append(-1 if label is None else label)
-            ps.append(patient)
+    columns, records = read_records(site, ("patient_id",))
+    features = [c for c in columns if c.startswith(CLINICAL_PREFIX)]
+    if not features:
+        raise ManifestError(f"{site}: a tabular site needs clin_* columns", "a tabular site needs clin_* columns")
+    parts: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in SPLITS}
+    dropped = 0
+    seen: set[str] = set()
+    for rec in records:
+        record, where = {k: v.strip() for k, v in rec.cells.items()}, rec.where
+        patient = record["patient_id"]
+        if not patient:
+            raise ManifestError(f"{where}: empty patient_id", f"row {rec.row}: empty patient_id")
+        if patient in seen:  # an imaging manifest: one row per image
+            continue
+        seen.add(patient)
+        values = [parse_float(record[c], c, where, rec.row) for c in features]
+        if any(v is None for v in values):
+            dropped += 1
+            continue
+        split = parse_split(record.get(SPLIT_COLUMN, ""), where, rec.row) or split_of(
+            patient, val_fraction, test_fraction)
+        label = parse_label(record.get("label", ""), where, rec.row, BINARY_CLASSES)
+        xs, ys, ps = parts[split]
+        xs.append(values)
+        ys.append(-1 if label is None else label)
+        ps.append(patient)
     n_f = len(features)
     splits = {
         s: TabularSplit(

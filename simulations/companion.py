@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from fedir.config import Settings, SettingsError
-from fedir.client.manifest import MANIFEST_NAME
+from fedir.client.manifest import manifest_columns
+from fedir.client.tabular import CLINICAL_PREFIX
 from fedir.server.baseline_report import COMPANION_DIR
 
-CLINICAL_PREFIX = "clin_"
+from fedir.config import Settings, SettingsError
 
 
 def clinical_settings(settings: Settings) -> Settings:
@@ -47,9 +47,7 @@ def clinical_settings(settings: Settings) -> Settings:
 def check_clinical_columns(settings: Settings) -> None:
     """Every site's manifest must carry clin_* columns, or the companion has nothing to learn."""
     for site in settings.sites:
-        with (Path(site) / MANIFEST_NAME).open(encoding="utf-8") as fh:
-            header = fh.readline().strip().split(",")
-        if not any(col.strip().strip('"').startswith(CLINICAL_PREFIX) for col in header):
+        if not any(col.startswith(CLINICAL_PREFIX) for col in manifest_columns(site)):
             raise SettingsError(f"baseline.clinical = true, but site {Path(site).name} has no clin_* columns")
 
 
