@@ -6,7 +6,7 @@ Three stages, each its own function so that tests and the data card can use them
    frames (F, H, W) where a higher value is always brighter. DICOM goes through pydicom
    directly, not MONAI's `PydicomReader`, because that reader applies no VOI window, does
    not invert MONOCHROME1, ignores the rescale of Enhanced multi-frame files and returns
-   multi-frame files with the frame axis in the middle (DESIGN.md, "Facts").
+   multi-frame files with the frame axis in the middle (docs/design.md, "Facts").
 2. `apply_frame_policy`: frames -> the images the model sees (one, or one per frame).
 3. `to_model_input`: MONAI `Resize` to S x S and a per-image z-score (`NormalizeIntensity`).
 

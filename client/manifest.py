@@ -1,7 +1,7 @@
 """The site manifest: `manifest.csv`, one row per image (or series), read and written here.
 
-Columns (DESIGN.md): `patient_id` (required), `path` (required for imaging sites, relative
-to the site folder), `label` (class index, empty = unlabelled), `clin_*` (optional
+Columns (docs/site-guide.md, "manifest.csv"): `patient_id` (required), `path` (required
+for imaging sites, relative to the site folder), `label` (class index, empty = unlabelled), `clin_*` (optional
 clinical covariates), `split` (optional: train / val / test; overrides the patient-hash
 split, so an imported benchmark keeps its published split). Errors name the file and the row, because the person reading them
 is a hospital IT team looking at a spreadsheet, not at a traceback.

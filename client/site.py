@@ -1,6 +1,6 @@
 """A site folder -> decoded image tensors per split, cached on the site's own disk.
 
-Decoding DICOM costs far more than a training step (DESIGN.md, "Performance notes"), and
+Decoding DICOM costs far more than a training step (docs/design.md, "Performance notes"), and
 in deployment every Flower message runs in a fresh process, so the decoded site is
 cached as one file in the site folder and every round after the first reads that file.
 Unreadable images are skipped and listed with their reason: a bad file never stops a

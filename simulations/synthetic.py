@@ -2,7 +2,7 @@
 
 Why: the demo, the tests and a researcher's first simulation need a multi-site imaging
 federation on a machine with no patient data. This module writes one: every site is a
-folder with `manifest.csv` (DESIGN.md) and uncompressed XA DICOM files that go through
+folder with `manifest.csv` (docs/site-guide.md) and uncompressed XA DICOM files that go through
 the same reader as a hospital's export, including the awkward parts a real reader must
 handle (modality LUT, VOI window, MONOCHROME1, 10- and 12-bit data, cine runs).
 
