@@ -10,6 +10,9 @@
     fedir certs init DIR --host NAME [--host NAME ...] [--force]
     fedir certs node DIR SITE [--force]
     fedir proxy DIR --listen ADDR:PORT --superlink 127.0.0.1:PORT --certs CERTS_DIR [--upstream-name NAME] [--user USER]
+    fedir site approve APP_DIR [--allow-list FILE] [--note TEXT]
+    fedir site approved [--allow-list FILE]
+    fedir site supernode [--allow-list FILE] -- FLOWER_SUPERNODE_ARGS...
 
 Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
 and exit status 2, not a traceback.
@@ -118,6 +121,23 @@ def _proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site(args: argparse.Namespace) -> int:
+    from fedir.client.approval import approve, read_allow_list
+
+    if args.site_command == "approve":
+        approval, added = approve(args.app_dir, args.allow_list, note=args.note)
+        verb = "approved" if added else f"already approved {approval.approved_at}:"
+        print(f"{verb} {approval.app} sha256 {approval.sha256} in {Path(args.allow_list).resolve()}")
+    elif args.site_command == "approved":
+        for a in read_allow_list(args.allow_list):
+            print(f"{a.sha256}  {a.app}  {a.approved_at}  {a.source}" + (f"  ({a.note})" if a.note else ""))
+    else:
+        from fedir.client.app_gate import run_supernode
+
+        run_supernode(args.allow_list, args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedir", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,20 +224,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a DNS name on server.crt that nginx checks when it dials the SuperLink")
     proxy.add_argument("--user", default=None, help="user nginx's workers run as (nginx started as root)")
     proxy.set_defaults(func=_proxy)
+
+    site = sub.add_parser("site", help="a hospital's own controls (DEPLOY.md)")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    approve = site_sub.add_parser("approve", help="approve the exact app bundle `flwr run APP_DIR` submits")
+    approve.add_argument("app_dir", type=Path, help="the reviewed copy of the app (its pyproject.toml folder)")
+    approve.add_argument("--note", default="", help="why, or who reviewed it")
+    approved = site_sub.add_parser("approved", help="list the approved app bundles")
+    gate = site_sub.add_parser("supernode", help="Flower's flower-supernode, running only approved apps")
+    gate.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's options")
+    for p in (approve, approved, gate):
+        p.add_argument("--allow-list", type=Path, default=Path("approved-apps.json"),
+                       help="the site's allow-list (JSON; default ./approved-apps.json)")
+        p.set_defaults(func=_site)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from fedir.certs import CertsError
-    from fedir.config import SettingsError
+    from fedir.client.approval import ApprovalError
     from fedir.client.manifest import ManifestError
+    from fedir.config import SettingsError
     from fedir.simulations.medmnist import MedMNISTError
     from fedir.simulations.scenario import ScenarioError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CertsError, ManifestError, MedMNISTError, SettingsError, ScenarioError) as exc:
+    except (ApprovalError, CertsError, ManifestError, MedMNISTError, SettingsError, ScenarioError) as exc:
         print(f"fedir: error: {exc}", file=sys.stderr)
         return 2
 
