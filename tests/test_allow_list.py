@@ -23,7 +23,7 @@ from flwr.supercore.run import Run
 from flwr.supernode.nodestate import NodeStateFactory
 
 from fedir.cli import main
-from fedir.client.app_gate import gated
+from fedir.client.app_gate import gated, install_gate
 from fedir.client.approval import ApprovalError, approve, fab_bytes, fab_digest, find_approval, read_allow_list
 
 PYPROJECT = """[build-system]
@@ -153,3 +153,19 @@ def test_the_gate_lets_the_approved_bundle_through_and_refuses_with_a_broken_lis
     state, _ = _pull(broken, fab_bytes(app))
     (reply,) = state.get_messages_legacy(is_reply=True)
     assert reply.error.reason.endswith("refused: this site's allow-list cannot be read")
+
+
+def test_the_gate_will_not_start_under_a_flower_it_was_not_written_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(supernode_loop, "_pull_and_store_message", supernode_loop._pull_and_store_message)
+    monkeypatch.setattr("fedir.client.app_gate.package_version", "1.42.0")
+    with pytest.raises(ApprovalError, match="written for Flower 1.41.0, this environment has Flower 1.42.0"):
+        install_gate(tmp_path / "approved.json")
+    monkeypatch.undo()
+    monkeypatch.setattr(supernode_loop, "_pull_and_store_message", lambda state, object_store: None)
+    with pytest.raises(ApprovalError, match="SuperNode loop is not the one"):
+        install_gate(tmp_path / "approved.json")
+    monkeypatch.undo()
+    original = supernode_loop._pull_and_store_message
+    monkeypatch.setattr(supernode_loop, "_pull_and_store_message", original)
+    install_gate(tmp_path / "approved.json")
+    assert supernode_loop._pull_and_store_message.__name__ == "pull_and_store_approved"
