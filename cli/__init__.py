@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from fedir.certs import CertsError
     from fedir.client.approval import ApprovalError
-    from fedir.client.manifest import ManifestError
     from fedir.config import SettingsError
+    from fedir.client.manifest import ManifestError
     from fedir.simulations.medmnist import MedMNISTError
     from fedir.simulations.scenario import ScenarioError
 
