@@ -13,6 +13,7 @@
     fedir site approve APP_DIR [--allow-list FILE] [--note TEXT]
     fedir site approved [--allow-list FILE]
     fedir site supernode [--allow-list FILE] -- FLOWER_SUPERNODE_ARGS...
+    fedir site log SITE_DIR [--audit-dir DIR] [--json]
 
 Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
 and exit status 2, not a traceback.
@@ -138,6 +139,20 @@ def _site(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_log(args: argparse.Namespace) -> int:
+    import json
+
+    from fedir.client.audit_log import AUDIT_DIR, format_entry, read_log
+
+    folder = args.audit_dir or args.site_dir / AUDIT_DIR
+    if not folder.is_dir():
+        print(f"fedir: error: no audit log in {folder.resolve()}", file=sys.stderr)
+        return 2
+    for entry in read_log(folder):
+        print(json.dumps(entry, sort_keys=True) if args.json else format_entry(entry))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedir", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-list", type=Path, default=Path("approved-apps.json"),
                        help="the site's allow-list (JSON; default ./approved-apps.json)")
         p.set_defaults(func=_site)
+    log = site_sub.add_parser("log", help="print the site's audit log: every message received and sent")
+    log.add_argument("site_dir", type=Path, help="the site folder (its log is SITE_DIR/.fedir-audit/)")
+    log.add_argument("--audit-dir", type=Path, help="the folder given as node config audit-dir instead")
+    log.add_argument("--json", action="store_true", help="one JSON object per line, as stored")
+    log.set_defaults(func=_site_log)
     return parser
 
 

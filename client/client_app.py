@@ -27,6 +27,7 @@ from fedir.client.kept_state import load_global, reply_arrays
 from fedir.client.inputs import SiteView, scaled, scaler, view_of
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.personalise import personalised
+from fedir.client.audit_log import audit_mod
 from fedir.client.dp_mods import dp_clipping_mod
 from fedir.client.site import SiteUnusable
 from fedir.config import Settings
@@ -115,8 +116,11 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     """The ClientApp. Settings come from the run config Flower delivers, unless given
     here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
     mods wrapped around every message handler (the wire audit test captures replies so);
-    innermost, the client-side DP clipping the run may ask for (fedir.client.dp_mods)."""
-    app = ClientApp(mods=[*mods, dp_clipping_mod(settings)])
+    then the site's own audit log (fedir.client.audit_log), which records what leaves the
+    site after everything else, and innermost the client-side DP clipping the run may ask
+    for (fedir.client.dp_mods)."""
+    audit = audit_mod(lambda context: site_dir_of(context, settings or Settings.from_run_config(context.run_config)))
+    app = ClientApp(mods=[*mods, audit, dp_clipping_mod(settings)])
     fixed = settings
 
     @app.query()

@@ -88,3 +88,16 @@ def test_the_log_rotates_and_reads_back_oldest_first(tmp_path, monkeypatch):
     times = [e["time"] for e in entries]
     assert times == sorted(times)
     assert all(json.dumps(e) for e in entries)
+
+
+def test_fedir_site_log_prints_the_log_and_refuses_a_site_without_one(tmp_path, capsys):
+    from fedir.cli import main
+
+    audit_log.audit_mod(lambda context: tmp_path)(_train_message(), _context(), _handler)
+    assert main(["site", "log", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "<- run 7 round 2 train" in lines[0] and "-> run 7" in lines[1]
+    assert main(["site", "log", str(tmp_path), "--json"]) == 0
+    assert [json.loads(line)["direction"] for line in capsys.readouterr().out.splitlines()] == ["received", "sent"]
+    assert main(["site", "log", str(tmp_path / "elsewhere")]) == 2
+    assert "no audit log" in capsys.readouterr().err
