@@ -8,6 +8,7 @@
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
     fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
     fedir certs init DIR --host NAME [--host NAME ...] [--force]
+    fedir certs server DIR --host NAME [--host NAME ...] [--force]
     fedir certs node DIR SITE [--force]
     fedir proxy DIR --listen ADDR:PORT --superlink 127.0.0.1:PORT --certs CERTS_DIR [--upstream-name NAME] [--user USER]
     fedir site approve APP_DIR [--allow-list FILE] [--note TEXT]
@@ -101,10 +102,12 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from fedir.certs import init_ca, node_keys
+    from fedir.certs import init_ca, issue_server_cert, node_keys
 
     if args.certs_command == "init":
         paths = init_ca(args.dir, args.host, force=args.force)
+    elif args.certs_command == "server":
+        paths = issue_server_cert(args.dir, args.host, force=args.force)
     else:
         paths = node_keys(args.dir, args.site, force=args.force)
     for path in paths.values():
@@ -220,12 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
     init = certs_sub.add_parser("init", help="a CA and the SuperLink's server certificate")
     init.add_argument("dir", type=Path)
-    init.add_argument("--host", action="append", required=True,
-                      help="a name or IP address the sites dial (repeatable)")
+    server = certs_sub.add_parser("server", help="re-issue the SuperLink's certificate from the existing CA "
+                                  "(new names, e.g. the front door's address; renewal): every ca.crt stays valid")
+    server.add_argument("dir", type=Path)
+    for p in (init, server):
+        p.add_argument("--host", action="append", required=True,
+                       help="a name or IP address the sites dial, the front door's included (repeatable)")
     node = certs_sub.add_parser("node", help="a SuperNode's key pair (OpenSSH EC) for node authentication")
     node.add_argument("dir", type=Path)
     node.add_argument("site")
-    for p in (init, node):
+    for p in (init, server, node):
         p.add_argument("--force", action="store_true", help="replace existing files")
         p.set_defaults(func=_certs)
 

@@ -1,4 +1,4 @@
-"""Certificates and node keys for a deployment: `fedir certs init` and `fedir certs node`.
+"""Certificates and node keys for a deployment: `fedir certs init`, `certs server` and `certs node`.
 
 The SuperLink speaks TLS, so the coordinator needs a certificate authority (CA) and a
 server certificate naming every host name or address the hospitals will dial (a name
@@ -80,10 +80,8 @@ def init_ca(directory: str | Path, hosts: Sequence[str], force: bool = False) ->
     if not hosts:
         raise CertsError("give at least one --host: the name or address the sites will connect to")
     out = Path(directory)
-    paths = {name: out / name for name in ("ca.crt", "ca.key", "server.crt", "server.key")}
-    _refuse_existing(list(paths.values()), force)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate clock skew
-
+    _refuse_existing([out / name for name in ("ca.crt", "ca.key", "server.crt", "server.key")], force)
+    now = _now()
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = _name("fedir study CA")
     ca_cert = (
@@ -100,11 +98,36 @@ def init_ca(directory: str | Path, hosts: Sequence[str], force: bool = False) ->
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
+    _write(out / "ca.key", _pem_key(ca_key), private=True)
+    _write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    return {"ca.crt": out / "ca.crt", "ca.key": out / "ca.key",
+            **issue_server_cert(out, hosts, force=True)}
 
+
+def issue_server_cert(directory: str | Path, hosts: Sequence[str], force: bool = False) -> dict[str, Path]:
+    """(Re-)issue the SuperLink's certificate for `hosts` from the CA already in DIR.
+
+    The CA is kept, so every hospital's `ca.crt` stays valid: this is how a front door's
+    address is added to the names, or an expiring certificate renewed, without breaking
+    any node's trust (re-running `init --force` would make a new CA).
+    """
+    if not hosts:
+        raise CertsError("give at least one --host: the name or address the sites will connect to")
+    out = Path(directory)
+    try:
+        ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise CertsError(f"no usable CA in {out} (ca.crt, ca.key): {exc}; run `fedir certs init` first") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise CertsError(f"{out / 'ca.key'} is not the elliptic-curve key `fedir certs init` writes")
+    paths = {name: out / name for name in ("server.crt", "server.key")}
+    _refuse_existing(list(paths.values()), force)
+    now = _now()
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(hosts[0])).issuer_name(ca_name)
+        .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now).not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
@@ -115,12 +138,13 @@ def init_ca(directory: str | Path, hosts: Sequence[str], force: bool = False) ->
                        critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-
-    _write(paths["ca.key"], _pem_key(ca_key), private=True)
-    _write(paths["ca.crt"], ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(paths["server.key"], _pem_key(server_key), private=True)
     _write(paths["server.crt"], server_cert.public_bytes(serialization.Encoding.PEM), private=False)
     return paths
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate clock skew
 
 
 def node_keys(directory: str | Path, site: str, force: bool = False) -> dict[str, Path]:

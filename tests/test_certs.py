@@ -68,3 +68,26 @@ def test_node_keys_are_openssh_ec_keys_flower_accepts(tmp_path, capsys):
 @pytest.mark.parametrize("site", ["", "../x", ".hidden"])
 def test_a_site_name_that_is_no_file_name_is_refused(tmp_path, site, capsys):
     assert main(["certs", "node", str(tmp_path), site]) == 2
+
+
+def test_certs_server_reissues_from_the_same_ca_so_every_ca_crt_stays_valid(tmp_path, capsys):
+    assert main(["certs", "init", str(tmp_path), "--host", "localhost"]) == 0
+    ca_before = (tmp_path / "ca.crt").read_bytes(), (tmp_path / "ca.key").read_bytes()
+    old = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    assert main(["certs", "server", str(tmp_path), "--host", "localhost"]) == 2  # no silent overwrite
+    assert main(["certs", "server", str(tmp_path), "--host", "localhost", "--host", "127.0.0.2",
+                 "--force"]) == 0
+    assert ((tmp_path / "ca.crt").read_bytes(), (tmp_path / "ca.key").read_bytes()) == ca_before
+    ca = x509.load_pem_x509_certificate(ca_before[0])
+    new = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    assert new.serial_number != old.serial_number
+    new.verify_directly_issued_by(ca)
+    san = new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.2")]
+    assert _mode(tmp_path / "server.key") == 0o600
+
+
+def test_certs_server_without_a_ca_is_one_line(tmp_path, capsys):
+    assert main(["certs", "server", str(tmp_path), "--host", "localhost"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable CA" in err and err.count("\n") == 1
