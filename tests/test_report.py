@@ -52,7 +52,8 @@ def test_site_without_evaluation_gets_nulls_with_reasons(tmp_path: Path) -> None
     silent = summary["per_site"]["silent"]
     assert silent["n_test"] == 0 and silent["auc"] is None
     assert "round 1" in silent["reasons"]["auc"]
-    assert summary["bias"]["alarm"] is False and summary["bias"]["reasons"]
+    assert summary["bias"]["alarm"] is None  # not analysed: no verdict, never "no alarm"
+    assert summary["bias"]["reasons"] == ["not computed: no bias analysis was recorded for this run"]
 
 
 def test_write_summary_refuses_nan(tmp_path: Path) -> None:
