@@ -86,7 +86,9 @@ def read_tabular_site(
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "patient_id" not in columns:
-            raise ManifestError(f"{manifest}: missing required column patient_id", "missing required column patient_id")
+            # a site whose image column is misnamed too lands here (no `path`): say what is there
+            raise ManifestError(f"{manifest}: missing required column patient_id (found: {', '.join(columns)}; "
+                                "an imaging site also needs path)", "missing required column patient_id")
         features = [c for c in columns if c.startswith(CLINICAL_PREFIX)]
         if not features:
             raise ManifestError(f"{manifest}: a tabular site needs clin_* columns", "a tabular site needs clin_* columns")
