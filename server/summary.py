@@ -139,6 +139,7 @@ def format_site_table(summary: dict) -> str:
     lines = [line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
     lines.append(verdict_line(summary["bias"]))
     lines.extend(_footnotes(summary))
+    lines.extend(_failures(summary))
     return "\n".join(lines)
 
 
@@ -180,6 +181,14 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return "n/a" if value is None else str(value)
+
+
+def _failures(summary: dict) -> list[str]:
+    """Each site's latest failure (a `missing` note): Flower's own log of it is silenced in
+    a simulation (a page of Ray traceback per message), so the table says why."""
+    latest = {n["site"]: n for n in summary["notes"] if n["kind"] == "missing"}
+    lines = [f"  {site} (round {n['round']}): {n['message']}" for site, n in sorted(latest.items())]
+    return ["", "Sites that failed (latest reason):", *lines] if lines else []
 
 
 def _footnotes(summary: dict) -> list[str]:
