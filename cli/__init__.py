@@ -11,8 +11,9 @@
     fedir certs node DIR SITE [--force]
     fedir proxy DIR --listen ADDR:PORT --superlink 127.0.0.1:PORT --certs CERTS_DIR [--upstream-name NAME] [--user USER]
 
-Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
-and exit status 2, not a traceback.
+Errors a user can fix (fedir.errors.UserError: a bad scenario or setting, a manifest, a
+missing data folder, a study no site could take part in) end with one line on stderr and
+exit status 2, not a traceback.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ import numpy as np
 from PIL import Image
 
 from fedir.client.manifest import MANIFEST_NAME, SPLIT_COLUMN
-from fedir.errors import UserError
 from fedir.client.split import SPLITS
+from fedir.errors import UserError
 
 REQUIRED_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 MIN_TRAIN_PER_SITE = 2

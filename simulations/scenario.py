@@ -52,8 +52,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
     """Read a scenario TOML, apply overrides, check the settings (fedir.config), resolve the
-    site folders and read their manifests: a ScenarioError, SettingsError or ManifestError
-    (all fedir.errors.UserError) names what is wrong before any run starts."""
+    site folders and read their manifests: a ScenarioError (a setting's error prefixed with
+    the file) or a ManifestError, both fedir.errors.UserError, names what is wrong before
+    any run starts."""
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
