@@ -16,8 +16,9 @@
     fedir site supernode [--allow-list FILE] -- FLOWER_SUPERNODE_ARGS...
     fedir site log SITE_DIR [--audit-dir DIR] [--json]
 
-Errors a user can fix (a missing manifest, a bad scenario) end with one line on stderr
-and exit status 2, not a traceback.
+Errors a user can fix (fedir.errors.UserError: a bad scenario or setting, a manifest, a
+missing data folder, a study no site could take part in) end with one line on stderr and
+exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -268,17 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedir.certs import CertsError
-    from fedir.client.approval import ApprovalError
-    from fedir.config import SettingsError
-    from fedir.client.manifest import ManifestError
-    from fedir.simulations.medmnist import MedMNISTError
-    from fedir.simulations.scenario import ScenarioError
+    """Run one command; a user error (fedir.errors.UserError) is one line on stderr and exit 2."""
+    from fedir.errors import UserError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ApprovalError, CertsError, ManifestError, MedMNISTError, SettingsError, ScenarioError) as exc:
-        print(f"fedir: error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print(f"fedir: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
+
+def _one_line(exc: Exception) -> str:
+    """The error's message on one line (a site's reason may carry line breaks)."""
+    return " ".join(str(exc).split())

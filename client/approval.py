@@ -28,8 +28,10 @@ from pathlib import Path
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.config_utils import get_fab_metadata
 
+from fedir.errors import UserError
 
-class ApprovalError(Exception):
+
+class ApprovalError(UserError):
     """The app folder or the allow-list cannot be used; the message says why."""
 
 

@@ -19,19 +19,12 @@ from flwr.app import ArrayRecord, Context
 from fedir.client.inputs import SiteView, view_of
 from fedir.config import Settings
 
-ARMS = ("federated", "local", "pooled")
 LOCAL_KEY = "local-model"
-
-
-def check_arm(arm: str) -> str:
-    if arm not in ARMS:
-        raise ValueError(f"federation.arm = {arm!r}: choose one of {', '.join(ARMS)}")
-    return arm
 
 
 def start_weights(settings: Settings, received: ArrayRecord, context: Context) -> ArrayRecord:
     """The weights a site trains or evaluates from: its own under the local arm."""
-    if check_arm(settings.federation_arm) == "local" and LOCAL_KEY in context.state.array_records:
+    if settings.federation_arm == "local" and LOCAL_KEY in context.state.array_records:
         return context.state.array_records[LOCAL_KEY]
     return received
 

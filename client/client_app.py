@@ -38,7 +38,7 @@ from fedir.models import kept_keys
 from fedir.models import model_shaped
 from fedir.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, decode_cross_site_models, encode_cross_site, encode_evaluation, encode_training
 from fedir.protocol import encode_feature_sums
-from fedir.models import NUM_CLASSES, build_model
+from fedir.models import NUM_CLASSES, build_model, resolve_model
 from fedir.client.training import pick_device, predict, train
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
-    model = build_model(settings.model_name, n_features=view.n_features,
+    model = build_model(resolve_model(settings.model_name, view.tabular), n_features=view.n_features,
                         spatial_dims=settings.spatial_dims)
     received = arrays.to_torch_state_dict()
     if settings.dp:  # the global model travels in DP's shapes (fedir.config)

@@ -27,6 +27,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+from fedir.config import FramePolicy, allowed, frame_policy_ok
+
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima", ""})
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 NUMPY_SUFFIXES = frozenset({".npy"})
@@ -59,7 +61,7 @@ class UnreadableImage(Exception):
         self.detail = detail
 
 
-FRAME_POLICIES = ("mip", "middle", "all", "peak", "volume")
+FRAME_POLICIES = allowed(FramePolicy)
 """How the frames (F, H, W) of a file, or the slices of a series folder, become model images:
 
 - "mip": maximum-intensity projection over frames of the display image (higher =
@@ -373,8 +375,7 @@ def spatial_dims_of(policy: str) -> int:
 
 def _check_policy(policy: str) -> None:
     """A wrong policy is a configuration error (ValueError), not an unreadable file."""
-    step = policy.removeprefix("every-")
-    if policy not in FRAME_POLICIES and not (step.isdigit() and int(step) > 0):
+    if not frame_policy_ok(policy):
         raise ValueError(
             f"frame policy {policy!r} is not one of {', '.join(FRAME_POLICIES)}, every-K (K > 0)"
         )

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
+from fedir.client.manifest import read_manifest
 from fedir.client.site import SiteData, load_site
-from fedir.config import Settings
+from fedir.config import Inputs, Settings, allowed
+from fedir.models import NUM_CLASSES
 from fedir.protocol import MEAN_KEY, STD_KEY, FeatureSums
 from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 
@@ -57,8 +59,8 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
     `inputs = "clinical"` reads only the clin_* columns of any site (the clinical-only
     baseline of an imaging site); "auto" reads the images, or the table of a tabular site.
     """
-    if inputs not in ("auto", "clinical"):
-        raise ValueError(f"data.inputs = {inputs!r}: choose auto or clinical")
+    if inputs not in allowed(Inputs):
+        raise ValueError(f"data.inputs = {inputs!r}: choose one of {', '.join(allowed(Inputs))}")
     if inputs == "clinical" or is_tabular_site(site_dir):
         site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test)
         counts = Counter(int(y) for y in site.train.y if y >= 0)
@@ -90,6 +92,16 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
     )
 
 
+def check_manifest(site_dir: str, inputs: str) -> None:
+    """Read the site's manifest as `load_view` would, without decoding an image: the
+    ManifestError the site would raise on its first message (a simulation checks every
+    site so before starting Flower)."""
+    if inputs == "clinical" or is_tabular_site(site_dir):
+        read_tabular_site(site_dir)
+    else:
+        read_manifest(site_dir, NUM_CLASSES)
+
+
 def view_of(site_dir: str, settings: Settings) -> SiteView:
     return load_view(site_dir, settings.data_inputs, settings.model_image_size,
                      settings.data_frame_policy,
@@ -101,13 +113,11 @@ def scaler(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) for this protocol: the federation's from the server's config, or the
     statistics `own` of the rows at hand (`data.standardise = "site"`)."""
-    if settings.data_standardise == "federated":
-        if MEAN_KEY not in config:
-            raise ValueError("data.standardise = federated, but the server sent no feature statistics")
-        return np.asarray(config[MEAN_KEY]), np.asarray(config[STD_KEY])
     if settings.data_standardise == "site":
         return own.mean_std()
-    raise ValueError(f"data.standardise = {settings.data_standardise!r}: choose federated or site")
+    if MEAN_KEY not in config:
+        raise ValueError("data.standardise = federated, but the server sent no feature statistics")
+    return np.asarray(config[MEAN_KEY]), np.asarray(config[STD_KEY])
 
 
 def scaled(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:

@@ -79,7 +79,7 @@ def to_wire(state_dict: dict[str, torch.Tensor], dtype: str, dp: bool = False) -
     """A site's weights as the ArrayRecord it sends, floats cast to `dtype`; under
     differential privacy every array a float with at least one dimension (fedir.config)."""
     if dtype not in UPDATE_DTYPES:
-        raise ValueError(f"train.update-dtype = {dtype!r}: choose {' or '.join(UPDATE_DTYPES)}")
+        raise ValueError(f"train.update-dtype = {dtype!r}: choose one of {', '.join(UPDATE_DTYPES)}")
     if dp:
         state_dict = dp_arrays(state_dict)
     target = _TORCH_DTYPES[dtype]

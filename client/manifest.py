@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedir.client.split import SPLITS
+from fedir.errors import UserError
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("patient_id", "path")
 SPLIT_COLUMN = "split"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The manifest cannot be used; the message names the file and, where known, the row.
 
     `public` says the same without a path, a patient identifier or a cell's value: it is

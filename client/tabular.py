@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from fedir.client.manifest import (
+    MANIFEST_NAME,
     SPLIT_COLUMN,
     ManifestError,
     manifest_columns,
@@ -75,7 +76,12 @@ def read_tabular_site(
 ) -> TabularSite:
     """Read a tabular site's manifest into per-split arrays (see the module docstring)."""
     site = Path(site_dir).resolve()
-    columns, records = read_records(site, ("patient_id",))
+    columns, records = read_records(site)
+    if "patient_id" not in columns:
+        # a site whose image column is misnamed too lands here (no `path`): say what is there
+        raise ManifestError(f"{site / MANIFEST_NAME}: missing required column patient_id (found: "
+                            f"{', '.join(columns)}; an imaging site also needs path)",
+                            "missing required column patient_id")
     features = [c for c in columns if c.startswith(CLINICAL_PREFIX)]
     if not features:
         raise ManifestError(f"{site}: a tabular site needs clin_* columns", "a tabular site needs clin_* columns")

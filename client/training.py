@@ -119,12 +119,12 @@ def train(
     return TrainResult(loss=float(total) / steps, steps=steps, n_labelled=n_lab, n_unlabelled=n_unl)
 
 
+# `train.optimizer` (fedir.config.Optimizer, checked when the settings are read) -> torch's class
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adamw or sgd")
+    return OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _schedule(n: int, config: TrainConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -30,11 +30,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedir.errors import UserError
+
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime TLS clients commonly accept for a leaf certificate
 
 
-class CertsError(ValueError):
+class CertsError(UserError, ValueError):
     """A file would be overwritten, or an input is unusable."""
 
 

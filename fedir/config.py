@@ -3,100 +3,195 @@
 A scenario TOML (`[train] rounds = 3`) and pyproject's `[tool.flwr.app.config]`
 (`"train.rounds" = 3`) describe the same settings; both end up as one flat mapping that
 Flower hands to the ServerApp and to every ClientApp in `context.run_config`. This module
-is the one place that names the keys, their types and their defaults, so the two sides of
-the trust boundary cannot disagree about them.
+is the one place that names the keys, their types, their allowed values and ranges, their
+defaults and what they mean, so the two sides of the trust boundary cannot disagree about
+them, and a typo is refused where the settings are read (the coordinator before round 1,
+each site on its first message) instead of failing at every hospital every round.
+
+Every enumerated setting is a `Literal`; its allowed values are read from the type
+(`allowed`), never from a second list. `python -m fedir.config` prints the settings
+reference (docs/settings.md) from these declarations.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import Field, dataclass, field, fields
+from functools import cache
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from fedir.errors import UserError
 
 SITE_SEPARATOR = ";"
 
+Arm = Literal["federated", "local", "pooled"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+                       "fedmedian", "fedtrimmedavg", "krum"]
+ObjectiveName = Literal["supervised", "fixmatch", "mean_teacher"]
+Optimizer = Literal["adamw", "sgd"]
+UpdateDtype = Literal["float32", "float16"]
+ImageModel = Literal["resnet_small", "resnet10", "resnet18", "densenet121"]
+TabularModel = Literal["logreg", "mlp"]
+ModelName = Literal["auto", ImageModel, TabularModel]
+FramePolicy = Literal["mip", "middle", "all", "peak", "volume"]  # and every-K (K >= 1)
+Inputs = Literal["auto", "clinical"]
+Standardise = Literal["federated", "site"]
+Personalise = Literal["none", "intercept", "finetune"]
+DPMode = Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
 
-class SettingsError(ValueError):
-    """A setting is missing, unknown or of the wrong type."""
+EVERY_K = re.compile(r"every-([1-9][0-9]*)")
+
+
+class SettingsError(UserError, ValueError):
+    """A setting is missing, unknown, of the wrong type, out of range, or cannot be combined."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a number setting must lie in; None = unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: the low end itself is excluded
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def text(self) -> str:
+        """`in (0, 1]`, `>= 1`, `> 0`: how the reference and the errors say it."""
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{self.low:g}, "
+                    f"{self.high:g}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+AT_LEAST_0 = Bounds(0)
+AT_LEAST_1 = Bounds(1)
+POSITIVE = Bounds(0, low_open=True)
+SHARE = Bounds(0, 1, low_open=True)  # a fraction of sites or patients that must not be empty
+UNIT = Bounds(0, 1)
+DECAY = Bounds(0, 1, high_open=True)  # a moment decay or momentum: 1 would freeze it
+
+
+def setting(default: Any, doc: str, bounds: Bounds | None = None) -> Any:
+    """A Settings field: its default, its one-line description and, for a number, its range
+    (read by `check_values` and by the reference in docs/settings.md)."""
+    return field(default=default, metadata={"doc": doc, "bounds": bounds})
 
 
 @dataclass(frozen=True)
 class Settings:
     """Typed view of the run config. Field names are the flat keys with '.'/'-' -> '_'."""
 
-    federation_sites: str = ""  # site folders, separated by ';' (simulation only)
-    federation_min_sites: int = 0  # 0 = every site must answer
-    federation_arm: str = "federated"  # federated | local | pooled (fedir/arms.py)
-    strategy_name: str = "fedavg"  # a Flower strategy (fedir.strategies.registry)
-    strategy_fraction_train: float = 1.0  # share of available sites sampled to train each round
-    strategy_fraction_evaluate: float = 1.0  # share sampled to evaluate each round
-    strategy_proximal_mu: float = 0.01  # fedprox: weight of the proximal term in the local loss
-    strategy_eta: float = 0.1  # fedadam/fedyogi/fedadagrad: server learning rate
-    strategy_eta_l: float = 0.1  # fedadam/fedyogi/fedadagrad: client learning rate (Flower's record)
-    strategy_beta_1: float = 0.9  # fedadam/fedyogi: first-moment decay
-    strategy_beta_2: float = 0.99  # fedadam/fedyogi: second-moment decay
-    strategy_tau: float = 0.001  # fedadam/fedyogi/fedadagrad: adaptivity
-    strategy_server_learning_rate: float = 1.0  # fedavgm
-    strategy_server_momentum: float = 0.0  # fedavgm
-    strategy_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end
-    strategy_num_malicious_nodes: int = 0  # krum
-    train_rounds: int = 3
-    train_local_epochs: int = 2
-    train_batch_size: int = 16
-    train_lr: float = 1e-3
-    train_weight_decay: float = 1e-4
-    train_objective: str = "supervised"
-    train_seed: int = 0
-    train_optimizer: str = "adamw"  # adamw | sgd
-    train_update_dtype: str = "float32"  # float32 | float16: precision of the weights a site sends
-    train_local_steps: int = 0  # > 0: this many optimiser steps per round instead of local-epochs
-    model_name: str = "resnet_small"
-    model_image_size: int = 128
-    data_frame_policy: str = "mip"
-    data_val_fraction: float = 0.15
-    data_test_fraction: float = 0.25
-    data_inputs: str = "auto"  # auto (images, or the table of a tabular site) | clinical (clin_* only)
-    data_standardise: str = "federated"  # tabular features: federated (n/sum/sum of squares) | site
-    eval_bootstrap: int = 500
-    eval_hist_bins: int = 20
-    eval_threshold: float = 0.5
-    bias_alpha: float = 0.01
-    bias_min_cramers_v: float = 0.2
-    bias_max_auc_gap: float = 0.05  # pooled minus within-site AUC (and its 95% CI above 0)
-    bias_min_i2: float = 0.5  # Cochran's Q p < bias.alpha and I^2 at least this: heterogeneity
-    bias_min_site_accuracy: float = 0.8  # embedding identifies a site at least this well...
-    bias_min_separability_excess: float = 0.1  # ...and this much better than it separates classes
-    bias_max_cross_site_gap: float = 0.1  # own-site minus other-site AUC of the sites' models
-    bias_embedding: bool = True  # sites send their embedding's moments (fedir.client.embedding)
-    bias_cross_site: bool = True  # after the last round, score every site's model at every site
-    bias_cross_site_max_sites: int = 16  # above this many sites the cross-site matrix is skipped
-    bias_bootstrap: int = 200  # resamples of the bias intervals (pooled-vs-within gap, separability)
-    validation_max_norm_ratio: float = 10.0  # reject updates this far above the others' median norm
-    validation_min_accepted: int = 1  # fewer acceptable updates: the round leaves the model unchanged
-    output_dir: str = "runs/flwr-run"
-    monitor_tensorboard: str = ""  # TensorBoard log folder (relative: inside the run folder); "" = off
-    monitor_mlflow: str = ""  # MLflow tracking URI, or a folder for DIR/mlflow.db; "" = off
-    train_threshold: float = 0.95  # fixmatch: confidence a pseudo-label needs
-    train_unlabelled_weight: float = 1.0  # fixmatch / mean_teacher: weight of the unlabelled loss
-    train_unlabelled_ratio: int = 1  # unlabelled images per labelled image in a step (mu)
-    train_ema_decay: float = 0.99  # mean_teacher: EMA decay of the teacher
-    train_mixup_alpha: float = 0.0  # MixUp of the labelled batch, Beta(alpha, alpha); 0 = off
-    train_fedbn: bool = False  # FedBN: normalisation layers stay at each site (fedir.client.kept_state)
-    train_personalise: str = "none"  # none | intercept | finetune (fedir.models)
-    train_smote: bool = False  # SMOTE on a tabular site's labelled training rows, at the site (fedir.client.smote)
-    baseline_clinical: bool = False  # also run a clinical-only companion study (fedir.simulations.companion)
-    baseline_clinical_steps: int = 50  # its local SGD steps per round (logistic regression on clin_*)
-    baseline_clinical_lr: float = 0.05  # its SGD learning rate
-    privacy_dp: str = "off"  # off | server-fixed | server-adaptive | client-fixed | client-adaptive (fedir.config)
-    privacy_noise_multiplier: float = 0.1  # Gaussian noise std = this x clipping norm / sampled sites
-    privacy_clipping_norm: float = 1.0  # L2 bound of a site's update (adaptive: the initial bound)
-    privacy_target_quantile: float = 0.5  # adaptive: share of updates left unclipped
-    privacy_clip_norm_lr: float = 0.2  # adaptive: learning rate of the clipping bound
-    privacy_clipped_count_stddev: float = 0.0  # adaptive: noise on the clipped count; 0 = Flower's default (sites/20)
+    federation_sites: str = setting("", "site folders, separated by ';' (simulation only)")
+    federation_min_sites: int = setting(0, "sites that must answer each round; 0 = every site", AT_LEAST_0)
+    federation_arm: Arm = setting(
+        "federated", "federated; local (each site alone, its own weights); pooled (every site's "
+        "rows at one node, simulation only) (fedir.client.arms)")
+    strategy_name: StrategyName = setting("fedavg", "the Flower strategy that aggregates (fedir.strategies.registry)")
+    strategy_fraction_train: float = setting(1.0, "share of available sites sampled to train each round", SHARE)
+    strategy_fraction_evaluate: float = setting(1.0, "share of available sites sampled to evaluate each round", SHARE)
+    strategy_proximal_mu: float = setting(0.01, "fedprox: weight of the proximal term in the local loss", AT_LEAST_0)
+    strategy_eta: float = setting(0.1, "fedadam/fedyogi/fedadagrad: server learning rate", POSITIVE)
+    strategy_eta_l: float = setting(0.1, "fedadam/fedyogi/fedadagrad: client learning rate (Flower's record)", POSITIVE)
+    strategy_beta_1: float = setting(0.9, "fedadam/fedyogi: first-moment decay", DECAY)
+    strategy_beta_2: float = setting(0.99, "fedadam/fedyogi: second-moment decay", DECAY)
+    strategy_tau: float = setting(0.001, "fedadam/fedyogi/fedadagrad: adaptivity", POSITIVE)
+    strategy_server_learning_rate: float = setting(1.0, "fedavgm: server learning rate", POSITIVE)
+    strategy_server_momentum: float = setting(0.0, "fedavgm: server momentum", DECAY)
+    strategy_beta: float = setting(0.2, "fedtrimmedavg: fraction cut from each end", Bounds(0, 0.5, high_open=True))
+    strategy_num_malicious_nodes: int = setting(0, "krum: sites assumed malicious", AT_LEAST_0)
+    train_rounds: int = setting(3, "federated rounds", AT_LEAST_1)
+    train_local_epochs: int = setting(2, "passes over a site's labelled training rows per round", AT_LEAST_1)
+    train_batch_size: int = setting(16, "labelled rows (images) per optimiser step", AT_LEAST_1)
+    train_lr: float = setting(1e-3, "local learning rate", POSITIVE)
+    train_weight_decay: float = setting(1e-4, "local weight decay", AT_LEAST_0)
+    train_objective: ObjectiveName = setting(
+        "supervised", "what a site minimises: supervised, or a semi-supervised objective that also "
+        "uses unlabelled images (fedir.client.objectives)")
+    train_seed: int = setting(0, "seed of the initial model and of every round's draws")
+    train_optimizer: Optimizer = setting("adamw", "the local optimiser")
+    train_update_dtype: UpdateDtype = setting("float32", "precision of the weights a site sends")
+    train_local_steps: int = setting(
+        0, "> 0: this many optimiser steps per round instead of local-epochs", AT_LEAST_0)
+    model_name: ModelName = setting(
+        "auto", "the network; auto = logreg for tabular sites, resnet_small for imaging sites (fedir.models)")
+    model_image_size: int = setting(128, "side of the square image (or cube) the model sees, in pixels", AT_LEAST_1)
+    data_frame_policy: str = setting(
+        "mip", "how a multi-frame file becomes model images: mip | middle | all | peak | volume | "
+        "every-K (K >= 1) (fedir.client.imaging)")
+    data_val_fraction: float = setting(0.15, "share of a site's patients held out for validation",
+                                       Bounds(0, 1, high_open=True))
+    data_test_fraction: float = setting(0.25, "share of a site's patients held out for testing",
+                                        Bounds(0, 1, low_open=True, high_open=True))
+    data_inputs: Inputs = setting(
+        "auto", "auto (images, or the table of a tabular site) | clinical (clin_* columns only)")
+    data_standardise: Standardise = setting(
+        "federated", "tabular features: federated (from every site's n / sum / sum of squares) | "
+        "site (each site's own statistics)")
+    eval_bootstrap: int = setting(500, "bootstrap resamples of each metric's 95% CI; 0 = no CI", AT_LEAST_0)
+    eval_hist_bins: int = setting(20, "bins of the per-label score histograms a site sends", AT_LEAST_1)
+    eval_threshold: float = setting(0.5, "score above which a patient is called positive", UNIT)
+    bias_alpha: float = setting(0.01, "significance level of the bias tests", Bounds(0, 1, low_open=True, high_open=True))
+    bias_min_cramers_v: float = setting(0.2, "site-label association: Cramer's V that raises the alarm", UNIT)
+    bias_max_auc_gap: float = setting(0.05, "pooled minus within-site AUC (and its 95% CI above 0)", AT_LEAST_0)
+    bias_min_i2: float = setting(0.5, "Cochran's Q p < bias.alpha and I^2 at least this: heterogeneity", UNIT)
+    bias_min_site_accuracy: float = setting(0.8, "embedding identifies a site at least this well...", UNIT)
+    bias_min_separability_excess: float = setting(
+        0.1, "...and this much better than it separates classes", Bounds(-1, 1))
+    bias_max_cross_site_gap: float = setting(0.1, "own-site minus other-site AUC of the sites' models", AT_LEAST_0)
+    bias_embedding: bool = setting(True, "sites send their embedding's moments (fedir.client.embedding)")
+    bias_cross_site: bool = setting(True, "after the last round, score every site's model at every site")
+    bias_cross_site_max_sites: int = setting(16, "above this many sites the cross-site matrix is skipped", AT_LEAST_0)
+    bias_bootstrap: int = setting(
+        200, "resamples of the bias intervals (pooled-vs-within gap, separability)", AT_LEAST_0)
+    validation_max_norm_ratio: float = setting(
+        10.0, "reject updates this far above the others' median norm", POSITIVE)
+    validation_min_accepted: int = setting(
+        1, "fewer acceptable updates: the round leaves the model unchanged", AT_LEAST_0)
+    output_dir: str = setting("runs/flwr-run", "the run folder (summary.json, runs.sqlite, report.html)")
+    monitor_tensorboard: str = setting(
+        "", "TensorBoard log folder (relative: inside the run folder); empty = off")
+    monitor_mlflow: str = setting("", "MLflow tracking URI, or a folder for DIR/mlflow.db; empty = off")
+    train_threshold: float = setting(0.95, "fixmatch: confidence a pseudo-label needs", UNIT)
+    train_unlabelled_weight: float = setting(
+        1.0, "fixmatch / mean_teacher: weight of the unlabelled loss", AT_LEAST_0)
+    train_unlabelled_ratio: int = setting(1, "unlabelled images per labelled image in a step (mu)", AT_LEAST_1)
+    train_ema_decay: float = setting(0.99, "mean_teacher: EMA decay of the teacher", DECAY)
+    train_mixup_alpha: float = setting(0.0, "MixUp of the labelled batch, Beta(alpha, alpha); 0 = off", AT_LEAST_0)
+    train_fedbn: bool = setting(
+        False, "FedBN: normalisation layers stay at each site (fedir.client.kept_state)")
+    train_personalise: Personalise = setting(
+        "none", "none | intercept (the output bias stays at each site) | finetune (local "
+        "fine-tuning before evaluation) (fedir.models)")
+    train_smote: bool = setting(
+        False, "SMOTE on a tabular site's labelled training rows, at the site (fedir.client.smote)")
+    baseline_clinical: bool = setting(
+        False, "also run a clinical-only companion study (fedir.simulations.companion)")
+    baseline_clinical_steps: int = setting(
+        50, "its local SGD steps per round (logistic regression on clin_*)", AT_LEAST_1)
+    baseline_clinical_lr: float = setting(0.05, "its SGD learning rate", POSITIVE)
+    privacy_dp: DPMode = setting("off", "differential privacy: who clips, fixed or adaptive bound")
+    privacy_noise_multiplier: float = setting(
+        0.1, "Gaussian noise std = this x clipping norm / sampled sites", AT_LEAST_0)
+    privacy_clipping_norm: float = setting(1.0, "L2 bound of a site's update (adaptive: the initial bound)", AT_LEAST_0)
+    privacy_target_quantile: float = setting(0.5, "adaptive: share of updates left unclipped", UNIT)
+    privacy_clip_norm_lr: float = setting(0.2, "adaptive: learning rate of the clipping bound", POSITIVE)
+    privacy_clipped_count_stddev: float = setting(
+        0.0, "adaptive: noise on the clipped count; 0 = Flower's default (sites/20)", AT_LEAST_0)
 
     def __post_init__(self) -> None:
-        # DP modes and the settings they cannot serve are refused when the settings are
-        # read (a scenario file, the run config), before any run starts.
+        # Values and the combinations that cannot work are refused when the settings are
+        # read (a scenario file, --set, the run config), before any run starts.
+        check_values(self)
+        check_combinations(self)
         check_dp(self.privacy_dp, fedbn=self.train_fedbn, update_dtype=self.train_update_dtype,
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
@@ -119,7 +214,7 @@ class Settings:
         values: dict[str, Any] = {}
         for key, value in config.items():
             f = by_key[key]
-            values[f.name] = _coerce(key, value, type(getattr(cls(), f.name)))
+            values[f.name] = _coerce(key, value, kind_of(f))
         return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:
@@ -146,8 +241,62 @@ class Settings:
         return [s for s in self.federation_sites.split(SITE_SEPARATOR) if s]
 
 
-DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
-PERSONALISE = ("none", "intercept", "finetune")
+@cache
+def _hints() -> dict[str, Any]:
+    return get_type_hints(Settings)
+
+
+def hint_of(f: Field) -> Any:
+    """The field's declared type, with the Literal aliases resolved."""
+    return _hints()[f.name]
+
+
+def allowed(hint: Any) -> tuple[Any, ...]:
+    """The values of a Literal type (nested Literals flattened); () for any other type."""
+    return get_args(hint) if get_origin(hint) is Literal else ()
+
+
+def kind_of(f: Field) -> type:
+    """The Python type a run-config value must have: str for a Literal of strings."""
+    hint = hint_of(f)
+    values = allowed(hint)
+    return type(values[0]) if values else hint
+
+
+def frame_policy_ok(policy: str) -> bool:
+    """A frame policy of FramePolicy, or `every-K` with K >= 1 (every K-th frame)."""
+    return policy in allowed(FramePolicy) or EVERY_K.fullmatch(policy) is not None
+
+
+def check_values(settings: Settings) -> None:
+    """Each enumerated setting one of its Literal's values, each number in its range."""
+    for f in fields(settings):
+        key, value, values = Settings.key_of(f.name), getattr(settings, f.name), allowed(hint_of(f))
+        if values and value not in values:
+            raise SettingsError(f"{key} = {value!r} is not allowed; choose one of "
+                                f"{', '.join(map(str, values))}")
+        bounds = f.metadata.get("bounds")
+        if bounds is not None and not isinstance(value, bool) and value not in bounds:
+            raise SettingsError(f"{key} = {value!r} is out of range; it must be {bounds.text()}")
+    if not frame_policy_ok(settings.data_frame_policy):
+        raise SettingsError(f"data.frame-policy = {settings.data_frame_policy!r} is not allowed; choose one "
+                            f"of {', '.join(allowed(FramePolicy))}, or every-K with K >= 1")
+
+
+def check_combinations(settings: Settings) -> None:
+    """Refuse settings that are each valid but cannot work together, naming both."""
+    if settings.data_val_fraction + settings.data_test_fraction >= 1:
+        raise SettingsError(
+            f"data.val-fraction ({settings.data_val_fraction:g}) + data.test-fraction "
+            f"({settings.data_test_fraction:g}) must be below 1, or no patient is left to train on")
+    if settings.data_frame_policy == "volume" and settings.train_objective != "supervised":
+        raise SettingsError(
+            f"train.objective = {settings.train_objective!r} augments 2D images; with "
+            "data.frame-policy = \"volume\" choose train.objective = \"supervised\"")
+    n_sites = len(settings.sites)
+    if n_sites and settings.federation_min_sites > n_sites:
+        raise SettingsError(f"federation.min-sites = {settings.federation_min_sites} is more than the "
+                            f"{n_sites} site(s) federation.sites lists")
 
 
 def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
@@ -158,8 +307,6 @@ def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
     uploads: the update would be clipped in half precision. Local and pooled arms average
     nothing a DP guarantee would apply to.
     """
-    if mode not in DP_MODES:
-        raise SettingsError(f"privacy.dp = {mode!r} is not one of {', '.join(DP_MODES)}")
     if mode == "off":
         return
     if fedbn:
@@ -171,10 +318,8 @@ def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
 
 
 def check_personalise(mode: str, arm: str) -> None:
-    """`train.personalise`: a known value, and only for the federated arm (the local arm is
+    """`train.personalise` other than none only for the federated arm (the local arm is
     already fully personal; the pooled arm has one model by definition)."""
-    if mode not in PERSONALISE:
-        raise SettingsError(f"train.personalise = {mode!r}: choose one of {', '.join(PERSONALISE)}")
     if mode != "none" and arm != "federated":
         raise SettingsError(f"train.personalise = {mode!r} needs federation.arm = federated")
 
@@ -188,3 +333,46 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise SettingsError(f"setting {key} = {value!r} should be of type {kind.__name__}")
     return value
+
+
+def _type_text(f: Field) -> str:
+    """The reference's type column: the allowed values, or the type and its range."""
+    values = allowed(hint_of(f))
+    if values:
+        return " \\| ".join(f"`{v}`" for v in values)
+    if f.name == "data_frame_policy":
+        return " \\| ".join(f"`{v}`" for v in allowed(FramePolicy)) + " \\| `every-K` (K >= 1)"
+    bounds = f.metadata.get("bounds")
+    return kind_of(f).__name__ + (f", {bounds.text()}" if bounds else "")
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    return f'`"{value}"`' if isinstance(value, str) else f"`{value!r}`"
+
+
+def reference_markdown() -> str:
+    """docs/settings.md: every setting's key, allowed values or type and range, default and
+    meaning, read from the Settings declarations (regenerate: `python -m fedir.config`)."""
+    lines = [
+        "# Settings reference",
+        "",
+        "Generated from `fedir.config.Settings` by `python -m fedir.config > docs/settings.md`;",
+        "do not edit by hand. Each key is written `section.key` in a `--set` override and in",
+        "pyproject's `[tool.flwr.app.config]`, and as `key = value` under `[section]` in a",
+        "scenario file. Every value is checked when the settings are read (the scenario file,",
+        "`--set`, or Flower's run config at the coordinator and at each site): a value outside",
+        "the allowed ones ends with one line naming the key, and the run does not start.",
+        "",
+        "| key | allowed values / type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for f in fields(Settings):
+        doc = f.metadata["doc"].replace("|", "\\|")
+        lines.append(f"| `{Settings.key_of(f.name)}` | {_type_text(f)} | {_default_text(f.default)} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())

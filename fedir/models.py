@@ -15,12 +15,29 @@ import torch
 from monai.networks.nets import DenseNet121, ResNet, resnet10, resnet18
 from torch import nn
 
-from fedir.config import Settings
+from fedir.config import ImageModel, Settings, SettingsError, TabularModel, allowed
 
 NUM_CLASSES = 2
-IMAGE_MODELS = ("resnet_small", "resnet10", "resnet18", "densenet121")
-TABULAR_MODELS = ("logreg", "mlp")
+IMAGE_MODELS = allowed(ImageModel)
+TABULAR_MODELS = allowed(TabularModel)
 MODEL_NAMES = IMAGE_MODELS + TABULAR_MODELS
+AUTO_MODEL = {True: "logreg", False: "resnet_small"}  # model.name = auto, by tabular or not
+
+
+def resolve_model(name: str, tabular: bool) -> str:
+    """The network `model.name` asks for on this federation's data: `auto` follows the data
+    (logistic regression for tabular sites, as the heart benchmarks use; resnet_small for
+    images). An image network on tabular rows, or a tabular one on images, cannot train at
+    all, so it is refused before round 1 (server) or on the first message (site)."""
+    if name == "auto":
+        return AUTO_MODEL[tabular]
+    if tabular and name not in TABULAR_MODELS:
+        raise SettingsError(f"model.name = {name!r} is an image model, but the sites hold tabular rows; "
+                            f"choose auto or one of {', '.join(TABULAR_MODELS)}")
+    if not tabular and name in TABULAR_MODELS:
+        raise SettingsError(f"model.name = {name!r} is a tabular model, but the sites hold images; "
+                            f"choose auto or one of {', '.join(IMAGE_MODELS)}")
+    return name
 
 
 def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
@@ -32,9 +49,11 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
 
     `resnet_small` (MONAI ResNet, basic blocks, one block per stage, 16-128 channels,
     0.3 M parameters) trains at about 240 images/s at 128x128 on one CPU core, which is
-    what keeps the CPU demo within minutes; the larger ones are for GPUs.
+    what keeps the CPU demo within minutes; the larger ones are for GPUs. `auto` is
+    `resolve_model`'s choice, tabular when there are features.
     """
     torch.manual_seed(seed)
+    name = AUTO_MODEL[n_features > 0] if name == "auto" else name
     if name in TABULAR_MODELS:
         return build_tabular_model(name, n_features)
     if spatial_dims not in (2, 3):

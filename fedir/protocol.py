@@ -12,12 +12,15 @@ value.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedir.config import UpdateDtype, allowed
 
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
@@ -36,7 +39,7 @@ STATS_KEY = "feature-sums"
 NAMES_KEY = "feature-names"
 MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/evaluate config
 STD_KEY = "feature-std"
-UPDATE_DTYPES = ("float32", "float16")  # train.update-dtype: the precision of a site's upload
+UPDATE_DTYPES = allowed(UpdateDtype)  # train.update-dtype: the precision of a site's upload
 
 
 @dataclass(frozen=True)
@@ -290,3 +293,25 @@ def from_wire(record: ArrayRecord) -> ArrayRecord:
 def payload_bytes(record: ArrayRecord) -> int:
     """Serialised size of the record's arrays, as Flower sends them."""
     return sum(len(arr.data) for arr in record.values())
+
+
+# ---- a failed site's reason ------------------------------------------------------------
+
+# Flower's error reply for a ClientApp that raised: "<class 'T'>:<'message'>"; through Ray,
+# the message is Ray's remote traceback ending in "... occurred. Message: <the site's text>".
+_FLOWER_REASON = re.compile(r"<class '[^']*'>:<'(.*)'>", re.DOTALL)
+_RAY_MESSAGE = "Message: "
+
+
+def error_text(reason: str) -> str:
+    """The site's own message from the reason of a Flower error reply, on one line.
+
+    The coordinator records it (and, when every site fails, stops with it); Flower's class
+    wrapper and Ray's traceback around it say nothing a hospital can act on. Other reasons
+    (a node that went away) come back as they are, on one line.
+    """
+    match = _FLOWER_REASON.fullmatch(reason.strip())
+    text = match.group(1) if match else reason
+    if _RAY_MESSAGE in text:
+        text = text.rsplit(_RAY_MESSAGE, 1)[1]
+    return " ".join(text.split()) or reason

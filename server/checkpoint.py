@@ -30,6 +30,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from fedir.errors import UserError
+
 CHECKPOINT_NAME = "checkpoint.pkl"
 _IGNORED_SETTINGS = ("output.dir",)  # the run folder may move between the two starts
 
@@ -93,7 +95,7 @@ def resume_point(path: Path, status_of: Callable[[str], str], settings: Mapping[
     return checkpoint
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A run folder cannot be resumed with these settings."""
 
 

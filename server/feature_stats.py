@@ -16,7 +16,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedir.protocol import MEAN_KEY, STD_KEY, FeatureSums, combine, decode_feature_sums
+from fedir.errors import StudyFailed
+from fedir.protocol import MEAN_KEY, STD_KEY, FeatureSums, combine, decode_feature_sums, error_text
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,23 @@ def gather_feature_sums(grid: Grid, min_nodes: int, timeout: float = 600) -> Fed
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     answered = [m for m in replies if not m.has_error()]
-    for m in replies:
-        if m.has_error():
-            # A site that cannot answer (an invalid manifest, say) will fail its training
-            # too, and be recorded missing there; it must not stop the other sites' run.
-            log.warning("feature-statistics query: node %d failed: %s",
-                        m.metadata.src_node_id, m.error.reason)
+    failed = {f"node {m.metadata.src_node_id}": error_text(m.error.reason) for m in replies if m.has_error()}
+    for node, reason in failed.items():
+        # A site that cannot answer (an invalid manifest, say) will fail its training
+        # too, and be recorded missing there; it must not stop the other sites' run.
+        log.warning("feature-statistics query: %s failed: %s", node, reason)
     if not answered:
-        reasons = "; ".join(m.error.reason for m in replies) or "no reply"
-        raise RuntimeError(f"feature-statistics query: no site answered ({reasons})")
+        # every site failed (or none replied): the study cannot start, say why at once
+        raise StudyFailed.no_site("answer the feature-statistics query before round 1", failed)
     decoded = [decode_feature_sums(m.content) for m in answered]
     tabular = [(names, sums) for names, sums in decoded if sums is not None]
     if not tabular:
         return FederationFeatures([], None)
     names = tabular[0][0]
-    if any(n != names for n, _ in tabular) or len(tabular) != len(decoded):
-        raise ValueError("the sites do not share the same clin_* columns (or mix tabular and imaging)")
+    if len(tabular) != len(decoded):
+        raise StudyFailed(f"{len(tabular)} of {len(decoded)} sites hold tabular rows and the others "
+                          "images: a study needs one kind (see each site's manifest.csv)")
+    if any(n != names for n, _ in tabular):
+        raise StudyFailed("the tabular sites do not share the same clin_* columns: a model needs "
+                          "the same features at every site (see each site's manifest.csv)")
     return FederationFeatures(names, combine([s for _, s in tabular]))

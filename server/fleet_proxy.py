@@ -36,6 +36,12 @@ FLEET_ROUTES: tuple[str, ...] = (
 )
 
 
+# Flower 1.41 cuts every array into objects of at most 5 MiB
+# (flwr.common.constant.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE); only responses (the app bundle) are larger;
+# 8 MiB leaves room for a message's own protobuf and headers.
+MAX_BODY = "8m"
+
+
 def _route_regex() -> str:
     names = "|".join(r.removeprefix("/v1/fleet/") for r in FLEET_ROUTES)
     return f"^/v1/fleet/({names})$"
@@ -77,8 +83,10 @@ http {{
         ssl_certificate_key {certs}/server.key;
         ssl_protocols TLSv1.2 TLSv1.3;
 
-        # Model updates travel as objects of several MB: no size cap, no buffering.
-        client_max_body_size 0;
+        # Flower sends arrays in pieces of at most 5 MiB (push-object), and reads a whole
+        # request before it checks the node's signature: a cap keeps an unauthenticated
+        # body from making the SuperLink hold hundreds of MB. No buffering.
+        client_max_body_size {MAX_BODY};
         proxy_request_buffering off;
         proxy_buffering off;
         proxy_read_timeout 300s;

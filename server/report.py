@@ -112,15 +112,17 @@ def _header(summary: dict) -> str:
 
 
 def _verdict_box(bias: dict) -> str:
-    """Red with the reasons when the alarm is raised, green with the tests' numbers otherwise."""
+    """Red with the reasons when the alarm is raised, green with the tests' numbers when it
+    is not, plain with its reason when no verdict could be computed (alarm null)."""
     alarm = bool(bias.get("alarm"))
-    title = "BIAS ALARM: the label may be confounded with the site" if alarm else "No bias alarm"
+    title = ("BIAS ALARM: the label may be confounded with the site" if alarm
+             else "Bias verdict not computed" if bias.get("alarm") is None else "No bias alarm")
     items = "".join(f"<li>{escape(str(r))}</li>" for r in bias.get("reasons") or [])
     numbers = "".join(
         f"<li>{escape(name.replace('_', ' '))}: {escape(text)}</li>"
         for name, text in key_numbers(bias).items() if text
     )
-    css = "alarm" if alarm else "ok"
+    css = "alarm" if alarm else "" if bias.get("alarm") is None else "ok"
     reasons = f"<ul>{items}</ul>" if items else ""
     return (f'<div class="verdict {css}"><div class="title">{escape(title)}</div>{reasons}'
             f'<div class="muted">Every test\'s numbers:</div><ul class="muted">{numbers}</ul></div>')

@@ -21,12 +21,13 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedir.config import Settings
+from fedir.errors import StudyFailed, UserError
 from fedir.models import sent_state
 from fedir.metrics import pooled_metrics
 from fedir.server.baseline_report import with_clinical_baseline
 from fedir.models import dp_arrays, model_shaped
 from fedir.server.checkpoint import (
-    CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
+    CHECKPOINT_NAME, Checkpoint, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
 )
 from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
 from fedir.server.feature_stats import gather_feature_sums
@@ -38,7 +39,7 @@ from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.per_site import RoundReplies
 from fedir.strategies.differential_privacy import inner_strategy
 from fedir.strategies.registry import build_strategy
-from fedir.models import build_model
+from fedir.models import build_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class StudyRecorder:
         self.label_counts: dict[str, dict[int, int]] = {}
         self.site_models: dict[str, ArrayRecord] = {}  # each site's latest accepted update
         self.last_evaluation: tuple[int, dict, dict] | None = None  # round, per-site, moments
+        self.failed: dict[str, str] = {}  # each site's latest failure reason
         self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
     def on_train(self, replies: RoundReplies) -> None:
@@ -78,6 +80,9 @@ class StudyRecorder:
                     self.run_id, replies.server_round, site, "skipped", f"{count} file(s): {reason}"
                 )
         self._record_failures(replies, "train")
+        if not replies.per_site and replies.failed and not self.label_counts:
+            # every site failed and none has ever trained: more rounds would fail alike
+            raise StudyFailed.no_site(f"train in round {replies.server_round}", replies.failed)
         for export in self.exports:
             export.write(replies.server_round, training_scalars(replies.per_site))
 
@@ -117,6 +122,7 @@ class StudyRecorder:
         self.store.record_note(self.run_id, server_round, site, "rejected", reason)
 
     def _record_failures(self, replies: RoundReplies, stage: str) -> None:
+        self.failed.update(replies.failed)
         for site, reason in replies.failed.items():
             self.store.record_note(
                 self.run_id, replies.server_round, site, "missing", f"{stage} failed: {reason}"
@@ -161,70 +167,93 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
     """Run every round, then write summary.json, report.html and model.pt into out_dir.
 
     With an unfinished run's checkpoint in out_dir (fedir.server.checkpoint), continue
-    that run after its last completed round instead of starting a new one.
+    that run after its last completed round instead of starting a new one. A study that
+    cannot go on (fedir.errors.StudyFailed: no site answered, trained or was evaluated; a
+    model that does not fit the sites' data) is recorded as failed, with its reason, in
+    the run store, summary.json and report.html, and the error is raised.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_sites = len(settings.sites)
-    min_nodes = settings.federation_min_sites or max(n_sites, 1)
     config = settings.to_run_config()
-    checkpoint_path = out_dir / CHECKPOINT_NAME
     with RunStore(out_dir / "runs.sqlite") as store:
-        resumed = resume_point(checkpoint_path, lambda rid: store.run(rid)["status"], config)
-        # Tabular sites: the feature names and federated statistics come first (a query).
-        features = gather_feature_sums(grid, min_nodes)
-        model = build_model(settings.model_name, seed=settings.train_seed,
-                            n_features=len(features.names), spatial_dims=settings.spatial_dims)
+        resumed = resume_point(out_dir / CHECKPOINT_NAME, lambda rid: store.run(rid)["status"], config)
         if resumed is None:
-            # entries the sites keep (FedBN, a local intercept) are never sent, not even at
-            # the start: server optimisers (FedAdam...) need the same keys every round
-            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(shared_arrays(model, settings))
+            run_id = new_run_id(settings)
             store.start_run(run_id, scenario, config, [Path(s).name for s in settings.sites])
         else:
-            run_id, done, start_arrays = resumed.run_id, resumed.completed_round, resumed.array_record()
-            store.reopen_run(run_id, after_round=done)
-            log.info("resuming run %s after round %d", run_id, done)
-        exports = open_exports(settings, out_dir, run_id)
-        recorder = StudyRecorder(store, run_id, settings, settings.train_rounds, exports)
-        strategy = build_strategy(
-            settings,
-            n_sites,
-            on_train=recorder.on_train,
-            on_evaluate=recorder.on_evaluate,
-            on_reject=recorder.on_reject,
-            # entries the sites keep (FedBN, fedir.models): updates come without them
-            template=ArrayRecord(shared_arrays(model, settings)),
-            outer=(ResumedRounds,),
-            plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
-            app_state=lambda: {"label_counts": recorder.label_counts},
-        )
-        if resumed is not None:
-            restore_strategy_state(inner_strategy(strategy), resumed.strategy_state)
-            recorder.label_counts = resumed.app_state["label_counts"]
-            recorder.progress.update(done)
+            run_id = resumed.run_id
+            store.reopen_run(run_id, after_round=resumed.completed_round)
+            log.info("resuming run %s after round %d", run_id, resumed.completed_round)
         try:
-            result = strategy.start(
-                grid=grid,
-                initial_arrays=start_arrays,
-                num_rounds=settings.train_rounds - done,
-                train_config=features.config(),
-                evaluate_config=features.config(),
-            )
+            _rounds(grid, settings, out_dir, store, run_id, resumed)
+        except UserError as exc:
+            store.record_note(run_id, None, None, "failed", str(exc))
+            store.finish_run(run_id, "failed")
+            write_summary(build_summary(store, run_id), out_dir / "summary.json")
+            write_report(store, run_id, out_dir / "report.html")
+            raise
         except BaseException:
             store.finish_run(run_id, "failed")
             raise
-        finally:
-            recorder.progress.close()
-            for export in exports:
-                export.close()
-        _cross_site(grid, recorder, settings, features)
-        final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
-        weights = final.to_torch_state_dict()
-        torch.save(model_shaped(weights, model.state_dict()) if settings.dp else weights, out_dir / "model.pt")
         store.finish_run(run_id, "finished")
         summary = with_clinical_baseline(build_summary(store, run_id), out_dir, config)
         write_summary(summary, out_dir / "summary.json")
         write_report(store, run_id, out_dir / "report.html")
     return summary
+
+
+def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_id: str,
+            resumed: Checkpoint | None) -> None:
+    """The rounds of `run_id` (after a resumed run's completed ones), the cross-site
+    matrix and model.pt; StudyFailed when no evaluation was ever recorded."""
+    n_sites = len(settings.sites)
+    min_nodes = settings.federation_min_sites or max(n_sites, 1)
+    done = 0 if resumed is None else resumed.completed_round
+    # Tabular sites: the feature names and federated statistics come first (a query), and
+    # with them the kind of data, which `model.name` must fit before round 1.
+    features = gather_feature_sums(grid, min_nodes)
+    model = build_model(resolve_model(settings.model_name, tabular=features.sums is not None),
+                        seed=settings.train_seed, n_features=len(features.names),
+                        spatial_dims=settings.spatial_dims)
+    # entries the sites keep (FedBN, a local intercept) are never sent, not even at the
+    # start: server optimisers (FedAdam...) need the same keys every round
+    start_arrays = ArrayRecord(shared_arrays(model, settings)) if resumed is None else resumed.array_record()
+    exports = open_exports(settings, out_dir, run_id)
+    recorder = StudyRecorder(store, run_id, settings, settings.train_rounds, exports)
+    strategy = build_strategy(
+        settings,
+        n_sites,
+        on_train=recorder.on_train,
+        on_evaluate=recorder.on_evaluate,
+        on_reject=recorder.on_reject,
+        # entries the sites keep (FedBN, fedir.models): updates come without them
+        template=ArrayRecord(shared_arrays(model, settings)),
+        outer=(ResumedRounds,),
+        plan=RoundPlan(out_dir / CHECKPOINT_NAME, run_id, settings.to_run_config(), first_round=done + 1),
+        app_state=lambda: {"label_counts": recorder.label_counts},
+    )
+    if resumed is not None:
+        restore_strategy_state(inner_strategy(strategy), resumed.strategy_state)
+        recorder.label_counts = resumed.app_state["label_counts"]
+        recorder.progress.update(done)
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=start_arrays,
+            num_rounds=settings.train_rounds - done,
+            train_config=features.config(),
+            evaluate_config=features.config(),
+        )
+    finally:
+        recorder.progress.close()
+        for export in exports:
+            export.close()
+    if store.last_round(run_id, split="test") is None:
+        # no metric to report and no verdict to give: a failure, not an empty success
+        raise StudyFailed.no_site(f"be evaluated in {settings.train_rounds} round(s)", recorder.failed)
+    _cross_site(grid, recorder, settings, features)
+    final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
+    weights = final.to_torch_state_dict()
+    torch.save(model_shaped(weights, model.state_dict()) if settings.dp else weights, out_dir / "model.pt")
 
 
 def build_server_app(settings: Settings | None = None, out_dir: Path | None = None,

@@ -16,7 +16,8 @@ from fedir.server.runstore import GLOBAL_SITE, RunStore
 
 RATE_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
 COUNT_METRICS = ("tp", "tn", "fp", "fn")
-NO_VERDICT = {"alarm": False, "reasons": ["no bias analysis was recorded for this run"], "tests": {}}
+NOT_COMPUTED = "not computed: no evaluation round was recorded"
+NO_ANALYSIS = "not computed: no bias analysis was recorded for this run"
 
 # Numbers of each bias test worth a glance in the one-line verdict (key, label).
 VERDICT_NUMBERS = (
@@ -37,7 +38,6 @@ def build_summary(store: RunStore, run_id: str) -> dict:
     last_eval = store.last_round(run_id, split="test")
     evaluated = store.site_metrics(run_id, last_eval) if last_eval is not None else {}
     sites = _site_names(run["sites"], evaluated)
-    bias = store.bias(run_id, last_eval) if last_eval is not None else None
     return {
         "run_id": run_id,
         "scenario": run["scenario"],
@@ -49,9 +49,24 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "sites": sites,
         "global": _entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: _entry(evaluated.get(site), last_eval) for site in sites},
-        "bias": bias or store.bias(run_id) or NO_VERDICT,
+        "bias": _verdict(store, run_id, last_eval),
         "notes": store.notes(run_id),
     }
+
+
+def _verdict(store: RunStore, run_id: str, last_eval: int | None) -> dict:
+    """The verdict of the last evaluated round; without any evaluation, "not computed"
+    (alarm null, never false: a federation that was never analysed is not a clean one),
+    keeping the site-label association, which needs only the training replies' label
+    counts, when a round recorded it."""
+    if last_eval is not None:
+        verdict = store.bias(run_id, last_eval) or store.bias(run_id)
+        if verdict is not None:
+            return verdict
+    recorded = store.bias(run_id) or {}
+    tests = {name: test for name, test in (recorded.get("tests") or {}).items()
+             if name == "site_label_association"}
+    return {"alarm": None, "reasons": [NOT_COMPUTED if last_eval is None else NO_ANALYSIS], "tests": tests}
 
 
 def _site_names(configured: list[str], evaluated: dict[str, dict]) -> list[str]:
@@ -124,6 +139,7 @@ def format_site_table(summary: dict) -> str:
     lines = [line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
     lines.append(verdict_line(summary["bias"]))
     lines.extend(_footnotes(summary))
+    lines.extend(_failures(summary))
     return "\n".join(lines)
 
 
@@ -138,7 +154,11 @@ def _table_row(site: str, entry: dict) -> list[str]:
 
 
 def verdict_line(bias: dict) -> str:
-    """"BIAS ALARM: <reasons>" or "No bias alarm: <each test's key numbers>"."""
+    """"BIAS ALARM: <reasons>", "Bias verdict not computed: <why>; <numbers>" or "No bias
+    alarm: <each test's key numbers>"."""
+    if bias.get("alarm") is None:
+        numbers = [f"{name}: {text}" for name, text in key_numbers(bias).items() if text]
+        return "Bias verdict " + "; ".join([*(bias.get("reasons") or [NOT_COMPUTED]), *numbers])
     if bias.get("alarm"):
         return "BIAS ALARM: " + "; ".join(bias.get("reasons") or ["(no reason given)"])
     numbers = [f"{name}: {text}" for name, text in key_numbers(bias).items() if text]
@@ -161,6 +181,14 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return "n/a" if value is None else str(value)
+
+
+def _failures(summary: dict) -> list[str]:
+    """Each site's latest failure (a `missing` note): Flower's own log of it is silenced in
+    a simulation (a page of Ray traceback per message), so the table says why."""
+    latest = {n["site"]: n for n in summary["notes"] if n["kind"] == "missing"}
+    lines = [f"  {site} (round {n['round']}): {n['message']}" for site, n in sorted(latest.items())]
+    return ["", "Sites that failed (latest reason):", *lines] if lines else []
 
 
 def _footnotes(summary: dict) -> list[str]:

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -67,12 +68,22 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             msg.metadata.__dict__["_src_node_id"] = SERVER_NODE_ID
             msg.metadata.__dict__["_created_at"] = time.time()
-            reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            reply = self._handle(msg)
             if not reply.has_error() and ARRAYS_KEY in reply.content.array_records:
                 self.upload_bytes += payload_bytes(reply.content.array_records[ARRAYS_KEY])
             self.replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids
+
+    def _handle(self, msg: Message) -> Message:
+        """The ClientApp's reply; a ClientApp that raises gets the error reply Flower's
+        runtime makes (its reason formatted as Flower formats it), so the server sees a
+        failing site exactly as in a real run."""
+        try:
+            return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # noqa: BLE001 - every exception becomes an error reply, as in Flower
+            reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.replies.pop(i) for i in message_ids if i in self.replies]

@@ -53,6 +53,7 @@ from PIL import Image
 
 from fedir.client.manifest import MANIFEST_NAME, SPLIT_COLUMN
 from fedir.client.split import SPLITS
+from fedir.errors import UserError
 
 REQUIRED_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 MIN_TRAIN_PER_SITE = 2
@@ -61,7 +62,7 @@ MARKER_VALUE = 255
 FEDERATION_FILE = "federation.json"
 
 
-class MedMNISTError(ValueError):
+class MedMNISTError(UserError, ValueError):
     """The file or the options cannot make a federation; the message says which and why."""
 
 

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from fedir.config import SITE_SEPARATOR, Settings, SettingsError
+from fedir.client.inputs import check_manifest
 from fedir.client.manifest import MANIFEST_NAME
+from fedir.errors import UserError
 
 
-class ScenarioError(ValueError):
+class ScenarioError(UserError, ValueError):
     """The scenario file cannot be used; the message says why in one line."""
 
 
@@ -49,7 +51,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
-    """Read a scenario TOML, apply overrides, resolve and check the site folders."""
+    """Read a scenario TOML, apply overrides, check the settings (fedir.config), resolve the
+    site folders and read their manifests: a ScenarioError (a setting's error prefixed with
+    the file) or a ManifestError, both fedir.errors.UserError, names what is wrong before
+    any run starts."""
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -66,9 +71,12 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
         raise ScenarioError(f"{path}: [federation] sites must list at least one site folder")
     flat["federation.sites"] = SITE_SEPARATOR.join(str(p) for p in _resolve_sites(sites, path.parent))
     try:
-        return Settings.from_run_config(flat)
+        settings = Settings.from_run_config(flat)
     except SettingsError as exc:
         raise ScenarioError(f"{path}: {exc}") from None
+    for site in settings.sites:  # each site's manifest error now, not after Flower starts
+        check_manifest(site, settings.data_inputs)
+    return settings
 
 
 def _resolve_sites(sites: list[Any], base: Path) -> list[Path]:

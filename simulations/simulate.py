@@ -46,9 +46,11 @@ def simulate(settings: Settings, out_dir: Path, scenario: str, verbose: bool = F
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_run_config({**settings.to_run_config(), "output.dir": str(out_dir)})
     if not verbose:
-        # Flower logs every round at INFO and warns that run_simulation is deprecated;
-        # the progress bar and the final table say what a user needs.
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        # Flower logs every round at INFO, warns that run_simulation is deprecated, and
+        # logs a page of Ray traceback for every message a failing site answers; the
+        # progress bar, the final table and the run's notes (each site's reason) say what
+        # a user needs, and a study no site can take part in stops with one line.
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")

@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 from fedir.client.manifest import MANIFEST_NAME, write_manifest
 from fedir.client.split import split_of
+from fedir.errors import OutputExists
 
 GENERATOR_VERSION = 3
 FEDERATION_FILE = "federation.json"
@@ -548,7 +549,7 @@ def _clear(out: Path, force: bool) -> None:
     ours = (out / FEDERATION_FILE).is_file()
     sites = sorted(p for p in out.glob("site-*") if p.is_dir())
     if sites and not ours and not force:
-        raise FileExistsError(
+        raise OutputExists(
             f"{out} holds site folders but no {FEDERATION_FILE}; not overwriting (use force)"
         )
     for site_dir in sites:

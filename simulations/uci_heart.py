@@ -24,6 +24,7 @@ from pathlib import Path
 from sklearn.model_selection import train_test_split
 
 from fedir.client.manifest import SPLIT_COLUMN
+from fedir.errors import MissingData
 
 CENTRES = {
     "cleveland": "processed.cleveland.data",
@@ -77,7 +78,7 @@ def import_heart(out: str | Path, source: str | Path | None = None) -> dict[str,
     for centre, filename in CENTRES.items():
         path = source / filename
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (set --source or ${DATA_ENV})")
+            raise MissingData(f"{path}: not found (set --source or ${DATA_ENV})")
         rows = read_centre(path)
         train_idx, _ = train_test_split(list(range(len(rows))), train_size=TRAIN_SIZE,
                                         random_state=RANDOM_STATE)

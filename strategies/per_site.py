@@ -10,7 +10,7 @@ MRO (`with_per_site_capture(FedAdam)`), so there is one implementation for all o
 Replies that carry an error (a site whose ClientApp failed, a SuperNode that dropped) are
 passed on as missing, with Flower's error reason, under the site's name when the node
 answered earlier in the run (an error reply carries no site name; the node id is kept in
-the reason), else as "node ID".
+the reason), else as "node ID". The reason is the site's own message (fedir.protocol.error_text).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedir.protocol import decode_evaluation, decode_training
+from fedir.protocol import decode_evaluation, decode_training, error_text
 from fedir.strategies.validation import ValidatedUpdates
 from fedir.protocol import from_wire
 
@@ -55,7 +55,8 @@ def _collect(
         if msg.has_error():
             node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             name = known.get(node, f"node {node}")
-            out.failed[name] = f"(node {node}) {msg.error.reason}" if node in known else msg.error.reason
+            reason = error_text(msg.error.reason)
+            out.failed[name] = f"(node {node}) {reason}" if node in known else reason
             continue
         site, values = decode(msg.content)
         known[msg.metadata.src_node_id] = site

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedir.config import Settings, SettingsError
+from fedir.config import Settings
 from fedir.strategies.per_site import Callback, with_per_site_capture
 from fedir.strategies.differential_privacy import with_differential_privacy
 from fedir.strategies.validation import RejectCallback
@@ -42,6 +42,7 @@ class StrategySpec:
 
 
 _FEDOPT = ("eta", "eta_l", "tau")
+# one entry per fedir.config.StrategyName (tests/test_settings.py checks they agree)
 STRATEGIES: dict[str, StrategySpec] = {
     "fedavg": StrategySpec(FedAvg),
     "fedprox": StrategySpec(FedProx, ("proximal_mu",)),
@@ -57,11 +58,7 @@ STRATEGIES: dict[str, StrategySpec] = {
 
 def strategy_kwargs(settings: Settings, n_sites: int) -> dict[str, object]:
     """Constructor arguments: sampling for every strategy, plus the named one's own."""
-    name = settings.strategy_name.lower()
-    if name not in STRATEGIES:
-        raise SettingsError(
-            f"strategy.name = {settings.strategy_name!r} is not one of {', '.join(STRATEGIES)}"
-        )
+    name = settings.strategy_name
     min_nodes = settings.federation_min_sites or max(n_sites, 1)
     # With sampling, the minimum is what the fraction asks of the sites (at least one),
     # unless min-sites says more: Flower samples max(fraction x available, min-nodes).
@@ -94,7 +91,7 @@ def build_strategy(
     and update validation against `template` (the model's own arrays); `outer` mixins and
     their `extra` arguments go first (fedir.strategies.per_site.with_per_site_capture)."""
     kwargs = strategy_kwargs(settings, n_sites)
-    name = settings.strategy_name.lower()
+    name = settings.strategy_name
     if settings.federation_arm != "federated":
         # Local-only and pooled arms keep one model per site / one pooled model: a server
         # optimiser (FedAdam...) or a robust rule would change what they measure.

@@ -58,6 +58,7 @@ def test_nginx_accepts_the_configuration_fedir_proxy_writes(tmp_path, capsys):
     assert str(conf) in capsys.readouterr().out
     checked = subprocess.run(nginx_args(conf)[:-2] + ["-t"], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+    assert "client_max_body_size 8m;" in conf.read_text()
     text = conf.read_text()
     assert "listen 127.0.0.2:9443 ssl;" in text and "proxy_pass https://127.0.0.1:9000;" in text
     assert "location /" in text and "return 403" in text
@@ -145,6 +146,12 @@ def test_a_site_cannot_register_nodes_or_start_runs_while_its_supernode_works(co
         status = conn.getresponse().status
         conn.close()
         assert status == want or (want == 401 and status in (400, 401, 422)), (method, path, status)
+    # A body larger than any piece Flower sends is refused by nginx before the SuperLink reads it.
+    conn = http.client.HTTPSConnection(SITE_HOST, c["proxy_port"], timeout=60, context=ctx)
+    conn.request("POST", "/v1/fleet/push-object", body=b"\0" * (9 * 1024 * 1024),
+                 headers={"Content-Type": "application/protobuf"})
+    assert conn.getresponse().status == 413
+    conn.close()
 
     # Meanwhile the sites' SuperNodes, through the same proxy, take part in a real study
     # the coordinator starts.

@@ -52,7 +52,8 @@ def test_site_without_evaluation_gets_nulls_with_reasons(tmp_path: Path) -> None
     silent = summary["per_site"]["silent"]
     assert silent["n_test"] == 0 and silent["auc"] is None
     assert "round 1" in silent["reasons"]["auc"]
-    assert summary["bias"]["alarm"] is False and summary["bias"]["reasons"]
+    assert summary["bias"]["alarm"] is None  # not analysed: no verdict, never "no alarm"
+    assert summary["bias"]["reasons"] == ["not computed: no bias analysis was recorded for this run"]
 
 
 def test_write_summary_refuses_nan(tmp_path: Path) -> None:
@@ -98,3 +99,15 @@ def test_report_escapes_site_names(tmp_path: Path) -> None:
     assert "<script>" not in html
     assert "&lt;script&gt;" in html
     assert "a&quot;b&amp;c" in html
+
+
+def test_site_table_says_why_a_site_failed_and_that_no_verdict_was_computed(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "runs.sqlite") as s:
+        s.start_run("r", "x", {}, ["a", "b"])
+        s.record_note("r", 1, "b", "missing", "train failed: a stale reason")
+        s.record_note("r", 2, "b", "missing", "train failed: manifest.csv: row 3: empty path")
+        table = format_site_table(build_summary(s, "r"))
+    assert "Bias verdict not computed: no evaluation round was recorded" in table
+    assert "No bias alarm" not in table
+    assert "  b (round 2): train failed: manifest.csv: row 3: empty path" in table
+    assert "stale" not in table

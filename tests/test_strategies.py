@@ -31,7 +31,7 @@ def test_strategy_parameters_reach_flowers_constructor():
     adam = build_strategy(Settings(strategy_name="fedadam", strategy_eta=0.05, strategy_tau=1e-4),
                           4, **CALLBACKS)
     assert isinstance(adam, FedAdam) and adam.eta == 0.05 and adam.tau == 1e-4
-    prox = build_strategy(Settings(strategy_name="FedProx", strategy_proximal_mu=0.3), 4,
+    prox = build_strategy(Settings(strategy_name="fedprox", strategy_proximal_mu=0.3), 4,
                           **CALLBACKS)
     assert isinstance(prox, FedProx) and prox.proximal_mu == 0.3
     krum = build_strategy(Settings(strategy_name="krum", strategy_num_malicious_nodes=1), 4,
