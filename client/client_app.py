@@ -33,10 +33,9 @@ from fedir.config import Settings
 from fedir.client.embedding import embedding_moments, predict_with_embedding
 from fedir.client.manifest import ManifestError
 from fedir.metrics import site_metrics
-from fedir.models import kept_keys
-from fedir.models import model_shaped
+from fedir.models import as_tensors, kept_keys, state_shapes
 from fedir.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, decode_cross_site_models, encode_cross_site, encode_evaluation, encode_training
-from fedir.protocol import encode_feature_sums
+from fedir.protocol import decode_weights, encode_feature_sums
 from fedir.models import NUM_CLASSES, build_model
 from fedir.client.training import pick_device, predict, train
 
@@ -71,10 +70,8 @@ def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view:
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(settings.model_name, n_features=view.n_features,
                         spatial_dims=settings.spatial_dims)
-    received = arrays.to_torch_state_dict()
-    if settings.dp:  # the global model travels in DP's shapes (fedir.config)
-        received = model_shaped(received, model.state_dict())
-    load_global(model, received, context.state, settings.train_fedbn, kept_keys(model, settings))
+    received = as_tensors(decode_weights(arrays, state_shapes(model)))  # DP's shapes undone
+    load_global(model, received, context.state, kept_keys(model, settings))
     return model
 
 
@@ -141,8 +138,8 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             pick_device(),
         )
         keep_local(settings, ArrayRecord(model.cpu().state_dict()), context)
-        arrays = reply_arrays(model, context.state, settings.train_fedbn, settings.train_update_dtype,
-                              kept_keys(model, settings), settings.dp)
+        arrays = reply_arrays(model, context.state, kept_keys(model, settings), settings.train_update_dtype,
+                              settings.dp)
         metrics, site_rec = encode_training(
             site.name,
             loss=result.loss if result.steps else None,

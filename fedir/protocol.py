@@ -12,7 +12,7 @@ value.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,15 +276,67 @@ def decode_feature_sums(content: RecordDict) -> tuple[list[str], FeatureSums | N
 
 
 # ---- model weights -------------------------------------------------------------------------
+#
+# The one codec of a state dict, both directions, over numpy arrays (the torch side converts
+# with `.numpy()` / `torch.from_numpy`, fedir.models). Sites send their update with it, the
+# server its initial model and the template its validation checks replies against, so the
+# three cannot disagree about what crosses: which entries stay at a site, the precision, and
+# the shapes Flower's differential privacy needs.
 
-def from_wire(record: ArrayRecord) -> ArrayRecord:
-    """The same record with every float16 array widened to float32 (others unchanged)."""
-    if not any(arr.dtype == "float16" for arr in record.values()):
+
+def encode_weights(
+    arrays: Mapping[str, np.ndarray], *, kept: Collection[str] = (), dtype: str = "float32",
+    dp: bool = False,
+) -> ArrayRecord:
+    """A state dict as the ArrayRecord that crosses the boundary.
+
+    Args:
+        arrays: the model's entries (name -> array), in the model's own shapes and dtypes.
+        kept: entries that stay at the site (fedir.models.kept_keys): never encoded.
+        dtype: `train.update-dtype`, the precision of floating-point entries; integer
+            buffers (BatchNorm's counters) keep theirs.
+        dp: under differential privacy every entry becomes float32 with at least one
+            dimension, because Flower's clipping scales every array of the record.
+    """
+    if dtype not in UPDATE_DTYPES:
+        raise ValueError(f"train.update-dtype = {dtype!r}: choose {' or '.join(UPDATE_DTYPES)}")
+    out = {}
+    for name, value in arrays.items():
+        if name in kept:
+            continue
+        value = np.asarray(value)
+        if dp:
+            value = value.astype(np.float32).reshape(value.shape or (1,))
+        elif np.issubdtype(value.dtype, np.floating):
+            value = value.astype(dtype, copy=False)
+        out[name] = Array(value)
+    return ArrayRecord(out)
+
+
+def decode_weights(
+    record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
+    """The inverse of encode_weights: float16 widened to float32 (a site's update is
+    trained and averaged in float32), and, given the model's `shapes`, DP's one-element
+    arrays back to the model's 0-d entries. Dtypes are otherwise those sent: loading into
+    a model casts (an int buffer sent as float32 under DP stays an int buffer)."""
+    out = {}
+    for name, array in record.items():
+        value = array.numpy()
+        if value.dtype == np.float16:
+            value = value.astype(np.float32)
+        if shapes is not None and shapes.get(name) == () and value.shape == (1,):
+            value = value.reshape(())
+        out[name] = value
+    return out
+
+
+def widened(record: ArrayRecord) -> ArrayRecord:
+    """A reply's update as the server averages it: float16 widened to float32, the rest
+    unchanged (the same record when nothing was sent in float16)."""
+    if not any(array.dtype == "float16" for array in record.values()):
         return record
-    return ArrayRecord(
-        {k: Array(arr.numpy().astype(np.float32)) if arr.dtype == "float16" else arr
-         for k, arr in record.items()}
-    )
+    return encode_weights(decode_weights(record))
 
 
 def payload_bytes(record: ArrayRecord) -> int:

@@ -21,10 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedir.config import Settings
-from fedir.models import sent_state
+from fedir.models import as_tensors, kept_keys, state_arrays, state_shapes
 from fedir.metrics import pooled_metrics
 from fedir.server.baseline_report import with_clinical_baseline
-from fedir.models import dp_arrays, model_shaped
+from fedir.protocol import decode_weights, encode_weights
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
 )
@@ -123,12 +123,11 @@ class StudyRecorder:
             )
 
 
-def shared_arrays(model: torch.nn.Module, settings: Settings) -> dict[str, torch.Tensor]:
+def shared_arrays(model: torch.nn.Module, settings: Settings) -> ArrayRecord:
     """What crosses the boundary, as the first global model and the server's validation
-    template: without the entries the sites keep (FedBN, fedir.models), and under
-    differential privacy every array a float of at least one dimension (fedir.config)."""
-    weights = sent_state(model, settings)
-    return dp_arrays(weights) if settings.dp else weights
+    template (fedir.protocol.encode_weights): without the entries the sites keep
+    (fedir.models.kept_keys), in DP's shapes under differential privacy."""
+    return encode_weights(state_arrays(model), kept=kept_keys(model, settings), dp=settings.dp)
 
 
 def thresholds(settings: Settings) -> Thresholds:
@@ -177,7 +176,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         if resumed is None:
             # entries the sites keep (FedBN, a local intercept) are never sent, not even at
             # the start: server optimisers (FedAdam...) need the same keys every round
-            run_id, done, start_arrays = new_run_id(settings), 0, ArrayRecord(shared_arrays(model, settings))
+            run_id, done, start_arrays = new_run_id(settings), 0, shared_arrays(model, settings)
             store.start_run(run_id, scenario, config, [Path(s).name for s in settings.sites])
         else:
             run_id, done, start_arrays = resumed.run_id, resumed.completed_round, resumed.array_record()
@@ -192,7 +191,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             on_evaluate=recorder.on_evaluate,
             on_reject=recorder.on_reject,
             # entries the sites keep (FedBN, fedir.models): updates come without them
-            template=ArrayRecord(shared_arrays(model, settings)),
+            template=shared_arrays(model, settings),
             outer=(ResumedRounds,),
             plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
             app_state=lambda: {"label_counts": recorder.label_counts},
@@ -218,8 +217,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
                 export.close()
         _cross_site(grid, recorder, settings, features)
         final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
-        weights = final.to_torch_state_dict()
-        torch.save(model_shaped(weights, model.state_dict()) if settings.dp else weights, out_dir / "model.pt")
+        torch.save(as_tensors(decode_weights(final, state_shapes(model))), out_dir / "model.pt")
         store.finish_run(run_id, "finished")
         summary = with_clinical_baseline(build_summary(store, run_id), out_dir, config)
         write_summary(summary, out_dir / "summary.json")
