@@ -68,7 +68,7 @@ class Settings:
     bias_min_separability_excess: float = 0.1  # ...and this much better than it separates classes
     bias_max_cross_site_gap: float = 0.1  # own-site minus other-site AUC of the sites' models
     bias_embedding: bool = True  # sites send their embedding's moments (fedir.client.embedding)
-    bias_cross_site: bool = True  # after the last round, score every site's model at every site
+    bias_cross_site: bool = False  # after the last round, send every site's model to every site to score (opt-in)
     bias_cross_site_max_sites: int = 16  # above this many sites the cross-site matrix is skipped
     bias_bootstrap: int = 200  # resamples of the bias intervals (pooled-vs-within gap, separability)
     validation_max_norm_ratio: float = 10.0  # reject updates this far above the others' median norm
@@ -100,6 +100,7 @@ class Settings:
         check_dp(self.privacy_dp, fedbn=self.train_fedbn, update_dtype=self.train_update_dtype,
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
+        check_cross_site(self.bias_cross_site, self.privacy_dp)
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -168,6 +169,17 @@ def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
         raise SettingsError(f"privacy.dp = {mode!r} needs train.update-dtype = \"float32\"")
     if arm != "federated":
         raise SettingsError(f"privacy.dp = {mode!r} needs federation.arm = \"federated\"")
+
+
+def check_cross_site(cross_site: bool, dp_mode: str) -> None:
+    """Cross-site evaluation sends each site's own last update to every other site; under
+    differential privacy those updates are at most clipped, never noised, so the two are
+    not combined."""
+    if cross_site and dp_mode != "off":
+        raise SettingsError(
+            f"bias.cross-site = true sends each site's un-noised update to every other site: "
+            f"it cannot be combined with privacy.dp = {dp_mode!r} (set bias.cross-site = false)"
+        )
 
 
 def check_personalise(mode: str, arm: str) -> None:
