@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord
 
 from fedir.client.site import SiteData, load_site
 from fedir.config import Settings
-from fedir.protocol import MEAN_KEY, STD_KEY, FeatureSums
+from fedir.protocol import FeatureSums, decode_round_config
 from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 
 
@@ -102,9 +102,10 @@ def scaler(
     """(mean, std) for this protocol: the federation's from the server's config, or the
     statistics `own` of the rows at hand (`data.standardise = "site"`)."""
     if settings.data_standardise == "federated":
-        if MEAN_KEY not in config:
+        sent = decode_round_config(config)
+        if sent.mean is None or sent.std is None:
             raise ValueError("data.standardise = federated, but the server sent no feature statistics")
-        return np.asarray(config[MEAN_KEY]), np.asarray(config[STD_KEY])
+        return sent.mean, sent.std
     if settings.data_standardise == "site":
         return own.mean_std()
     raise ValueError(f"data.standardise = {settings.data_standardise!r}: choose federated or site")

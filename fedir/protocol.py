@@ -21,7 +21,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
-ARRAYS_KEY = "arrays"
+ARRAYS_KEY = "arrays"  # the model's weights (Flower's strategies' `arrayrecord_key`)
+CONFIG_KEY = "config"  # the round's settings (Flower's strategies' `configrecord_key`)
 WEIGHT_KEY = "num-examples"
 CARD_KEY = "data-card"
 EMBEDDING_KEY = "embedding"
@@ -36,6 +37,8 @@ STATS_KEY = "feature-sums"
 NAMES_KEY = "feature-names"
 MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/evaluate config
 STD_KEY = "feature-std"
+ROUND_KEY = "server-round"  # set by Flower's strategies in every train/evaluate config
+PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx in its train config
 UPDATE_DTYPES = ("float32", "float16")  # train.update-dtype: the precision of a site's upload
 
 
@@ -86,6 +89,62 @@ def combine(sums: list[FeatureSums]) -> FeatureSums:
         out = out + s
     return out
 
+
+
+# ---- what the server sends each round ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """A train or evaluate message's settings, as a site reads them.
+
+    `mean`/`std` are the federation's feature standardisation (tabular studies; None for
+    imaging); the round number and FedProx's mu are added by Flower's strategies.
+    """
+
+    server_round: int = 0
+    proximal_mu: float = 0.0
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+
+def encode_round_config(
+    standardisation: tuple[np.ndarray, np.ndarray] | None, server_round: int | None = None
+) -> ConfigRecord:
+    """The ConfigRecord the server hands Flower's strategy for every train and evaluate
+    message (the strategy adds the round number itself); `server_round` is set here only
+    for messages the server sends outside the strategy (the cross-site evaluation)."""
+    config = ConfigRecord()
+    if standardisation is not None:
+        mean, std = standardisation
+        config[MEAN_KEY] = [float(v) for v in mean]
+        config[STD_KEY] = [float(v) for v in std]
+    if server_round is not None:
+        config[ROUND_KEY] = int(server_round)
+    return config
+
+
+def decode_round_config(config: ConfigRecord) -> RoundConfig:
+    """The inverse of encode_round_config, with what Flower's strategies added."""
+    has_stats = MEAN_KEY in config
+    return RoundConfig(
+        server_round=int(config.get(ROUND_KEY, 0)),
+        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+        mean=np.asarray(config[MEAN_KEY], dtype=np.float64) if has_stats else None,
+        std=np.asarray(config[STD_KEY], dtype=np.float64) if has_stats else None,
+    )
+
+
+def decode_instruction(content: RecordDict) -> tuple[ArrayRecord, ConfigRecord]:
+    """A train or evaluate message from the server's strategy: the global model and the
+    round's config (read with decode_round_config)."""
+    return content.array_records[ARRAYS_KEY], content.config_records[CONFIG_KEY]
+
+
+def site_name(content: RecordDict) -> str | None:
+    """The site name a reply carries, or None when it carries none."""
+    site_rec = content.config_records.get(SITE_KEY)
+    return str(site_rec["name"]) if site_rec is not None and "name" in site_rec else None
 
 
 def _key(name: str) -> str:
@@ -147,6 +206,7 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
 
 def encode_training(
     site: str,
+    arrays: ArrayRecord,
     *,
     loss: float | None,
     steps: int,
@@ -156,8 +216,9 @@ def encode_training(
     num_classes: int,
     skipped: Mapping[str, int],
     card: Mapping[str, Any] | None = None,
-) -> tuple[MetricRecord, ConfigRecord]:
-    """A site's training aggregates: the weight of its update, its loss, and its data counts.
+) -> RecordDict:
+    """A site's training reply: its update (`arrays`, from encode_weights), the weight of
+    the update, its loss, and its data counts.
 
     `label_counts` (labelled training patients per class) is what the server's
     site-label association test needs; `skipped` counts unreadable files by reason (never paths).
@@ -178,7 +239,7 @@ def encode_training(
     site_rec = ConfigRecord({"name": site, "skipped": json.dumps(dict(skipped))})
     if card is not None:
         site_rec[CARD_KEY] = json.dumps(card)
-    return rec, site_rec
+    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: rec, SITE_KEY: site_rec})
 
 
 def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
@@ -204,19 +265,22 @@ CROSS_SITE_ACTION = "evaluate.cross_site"
 _MODEL_PREFIX = "model-"
 
 
-def encode_cross_site_models(models: Mapping[str, ArrayRecord]) -> RecordDict:
-    """The server's cross-site request: every site's model, keyed by position, with the
-    positions' site names in a ConfigRecord (record keys must be plain identifiers)."""
+def encode_cross_site_models(models: Mapping[str, ArrayRecord], config: ConfigRecord) -> RecordDict:
+    """The server's cross-site request (sent only under `bias.cross-site = true`): every
+    site's model, keyed by position, with the positions' site names in a ConfigRecord
+    (record keys must be plain identifiers), and the round's config (encode_round_config)."""
     names = list(models)
-    content = RecordDict({"config": ConfigRecord(), "models": ConfigRecord({"names": json.dumps(names)})})
+    content = RecordDict({CONFIG_KEY: config, "models": ConfigRecord({"names": json.dumps(names)})})
     for i, name in enumerate(names):
         content[f"{_MODEL_PREFIX}{i}"] = models[name]
     return content
 
 
-def decode_cross_site_models(content: RecordDict) -> dict[str, ArrayRecord]:
+def decode_cross_site_models(content: RecordDict) -> tuple[dict[str, ArrayRecord], ConfigRecord]:
+    """The inverse of encode_cross_site_models: ({site: its model}, the round's config)."""
     names = json.loads(str(content.config_records["models"]["names"]))
-    return {name: content.array_records[f"{_MODEL_PREFIX}{i}"] for i, name in enumerate(names)}
+    models = {name: content.array_records[f"{_MODEL_PREFIX}{i}"] for i, name in enumerate(names)}
+    return models, content.config_records[CONFIG_KEY]
 
 
 def encode_cross_site(site: str, row: Mapping[str, Mapping[str, Any]]) -> RecordDict:
@@ -251,6 +315,12 @@ def decode_cross_site(content: RecordDict) -> tuple[str, dict[str, dict[str, Any
 
 
 # ---- the feature-statistics query (tabular sites, before round 1) -------------------------
+
+
+def encode_feature_query() -> RecordDict:
+    """The server's feature-statistics query: it carries nothing but its message type."""
+    return RecordDict({CONFIG_KEY: ConfigRecord()})
+
 
 
 def encode_feature_sums(features: list[str], sums: FeatureSums | None) -> RecordDict:

@@ -147,10 +147,8 @@ def _cross_site(grid: Grid, recorder: StudyRecorder, settings: Settings, feature
     models = recorder.site_models
     if not settings.bias_cross_site or settings.federation_arm == "pooled" or len(models) < 2:
         return
-    config = features.config()
-    config["server-round"] = settings.train_rounds
     try:
-        recorder.on_cross_site(cross_site_matrix(grid, models, config))
+        recorder.on_cross_site(cross_site_matrix(grid, models, features.config(settings.train_rounds)))
     except Exception as exc:  # the study's rounds are done and recorded: keep them
         log.warning("cross-site evaluation failed: %s", exc)
         recorder.store.record_note(recorder.run_id, None, None, "cross_site", f"cross-site evaluation failed: {exc}")

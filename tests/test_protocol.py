@@ -4,12 +4,14 @@ lossless round-trips, and the one codec of a model's weights."""
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedir.models import as_tensors, build_model, norm_keys, state_arrays, state_shapes
 from fedir.protocol import (
-    METRICS_KEY, SITE_KEY, decode_evaluation, decode_training, decode_weights, encode_evaluation,
-    encode_training, encode_weights, payload_bytes, widened,
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, decode_cross_site_models, decode_evaluation, decode_instruction,
+    decode_round_config, decode_training, decode_weights, encode_cross_site_models, encode_evaluation,
+    encode_feature_query, encode_round_config, encode_training, encode_weights, payload_bytes, site_name,
+    widened,
 )
 
 
@@ -41,14 +43,38 @@ def test_every_site_sends_the_same_metric_keys():
 
 
 def test_training_round_trip():
-    rec, site_rec = encode_training(
-        "s", loss=None, steps=0, n_labelled=0, n_unlabelled=7,
+    content = encode_training(
+        "s", encode_weights(_state()), loss=None, steps=0, n_labelled=0, n_unlabelled=7,
         label_counts={1: 3}, num_classes=2, skipped={"truncated": 2},
     )
-    site, out = decode_training(RecordDict({METRICS_KEY: rec, SITE_KEY: site_rec}))
-    assert site == "s"
+    assert set(content.array_records) == {ARRAYS_KEY}  # the update, the only ArrayRecord
+    site, out = decode_training(content)
+    assert site == "s" and site_name(content) == "s"
     assert out == {"train_loss": None, "steps": 0, "n_labelled": 0, "n_unlabelled": 7,
                    "label_counts": {0: 0, 1: 3}, "skipped": {"truncated": 2}}
+
+
+def test_round_config_round_trip_with_what_flowers_strategies_add():
+    config = encode_round_config((np.array([1.0, 2.0]), np.array([0.5, 1.0])))
+    assert decode_round_config(config).server_round == 0  # the strategy adds the round itself
+    config["server-round"], config["proximal-mu"] = 3, 0.01  # as Flower's FedProx does
+    sent = decode_round_config(config)
+    assert (sent.server_round, sent.proximal_mu) == (3, 0.01)
+    assert sent.mean.tolist() == [1.0, 2.0] and sent.std.tolist() == [0.5, 1.0]
+    imaging = decode_round_config(encode_round_config(None, server_round=5))
+    assert imaging.server_round == 5 and imaging.mean is None and imaging.std is None
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(), CONFIG_KEY: config})
+    assert decode_instruction(content)[1] is config
+    assert list(encode_feature_query().array_records) == []  # the query carries no arrays
+
+
+def test_cross_site_request_carries_the_models_by_site_and_the_config():
+    models = {"a": encode_weights({"w": np.ones(2)}), "b": encode_weights({"w": np.zeros(2)})}
+    config = encode_round_config(None, server_round=2)
+    decoded, sent = decode_cross_site_models(encode_cross_site_models(models, config))
+    assert list(decoded) == ["a", "b"] and decoded["b"] is models["b"]
+    assert decode_round_config(sent).server_round == 2
+    assert site_name(RecordDict({CONFIG_KEY: ConfigRecord()})) is None
 
 
 # ---- model weights ----------------------------------------------------------------------------
