@@ -5,6 +5,8 @@ validation checks replies against; a site builds the same network to train it
 (fedir.client.training). Which state-dict entries never leave a site (FedBN's
 normalisation layers, a personal intercept) is decided here, once, because both sides
 must agree on it: the site withholds them and the server must expect replies without them.
+The weights themselves cross as numpy arrays through fedir.protocol's codec; the torch side
+of that conversion is here too.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""What crosses the trust boundary, defined once: every record between a site and the coordinator.
+"""What crosses the trust boundary, defined once: every record between a site and the coordinator,
+in both directions (what the server sends each round, what a site replies, and the one codec
+of a model's weights); the ClientApp and the ServerApp build and read messages only here.
 
 Flower 1.41 aborts a round when one site's MetricRecord has a key another lacks, and
 MetricRecord values can only be numbers or lists of numbers. So every site sends the same
 keys: a metric that cannot be computed is sent as -1 with its `-ok` flag at 0, and the
 human reason travels in a ConfigRecord beside it (as JSON text, so that sites with
-different reasons still send the same keys). Everything here is an aggregate: counts,
-losses, metrics and fixed-bin histograms; never an image, an identifier or a per-patient
-value.
+different reasons still send the same keys). Besides the model's weights, everything a
+site sends is an aggregate: counts, losses, metrics and fixed-bin histograms; never an
+image, an identifier or a per-patient value.
 """
 
 from __future__ import annotations
@@ -320,7 +322,6 @@ def decode_cross_site(content: RecordDict) -> tuple[str, dict[str, dict[str, Any
 def encode_feature_query() -> RecordDict:
     """The server's feature-statistics query: it carries nothing but its message type."""
     return RecordDict({CONFIG_KEY: ConfigRecord()})
-
 
 
 def encode_feature_sums(features: list[str], sums: FeatureSums | None) -> RecordDict:
