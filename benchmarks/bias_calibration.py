@@ -111,6 +111,7 @@ def study(sites: list[str], out: Path, *, image_size: int, seed: int, rounds: in
     settings = Settings(
         federation_sites=";".join(sites), train_rounds=rounds, train_local_steps=steps,
         train_batch_size=32, model_image_size=image_size, eval_bootstrap=200, train_seed=seed,
+        bias_cross_site=True,  # the calibration covers the cross-site signal too
     )
     capture = Captured()
     server_app.analyse = capture
@@ -231,7 +232,7 @@ def heart_case(work: Path, thresholds: Thresholds) -> dict:
     settings = Settings(
         federation_sites=";".join(str(out / c) for c in CENTRES), model_name="logreg", train_rounds=15,
         train_local_steps=100, train_batch_size=4, train_optimizer="sgd", train_lr=0.01,
-        train_weight_decay=0.0, train_seed=42, eval_bootstrap=200,
+        train_weight_decay=0.0, train_seed=42, eval_bootstrap=200, bias_cross_site=True,
     )
     capture = Captured()
     server_app.analyse = capture

@@ -30,9 +30,8 @@ import torch
 from fedir.config import Settings
 from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.simulations.inprocess import run_inprocess
-from fedir.models import build_model
-from fedir.protocol import payload_bytes
-from fedir.client.kept_state import to_wire
+from fedir.models import build_model, state_arrays
+from fedir.protocol import encode_weights, payload_bytes
 
 SEEDS = (42, 43, 44, 45, 46)
 ROUNDS = 15
@@ -87,8 +86,9 @@ def main() -> None:
                           "torch": torch.__version__, "flwr": flwr.__version__, "shared_machine": True},
               "loadavg_start": os.getloadavg(), "heart": {}, "imaging_update_bytes": {}}
     for name in ("resnet_small", "resnet10"):
-        state = build_model(name).state_dict()
-        result["imaging_update_bytes"][name] = {d: payload_bytes(to_wire(state, d)) for d in ("float32", "float16")}
+        state = state_arrays(build_model(name))
+        result["imaging_update_bytes"][name] = {d: payload_bytes(encode_weights(state, dtype=d))
+                                                for d in ("float32", "float16")}
     with tempfile.TemporaryDirectory() as tmp:
         import_heart(Path(tmp) / "heart")
         sites = ";".join(str(Path(tmp) / "heart" / c) for c in CENTRES)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from collections.abc import Sequence
 
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -34,11 +34,11 @@ from fedir.config import Settings
 from fedir.client.embedding import embedding_moments, predict_with_embedding
 from fedir.client.manifest import ManifestError
 from fedir.metrics import site_metrics
-from fedir.models import kept_keys
-from fedir.models import model_shaped
-from fedir.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, decode_cross_site_models, encode_cross_site, encode_evaluation, encode_training
-from fedir.protocol import encode_feature_sums
-from fedir.models import NUM_CLASSES, build_model, resolve_model
+from fedir.models import NUM_CLASSES, as_tensors, build_model, kept_keys, resolve_model, state_shapes
+from fedir.protocol import (
+    decode_cross_site_models, decode_instruction, decode_round_config, decode_weights, encode_cross_site,
+    encode_evaluation, encode_feature_sums, encode_training,
+)
 from fedir.client.training import pick_device, predict, train
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,8 @@ def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view:
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(resolve_model(settings.model_name, view.tabular), n_features=view.n_features,
                         spatial_dims=settings.spatial_dims)
-    received = arrays.to_torch_state_dict()
-    if settings.dp:  # the global model travels in DP's shapes (fedir.config)
-        received = model_shaped(received, model.state_dict())
-    load_global(model, received, context.state, settings.train_fedbn, kept_keys(model, settings))
+    received = as_tensors(decode_weights(arrays, state_shapes(model)))  # DP's shapes undone
+    load_global(model, received, context.state, kept_keys(model, settings))
     return model
 
 
@@ -83,8 +81,9 @@ def _received(msg: Message, context: Context, fixed: Settings | None):
     """What a train or evaluate message sets up: the settings, the site, the round's
     config and the model to start from (the site's own weights under the local arm)."""
     settings, site = _view(context, fixed)
-    arrays = start_weights(settings, msg.content.array_records[ARRAYS_KEY], context)
-    return settings, site, msg.content.config_records["config"], _model_from(arrays, context, settings, site)
+    received, config = decode_instruction(msg.content)
+    arrays = start_weights(settings, received, context)
+    return settings, site, config, _model_from(arrays, context, settings, site)
 
 
 def _test_rows(settings: Settings, site: SiteView, config) -> tuple:
@@ -100,13 +99,12 @@ def _test_rows(settings: Settings, site: SiteView, config) -> tuple:
 
 
 def _metrics(settings: Settings, config, labels, scores, patients) -> dict:
-    server_round = int(config.get("server-round", 0))
     return site_metrics(
         labels,
         scores,
         patients,
         n_boot=settings.eval_bootstrap,
-        seed=settings.round_seed(server_round),
+        seed=settings.round_seed(decode_round_config(config).server_round),
         threshold=settings.eval_threshold,
         bins=settings.eval_hist_bins,
     )
@@ -132,9 +130,9 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     @app.train()
     def train_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = _received(msg, context, fixed)
-        server_round = int(config.get("server-round", 0))
-        seed = settings.round_seed(server_round)
-        objective, recipe = round_recipe(settings, seed, float(config.get("proximal-mu", 0.0)))
+        sent = decode_round_config(config)
+        seed = settings.round_seed(sent.server_round)
+        objective, recipe = round_recipe(settings, seed, sent.proximal_mu)
         x, y, synthetic = local_rows(settings, site, config, context, seed)
         result = train(
             model,
@@ -145,10 +143,11 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             pick_device(),
         )
         keep_local(settings, ArrayRecord(model.cpu().state_dict()), context)
-        arrays = reply_arrays(model, context.state, settings.train_fedbn, settings.train_update_dtype,
-                              kept_keys(model, settings), settings.dp)
-        metrics, site_rec = encode_training(
+        arrays = reply_arrays(model, context.state, kept_keys(model, settings), settings.train_update_dtype,
+                              settings.dp)
+        content = encode_training(
             site.name,
+            arrays,
             loss=result.loss if result.steps else None,
             steps=result.steps,
             n_labelled=result.n_labelled - synthetic,  # real patients only (fedir.client.smote)
@@ -158,7 +157,6 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             skipped=site.skipped,
             card=None if site.imaging is None else card_once(context, site.imaging, settings),
         )
-        content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: site_rec})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
@@ -176,10 +174,10 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         """Score every site's model (sent by the server after the last round) on this
         site's test patients: one row of the cross-site matrix, aggregates only."""
         settings, site = _view(context, fixed)
-        config = msg.content.config_records["config"]
+        models, config = decode_cross_site_models(msg.content)
         x, labels, patients = _test_rows(settings, site, config)
         row = {}
-        for model_site, arrays in decode_cross_site_models(msg.content).items():
+        for model_site, arrays in models.items():
             model = _model_from(arrays, context, settings, site)
             row[model_site] = _metrics(settings, config, labels, predict(model, x, pick_device()), patients)
         return Message(content=encode_cross_site(site.name, row), reply_to=msg)

@@ -22,7 +22,7 @@ from fedir.client.manifest import read_manifest
 from fedir.client.site import SiteData, load_site
 from fedir.config import Inputs, Settings, allowed
 from fedir.models import NUM_CLASSES
-from fedir.protocol import MEAN_KEY, STD_KEY, FeatureSums
+from fedir.protocol import FeatureSums, decode_round_config
 from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 
 
@@ -115,9 +115,10 @@ def scaler(
     statistics `own` of the rows at hand (`data.standardise = "site"`)."""
     if settings.data_standardise == "site":
         return own.mean_std()
-    if MEAN_KEY not in config:
+    sent = decode_round_config(config)
+    if sent.mean is None or sent.std is None:
         raise ValueError("data.standardise = federated, but the server sent no feature statistics")
-    return np.asarray(config[MEAN_KEY]), np.asarray(config[STD_KEY])
+    return sent.mean, sent.std
 
 
 def scaled(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:

@@ -10,77 +10,52 @@ each message in a fresh process). The server therefore never receives them, and 
 the first round its global model has no normalisation entries to send. Which entries
 are normalisation layers is decided in fedir.models, shared with the server.
 
-The same mechanism keeps any other named entries at the site: `extra` (the output bias
-under `train.personalise = intercept`, fedir.models) is withheld, stored and
-restored exactly like the normalisation layers, with or without FedBN.
+Which entries stay is decided once, by fedir.models.kept_keys (FedBN's normalisation
+layers, the output bias under `train.personalise = intercept`); this module only withholds,
+stores and restores that set, and fedir.protocol encodes what is left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
-from fedir.models import dp_arrays, norm_keys
-from fedir.protocol import UPDATE_DTYPES
+from fedir.models import state_arrays
+from fedir.protocol import encode_weights
 
 STATE_KEY = "fedbn-local-norm"
 
 
-def _kept(model: nn.Module, fedbn: bool, extra: Collection[str]) -> set[str]:
-    return (norm_keys(model) if fedbn else set()) | set(extra)
-
-
 def load_global(
-    model: nn.Module, received: dict[str, torch.Tensor], state: RecordDict, fedbn: bool,
-    extra: Collection[str] = (),
+    model: nn.Module, received: Mapping[str, torch.Tensor], state: RecordDict, kept: Collection[str] = (),
 ) -> None:
-    """Load the server's weights; under FedBN, then the site's own normalisation layers.
+    """Load the server's weights, then the site's own `kept` entries (fedir.models.kept_keys).
 
-    Under FedBN the server may send the normalisation entries (round 1: the initial
-    model) or not (later rounds); either way the site's stored ones win. A site with none
-    stored yet starts from what it received, or from the model's initialisation. Any
-    other missing or unexpected key is an error, as without FedBN. `extra` entries are
-    kept at the site in the same way.
+    The server may send kept entries (round 1: the initial model) or not (later rounds);
+    either way the site's stored ones win. A site with none stored yet starts from what it
+    received, or from the model's initialisation. Any other missing or unexpected key is
+    an error, as when nothing is kept.
     """
-    kept = _kept(model, fedbn, extra)
     if not kept:
         model.load_state_dict(received)
         return
     result = model.load_state_dict(received, strict=False)
-    not_norm = sorted(set(result.missing_keys) - kept)
-    if not_norm or result.unexpected_keys:
+    not_kept = sorted(set(result.missing_keys) - set(kept))
+    if not_kept or result.unexpected_keys:
         raise ValueError(
-            f"global weights do not fit the model: missing {not_norm}, unexpected {result.unexpected_keys}"
+            f"global weights do not fit the model: missing {not_kept}, unexpected {result.unexpected_keys}"
         )
     if STATE_KEY in state.array_records:
         model.load_state_dict(state.array_records[STATE_KEY].to_torch_state_dict(), strict=False)
 
 
-def reply_arrays(model: nn.Module, state: RecordDict, fedbn: bool, dtype: str = "float32",
-                 extra: Collection[str] = (), dp: bool = False) -> ArrayRecord:
-    """The weights a site sends back, floats as `dtype` (fedir.protocol; under differential
-    privacy every array as a float); under FedBN its normalisation layers, and the `extra`
-    entries, go to `state` instead."""
-    weights = model.cpu().state_dict()
-    kept = _kept(model, fedbn, extra)
-    if not kept:
-        return to_wire(weights, dtype, dp)
-    state[STATE_KEY] = ArrayRecord({k: v for k, v in weights.items() if k in kept})
-    return to_wire({k: v for k, v in weights.items() if k not in kept}, dtype, dp)
-
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def to_wire(state_dict: dict[str, torch.Tensor], dtype: str, dp: bool = False) -> ArrayRecord:
-    """A site's weights as the ArrayRecord it sends, floats cast to `dtype`; under
-    differential privacy every array a float with at least one dimension (fedir.config)."""
-    if dtype not in UPDATE_DTYPES:
-        raise ValueError(f"train.update-dtype = {dtype!r}: choose one of {', '.join(UPDATE_DTYPES)}")
-    if dp:
-        state_dict = dp_arrays(state_dict)
-    target = _TORCH_DTYPES[dtype]
-    return ArrayRecord({k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()})
+def reply_arrays(model: nn.Module, state: RecordDict, kept: Collection[str] = (), dtype: str = "float32",
+                 dp: bool = False) -> ArrayRecord:
+    """The weights a site sends back (fedir.protocol.encode_weights: floats as `dtype`, DP's
+    shapes under differential privacy); the `kept` entries go to `state` instead."""
+    if kept:
+        state[STATE_KEY] = ArrayRecord({k: v for k, v in model.cpu().state_dict().items() if k in kept})
+    return encode_weights(state_arrays(model), kept=kept, dtype=dtype, dp=dp)

@@ -15,6 +15,7 @@ from torch import nn
 from fedir.client.inputs import SiteView
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.config import Settings
+from fedir.protocol import decode_round_config
 from fedir.client.training import pick_device, train
 
 FINETUNE_SEED_OFFSET = 500  # fine-tuning draws batches apart from the round's training
@@ -25,8 +26,7 @@ def personalised(model: nn.Module, settings: Settings, site: SiteView, config: C
     """The model this site scores: fine-tuned in place under `finetune`, else as received."""
     if settings.train_personalise != "finetune":
         return model
-    server_round = int(config.get("server-round", 0))
-    seed = settings.round_seed(server_round) + FINETUNE_SEED_OFFSET
+    seed = settings.round_seed(decode_round_config(config).server_round) + FINETUNE_SEED_OFFSET
     x, y, _ = local_rows(settings, site, config, context, seed)
     objective, recipe = round_recipe(settings, seed)
     train(model, x, y, objective, recipe, pick_device())

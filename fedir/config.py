@@ -148,7 +148,8 @@ class Settings:
         0.1, "...and this much better than it separates classes", Bounds(-1, 1))
     bias_max_cross_site_gap: float = setting(0.1, "own-site minus other-site AUC of the sites' models", AT_LEAST_0)
     bias_embedding: bool = setting(True, "sites send their embedding's moments (fedir.client.embedding)")
-    bias_cross_site: bool = setting(True, "after the last round, score every site's model at every site")
+    bias_cross_site: bool = setting(False, "opt-in: after the last round, send every site's own update to every other site to score "
+                                    "(the cross-site matrix); refused under privacy.dp")
     bias_cross_site_max_sites: int = setting(16, "above this many sites the cross-site matrix is skipped", AT_LEAST_0)
     bias_bootstrap: int = setting(
         200, "resamples of the bias intervals (pooled-vs-within gap, separability)", AT_LEAST_0)
@@ -195,6 +196,7 @@ class Settings:
         check_dp(self.privacy_dp, fedbn=self.train_fedbn, update_dtype=self.train_update_dtype,
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
+        check_cross_site(self.bias_cross_site, self.privacy_dp)
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -315,6 +317,17 @@ def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
         raise SettingsError(f"privacy.dp = {mode!r} needs train.update-dtype = \"float32\"")
     if arm != "federated":
         raise SettingsError(f"privacy.dp = {mode!r} needs federation.arm = \"federated\"")
+
+
+def check_cross_site(cross_site: bool, dp_mode: str) -> None:
+    """Cross-site evaluation sends each site's own last update to every other site; under
+    differential privacy those updates are at most clipped, never noised, so the two are
+    not combined."""
+    if cross_site and dp_mode != "off":
+        raise SettingsError(
+            f"bias.cross-site = true sends each site's un-noised update to every other site: "
+            f"it cannot be combined with privacy.dp = {dp_mode!r} (set bias.cross-site = false)"
+        )
 
 
 def check_personalise(mode: str, arm: str) -> None:

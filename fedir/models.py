@@ -5,12 +5,15 @@ validation checks replies against; a site builds the same network to train it
 (fedir.client.training). Which state-dict entries never leave a site (FedBN's
 normalisation layers, a personal intercept) is decided here, once, because both sides
 must agree on it: the site withholds them and the server must expect replies without them.
+The weights themselves cross as numpy arrays through fedir.protocol's codec; the torch side
+of that conversion is here too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from monai.networks.nets import DenseNet121, ResNet, resnet10, resnet18
 from torch import nn
@@ -98,12 +101,6 @@ def norm_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the normalisation layers: what a site sends under FedBN."""
-    local = norm_keys(model)
-    return {k: v for k, v in model.state_dict().items() if k not in local}
-
-
 def intercept_key(model: nn.Module) -> str:
     """The state-dict key of the output layer's bias: the last Linear layer's bias."""
     heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
@@ -121,26 +118,18 @@ def kept_keys(model: nn.Module, settings: Settings) -> set[str]:
     return keys
 
 
-def sent_state(model: nn.Module, settings: Settings) -> dict[str, torch.Tensor]:
-    """The entries that cross the boundary: the server's initial arrays and the template
-    its update validation checks replies against."""
-    kept = kept_keys(model, settings)
-    return {k: v for k, v in model.state_dict().items() if k not in kept}
+# ---- the torch side of the weights codec (fedir.protocol knows numpy only) -----------------
+
+def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's state dict as numpy arrays, for fedir.protocol.encode_weights."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-# ---- differential privacy's shapes -------------------------------------------------------
-
-def dp_arrays(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same weights as Flower's DP clipping can scale: integer buffers as float32,
-    0-d tensors as shape (1,)."""
-    out = {}
-    for k, v in state_dict.items():
-        v = v if v.is_floating_point() else v.to(torch.float32)
-        out[k] = v.reshape(1) if v.dim() == 0 else v
-    return out
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Each state-dict entry's shape, for fedir.protocol.decode_weights to undo DP's shapes."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def model_shaped(received: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor]
-                 ) -> dict[str, torch.Tensor]:
-    """`dp_arrays` undone: each tensor back in the shape the model's own state has."""
-    return {k: v.reshape(model_state[k].shape) if k in model_state else v for k, v in received.items()}
+def as_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Decoded weights (fedir.protocol.decode_weights) as a state dict to load or save."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}

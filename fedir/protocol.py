@@ -1,19 +1,21 @@
-"""What crosses the trust boundary, defined once: every record between a site and the coordinator.
+"""What crosses the trust boundary, defined once: every record between a site and the coordinator,
+in both directions (what the server sends each round, what a site replies, and the one codec
+of a model's weights); the ClientApp and the ServerApp build and read messages only here.
 
 Flower 1.41 aborts a round when one site's MetricRecord has a key another lacks, and
 MetricRecord values can only be numbers or lists of numbers. So every site sends the same
 keys: a metric that cannot be computed is sent as -1 with its `-ok` flag at 0, and the
 human reason travels in a ConfigRecord beside it (as JSON text, so that sites with
-different reasons still send the same keys). Everything here is an aggregate: counts,
-losses, metrics and fixed-bin histograms; never an image, an identifier or a per-patient
-value.
+different reasons still send the same keys). Besides the model's weights, everything a
+site sends is an aggregate: counts, losses, metrics and fixed-bin histograms; never an
+image, an identifier or a per-patient value.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,8 @@ from fedir.config import UpdateDtype, allowed
 
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
-ARRAYS_KEY = "arrays"
+ARRAYS_KEY = "arrays"  # the model's weights (Flower's strategies' `arrayrecord_key`)
+CONFIG_KEY = "config"  # the round's settings (Flower's strategies' `configrecord_key`)
 WEIGHT_KEY = "num-examples"
 CARD_KEY = "data-card"
 EMBEDDING_KEY = "embedding"
@@ -39,6 +42,8 @@ STATS_KEY = "feature-sums"
 NAMES_KEY = "feature-names"
 MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/evaluate config
 STD_KEY = "feature-std"
+ROUND_KEY = "server-round"  # set by Flower's strategies in every train/evaluate config
+PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx in its train config
 UPDATE_DTYPES = allowed(UpdateDtype)  # train.update-dtype: the precision of a site's upload
 
 
@@ -89,6 +94,62 @@ def combine(sums: list[FeatureSums]) -> FeatureSums:
         out = out + s
     return out
 
+
+
+# ---- what the server sends each round ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """A train or evaluate message's settings, as a site reads them.
+
+    `mean`/`std` are the federation's feature standardisation (tabular studies; None for
+    imaging); the round number and FedProx's mu are added by Flower's strategies.
+    """
+
+    server_round: int = 0
+    proximal_mu: float = 0.0
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+
+def encode_round_config(
+    standardisation: tuple[np.ndarray, np.ndarray] | None, server_round: int | None = None
+) -> ConfigRecord:
+    """The ConfigRecord the server hands Flower's strategy for every train and evaluate
+    message (the strategy adds the round number itself); `server_round` is set here only
+    for messages the server sends outside the strategy (the cross-site evaluation)."""
+    config = ConfigRecord()
+    if standardisation is not None:
+        mean, std = standardisation
+        config[MEAN_KEY] = [float(v) for v in mean]
+        config[STD_KEY] = [float(v) for v in std]
+    if server_round is not None:
+        config[ROUND_KEY] = int(server_round)
+    return config
+
+
+def decode_round_config(config: ConfigRecord) -> RoundConfig:
+    """The inverse of encode_round_config, with what Flower's strategies added."""
+    has_stats = MEAN_KEY in config
+    return RoundConfig(
+        server_round=int(config.get(ROUND_KEY, 0)),
+        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+        mean=np.asarray(config[MEAN_KEY], dtype=np.float64) if has_stats else None,
+        std=np.asarray(config[STD_KEY], dtype=np.float64) if has_stats else None,
+    )
+
+
+def decode_instruction(content: RecordDict) -> tuple[ArrayRecord, ConfigRecord]:
+    """A train or evaluate message from the server's strategy: the global model and the
+    round's config (read with decode_round_config)."""
+    return content.array_records[ARRAYS_KEY], content.config_records[CONFIG_KEY]
+
+
+def site_name(content: RecordDict) -> str | None:
+    """The site name a reply carries, or None when it carries none."""
+    site_rec = content.config_records.get(SITE_KEY)
+    return str(site_rec["name"]) if site_rec is not None and "name" in site_rec else None
 
 
 def _key(name: str) -> str:
@@ -150,6 +211,7 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
 
 def encode_training(
     site: str,
+    arrays: ArrayRecord,
     *,
     loss: float | None,
     steps: int,
@@ -159,8 +221,9 @@ def encode_training(
     num_classes: int,
     skipped: Mapping[str, int],
     card: Mapping[str, Any] | None = None,
-) -> tuple[MetricRecord, ConfigRecord]:
-    """A site's training aggregates: the weight of its update, its loss, and its data counts.
+) -> RecordDict:
+    """A site's training reply: its update (`arrays`, from encode_weights), the weight of
+    the update, its loss, and its data counts.
 
     `label_counts` (labelled training patients per class) is what the server's
     site-label association test needs; `skipped` counts unreadable files by reason (never paths).
@@ -181,7 +244,7 @@ def encode_training(
     site_rec = ConfigRecord({"name": site, "skipped": json.dumps(dict(skipped))})
     if card is not None:
         site_rec[CARD_KEY] = json.dumps(card)
-    return rec, site_rec
+    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: rec, SITE_KEY: site_rec})
 
 
 def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
@@ -207,19 +270,22 @@ CROSS_SITE_ACTION = "evaluate.cross_site"
 _MODEL_PREFIX = "model-"
 
 
-def encode_cross_site_models(models: Mapping[str, ArrayRecord]) -> RecordDict:
-    """The server's cross-site request: every site's model, keyed by position, with the
-    positions' site names in a ConfigRecord (record keys must be plain identifiers)."""
+def encode_cross_site_models(models: Mapping[str, ArrayRecord], config: ConfigRecord) -> RecordDict:
+    """The server's cross-site request (sent only under `bias.cross-site = true`): every
+    site's model, keyed by position, with the positions' site names in a ConfigRecord
+    (record keys must be plain identifiers), and the round's config (encode_round_config)."""
     names = list(models)
-    content = RecordDict({"config": ConfigRecord(), "models": ConfigRecord({"names": json.dumps(names)})})
+    content = RecordDict({CONFIG_KEY: config, "models": ConfigRecord({"names": json.dumps(names)})})
     for i, name in enumerate(names):
         content[f"{_MODEL_PREFIX}{i}"] = models[name]
     return content
 
 
-def decode_cross_site_models(content: RecordDict) -> dict[str, ArrayRecord]:
+def decode_cross_site_models(content: RecordDict) -> tuple[dict[str, ArrayRecord], ConfigRecord]:
+    """The inverse of encode_cross_site_models: ({site: its model}, the round's config)."""
     names = json.loads(str(content.config_records["models"]["names"]))
-    return {name: content.array_records[f"{_MODEL_PREFIX}{i}"] for i, name in enumerate(names)}
+    models = {name: content.array_records[f"{_MODEL_PREFIX}{i}"] for i, name in enumerate(names)}
+    return models, content.config_records[CONFIG_KEY]
 
 
 def encode_cross_site(site: str, row: Mapping[str, Mapping[str, Any]]) -> RecordDict:
@@ -256,6 +322,11 @@ def decode_cross_site(content: RecordDict) -> tuple[str, dict[str, dict[str, Any
 # ---- the feature-statistics query (tabular sites, before round 1) -------------------------
 
 
+def encode_feature_query() -> RecordDict:
+    """The server's feature-statistics query: it carries nothing but its message type."""
+    return RecordDict({CONFIG_KEY: ConfigRecord()})
+
+
 def encode_feature_sums(features: list[str], sums: FeatureSums | None) -> RecordDict:
     """A site's reply to the feature-statistics query; an imaging site sends n = 0."""
     rec = MetricRecord(
@@ -279,15 +350,67 @@ def decode_feature_sums(content: RecordDict) -> tuple[list[str], FeatureSums | N
 
 
 # ---- model weights -------------------------------------------------------------------------
+#
+# The one codec of a state dict, both directions, over numpy arrays (the torch side converts
+# with `.numpy()` / `torch.from_numpy`, fedir.models). Sites send their update with it, the
+# server its initial model and the template its validation checks replies against, so the
+# three cannot disagree about what crosses: which entries stay at a site, the precision, and
+# the shapes Flower's differential privacy needs.
 
-def from_wire(record: ArrayRecord) -> ArrayRecord:
-    """The same record with every float16 array widened to float32 (others unchanged)."""
-    if not any(arr.dtype == "float16" for arr in record.values()):
+
+def encode_weights(
+    arrays: Mapping[str, np.ndarray], *, kept: Collection[str] = (), dtype: str = "float32",
+    dp: bool = False,
+) -> ArrayRecord:
+    """A state dict as the ArrayRecord that crosses the boundary.
+
+    Args:
+        arrays: the model's entries (name -> array), in the model's own shapes and dtypes.
+        kept: entries that stay at the site (fedir.models.kept_keys): never encoded.
+        dtype: `train.update-dtype`, the precision of floating-point entries; integer
+            buffers (BatchNorm's counters) keep theirs.
+        dp: under differential privacy every entry becomes float32 with at least one
+            dimension, because Flower's clipping scales every array of the record.
+    """
+    if dtype not in UPDATE_DTYPES:
+        raise ValueError(f"train.update-dtype = {dtype!r}: choose {' or '.join(UPDATE_DTYPES)}")
+    out = {}
+    for name, value in arrays.items():
+        if name in kept:
+            continue
+        value = np.asarray(value)
+        if dp:
+            value = value.astype(np.float32).reshape(value.shape or (1,))
+        elif np.issubdtype(value.dtype, np.floating):
+            value = value.astype(dtype, copy=False)
+        out[name] = Array(value)
+    return ArrayRecord(out)
+
+
+def decode_weights(
+    record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
+    """The inverse of encode_weights: float16 widened to float32 (a site's update is
+    trained and averaged in float32), and, given the model's `shapes`, DP's one-element
+    arrays back to the model's 0-d entries. Dtypes are otherwise those sent: loading into
+    a model casts (an int buffer sent as float32 under DP stays an int buffer)."""
+    out = {}
+    for name, array in record.items():
+        value = array.numpy()
+        if value.dtype == np.float16:
+            value = value.astype(np.float32)
+        if shapes is not None and shapes.get(name) == () and value.shape == (1,):
+            value = value.reshape(())
+        out[name] = value
+    return out
+
+
+def widened(record: ArrayRecord) -> ArrayRecord:
+    """A reply's update as the server averages it: float16 widened to float32, the rest
+    unchanged (the same record when nothing was sent in float16)."""
+    if not any(array.dtype == "float16" for array in record.values()):
         return record
-    return ArrayRecord(
-        {k: Array(arr.numpy().astype(np.float32)) if arr.dtype == "float16" else arr
-         for k, arr in record.items()}
-    )
+    return encode_weights(decode_weights(record))
 
 
 def payload_bytes(record: ArrayRecord) -> int:

@@ -25,9 +25,7 @@ def cross_site_matrix(
     """`{model_site: {data_site: {"auc", "auc_ci", "n"}}}` over the nodes that answered."""
     messages = []
     for node_id in grid.get_node_ids():
-        content = encode_cross_site_models(models)
-        content["config"] = config
-        messages.append(Message(content, node_id, CROSS_SITE_ACTION))
+        messages.append(Message(encode_cross_site_models(models, config), node_id, CROSS_SITE_ACTION))
     matrix: dict[str, dict[str, dict]] = {name: {} for name in models}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedir.errors import StudyFailed
-from fedir.protocol import MEAN_KEY, STD_KEY, FeatureSums, combine, decode_feature_sums, error_text
+from fedir.protocol import (
+    FeatureSums, combine, decode_feature_sums, encode_feature_query, encode_round_config, error_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,11 @@ class FederationFeatures:
     names: list[str]
     sums: FeatureSums | None
 
-    def config(self) -> ConfigRecord:
-        """What each train/evaluate message carries: the federation's mean and std."""
-        if self.sums is None:
-            return ConfigRecord()
-        mean, std = self.sums.mean_std()
-        return ConfigRecord({MEAN_KEY: [float(v) for v in mean], STD_KEY: [float(v) for v in std]})
+    def config(self, server_round: int | None = None) -> ConfigRecord:
+        """What each train/evaluate message carries (fedir.protocol.encode_round_config):
+        the federation's mean and std; `server_round` for a message sent outside the
+        strategy, which adds the round itself to the others."""
+        return encode_round_config(None if self.sums is None else self.sums.mean_std(), server_round)
 
 
 def gather_feature_sums(grid: Grid, min_nodes: int, timeout: float = 600) -> FederationFeatures:
@@ -42,7 +43,7 @@ def gather_feature_sums(grid: Grid, min_nodes: int, timeout: float = 600) -> Fed
     sample_nodes(grid, min_nodes, min_nodes)  # waits until min_nodes have connected
     node_ids = list(grid.get_node_ids())  # then ask every connected node
     messages = [
-        Message(RecordDict({"config": ConfigRecord()}), node_id, "query") for node_id in node_ids
+        Message(encode_feature_query(), node_id, MessageType.QUERY) for node_id in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     answered = [m for m in replies if not m.has_error()]

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from fedir.config import Settings
 from fedir.errors import StudyFailed, UserError
-from fedir.models import sent_state
+from fedir.models import as_tensors, kept_keys, state_arrays, state_shapes
 from fedir.metrics import pooled_metrics
 from fedir.server.baseline_report import with_clinical_baseline
-from fedir.models import dp_arrays, model_shaped
+from fedir.protocol import decode_weights, encode_weights
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, Checkpoint, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
 )
@@ -129,12 +129,11 @@ class StudyRecorder:
             )
 
 
-def shared_arrays(model: torch.nn.Module, settings: Settings) -> dict[str, torch.Tensor]:
+def shared_arrays(model: torch.nn.Module, settings: Settings) -> ArrayRecord:
     """What crosses the boundary, as the first global model and the server's validation
-    template: without the entries the sites keep (FedBN, fedir.models), and under
-    differential privacy every array a float of at least one dimension (fedir.config)."""
-    weights = sent_state(model, settings)
-    return dp_arrays(weights) if settings.dp else weights
+    template (fedir.protocol.encode_weights): without the entries the sites keep
+    (fedir.models.kept_keys), in DP's shapes under differential privacy."""
+    return encode_weights(state_arrays(model), kept=kept_keys(model, settings), dp=settings.dp)
 
 
 def thresholds(settings: Settings) -> Thresholds:
@@ -154,10 +153,8 @@ def _cross_site(grid: Grid, recorder: StudyRecorder, settings: Settings, feature
     models = recorder.site_models
     if not settings.bias_cross_site or settings.federation_arm == "pooled" or len(models) < 2:
         return
-    config = features.config()
-    config["server-round"] = settings.train_rounds
     try:
-        recorder.on_cross_site(cross_site_matrix(grid, models, config))
+        recorder.on_cross_site(cross_site_matrix(grid, models, features.config(settings.train_rounds)))
     except Exception as exc:  # the study's rounds are done and recorded: keep them
         log.warning("cross-site evaluation failed: %s", exc)
         recorder.store.record_note(recorder.run_id, None, None, "cross_site", f"cross-site evaluation failed: {exc}")
@@ -216,7 +213,7 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
                         spatial_dims=settings.spatial_dims)
     # entries the sites keep (FedBN, a local intercept) are never sent, not even at the
     # start: server optimisers (FedAdam...) need the same keys every round
-    start_arrays = ArrayRecord(shared_arrays(model, settings)) if resumed is None else resumed.array_record()
+    start_arrays = shared_arrays(model, settings) if resumed is None else resumed.array_record()
     exports = open_exports(settings, out_dir, run_id)
     recorder = StudyRecorder(store, run_id, settings, settings.train_rounds, exports)
     strategy = build_strategy(
@@ -226,7 +223,7 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
         on_evaluate=recorder.on_evaluate,
         on_reject=recorder.on_reject,
         # entries the sites keep (FedBN, fedir.models): updates come without them
-        template=ArrayRecord(shared_arrays(model, settings)),
+        template=shared_arrays(model, settings),
         outer=(ResumedRounds,),
         plan=RoundPlan(out_dir / CHECKPOINT_NAME, run_id, settings.to_run_config(), first_round=done + 1),
         app_state=lambda: {"label_counts": recorder.label_counts},
@@ -252,8 +249,7 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
         raise StudyFailed.no_site(f"be evaluated in {settings.train_rounds} round(s)", recorder.failed)
     _cross_site(grid, recorder, settings, features)
     final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
-    weights = final.to_torch_state_dict()
-    torch.save(model_shaped(weights, model.state_dict()) if settings.dp else weights, out_dir / "model.pt")
+    torch.save(as_tensors(decode_weights(final, state_shapes(model))), out_dir / "model.pt")
 
 
 def build_server_app(settings: Settings | None = None, out_dir: Path | None = None,

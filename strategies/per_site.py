@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedir.protocol import decode_evaluation, decode_training, error_text
 from fedir.strategies.validation import ValidatedUpdates
-from fedir.protocol import from_wire
+from fedir.protocol import widened
 
 
 @dataclass
@@ -99,7 +99,7 @@ class PerSiteCapture:
         key = self.arrayrecord_key  # type: ignore[attr-defined]
         for msg in replies:  # float16 uploads are averaged in float32 (fedir.protocol)
             if not msg.has_error() and key in msg.content.array_records:
-                msg.content[key] = from_wire(msg.content.array_records[key])
+                msg.content[key] = widened(msg.content.array_records[key])
         self.on_train(_collect(server_round, replies, decode_training, self._site_of_node,
                                self._sent_messages, key))
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from fedir.protocol import ARRAYS_KEY, SITE_KEY
+from fedir.protocol import ARRAYS_KEY, site_name
 
 RejectCallback = Callable[[int, str, str], None]  # (server round, site, reason)
 
@@ -93,10 +93,7 @@ def screen_updates(
 
 def site_of(msg: Message) -> str:
     """The site name a reply carries (fedir.protocol), else its node id."""
-    site_rec = msg.content.config_records.get(SITE_KEY)
-    if site_rec is not None and "name" in site_rec:
-        return str(site_rec["name"])
-    return f"node {msg.metadata.src_node_id}"
+    return site_name(msg.content) or f"node {msg.metadata.src_node_id}"
 
 
 class ValidatedUpdates:

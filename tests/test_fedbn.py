@@ -35,16 +35,17 @@ def test_reply_keeps_norm_layers_in_state_and_load_restores_them():
     model, state = build_model("resnet_small"), RecordDict()
     with torch.no_grad():
         model.bn1.running_mean.fill_(3.0)
-    sent = reply_arrays(model, state, fedbn=True).to_torch_state_dict()
-    assert not set(sent) & norm_keys(model)
+    kept = norm_keys(model)
+    sent = reply_arrays(model, state, kept).to_torch_state_dict()
+    assert not set(sent) & kept
     fresh = build_model("resnet_small")
-    load_global(fresh, sent, state, fedbn=True)
+    load_global(fresh, sent, state, kept)
     assert torch.equal(fresh.bn1.running_mean, torch.full_like(fresh.bn1.running_mean, 3.0))
-    with pytest.raises(RuntimeError):  # without FedBN a missing entry stays an error
-        load_global(build_model("resnet_small"), sent, RecordDict(), fedbn=False)
+    with pytest.raises(RuntimeError):  # with nothing kept a missing entry stays an error
+        load_global(build_model("resnet_small"), sent, RecordDict())
     del sent["conv1.weight"]
-    with pytest.raises(ValueError, match="conv1.weight"):  # only normalisation entries may be missing
-        load_global(build_model("resnet_small"), sent, state, fedbn=True)
+    with pytest.raises(ValueError, match="conv1.weight"):  # only kept entries may be missing
+        load_global(build_model("resnet_small"), sent, state, kept)
 
 
 def _site(root: Path, patients: int = 12) -> Path:

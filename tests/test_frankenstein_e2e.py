@@ -20,6 +20,7 @@ def _study(tmp_path, name: str, **importer) -> dict:
     settings = Settings(
         federation_sites=";".join(str(fed / f"site-{k}") for k in range(3)), train_rounds=2,
         train_local_steps=8, train_batch_size=32, model_image_size=28, eval_bootstrap=100, bias_bootstrap=100,
+        bias_cross_site=True,  # opt-in: every signal, the cross-site matrix too
     )
     summary = run_inprocess(settings, tmp_path / f"run-{name}")
     assert json.loads((tmp_path / f"run-{name}" / "summary.json").read_text())["bias"]["alarm"] == summary["bias"]["alarm"]

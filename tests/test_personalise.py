@@ -11,8 +11,8 @@ import torch
 from fedir.client.client_app import build_client_app
 from fedir.client.kept_state import STATE_KEY
 from fedir.config import Settings, SettingsError
-from fedir.models import intercept_key, kept_keys, sent_state
-from fedir.server.server_app import run_study
+from fedir.models import intercept_key, kept_keys
+from fedir.server.server_app import run_study, shared_arrays
 from fedir.simulations.inprocess import InProcessGrid, run_inprocess
 from fedir.models import build_model
 
@@ -52,7 +52,8 @@ def test_the_intercept_is_the_output_layers_bias():
     assert kept_keys(model, Settings(train_personalise="intercept")) == {"fc.bias"}
     both = kept_keys(model, Settings(train_personalise="intercept", train_fedbn=True))
     assert "fc.bias" in both and "bn1.running_mean" in both
-    assert "fc.bias" not in sent_state(model, Settings(train_personalise="intercept"))
+    assert "fc.bias" not in shared_arrays(model, Settings(train_personalise="intercept"))
+    assert "fc.bias" in shared_arrays(model, Settings())
     assert kept_keys(model, Settings()) == set()
 
 

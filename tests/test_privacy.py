@@ -169,6 +169,13 @@ def test_combinations_dp_cannot_serve_are_refused_by_name(tmp_path, kw, message)
         with_differential_privacy(FedAvg(), settings, n_sites=2, min_train_nodes=2)  # Flower's own checks
 
 
+def test_cross_site_evaluation_is_off_by_default_and_refused_under_dp(tmp_path):
+    assert Settings().bias_cross_site is False
+    _settings(tmp_path, bias_cross_site=True)  # without DP it may be turned on
+    with pytest.raises(SettingsError, match=r"bias\.cross-site.*privacy\.dp = 'client-fixed'"):
+        _settings(tmp_path, privacy_dp="client-fixed", bias_cross_site=True)
+
+
 def test_more_count_noise_lets_adaptive_clipping_carry_a_larger_noise_multiplier(tmp_path):
     # ... 0.6 (> 1 / 2) can, and reaches Flower's wrapper
     settings = _settings(tmp_path, privacy_dp="client-adaptive", privacy_noise_multiplier=1.0,

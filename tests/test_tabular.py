@@ -93,17 +93,3 @@ def test_clinical_inputs_of_an_imaging_site_give_one_row_per_patient_in_its_imag
     assert view.features == ["clin_age", "clin_sex"]
     with pytest.raises(ValueError, match="inputs"):
         load_view(str(site), "pixels", 64, "mip", 0.15, 0.25)
-
-
-def test_wire_casts_floats_only_and_widens_back():
-    from fedir.protocol import from_wire, payload_bytes
-    from fedir.client.kept_state import to_wire
-
-    state = {"w": torch.randn(64, 32), "count": torch.tensor(7)}
-    half = to_wire(state, "float16")
-    assert half["w"].dtype == "float16" and half["count"].dtype == "int64"
-    back = from_wire(half).to_torch_state_dict()
-    assert back["w"].dtype == torch.float32 and torch.allclose(back["w"], state["w"], atol=1e-2)
-    assert payload_bytes(half) < 0.6 * payload_bytes(to_wire(state, "float32"))
-    with pytest.raises(ValueError, match="bfloat"):
-        to_wire(state, "bfloat8")

@@ -1,11 +1,14 @@
 """Wire audit, end to end through Flower's simulation engine.
 
 Two synthetic hospitals, one of which has planted PHI in every DICOM header and in its
-manifest's patient ids, and a third whose manifest is invalid. Every reply a ClientApp
-sends is captured (tests/wire_capture.py) and checked: the only arrays are the model's
-weights, every other vector has a fixed, data-independent length, and no planted value
-appears in any reply, the data cards, runs.sqlite, summary.json or report.html. The
-invalid site fails alone, with a path-free reason the server records as missing.
+manifest's patient ids, and a third whose manifest is invalid. Every message a ClientApp
+receives and every reply it sends is captured (tests/wire_capture.py) and checked: the
+only arrays a site sends are the model's weights, every other vector has a fixed,
+data-independent length, and no planted value appears in any message, the data cards,
+runs.sqlite, summary.json or report.html. A site receives the global model and the
+round's settings, never another site's update or name, unless the study turns on
+cross-site evaluation (a second, smaller run), and then only in the cross-site message.
+The invalid site fails alone, with a path-free reason the server records as missing.
 """
 
 from __future__ import annotations
@@ -25,16 +28,17 @@ from fedir.simulations.scenario import load_scenario
 from fedir.simulations.simulate import simulate
 from fedir.simulations.synthetic import generate_federation
 from fedir.client.embedding import MAX_DIM
-from fedir.protocol import CROSS_SITE_ACTION
+from fedir.protocol import ARRAYS_KEY, CROSS_SITE_ACTION
 from fedir.models import NUM_CLASSES, build_model
 from tests.phi import PLANTED, needles, plant, planted_numbers
-from tests.wire_capture import CaptureReplies, read_captured
+from tests.wire_capture import RECEIVED, SENT, CaptureMessages, read_captured
 
 pytestmark = pytest.mark.slow
 
 HIST_BINS = 20
 ROUNDS = 2
 BROKEN_FILE = "DOE_JOHN_19450317.dcm"
+SITES = ("site-0", "site-1", "site-broken")
 
 
 def _plant_site(site: Path) -> list[str]:
@@ -57,9 +61,8 @@ def _broken_site(site: Path) -> None:
     write_manifest(site, [{"patient_id": PLANTED["PatientID"], "path": BROKEN_FILE, "label": 7}])
 
 
-@pytest.fixture(scope="module")
-def audited_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("audit")
+def _audit(tmp: Path, rounds: int, extra_toml: str = "") -> dict:
+    """One simulated study on the planted federation, every message captured."""
     fed = tmp / "fed"
     generate_federation(fed, sites=2, patients=24, seed=5, image_size=32, progress=False)
     patient_ids = _plant_site(fed / "site-0")
@@ -67,29 +70,53 @@ def audited_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     toml = tmp / "audit.toml"
     toml.write_text(
         '[federation]\nsites = ["fed/site-0", "fed/site-1", "fed/site-broken"]\n'
-        f"[train]\nrounds = {ROUNDS}\nlocal-epochs = 1\n[model]\nimage-size = 32\n"
-        f"[eval]\nbootstrap = 50\nhist-bins = {HIST_BINS}\n"
+        f"[train]\nrounds = {rounds}\nlocal-epochs = 1\n[model]\nimage-size = 32\n"
+        f"[eval]\nbootstrap = 50\nhist-bins = {HIST_BINS}\n{extra_toml}"
     )
     capture = tmp / "capture"
     capture.mkdir()
     ray.cloudpickle.register_pickle_by_value(tests.wire_capture)  # Ray workers cannot import tests/
     out = tmp / "run"
     summary = simulate(load_scenario(toml), out, scenario=str(toml),
-                       client_mods=[CaptureReplies(str(capture))])
-    return {"out": out, "summary": summary, "replies": read_captured(capture),
+                       client_mods=[CaptureMessages(str(capture))])
+    return {"out": out, "summary": summary, "replies": read_captured(capture, SENT),
+            "received": read_captured(capture, RECEIVED), "rounds": rounds,
             "needles": needles(patient_ids), "settings": load_scenario(toml)}
 
 
-def test_only_the_models_weights_and_fixed_length_vectors_leave_a_site(audited_run: dict) -> None:
-    replies = audited_run["replies"]
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The default settings: cross-site evaluation off."""
+    return _audit(tmp_path_factory.mktemp("audit"), ROUNDS)
+
+
+@pytest.fixture(scope="module")
+def cross_site_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One round with `bias.cross-site = true`."""
+    return _audit(tmp_path_factory.mktemp("audit-cross-site"), 1, "[bias]\ncross-site = true\n")
+
+
+@pytest.fixture(params=["audited_run", "cross_site_run"])
+def any_run(request: pytest.FixtureRequest) -> dict:
+    return request.getfixturevalue(request.param)
+
+
+def _model_arrays(settings) -> dict:
+    model = build_model(settings.model_name).state_dict()
+    return {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.items()}
+
+
+def test_only_the_models_weights_and_fixed_length_vectors_leave_a_site(any_run: dict) -> None:
+    replies, rounds = any_run["replies"], any_run["rounds"]
+    cross = any_run["settings"].bias_cross_site
     # 2 working sites x (train + evaluate) x rounds, plus each one's answer to the
-    # server's feature-statistics query and to the cross-site evaluation after the last
-    # round; the broken site sends only errors.
-    assert len(replies) == 2 * 2 * ROUNDS + 2 + 2
+    # server's feature-statistics query and, when the study asks for it, to the
+    # cross-site evaluation after the last round; the broken site sends only errors.
+    assert len(replies) == 2 * 2 * rounds + 2 + (2 if cross else 0)
     assert sum(r["message_type"] == "query" for r in replies) == 2
-    assert sum(r["message_type"] == CROSS_SITE_ACTION for r in replies) == 2
-    model = build_model(audited_run["settings"].model_name).state_dict()
-    weights = {f"arrays/{k}": (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.items()}
+    assert sum(r["message_type"] == CROSS_SITE_ACTION for r in replies) == (2 if cross else 0)
+    model = build_model(any_run["settings"].model_name).state_dict()
+    weights = {f"arrays/{k}": v for k, v in _model_arrays(any_run["settings"]).items()}
     # the embedding's summary statistics: per class and overall, a count, a mean and a
     # covariance of the (projected) penultimate features; never one row per image
     d = min(model["fc.weight"].shape[1], MAX_DIM)
@@ -109,13 +136,57 @@ def test_only_the_models_weights_and_fixed_length_vectors_leave_a_site(audited_r
             assert isinstance(value, str), key
 
 
-def test_no_planted_value_leaves_a_site(audited_run: dict) -> None:
+def _site_updates(run: dict) -> set[str]:
+    """The digests of every update a site sent."""
+    return {r["digests"][ARRAYS_KEY] for r in run["replies"] if r["message_type"] == "train"}
+
+
+def _assert_only_the_global_model_and_settings(message: dict, run: dict) -> None:
+    """A train or evaluate message carries the global model, a query none; neither carries a
+    site's own update, and nothing names a site of the federation."""
+    expected = {"train": {ARRAYS_KEY}, "evaluate": {ARRAYS_KEY}}.get(message["message_type"], set())
+    assert set(message["digests"]) == expected, message["message_type"]
+    if expected:  # the model's names and shapes (Flower's average turns int counters into floats)
+        shapes = {f"{ARRAYS_KEY}/{k}": shape for k, (shape, _) in _model_arrays(run["settings"]).items()}
+        assert {k: shape for k, (shape, _) in message["arrays"].items()} == shapes
+    assert not set(message["digests"].values()) & _site_updates(run), message["message_type"]
+    text = json.dumps({k: message[k] for k in ("arrays", "metrics", "configs")})
+    for site in SITES:
+        assert site not in text, (message["message_type"], site)
+
+
+def test_by_default_a_site_receives_the_global_model_and_settings_only(audited_run: dict) -> None:
+    received = audited_run["received"]
+    # every site, the broken one too: the query, then train and evaluate each round
+    assert len(received) == 3 * (1 + 2 * ROUNDS)
+    assert {r["partition"] for r in received} == {0, 1, 2}
+    assert _site_updates(audited_run)  # the sites did send updates the check looks for
+    for message in received:
+        assert message["message_type"] != CROSS_SITE_ACTION
+        _assert_only_the_global_model_and_settings(message, audited_run)
+
+
+def test_with_cross_site_on_only_the_cross_site_message_carries_site_models(cross_site_run: dict) -> None:
+    cross = [r for r in cross_site_run["received"] if r["message_type"] == CROSS_SITE_ACTION]
+    assert len(cross) == 3  # every connected node is asked, the broken site too
+    updates = _site_updates(cross_site_run)
+    for message in cross:
+        # the two working sites' last updates, under their names
+        assert set(message["digests"]) == {"model-0", "model-1"}
+        assert set(message["digests"].values()) == updates
+        assert sorted(json.loads(message["configs"]["models/names"])) == ["site-0", "site-1"]
+    for message in cross_site_run["received"]:
+        if message["message_type"] != CROSS_SITE_ACTION:
+            _assert_only_the_global_model_and_settings(message, cross_site_run)
+
+
+def test_no_planted_value_leaves_a_site_or_reaches_one(any_run: dict) -> None:
     numbers = planted_numbers()
-    for reply in audited_run["replies"]:
-        text = json.dumps({k: v for k, v in reply.items() if k != "arrays"})
-        for needle in audited_run["needles"]:
+    for message in any_run["replies"] + any_run["received"]:
+        text = json.dumps({k: v for k, v in message.items() if k not in ("arrays", "digests")})
+        for needle in any_run["needles"]:
             assert needle not in text, needle
-        for value in reply["metrics"].values():
+        for value in message["metrics"].values():
             for number in value if isinstance(value, list) else [value]:
                 assert float(number) not in numbers
 
