@@ -165,6 +165,6 @@ def test_a_site_cannot_register_nodes_or_start_runs_while_its_supernode_works(co
         assert time.monotonic() < deadline, "the study through the proxy did not finish"
         time.sleep(1)
     summary = json.loads((out / "summary.json").read_text())
-    assert all(summary["per_site"][s]["n_test"] > 0 for s in SITES)
+    assert all(summary["per_site"][s]["n_test"] > 0 for s in SITES), (summary["per_site"], summary.get("notes"))
     access = (c["tmp"] / "proxy" / "access.log").read_text()
     assert "/v1/fleet/push-messages" in access and "/v1/control/start-run" in access

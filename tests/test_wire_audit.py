@@ -54,11 +54,12 @@ def _plant_site(site: Path) -> list[str]:
     return list(ids.values())
 
 
-def _broken_site(site: Path) -> None:
-    """A site whose manifest has a label outside the task's classes, on a PHI-named file."""
-    site.mkdir()
+def _broken_site(site: Path, label: int) -> None:
+    """A site whose one image is a PHI-named empty file; with label 7 its manifest also has a
+    label outside the task's classes."""
+    site.mkdir(exist_ok=True)
     (site / BROKEN_FILE).write_bytes(b"")
-    write_manifest(site, [{"patient_id": PLANTED["PatientID"], "path": BROKEN_FILE, "label": 7}])
+    write_manifest(site, [{"patient_id": PLANTED["PatientID"], "path": BROKEN_FILE, "label": label}])
 
 
 def _audit(tmp: Path, rounds: int, extra_toml: str = "") -> dict:
@@ -66,7 +67,7 @@ def _audit(tmp: Path, rounds: int, extra_toml: str = "") -> dict:
     fed = tmp / "fed"
     generate_federation(fed, sites=2, patients=24, seed=5, image_size=32, progress=False)
     patient_ids = _plant_site(fed / "site-0")
-    _broken_site(fed / "site-broken")
+    _broken_site(fed / "site-broken", label=1)
     toml = tmp / "audit.toml"
     toml.write_text(
         '[federation]\nsites = ["fed/site-0", "fed/site-1", "fed/site-broken"]\n'
@@ -77,11 +78,15 @@ def _audit(tmp: Path, rounds: int, extra_toml: str = "") -> dict:
     capture.mkdir()
     ray.cloudpickle.register_pickle_by_value(tests.wire_capture)  # Ray workers cannot import tests/
     out = tmp / "run"
-    summary = simulate(load_scenario(toml), out, scenario=str(toml),
-                       client_mods=[CaptureMessages(str(capture))])
+    # A simulation refuses a bad manifest when the scenario is read; a hospital's manifest
+    # can go bad after that (and in deployment the coordinator never reads it): break the
+    # site after loading, so that its ClientApp fails at run time and its reasons are audited.
+    settings = load_scenario(toml)
+    _broken_site(fed / "site-broken", label=7)
+    summary = simulate(settings, out, scenario=str(toml), client_mods=[CaptureMessages(str(capture))])
     return {"out": out, "summary": summary, "replies": read_captured(capture, SENT),
             "received": read_captured(capture, RECEIVED), "rounds": rounds,
-            "needles": needles(patient_ids), "settings": load_scenario(toml)}
+            "needles": needles(patient_ids), "settings": settings}
 
 
 @pytest.fixture(scope="module")
