@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fedir.config import Settings
 from fedir.models import sent_state
 from fedir.metrics import pooled_metrics
-from fedir.server.baseline_report import with_clinical_baseline
+from fedir.server.report.baseline import with_clinical_baseline
 from fedir.models import dp_arrays, model_shaped
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
