@@ -36,6 +36,7 @@ STATS_KEY = "feature-sums"
 NAMES_KEY = "feature-names"
 MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/evaluate config
 STD_KEY = "feature-std"
+RUN_ID_KEY = "run-id"  # the study's run id, in each train/evaluate config: a site's saved state is keyed by it
 UPDATE_DTYPES = ("float32", "float16")  # train.update-dtype: the precision of a site's upload
 
 

@@ -26,7 +26,7 @@ from fedir.metrics import pooled_metrics
 from fedir.server.report.baseline import with_clinical_baseline
 from fedir.models import dp_arrays, model_shaped
 from fedir.server.checkpoint import (
-    CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
+    CHECKPOINT_NAME, ResumedRounds, RoundPlan, restore_strategy_state, resume_point, strategy_state,
 )
 from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
 from fedir.server.feature_stats import gather_feature_sums
@@ -194,11 +194,16 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             # entries the sites keep (FedBN, fedir.models): updates come without them
             template=ArrayRecord(shared_arrays(model, settings)),
             outer=(ResumedRounds,),
-            plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1),
-            app_state=lambda: {"label_counts": recorder.label_counts},
+            plan=RoundPlan(checkpoint_path, run_id, config, first_round=done + 1, seed=settings.train_seed,
+                           generators=None if resumed is None else resumed.generators),
+            # a DP wrapper's own state (an adaptive clipping norm) shapes later rounds too
+            app_state=lambda: {"label_counts": recorder.label_counts,
+                               "privacy": {} if strategy is inner else strategy_state(strategy)},
         )
+        inner = inner_strategy(strategy)
         if resumed is not None:
-            restore_strategy_state(inner_strategy(strategy), resumed.strategy_state)
+            restore_strategy_state(inner, resumed.strategy_state)
+            restore_strategy_state(strategy, resumed.app_state["privacy"])
             recorder.label_counts = resumed.app_state["label_counts"]
             recorder.progress.update(done)
         try:
