@@ -15,6 +15,7 @@ import zipfile
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping as ServerSideAdaptiveClipping
 from flwr.serverapp.strategy import FedAdam
 
 from fedir.server.checkpoint import (
@@ -136,6 +137,19 @@ def test_replies_are_aggregated_in_site_order():
     replies = [_reply("site-2", 5), _reply("site-0", 9), _reply("site-1", 1)]
     assert [m.content.config_records[SITE_KEY]["name"] for m in in_site_order(replies)] == [
         "site-0", "site-1", "site-2"]
+
+
+def test_an_adaptive_dp_clipping_norm_survives_a_checkpoint(tmp_path):
+    """The DP wrapper's own state (its clipping norm moves every round) is saved beside the
+    strategy's, as the ServerApp does (app_state "privacy")."""
+    wrapper = ServerSideAdaptiveClipping(FedAdam(), noise_multiplier=0.1, num_sampled_clients=3,
+                                         initial_clipping_norm=1.0)
+    wrapper.clipping_norm = 0.37
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, Checkpoint("r", {}, 1, {}, app_state={"privacy": strategy_state(wrapper)}))
+    fresh = ServerSideAdaptiveClipping(FedAdam(), noise_multiplier=0.1, num_sampled_clients=3,
+                                       initial_clipping_norm=1.0)
+    restore_strategy_state(fresh, load_checkpoint(tmp_path / CHECKPOINT_NAME).app_state["privacy"])
+    assert fresh.clipping_norm == 0.37 and isinstance(fresh.strategy, FedAdam)
 
 
 def test_array_records_in_strategy_state_come_back_as_array_records():
