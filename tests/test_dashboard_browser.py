@@ -19,7 +19,11 @@ from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, write
 from run_factory import start, write_round, write_run
 
 SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
-WAIT_MS = 20_000
+# Each wait is for the event itself (an element, a redrawn plot) with no deadline of its own:
+# on a loaded machine chromium can take many seconds to parse plotly.min.js. A page that
+# never gets there is stopped by the module's pytest timeout.
+WAIT_MS = 0
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
