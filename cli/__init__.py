@@ -75,7 +75,7 @@ def _import_medmnist(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedir.server.baseline_report import baseline_text
+    from fedir.server.report.baseline import baseline_text
     from fedir.server.summary import format_site_table
     from fedir.simulations.scenario import load_scenario
     from fedir.simulations.simulate import simulate

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedir.client import site_state
 from fedir.client.arms import keep_local, start_weights
 from fedir.client.datacard import card_once
 from fedir.client.kept_state import load_global, reply_arrays
@@ -77,11 +78,14 @@ def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view:
     return model
 
 
-def _received(msg: Message, context: Context, fixed: Settings | None):
+def _received(msg: Message, context: Context, fixed: Settings | None, *, training: bool):
     """What a train or evaluate message sets up: the settings, the site, the round's
-    config and the model to start from (the site's own weights under the local arm)."""
+    config and the model to start from (the site's own weights under the local arm),
+    with the site's saved state put back when a resumed run reaches this node
+    (fedir.client.site_state)."""
     settings, site = _view(context, fixed)
     received, config = decode_instruction(msg.content)
+    site_state.restore(context, site_dir_of(context, settings).resolve(), config, before_training=training)
     arrays = start_weights(settings, received, context)
     return settings, site, config, _model_from(arrays, context, settings, site)
 
@@ -129,7 +133,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
 
     @app.train()
     def train_fn(msg: Message, context: Context) -> Message:
-        settings, site, config, model = _received(msg, context, fixed)
+        settings, site, config, model = _received(msg, context, fixed, training=True)
         sent = decode_round_config(config)
         seed = settings.round_seed(sent.server_round)
         objective, recipe = round_recipe(settings, seed, sent.proximal_mu)
@@ -157,11 +161,12 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             skipped=site.skipped,
             card=None if site.imaging is None else card_once(context, site.imaging, settings),
         )
+        site_state.persist(context, site_dir_of(context, settings).resolve(), config)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
-        settings, site, config, model = _received(msg, context, fixed)
+        settings, site, config, model = _received(msg, context, fixed, training=False)
         model = personalised(model, settings, site, config, context)
         x, labels, patients = _test_rows(settings, site, config)
         scores, features = predict_with_embedding(model, x, pick_device())

@@ -44,6 +44,7 @@ MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/eva
 STD_KEY = "feature-std"
 ROUND_KEY = "server-round"  # set by Flower's strategies in every train/evaluate config
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx in its train config
+RUN_ID_KEY = "run-id"  # the study's run id, in each train/evaluate config: a site's saved state is keyed by it
 UPDATE_DTYPES = allowed(UpdateDtype)  # train.update-dtype: the precision of a site's upload
 
 
@@ -111,6 +112,7 @@ class RoundConfig:
     proximal_mu: float = 0.0
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    run_id: str | None = None  # fedir's run id (server.checkpoint adds it), keying a site's saved state
 
 
 def encode_round_config(
@@ -137,6 +139,7 @@ def decode_round_config(config: ConfigRecord) -> RoundConfig:
         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
         mean=np.asarray(config[MEAN_KEY], dtype=np.float64) if has_stats else None,
         std=np.asarray(config[STD_KEY], dtype=np.float64) if has_stats else None,
+        run_id=str(config[RUN_ID_KEY]) if RUN_ID_KEY in config else None,
     )
 
 

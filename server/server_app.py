@@ -24,10 +24,10 @@ from fedir.config import Settings
 from fedir.errors import StudyFailed, UserError
 from fedir.models import as_tensors, kept_keys, state_arrays, state_shapes
 from fedir.metrics import pooled_metrics
-from fedir.server.baseline_report import with_clinical_baseline
+from fedir.server.report.baseline import with_clinical_baseline
 from fedir.protocol import decode_weights, encode_weights
 from fedir.server.checkpoint import (
-    CHECKPOINT_NAME, Checkpoint, ResumedRounds, RoundPlan, restore_strategy_state, resume_point,
+    CHECKPOINT_NAME, Checkpoint, ResumedRounds, RoundPlan, restore_strategy_state, resume_point, strategy_state,
 )
 from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
 from fedir.server.feature_stats import gather_feature_sums
@@ -225,11 +225,16 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
         # entries the sites keep (FedBN, fedir.models): updates come without them
         template=shared_arrays(model, settings),
         outer=(ResumedRounds,),
-        plan=RoundPlan(out_dir / CHECKPOINT_NAME, run_id, settings.to_run_config(), first_round=done + 1),
-        app_state=lambda: {"label_counts": recorder.label_counts},
+        plan=RoundPlan(out_dir / CHECKPOINT_NAME, run_id, settings.to_run_config(), first_round=done + 1,
+                       seed=settings.train_seed, generators=None if resumed is None else resumed.generators),
+        # a DP wrapper's own state (an adaptive clipping norm) shapes later rounds too
+        app_state=lambda: {"label_counts": recorder.label_counts,
+                           "privacy": {} if strategy is inner else strategy_state(strategy)},
     )
+    inner = inner_strategy(strategy)
     if resumed is not None:
-        restore_strategy_state(inner_strategy(strategy), resumed.strategy_state)
+        restore_strategy_state(inner, resumed.strategy_state)
+        restore_strategy_state(strategy, resumed.app_state["privacy"])
         recorder.label_counts = resumed.app_state["label_counts"]
         recorder.progress.update(done)
     try:

@@ -8,7 +8,7 @@ logistic regression trained by local SGD (`baseline.clinical-steps`,
 personalisation, monitoring exports) are switched off: they have no meaning for the
 clinical model, or would write into the imaging run's folders. The companion runs first,
 into OUT/clinical-baseline/, so that the imaging run's summary and report, written at its
-end, can show both (fedir.server.baseline_report).
+end, can show both (fedir.server.report.baseline).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedir.client.manifest import manifest_columns
 from fedir.client.tabular import CLINICAL_PREFIX
-from fedir.server.baseline_report import COMPANION_DIR
+from fedir.server.report.baseline import COMPANION_DIR
 
 from fedir.config import Settings, SettingsError
 

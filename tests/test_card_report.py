@@ -1,6 +1,6 @@
 """The report's data-card section: escaped, suppressed cells shown only as a count."""
 
-from fedir.server.card_report import card_section
+from fedir.server.report.cards import card_section
 
 CARD = {
     "card_version": 1, "k": 5,

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedir.config import Settings, SettingsError
-from fedir.server.baseline_report import (
+from fedir.server.report.baseline import (
     baseline_section, baseline_text, comparison, with_clinical_baseline,
 )
 from fedir.simulations.companion import check_clinical_columns, clinical_settings

@@ -19,7 +19,11 @@ from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, write
 from run_factory import start, write_round, write_run
 
 SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
-WAIT_MS = 20_000
+# Each wait is for the event itself (an element, a redrawn plot) with no deadline of its own:
+# on a loaded machine chromium can take many seconds to parse plotly.min.js. A page that
+# never gets there is stopped by the module's pytest timeout.
+WAIT_MS = 0
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
@@ -151,4 +155,25 @@ def test_missing_or_corrupt_store_gives_a_clear_page(page, tmp_path: Path, conte
         assert "Traceback" not in page.content()
         assert page.locator("#run-section").is_hidden()
         screenshot(page, "dashboard-" + ("missing" if content is None else "corrupt") + "-store")
+        assert_local_only(page)
+
+
+HOSTILE = '<b>site</b><img src=x onerror="window.__pwned=1">'  # <b>: markup plotly would draw
+
+
+def test_markup_in_a_site_name_is_shown_as_text(page, tmp_path: Path) -> None:
+    """A site named with markup appears as typed in the table and in plotly's legend, and
+    nothing of it becomes an element or runs."""
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        write_run(store, "study-1", [HOSTILE, "hospital-b"], 2, cards=True, seed=1)
+    with served(tmp_path) as url:
+        page.goto(url)
+        page.wait_for_selector('#site-table tr[data-site="global"]', timeout=WAIT_MS)
+        page.wait_for_function("(document.getElementById('site-plot').data || []).length > 0", timeout=WAIT_MS)
+        assert HOSTILE in page.locator("#site-table").inner_text()
+        page.wait_for_selector("#site-plot .legendtext", timeout=WAIT_MS)
+        legend = page.locator("#site-plot .legendtext").evaluate_all("nodes => nodes.map((n) => n.textContent)")
+        assert HOSTILE in legend, legend
+        assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
+        assert page.evaluate("window.__pwned") is None
         assert_local_only(page)

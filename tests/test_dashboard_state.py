@@ -52,12 +52,15 @@ def test_open_snapshot_does_not_lock_the_writer_out(tmp_path: Path) -> None:
     store.close()
 
 
-def _write_rounds(path: str, rounds: int) -> None:
-    """Write rounds at a pace a reader on a loaded machine can follow (a real round takes seconds)."""
+def _write_rounds(path: str, rounds: int, seen) -> None:
+    """Write each round once the reader has seen the one before (`seen`), however slow a
+    loaded machine makes the reader: it reads while the next round is being written, and
+    watches every round arrive."""
     with RunStore(path) as store:
         for server_round in range(2, rounds + 1):
+            while seen.value < server_round - 1:
+                time.sleep(0.01)
             write_round(store, "r", SITES, server_round)
-            time.sleep(0.1)
         store.finish_run("r")
 
 
@@ -66,10 +69,13 @@ def test_reader_never_sees_half_a_round_while_another_process_writes(tmp_path: P
     with RunStore(path) as store:
         start(store, "r", SITES, 40)
         write_round(store, "r", SITES, 1)
-    writer = multiprocessing.get_context("spawn").Process(target=_write_rounds, args=(str(path), 40))
+    spawn = multiprocessing.get_context("spawn")
+    seen = spawn.Value("i", 0)
+    writer = spawn.Process(target=_write_rounds, args=(str(path), 40, seen))
     writer.start()
     seen_rounds = set()
     while True:
+        assert writer.exitcode in (None, 0), "the writer failed"
         detail = run_detail(tmp_path, ".", "r")
         series = detail["series"]["accuracy"]
         rounds = {site: [p[0] for p in points] for site, points in series.items()}
@@ -79,11 +85,12 @@ def test_reader_never_sees_half_a_round_while_another_process_writes(tmp_path: P
         assert all(r == list(range(1, evaluated + 1)) for r in rounds.values()), rounds
         assert len(detail["table"]) == len(SITES) + 1
         seen_rounds.add(evaluated)
+        seen.value = evaluated
         if detail["run"]["status"] == "finished":
             break
-    writer.join(timeout=60)
+    writer.join()
     assert writer.exitcode == 0
-    assert max(seen_rounds) == 40 and len(seen_rounds) > 2, seen_rounds  # the reader watched it grow
+    assert seen_rounds == set(range(1, 41)), seen_rounds  # the reader watched it grow
 
 
 def test_corrupt_and_foreign_files_are_named_clearly(tmp_path: Path) -> None:

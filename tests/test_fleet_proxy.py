@@ -20,7 +20,7 @@ from fedir.simulations.synthetic import generate_federation
 
 from flower_deployment import (
     CONNECTION, NGINX, Processes, flwr, flwr_env, free_port, nginx_args, port_open,
-    superlink_args, supernode_args, wait_for_port, write_flower_config,
+    started_run, superlink_args, supernode_args, wait_for_file, wait_for_port, write_flower_config,
 )
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -84,10 +84,10 @@ def coordinator(tmp_path_factory):
     site_env = flwr_env(site_home)
     procs = Processes(tmp)
     try:
-        procs.start("superlink", superlink_args(certs, port, tmp / "superlink.db"), env, tmp)
-        procs.start("nginx", nginx_args(conf), env, tmp)
-        wait_for_port(port)
-        wait_for_port(proxy_port, host=SITE_HOST)
+        superlink = procs.start("superlink", superlink_args(certs, port, tmp / "superlink.db"), env, tmp)
+        nginx = procs.start("nginx", nginx_args(conf), env, tmp)
+        wait_for_port(port, superlink, procs.log("superlink"))
+        wait_for_port(proxy_port, nginx, procs.log("nginx"), host=SITE_HOST)
         for site in SITES:
             reg = flwr(["supernode", "register", str(certs / "nodes" / f"{site}.pub"), CONNECTION,
                         "--name", site], env, tmp)
@@ -160,10 +160,7 @@ def test_a_site_cannot_register_nodes_or_start_runs_while_its_supernode_works(co
                 f'federation.sites="{";".join(SITES)}" train.rounds=1 train.local-epochs=1 '
                 f'model.image-size=32 eval.bootstrap=50 output.dir="{out}"'], c["env"], PROJECT)
     assert run.returncode == 0, run.stdout + run.stderr
-    deadline = time.monotonic() + 600
-    while not (out / "summary.json").exists():
-        assert time.monotonic() < deadline, "the study through the proxy did not finish"
-        time.sleep(1)
+    wait_for_file(out / "summary.json", started_run(run), c["env"], PROJECT)
     summary = json.loads((out / "summary.json").read_text())
     assert all(summary["per_site"][s]["n_test"] > 0 for s in SITES), (summary["per_site"], summary.get("notes"))
     access = (c["tmp"] / "proxy" / "access.log").read_text()

@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+from markupsafe import escape
 
 from fedir.server.report import write_report
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, format_site_table, write_summary
-from test_runstore import RUN, SITES, VERDICT, fabricate
+from tests.store_factory import RUN, SITES, VERDICT, fabricate
 
 CONTRACT_KEYS = {"run_id", "scenario", "rounds", "sites", "global", "per_site", "bias", "notes", "status"}
 METRIC_KEYS = {"auc", "auc_ci", "accuracy", "accuracy_ci", "sensitivity", "sensitivity_ci",
@@ -86,7 +87,7 @@ def test_report_is_self_contained(store: RunStore, tmp_path: Path) -> None:
     for site in SITES:
         assert site in html
     for reason in VERDICT["reasons"]:
-        assert reason.replace("'", "&#x27;") in html
+        assert str(escape(reason)) in html
     assert "only one class among the test patients" in html
     assert "2 files unreadable" in html
     assert 'class="verdict alarm"' in html
@@ -98,7 +99,7 @@ def test_report_escapes_site_names(tmp_path: Path) -> None:
         html = write_report(s, RUN, tmp_path / "report.html").read_text()
     assert "<script>" not in html
     assert "&lt;script&gt;" in html
-    assert "a&quot;b&amp;c" in html
+    assert str(escape('a"b&c')) in html and 'a"b&c' not in html
 
 
 def test_site_table_says_why_a_site_failed_and_that_no_verdict_was_computed(tmp_path: Path) -> None:
@@ -111,3 +112,26 @@ def test_site_table_says_why_a_site_failed_and_that_no_verdict_was_computed(tmp_
     assert "No bias alarm" not in table
     assert "  b (round 2): train failed: manifest.csv: row 3: empty path" in table
     assert "stale" not in table
+
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def test_markup_from_sites_is_shown_as_text_never_run(tmp_path: Path) -> None:
+    """A site name, a note's reason, a verdict reason and a data-card value that carry a
+    script tag reach the page as text: the report itself has no <script> at all."""
+    sites = [SCRIPT, "site-b", "site-c"]
+    with fabricate(tmp_path / "runs.sqlite", sites) as s:
+        s.record_note(RUN, 2, SCRIPT, "rejected", f"norm too large {SCRIPT}")
+        s.record_bias(RUN, 2, {**VERDICT, "reasons": [f"site {SCRIPT} differs"]})
+        s.record_card(RUN, SCRIPT, {"k": 5, "files": {"listed": 1, "loaded": 1, "skipped": {SCRIPT: 1}},
+                                    "patients": {"train": 1, "val": 0, "test": 0},
+                                    "labels": {"labelled_patients": 1, "unlabelled_patients": 0,
+                                               "per_class": {"values": {SCRIPT: 5}, "suppressed_cells": 0},
+                                               "prevalence": None},
+                                    "acquisition": {"Manufacturer": {"values": {SCRIPT: 5}}}})
+        html = write_report(s, RUN, tmp_path / "report.html").read_text()
+    assert "<script" not in html.lower()
+    shown = str(escape(SCRIPT))
+    assert html.count(shown) >= 8  # names in tables, the note, the reason, the card's cells
+    assert f"norm too large {shown}" in html and f"site {shown} differs" in html

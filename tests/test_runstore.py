@@ -9,77 +9,7 @@ import pytest
 
 from fedir.server.runstore import RunStore
 
-SITES = ["site-a", "site-b", "site-c"]
-RUN = "run-1"
-
-
-def site_eval(n: int, positives: int, auc: float | None) -> dict:
-    """A site's evaluation aggregates in the shape ``fedir.metrics.site_metrics`` returns."""
-    entry = {
-        "n": n, "n_patients": n // 3, "positives": positives,
-        "auc": auc, "auc_ci": None if auc is None else [auc - 0.1, min(auc + 0.08, 1.0)],
-        "accuracy": 0.75, "accuracy_ci": [0.64, 0.85],
-        "sensitivity": 0.7, "sensitivity_ci": [0.5, 0.85],
-        "specificity": 0.8, "specificity_ci": [0.66, 0.9],
-        "tp": 17, "tn": 28, "fp": 7, "fn": 7,
-        "hist_neg": [max(0, 8 - i) for i in range(20)], "hist_pos": [max(0, i - 10) for i in range(20)],
-        "reasons": {},
-    }
-    if auc is None:
-        entry["reasons"] = {"auc": "only one class among the test patients"}
-    return entry
-
-
-def round_eval(server_round: int) -> dict[str, dict]:
-    return {
-        "site-a": site_eval(60, 24, 0.70 + 0.05 * server_round),
-        "site-b": site_eval(45, 0, None),
-        "site-c": site_eval(30, 12, 0.60 + 0.05 * server_round),
-    }
-
-
-VERDICT = {
-    "alarm": True,
-    "reasons": ["label prevalence differs strongly between sites (Cramer's V 0.62)"],
-    "tests": {
-        "site_label_association": {
-            "alarm": True, "chi2": 41.3, "dof": 2, "p_value": 1.1e-9, "cramers_v": 0.62,
-            "threshold_p": 0.01, "threshold_v": 0.3,
-            "table": {"site-a": {"0": 20, "1": 20}, "site-b": {"0": 40, "1": 0},
-                      "site-c": {"0": 5, "1": 30}},
-            "prevalence": {"site-a": 0.5, "site-b": 0.0, "site-c": 0.857},
-            "reason": "label prevalence differs strongly between sites",
-        },
-        "pooled_vs_within_auc": {
-            "alarm": False, "pooled_auc": 0.80, "within_auc": 0.74, "gap": 0.06, "threshold_gap": 0.1,
-            "reason": "pooled AUC within 0.1 of the within-site AUC",
-        },
-    },
-}
-
-
-def fabricate(path: Path, sites: list[str] = SITES) -> RunStore:
-    """A finished 3-site, 2-round run; site-b's AUC is null with a reason."""
-    store = RunStore(path)
-    store.start_run(RUN, "frankenstein", {"train": {"rounds": 2}}, sites)
-    for server_round in (1, 2):
-        per_site = round_eval(server_round)
-        per_site = {new: per_site[old] for old, new in zip(SITES, sites)}
-        pooled = site_eval(135, 36, 0.78 + 0.02 * server_round)
-        store.record_training(RUN, server_round, {
-            s: {"train_loss": (0.5 + 0.1 * i) / server_round, "n_labelled": 40, "n_unlabelled": 90,
-                "label_counts": {"0": 20, "1": 20}} for i, s in enumerate(sites)})
-        store.record_evaluation(RUN, server_round, per_site, pooled)
-        store.record_bias(RUN, server_round, VERDICT)
-    store.record_note(RUN, 1, sites[2], "skipped_file", "2 files unreadable: truncated pixel data")
-    store.finish_run(RUN)
-    return store
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> RunStore:
-    with fabricate(tmp_path / "runs.sqlite") as s:
-        yield s
+from tests.store_factory import RUN, SITES, VERDICT, fabricate, round_eval, site_eval
 
 
 def test_one_row_per_round_site_split_metric(store: RunStore) -> None:

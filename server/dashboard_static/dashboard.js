@@ -35,6 +35,10 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// Plotly draws trace names and hover text as its own small HTML (<b>, <br>, <a href>...): a
+// site or run name goes in with &, < and > as entities, so it is shown as typed, never as markup.
+function plotlyText(text) { return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"); }
+
 function fmt(value) { return value === null || value === undefined ? "n/a" : value.toFixed(3); }
 function runKey(run) { return run.source + "/" + run.run_id; }
 
@@ -81,7 +85,7 @@ function renderComparison(runs) {
   plot.dataset.drawn = drawn;
   const traces = shown.map((run) => ({
     x: run.auc_series.map((p) => p[0]), y: run.auc_series.map((p) => p[1]), mode: "lines+markers",
-    name: run.source === "." ? run.run_id : run.source + " / " + run.run_id,
+    name: plotlyText(run.source === "." ? run.run_id : run.source + " / " + run.run_id),
   }));
   const rounds = Math.max(...shown.map((run) => run.auc_series.length));
   Plotly.react(plot, traces, layout("pooled AUC by round, every run", "pooled AUC", rounds), { displaylogo: false, responsive: true });
@@ -243,8 +247,9 @@ function bandTraces(points, name, css, showBand, width) {
       fill: "tonexty", fillcolor: withAlpha(css, 0.15), hoverinfo: "skip", showlegend: false, legendgroup: name });
   }
   const text = points.map((p) => (p[2] === null ? fmt(p[1]) : fmt(p[1]) + " [" + fmt(p[2]) + ", " + fmt(p[3]) + "]"));
-  traces.push({ x, y: points.map((p) => p[1]), text, mode: "lines+markers", name, legendgroup: name,
-    line: { color: css, width }, marker: { size: 5 }, hovertemplate: name + " round %{x}: %{text}<extra></extra>" });
+  const shown = plotlyText(name);
+  traces.push({ x, y: points.map((p) => p[1]), text, mode: "lines+markers", name: shown, legendgroup: name,
+    line: { color: css, width }, marker: { size: 5 }, hovertemplate: shown + " round %{x}: %{text}<extra></extra>" });
   return traces;
 }
 

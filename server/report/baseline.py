@@ -18,9 +18,12 @@ per-patient scores, which never leave a site.
 from __future__ import annotations
 
 import json
-from html import escape
 from pathlib import Path
 from typing import Any
+
+from markupsafe import Markup
+
+from fedir.server.report.render import render
 
 COMPANION_DIR = "clinical-baseline"
 CONFIG_KEY = "baseline.clinical"
@@ -106,25 +109,13 @@ def baseline_text(summary: dict) -> str:
                       lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def baseline_section(summary: dict) -> str:
-    """The report's HTML section; "" when the run did not ask for a clinical baseline."""
+def baseline_section(summary: dict) -> Markup:
+    """The report's section (templates/baseline.html); empty when the run did not ask
+    for a clinical baseline."""
     cmp = summary.get("clinical_baseline")
     if not cmp:
-        return ""
-    title = "<h2>Clinical-only baseline beside the imaging model</h2>"
+        return Markup("")
     if not cmp["available"]:
-        return f'{title}<p class="muted">Not available: {escape(cmp["reason"])}.</p>'
-    name_cls, global_cls = ' class="name"', ' class="global"'
-    head = "".join(f"<th{name_cls if i == 0 else ''}>{escape(h)}</th>" for i, h in enumerate(HEADER))
-    body = "".join(
-        f"<tr{global_cls if r[0].startswith('global') else ''}>"
-        + "".join(f"<td{name_cls if i == 0 else ''}>{escape(c)}</td>" for i, c in enumerate(r))
-        + "</tr>"
-        for r in _rows(cmp)
-    )
-    caption = (f"A logistic regression on each site's clin_* columns, trained by the same federation "
-               f"(companion run {cmp['run_id']}, {COMPANION_DIR}/report.html), tested on the same patients. "
-               "Imaging is scored per image, clinical per patient; 95% CIs from each model's own "
-               "patient bootstrap. An imaging model whose AUC does not clear the clinical one has not "
-               "shown it adds anything.")
-    return f'{title}<table><tr>{head}</tr>{body}</table><p class="footnotes">{escape(caption)}</p>'
+        return render("baseline.html", available=False, reason=cmp["reason"])
+    return render("baseline.html", available=True, header=HEADER, rows=_rows(cmp),
+                  run_id=cmp["run_id"], companion_dir=COMPANION_DIR)

@@ -1,0 +1,48 @@
+"""The run report: one self-contained HTML file, built only from the run store.
+
+Written for the radiologist-researcher watching a study: the bias verdict first, then
+how each site's AUC moved over the rounds, the final per-site metrics with their
+confidence intervals (and the clinical-only baseline beside them, when the run asked for
+one), how scores and labels are spread over the sites, what each bias signal saw and the
+numbers behind each test, the training loss, the sites' data cards, and the notes
+(skipped files, metrics that could not be computed).
+
+Each section is one Jinja2 template in templates/, rendered with autoescape
+(fedir.server.report.render): site names come from folder names, reasons and card
+values from the sites, and none of them may turn into markup in a page opened on a
+hospital workstation. The file references no external resource: figures are inline
+base64 PNGs (fedir.server.report.figures), CSS is inline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedir.server.report.baseline import baseline_section, with_clinical_baseline
+from fedir.server.report.bias import bias_section
+from fedir.server.report.cards import card_section
+from fedir.server.report.overview import notes_section, summary_section
+from fedir.server.report.render import render
+from fedir.server.report.sites import distributions_section, sites_section, training_section
+from fedir.server.runstore import RunStore
+from fedir.server.summary import build_summary
+
+
+def write_report(store: RunStore, run_id: str, path: Path) -> Path:
+    """Render ``run_id`` from ``store`` into the HTML file ``path`` and return it."""
+    path = Path(path)
+    summary = build_summary(store, run_id)
+    rows = store.metric_rows(run_id)
+    sections = [
+        summary_section(summary),
+        sites_section(rows, summary),
+        baseline_section(with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])),
+        distributions_section(store, run_id, summary),
+        bias_section(summary["bias"]),
+        training_section(rows, summary["sites"]),
+        card_section(store.cards(run_id)),
+        notes_section(summary["notes"]),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render("report.html", run_id=run_id, sections=sections), encoding="utf-8")
+    return path

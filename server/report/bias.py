@@ -1,0 +1,114 @@
+"""The report's bias sections, as data for templates/bias.html: what each Frankenstein
+signal saw, drawn for a study team, then every bias test's numbers.
+
+Forest plot of the sites' AUCs (heterogeneity), pooled against within-site AUC with the
+gap's interval, the embedding's site separability as a site x site heatmap, the
+cross-site matrix as a heatmap, and the leave-one-site-out table. Everything is drawn
+from the verdict's own numbers (summary.json `bias`), so the plots cannot disagree with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from markupsafe import Markup
+
+from fedir.server.report import figures
+from fedir.server.report.render import render
+
+# Friendly names of the numbers bias tests report; unknown keys are shown as they are.
+_LABELS = {
+    "chi2": "chi-square", "chi_square": "chi-square", "dof": "degrees of freedom",
+    "p_value": "p-value", "cramers_v": "Cramer's V", "pooled_auc": "pooled AUC",
+    "within_auc": "mean within-site AUC", "gap": "gap (pooled - within)", "alarm": "alarm",
+}
+_SKIPPED_TEST_KEYS = {"table", "prevalence", "reason", "alarm", "matrix", "pairwise", "site_se",
+                      "per_site_class_accuracy", "site_gap"}
+
+
+def bias_section(bias: dict) -> Markup:
+    """"What the bias signals saw" (left out when no signal was recorded) and "Bias tests"."""
+    tests = bias.get("tests") or {}
+    signals = {
+        "warnings": [str(w) for w in bias.get("warnings") or []],
+        "forest": _forest(tests.get("auc_heterogeneity")),
+        "gap": _gap(tests.get("pooled_vs_within_auc")),
+        "separability": _separability(tests.get("site_separability")),
+        "cross_site": _cross_site(tests.get("cross_site")),
+        "sensitivity": _sensitivity(bias.get("sensitivity")),
+    }
+    blocks = [_test_block(name, test) for name, test in tests.items() if isinstance(test, dict)]
+    return render("bias.html", signals=any(signals.values()), tests=blocks, **signals)
+
+
+def _forest(test: dict | None) -> dict | None:
+    if not test or not test.get("site_auc"):
+        return None
+    q = "" if test.get("q") is None else (
+        f"Cochran's Q {test['q']:.1f} (dof {test['dof']}, p = {test['p_value']:.2g}), "
+        f"I\u00b2 = {test['i2']:.0%}, tau\u00b2 = {test['tau2']:.3g}.")
+    return {"png": figures.forest(test), "q": q}
+
+
+def _gap(test: dict | None) -> dict | None:
+    if not test or not test.get("computable"):
+        return None
+    ci = test.get("gap_ci")
+    interval = "" if ci is None else f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]"
+    text = f"Gap {test['gap']:.3f}{interval}, threshold {test['thresholds']['max_gap']}."
+    return {"png": figures.pooled_against_within(test), "text": text}
+
+
+def _separability(test: dict | None) -> dict | None:
+    if not test or not test.get("computable"):
+        return None
+    matrix: dict[str, dict[str, float | None]] = {}
+    for pair, value in test["pairwise"].items():
+        a, b = pair.split("|", 1)
+        matrix.setdefault(a, {})[b] = value
+        matrix.setdefault(b, {})[a] = value
+    cls = test.get("class_accuracy")
+    text = (f"Most identifiable site: {test['most_identifiable']} (accuracy {test['site_accuracy']:.2f}); classes "
+            f"within sites: {'n/a' if cls is None else f'{cls:.2f}'}. 0.5 = indistinguishable.")
+    return {"png": figures.heatmap(matrix, "site separability (same class)", "site", "site"), "text": text}
+
+
+def _cross_site(test: dict | None) -> dict | None:
+    if not test or not test.get("matrix"):
+        return None
+    text = "" if not test.get("computable") else (
+        f"Own site {test['diagonal']:.2f}, other sites {test['off_diagonal']:.2f}, gap {test['gap']:.2f}.")
+    png = figures.heatmap(test["matrix"], "AUC of each site's model", "test data of site", "model of site")
+    return {"png": png, "text": text}
+
+
+def _sensitivity(sens: dict | None) -> dict | None:
+    if not sens or not sens.get("by_site"):
+        return None
+    rows = [{"site": site, "verdict": "ALARM" if e["alarm"] else "no alarm",
+             "signals": ", ".join(e["signals"]) or "-", "pooled_auc": _auc(e["pooled_auc"])}
+            for site, e in sens["by_site"].items()]
+    return {"rows": rows, "flags": [str(f) for f in sens.get("flags") or []]}
+
+
+def _test_block(name: str, test: dict) -> dict:
+    rows = [(_LABELS.get(k, k.replace("_", " ")), _fmt_any(v))
+            for k, v in test.items() if k not in _SKIPPED_TEST_KEYS]
+    return {"name": name.replace("_", " "), "alarm": bool(test.get("alarm")),
+            "reason": str(test["reason"]) if test.get("reason") else "", "rows": rows}
+
+
+def _auc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _fmt_any(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "n/a"}[value]
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} = {_fmt_any(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_fmt_any(v) for v in value)
+    return str(value)

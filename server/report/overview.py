@@ -1,0 +1,48 @@
+"""The report's first and last sections: the run's facts with the bias verdict
+(templates/summary.html), and the notes (templates/notes.html): skipped files, rejected
+updates, metrics that could not be computed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from markupsafe import Markup
+
+from fedir.server.report.render import render
+from fedir.server.summary import key_numbers
+
+_NOTE_KINDS = {"null_metric": "metric not computed", "rejected": "update rejected"}
+
+
+def summary_section(summary: dict) -> Markup:
+    """The run's facts, then the verdict: red with its reasons when the alarm is raised,
+    green when it is not, plain with its reason when no verdict could be computed (alarm
+    null); every test's key numbers either way."""
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    facts = [
+        ("scenario", summary["scenario"]), ("status", summary["status"]),
+        ("started", summary["started_at"]), ("finished", summary["finished_at"] or "-"),
+        ("rounds", summary["rounds"]), ("evaluated round", summary["evaluated_round"]),
+        ("sites", len(summary["sites"])), ("report generated", generated),
+    ]
+    bias = summary["bias"]
+    return render(
+        "summary.html",
+        run_id=summary["run_id"],
+        facts=[(name, str(value)) for name, value in facts],
+        alarm=bool(bias.get("alarm")),
+        computed=bias.get("alarm") is not None,
+        reasons=[str(r) for r in bias.get("reasons") or []],
+        numbers=[(name.replace("_", " "), text) for name, text in key_numbers(bias).items() if text],
+    )
+
+
+def notes_section(notes: list[dict]) -> Markup:
+    """One row per note: round, site, kind and message ("-" where a note has none)."""
+    rows = []
+    for note in notes:
+        message = note["message"] if not note.get("metric") else f"{note['metric']}: {note['message']}"
+        rows.append(["-" if note["round"] is None else str(note["round"]), note["site"] or "-",
+                     _NOTE_KINDS.get(note["kind"], note["kind"]), str(message)])
+    return render("notes.html", notes=rows)

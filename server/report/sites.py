@@ -1,0 +1,116 @@
+"""The report's per-site sections: AUC by round, the final per-site table, score histograms,
+labels by site and training loss, as data for their templates (sites.html,
+distributions.html, training.html).
+
+Everything shown here is an aggregate the run store holds: metric rows, the sites' score
+histograms, label counts. A metric a site could not compute is shown as "n/a" with its
+reason as a numbered footnote, never as a number.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from markupsafe import Markup
+
+from fedir.server.report import figures
+from fedir.server.report.render import render
+from fedir.server.runstore import GLOBAL_SITE, RunStore
+from fedir.server.summary import RATE_METRICS, fmt_with_ci
+
+_METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity",
+                 "specificity": "specificity"}
+
+
+def sites_section(rows: list[dict], summary: dict) -> Markup:
+    """AUC by round and the final per-site metrics with their CIs."""
+    series = _series(rows, "test", "auc")
+    footnotes: list[str] = []
+    table = [_site_row(site, entry, footnotes, "") for site, entry in summary["per_site"].items()]
+    table.append(_site_row(GLOBAL_SITE + " (pooled)", summary["global"], footnotes, "global"))
+    return render(
+        "sites.html",
+        auc_png=figures.auc_by_round(series, summary["sites"]) if series else None,
+        evaluated_round=summary["evaluated_round"],
+        header=["n test", "patients", "positives", *(f"{_METRIC_NAMES[m]} [95% CI]" for m in RATE_METRICS)],
+        rows=table,
+        footnotes=footnotes,
+    )
+
+
+def _site_row(site: str, entry: dict, footnotes: list[str], css: str) -> dict:
+    cells = [_cell(_count(entry.get(k))) for k in ("n_test", "n_patients", "positives")]
+    for metric in RATE_METRICS:
+        value = entry.get(metric)
+        if value is None:
+            reason = str(entry["reasons"].get(metric, "not computed"))
+            footnotes.append(f"{site}, {metric}: {reason}")
+            cells.append(_cell("n/a", reason, len(footnotes)))
+        else:
+            cells.append(_cell(fmt_with_ci(value, entry.get(metric + "_ci"))))
+    return {"site": site, "css": css, "cells": cells}
+
+
+def _cell(text: str, reason: str | None = None, footnote: int | None = None) -> dict:
+    """A table cell: its text, or "n/a" with the reason (hover) and its footnote number."""
+    return {"text": text, "reason": reason, "footnote": footnote}
+
+
+def distributions_section(store: RunStore, run_id: str, summary: dict) -> Markup:
+    """Score histograms per site and the label-by-site table."""
+    table = _label_table(store, run_id, summary["bias"])
+    classes = sorted({c for counts in table.values() for c in counts}, key=_class_order)
+    label_rows = []
+    for site, counts in table.items():
+        total = sum(counts.values())
+        cells = [str(counts.get(c, 0)) for c in classes] + [str(total)]
+        cells += [f"{100 * counts.get(c, 0) / total:.1f}%" if total else "n/a" for c in classes]
+        label_rows.append({"site": site, "cells": cells})
+    return render("distributions.html", histograms_png=_histograms(store, run_id, summary),
+                  classes=classes, label_rows=label_rows)
+
+
+def _histograms(store: RunStore, run_id: str, summary: dict) -> str | None:
+    """A site whose positives all score high is visible at once; None without histograms."""
+    server_round = summary["evaluated_round"]
+    if server_round is None:
+        return None
+    metrics = store.site_metrics(run_id, server_round)
+    names = [s for s in [*summary["sites"], GLOBAL_SITE]
+             if metrics.get(s, {}).get("hist_neg") is not None or metrics.get(s, {}).get("hist_pos") is not None]
+    return figures.score_histograms(metrics, names) if names else None
+
+
+def _label_table(store: RunStore, run_id: str, bias: dict) -> dict[str, dict[str, int]]:
+    """The site-label table the bias test used, else the last recorded training label counts."""
+    test = (bias.get("tests") or {}).get("site_label_association") or {}
+    if isinstance(test.get("table"), dict) and test["table"]:
+        return {str(s): {str(c): int(n) for c, n in row.items()} for s, row in test["table"].items()}
+    latest: dict[str, dict[str, int]] = {}
+    for vector in store.vectors(run_id):
+        if vector["split"] == "train" and "label" in vector["name"] and isinstance(vector["json"], dict):
+            latest[vector["site"]] = {str(c): int(n) for c, n in vector["json"].items()}
+    return latest
+
+
+def _class_order(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.lstrip("-").isdigit() else (1 << 30, name)
+
+
+def training_section(rows: list[dict], sites: list[str]) -> Markup:
+    """Local training loss by round (nothing when no site reported a loss)."""
+    series = _series(rows, "train", "train_loss")
+    return render("training.html", training_png=figures.training_loss(series, sites) if series else None)
+
+
+def _series(rows: list[dict], split: str, metric: str) -> figures.Series:
+    """``{site: [(round, row), ...]}`` of one metric's non-null values, by round."""
+    out: figures.Series = defaultdict(list)
+    for row in rows:
+        if row["split"] == split and row["metric"] == metric and row["value"] is not None:
+            out[row["site"]].append((row["round"], row))
+    return {site: sorted(points, key=lambda p: p[0]) for site, points in out.items()}
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else str(value)
