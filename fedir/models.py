@@ -61,13 +61,12 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
         return build_tabular_model(name, n_features)
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    common = {"spatial_dims": spatial_dims, "n_input_channels": 1, "num_classes": NUM_CLASSES}
     if name == "resnet_small":
-        return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128], **common)
-    if name == "resnet10":
-        return resnet10(**common)
-    if name == "resnet18":
-        return resnet18(**common)
+        return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
+                      spatial_dims=spatial_dims, n_input_channels=1, num_classes=NUM_CLASSES)
+    if name in ("resnet10", "resnet18"):
+        factory = resnet10 if name == "resnet10" else resnet18
+        return factory(spatial_dims=spatial_dims, n_input_channels=1, num_classes=NUM_CLASSES)
     if name == "densenet121":
         return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -135,8 +135,8 @@ def decode_round_config(config: ConfigRecord) -> RoundConfig:
     """The inverse of encode_round_config, with what Flower's strategies added."""
     has_stats = MEAN_KEY in config
     return RoundConfig(
-        server_round=int(config.get(ROUND_KEY, 0)),
-        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+        server_round=int(_number(config.get(ROUND_KEY, 0), ROUND_KEY)),
+        proximal_mu=_number(config.get(PROXIMAL_MU_KEY, 0.0), PROXIMAL_MU_KEY),
         mean=np.asarray(config[MEAN_KEY], dtype=np.float64) if has_stats else None,
         std=np.asarray(config[STD_KEY], dtype=np.float64) if has_stats else None,
         run_id=str(config[RUN_ID_KEY]) if RUN_ID_KEY in config else None,
@@ -154,6 +154,21 @@ def site_name(content: RecordDict) -> str | None:
     site_rec = content.config_records.get(SITE_KEY)
     return str(site_rec["name"]) if site_rec is not None and "name" in site_rec else None
 
+
+
+def _number(value: object, key: str) -> float:
+    """A record's scalar value as a float; a list or text where a number belongs is a
+    malformed message, refused naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"record key {key!r}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _numbers(value: object, key: str) -> list[float]:
+    """A record's list value as floats (refused, naming the key, when it is no list of numbers)."""
+    if not isinstance(value, list):
+        raise ValueError(f"record key {key!r}: expected a list of numbers, got {type(value).__name__}")
+    return [_number(v, key) for v in value]
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
@@ -194,13 +209,13 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
     """The inverse of encode_evaluation, on the server: (site name, metrics dict)."""
     rec = content.metric_records[METRICS_KEY]
     site_rec = content.config_records[SITE_KEY]
-    out: dict[str, Any] = {name: int(rec[_key(name)]) for name in COUNTS}
+    out: dict[str, Any] = {name: int(_number(rec[_key(name)], name)) for name in COUNTS}
     for name in SCALAR_METRICS:
-        out[name] = float(rec[_key(name)]) if rec[f"{_key(name)}-ok"] else None
-        ci = rec[f"{_key(name)}-ci"]
-        out[f"{name}_ci"] = [float(ci[0]), float(ci[1])] if rec[f"{_key(name)}-ci-ok"] else None
+        out[name] = _number(rec[_key(name)], name) if rec[f"{_key(name)}-ok"] else None
+        ci = _numbers(rec[f"{_key(name)}-ci"], f"{name}-ci")
+        out[f"{name}_ci"] = [ci[0], ci[1]] if rec[f"{_key(name)}-ci-ok"] else None
     for name in HISTOGRAMS:
-        out[name] = [int(v) for v in rec[_key(name)]]
+        out[name] = [int(v) for v in _numbers(rec[_key(name)], name)]
     out["reasons"] = json.loads(str(site_rec["reasons"]))
     if EMBEDDING_KEY in content.array_records:
         arrays = content.array_records[EMBEDDING_KEY]
@@ -255,11 +270,11 @@ def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
     rec = content.metric_records[METRICS_KEY]
     site_rec = content.config_records[SITE_KEY]
     out = {
-        "train_loss": float(rec["train-loss"]) if rec["train-loss-ok"] else None,
-        "steps": int(rec["steps"]),
-        "n_labelled": int(rec["n-labelled"]),
-        "n_unlabelled": int(rec["n-unlabelled"]),
-        "label_counts": {c: int(v) for c, v in enumerate(rec["label-counts"])},
+        "train_loss": _number(rec["train-loss"], "train-loss") if rec["train-loss-ok"] else None,
+        "steps": int(_number(rec["steps"], "steps")),
+        "n_labelled": int(_number(rec["n-labelled"], "n-labelled")),
+        "n_unlabelled": int(_number(rec["n-unlabelled"], "n-unlabelled")),
+        "label_counts": {c: int(v) for c, v in enumerate(_numbers(rec["label-counts"], "label-counts"))},
         "skipped": json.loads(str(site_rec["skipped"])),
     }
     if CARD_KEY in site_rec:
@@ -311,13 +326,14 @@ def decode_cross_site(content: RecordDict) -> tuple[str, dict[str, dict[str, Any
     rec = content.metric_records[METRICS_KEY]
     site_rec = content.config_records[SITE_KEY]
     names = json.loads(str(site_rec["models"]))
-    ci = list(rec["auc-ci"])
+    ci = _numbers(rec["auc-ci"], "auc-ci")
+    auc, auc_ok, ci_ok, n = (_numbers(rec[k], k) for k in ("auc", "auc-ok", "auc-ci-ok", "n"))
     out = {}
     for i, name in enumerate(names):
         out[name] = {
-            "auc": float(rec["auc"][i]) if rec["auc-ok"][i] else None,
-            "auc_ci": [float(ci[2 * i]), float(ci[2 * i + 1])] if rec["auc-ci-ok"][i] else None,
-            "n": int(rec["n"][i]),
+            "auc": auc[i] if auc_ok[i] else None,
+            "auc_ci": [ci[2 * i], ci[2 * i + 1]] if ci_ok[i] else None,
+            "n": int(n[i]),
         }
     return str(site_rec["name"]), out
 
@@ -345,10 +361,10 @@ def encode_feature_sums(features: list[str], sums: FeatureSums | None) -> Record
 def decode_feature_sums(content: RecordDict) -> tuple[list[str], FeatureSums | None]:
     rec = content.metric_records[STATS_KEY]
     names = [n for n in str(content.config_records[NAMES_KEY]["names"]).split(";") if n]
-    if int(rec["n"]) == 0:
+    if int(_number(rec["n"], "n")) == 0:
         return names, None
     return names, FeatureSums(
-        int(rec["n"]), np.asarray(rec["sum"], dtype=np.float64), np.asarray(rec["sum-sq"], dtype=np.float64)
+        int(_number(rec["n"], "n")), np.asarray(rec["sum"], dtype=np.float64), np.asarray(rec["sum-sq"], dtype=np.float64)
     )
 
 

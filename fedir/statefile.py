@@ -40,7 +40,7 @@ def write_state(path: Path, value: Any) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy types **kwds as bool (allow_pickle)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
