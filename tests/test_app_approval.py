@@ -8,7 +8,6 @@ sites' reason, and the SuperNodes stay up and run the approved copy's round."""
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from fedir.client.approval import fab_bytes, fab_digest
 from fedir.simulations.synthetic import generate_federation
 
 from flower_deployment import (
-    BIN, CONNECTION, Processes, flwr, flwr_env, free_port, superlink_args, supernode_args,
-    wait_for_port, write_flower_config,
+    BIN, CONNECTION, Processes, exited, flwr, flwr_env, free_port, superlink_args, supernode_args,
+    wait_for, wait_for_port, write_flower_config,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -30,9 +29,6 @@ SITES = [f"site-{i}" for i in range(3)]
 NOT_THE_APP = (".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", "runs", "demo-data",
                "build", ".fedir-cache", "test-artifacts")
 ONE_LINE = "\nUNREVIEWED = True  # one line the sites never approved\n"
-# Flower's SuperNode polls every 3 s and its ServerApp reports its status when it ends;
-# 300 s leaves the loaded test machine a wide margin over both.
-REFUSAL_BOUND = 300
 
 
 def site_env(tmp: Path, site: str) -> dict[str, str]:
@@ -72,8 +68,8 @@ def sites(tmp_path_factory):
     env = flwr_env(home)
     procs = Processes(tmp)
     try:
-        procs.start("superlink", superlink_args(certs, port, tmp / "superlink.db"), env, tmp)
-        wait_for_port(port)
+        superlink = procs.start("superlink", superlink_args(certs, port, tmp / "superlink.db"), env, tmp)
+        wait_for_port(port, superlink, procs.log("superlink"))
         for site in SITES:
             reg = flwr(["supernode", "register", str(certs / "nodes" / f"{site}.pub"), CONNECTION,
                         "--name", site], env, tmp)
@@ -86,7 +82,8 @@ def sites(tmp_path_factory):
             flower = supernode_args(certs, port, certs / "nodes" / f"{site}.key", fed / site, free_port())
             procs.start(site, [str(BIN / "fedir"), "site", "supernode", "--allow-list",
                                str(tmp / f"{site}-approved.json"), "--", *flower[1:]], site_env(tmp, site), tmp)
-        yield {"tmp": tmp, "env": env, "procs": procs, "approved": approved, "changed": changed}
+        yield {"tmp": tmp, "env": env, "procs": procs, "approved": approved, "changed": changed,
+               "superlink": exited(superlink, procs.log("superlink"))}
     finally:
         procs.stop_all()
 
@@ -102,17 +99,20 @@ def _start(app: Path, out: Path, env: dict[str, str], tmp: Path) -> str:
     return json.loads(run.stdout[run.stdout.index("{"):])["run-id"]
 
 
-def _finished(run_id: str, env: dict[str, str], tmp: Path, timeout: float) -> dict:
-    """The run's row in `flwr ls` once Flower reports it finished."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ls = flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], env, tmp)
+def _finished(run_id: str, c: dict) -> dict:
+    """The run's row in `flwr ls` once Flower reports it finished (however long that takes
+    on a loaded machine), unless the SuperLink has exited."""
+    rows: list[dict] = []
+
+    def finished() -> bool:
+        ls = flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], c["env"], c["tmp"])
         assert ls.returncode == 0, ls.stdout + ls.stderr
         (row,) = json.loads(ls.stdout[ls.stdout.index("{"):])["runs"]
-        if row["status"].startswith("finished"):
-            return row
-        assert time.monotonic() < deadline, f"run {run_id} still {row['status']} after {timeout:.0f}s"
-        time.sleep(2)
+        rows.append(row)
+        return row["status"].startswith("finished")
+
+    wait_for(finished, c["superlink"])
+    return rows[-1]
 
 
 def test_an_app_changed_by_one_line_is_refused_by_every_site(sites):
@@ -120,7 +120,7 @@ def test_an_app_changed_by_one_line_is_refused_by_every_site(sites):
     digest = fab_digest(fab_bytes(c["changed"]))
     assert digest != fab_digest(fab_bytes(c["approved"]))
     run_id = _start(c["changed"], c["tmp"] / "run-changed", c["env"], c["tmp"])
-    row = _finished(run_id, c["env"], c["tmp"], REFUSAL_BOUND)
+    row = _finished(run_id, c)
     assert row["status"] == "finished:failed"
     assert f"app sha256 {digest} is not approved at this site" in row["status-details"], row
     for site in SITES:
@@ -134,7 +134,7 @@ def test_the_approved_app_runs_its_round_on_the_same_supernodes(sites):
     c = sites
     out = c["tmp"] / "run-approved"
     run_id = _start(c["approved"], out, c["env"], c["tmp"])
-    row = _finished(run_id, c["env"], c["tmp"], timeout=900)
+    row = _finished(run_id, c)
     assert row["status"] == "finished:completed", row
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and set(summary["per_site"]) == set(SITES)
