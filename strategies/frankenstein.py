@@ -66,7 +66,7 @@ def signals(
     elif moments:
         tests["site_separability"] = site_separability(
             moments, min_accuracy=thresholds.min_site_accuracy,
-            min_excess=thresholds.min_separability_excess, seed=seed,
+            min_excess=thresholds.min_separability_excess, seed=seed, n_boot=thresholds.bootstrap,
         )
     if cross_site:
         tests["cross_site"] = cross_site_gap(cross_site, max_gap=thresholds.max_cross_site_gap)
