@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS
+
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
 ARRAYS_KEY = "arrays"
@@ -26,9 +28,6 @@ WEIGHT_KEY = "num-examples"
 CARD_KEY = "data-card"
 EMBEDDING_KEY = "embedding"
 
-SCALAR_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
-COUNTS = ("n", "n_patients", "positives", "tp", "tn", "fp", "fn")
-HISTOGRAMS = ("hist_neg", "hist_pos")
 MISSING = -1.0
 
 

@@ -52,6 +52,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedir.metrics import COUNTS
+
 GLOBAL_SITE = "global"
 NULL_METRIC_NOTE = "null_metric"
 
@@ -82,7 +84,7 @@ CREATE TABLE IF NOT EXISTS cards (
 """
 
 # Metrics that are counts: stored as REAL (the contract), handed back as int.
-_COUNT_METRICS = frozenset({"n", "positives", "negatives", "tp", "tn", "fp", "fn"})
+_COUNT_METRICS = frozenset(COUNTS)
 
 
 def _now() -> str:

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 
-RATE_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
-COUNT_METRICS = ("tp", "tn", "fp", "fn")
+# server/report.py still imports the metric names under this name (fedir.metrics defines them)
+RATE_METRICS = SCALAR_METRICS
 NO_VERDICT = {"alarm": False, "reasons": ["no bias analysis was recorded for this run"], "tests": {}}
 
 # Numbers of each bias test worth a glance in the one-line verdict (key, label).
@@ -69,12 +70,12 @@ def _entry(metrics: dict | None, server_round: int | None) -> dict:
         "n_patients": metrics.get("n_patients"),
         "positives": metrics.get("positives"),
     }
-    for name in RATE_METRICS:
+    for name in SCALAR_METRICS:
         entry[name] = metrics.get(name)
         entry[name + "_ci"] = metrics.get(name + "_ci")
         if entry[name] is None and name not in reasons:
             reasons[name] = _missing_reason(metrics, server_round)
-    for name in COUNT_METRICS:
+    for name in CONFUSION_COUNTS:
         entry[name] = metrics.get(name)
     entry["reasons"] = reasons
     return entry
@@ -133,7 +134,7 @@ def _table_row(site: str, entry: dict) -> list[str]:
         site,
         str(entry.get("n_test", 0)),
         "n/a" if positives is None else str(positives),
-        *(fmt_with_ci(entry.get(m), entry.get(m + "_ci")) for m in RATE_METRICS),
+        *(fmt_with_ci(entry.get(m), entry.get(m + "_ci")) for m in SCALAR_METRICS),
     ]
 
 
