@@ -325,3 +325,10 @@ def test_pooled_auc_sums_every_sites_histograms(three_sites):
     assert neg.shape == (3, DEFAULT_BINS)
     assert metrics.pooled_auc(three_sites) == pooled_metrics(three_sites, n_boot=10)["auc"]
     assert metrics.pooled_auc({}) is None
+
+
+@pytest.mark.parametrize("decimals", [1, 2, 6])
+def test_site_auc_is_sklearns_with_tied_scores(decimals):
+    y, s, p = _site(11, n=250)
+    s = np.round(s, decimals)  # 1 decimal: many ties, which count 1/2
+    assert site_metrics(y, s, p, n_boot=10)["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
