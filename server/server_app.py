@@ -88,7 +88,8 @@ class StudyRecorder:
                                 seed=self.settings.train_seed) if replies.per_site else None
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
         self.last_evaluation = (replies.server_round, replies.per_site, moments)
-        result = self.bias(replies.per_site, moments)
+        # the sensitivity analysis and the separability interval: the last round's only
+        result = self.bias(replies.per_site, moments, final=replies.server_round >= self.settings.train_rounds)
         self.store.record_bias(self.run_id, replies.server_round, result)
         for export in self.exports:
             export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, result["alarm"]))
@@ -98,10 +99,10 @@ class StudyRecorder:
         )
         self.progress.update(1)
 
-    def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None) -> dict:
+    def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None, final: bool = True) -> dict:
         """Every bias signal and the verdict (fedir.strategies.frankenstein)."""
         return analyse(self.label_counts, per_site, moments, thresholds(self.settings), cross_site,
-                       seed=self.settings.train_seed)
+                       seed=self.settings.train_seed, final=final)
 
     def on_cross_site(self, matrix: dict) -> None:
         """Redo the last evaluated round's verdict with the cross-site matrix."""
