@@ -64,6 +64,10 @@ class StudyRecorder:
         self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
     def on_train(self, replies: RoundReplies) -> None:
+        with self.store.batch():  # the stage's every row in one transaction
+            self._record_train(replies)
+
+    def _record_train(self, replies: RoundReplies) -> None:
         for site, values in replies.per_site.items():
             card = values.pop("card", None)  # a node's first reply only; stored apart
             if card is not None:
@@ -82,6 +86,10 @@ class StudyRecorder:
             export.write(replies.server_round, training_scalars(replies.per_site))
 
     def on_evaluate(self, replies: RoundReplies) -> None:
+        with self.store.batch():  # the stage's every row, the verdict's too, in one transaction
+            self._record_evaluation(replies)
+
+    def _record_evaluation(self, replies: RoundReplies) -> None:
         self._record_failures(replies, "evaluate")
         moments = {site: v.pop("embedding") for site, v in replies.per_site.items() if "embedding" in v}
         pooled = pooled_metrics(replies.per_site, n_boot=self.settings.eval_bootstrap,
