@@ -33,7 +33,7 @@ SCALAR_METRICS = ("auc", *THRESHOLD_METRICS)
 CONFUSION_COUNTS = ("tp", "tn", "fp", "fn")
 # The counts of one evaluation: images, patients, positive images, the confusion matrix.
 COUNTS = ("n", "n_patients", "positives", *CONFUSION_COUNTS)
-# Per-class score counts in DEFAULT_BINS-style fixed bins on [0, 1].
+# Per-class score counts in fixed equal bins on [0, 1] (site_metrics's `bins`), summable over sites.
 HISTOGRAMS = ("hist_neg", "hist_pos")
 # What a bootstrap resample must contain for each metric to be defined on it.
 _RESAMPLE_NEEDS = {
