@@ -7,8 +7,8 @@ HTML report and the dashboard are all rebuilt from this file and nothing else.
 The file uses WAL journaling so a dashboard can read while the server writes. Every
 ``record_*`` call is one transaction, and the calls inside ``with store.batch():`` share
 one: the ServerApp writes each stage of a round (training; evaluation with its verdict)
-in one transaction, however many sites and notes it holds, so a reader never sees half a
-stage and a 1,000-site round costs two commits, not thousands.
+in one transaction, so a reader never sees half a stage and a round costs two commits
+however many sites' cards and notes it carries.
 
 Schema
 ------

@@ -24,7 +24,7 @@ from fedir.strategies.separability import site_separability
 # Above this many sites the pairwise analyses (site separability, leave-one-site-out) are
 # skipped, each with its reason: they grow with the square of the sites and would dominate a
 # 1,000-site simulation's rounds. The other signals, the gap's bootstrap intervals included
-# (vectorised: about a second per round at 1,000 sites), run at any size.
+# (vectorised: under 2 s per round at 1,000 sites), run at any size.
 MAX_DETAILED_SITES = 50
 
 
