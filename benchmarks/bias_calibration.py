@@ -65,9 +65,9 @@ class Captured:
         self.last: tuple | None = None
         self._real = server_app.analyse
 
-    def __call__(self, label_counts, per_site, moments, thresholds, cross_site=None, seed=0):
+    def __call__(self, label_counts, per_site, moments, thresholds, cross_site=None, seed=0, **kwargs):
         self.last = (dict(label_counts), dict(per_site), dict(moments), cross_site, seed)
-        return self._real(label_counts, per_site, moments, thresholds, cross_site, seed)
+        return self._real(label_counts, per_site, moments, thresholds, cross_site, seed, **kwargs)
 
 
 def medmnist_federation(work: Path, name: str, *, sites: int, seed: int, skew: float = 0.0,

@@ -8,7 +8,9 @@
     wrapping Flower's `FedAvg.aggregate_evaluate`, which both servers call once per round
     (fedir's through its per-site capture): Ray's start-up and the first round's imports
     are excluded (a difference of total wall times drowned in start-up noise on this
-    shared machine). The ratio is fedir / bare.
+    shared machine). The ratio is fedir / bare. `--repeat N` measures the pair N times,
+    each with the load average before and after it (the machine is shared: the ratio
+    within one measurement is what counts, not the wall times).
 (b, c) 10, 100 and 1,000 sites, 3 rounds, logistic regression on synthetic tabular sites:
     wall time and peak resident memory of the whole process tree (this process, Ray's
     GCS and raylet, every worker), sampled every 0.2 s with psutil.
@@ -173,7 +175,23 @@ def overhead(root: Path) -> dict:
     }
     gaps = {k: [b - a for a, b in zip(v, v[1:])] for k, v in ends.items()}
     per_round = {k: statistics.median(v) for k, v in gaps.items()}
-    return {"round_gaps_s": gaps, "per_round_s": per_round, "ratio": per_round["fedir"] / per_round["bare"]}
+    # Flower's engine polls every 0.1 s, so a gap is 0.2, 0.3 or 0.4 s depending on where a
+    # round falls between polls: the mean over the rounds is the steadier figure beside the median
+    means = {k: statistics.mean(v) for k, v in gaps.items()}
+    return {"round_gaps_s": gaps, "per_round_s": per_round, "ratio": per_round["fedir"] / per_round["bare"],
+            "mean_round_s": means, "ratio_of_means": means["fedir"] / means["bare"]}
+
+
+def repeated_overhead(root: Path, repeat: int) -> dict:
+    """`overhead` `repeat` times, each with the load average around it, and the median ratio."""
+    runs = []
+    for i in range(repeat):
+        before = os.getloadavg()
+        run = overhead(root / f"overhead-{i}")
+        runs.append({**run, "loadavg_before": before, "loadavg_after": os.getloadavg()})
+        print("overhead", run["per_round_s"], run["ratio"], flush=True)
+    return {"runs": runs, "ratio_median": statistics.median(r["ratio"] for r in runs),
+            "ratio_of_means_median": statistics.median(r["ratio_of_means"] for r in runs)}
 
 
 def growth(root: Path, sizes: list[int]) -> dict:
@@ -181,8 +199,9 @@ def growth(root: Path, sizes: list[int]) -> dict:
     for n in sizes:
         sites = write_sites(root / f"n{n}", n)
         s = settings_for(sites, 3)
+        before = os.getloadavg()
         out[str(n)] = timed(lambda: simulate(s, root / f"run-{n}", "scale"))
-        out[str(n)]["loadavg_after"] = os.getloadavg()
+        out[str(n)]["loadavg_before"], out[str(n)]["loadavg_after"] = before, os.getloadavg()
         print(n, out[str(n)], flush=True)
     return out
 
@@ -191,6 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="*", default=[10, 100, 1000])
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="measure the 4-site overhead this many times")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -205,8 +225,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_overhead:
-            result["overhead"] = overhead(Path(tmp))
-            print("overhead", result["overhead"]["per_round_s"], result["overhead"]["ratio"], flush=True)
+            result["overhead"] = repeated_overhead(Path(tmp), args.repeat)
             save()
         result["growth"] = {}
         for n in args.sizes:

@@ -51,7 +51,6 @@ class SiteView:
         return FeatureSums.of(self.train_x.numpy()) if self.tabular else None
 
 
-@lru_cache(maxsize=16)
 def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, val: float,
               test: float) -> SiteView:
     """Read a site once per process (imaging sites also cache decoded images on disk).
@@ -62,20 +61,33 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
     if inputs not in allowed(Inputs):
         raise ValueError(f"data.inputs = {inputs!r}: choose one of {', '.join(allowed(Inputs))}")
     if inputs == "clinical" or is_tabular_site(site_dir):
-        site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test)
-        counts = Counter(int(y) for y in site.train.y if y >= 0)
-        return SiteView(
-            name=site.name,
-            tabular=True,
-            train_x=torch.from_numpy(site.train.x),
-            train_y=torch.from_numpy(site.train.y),
-            test_x=torch.from_numpy(site.test.x),
-            test_y=torch.from_numpy(site.test.y),
-            test_patients=site.test.patients,
-            label_counts=dict(sorted(counts.items())),
-            skipped=Counter({"missing clinical value": site.dropped_missing} if site.dropped_missing else {}),
-            features=site.features,
-        )
+        return _tabular_view(site_dir, val, test)
+    return _imaging_view(site_dir, image_size, frame_policy, val, test)
+
+
+# A simulation worker serves many sites in turn (500 each for 1,000 sites on two cores):
+# tables are small, so every site's stays in memory; decoded images are large, so only the
+# last few sites' do (their decoded cache on disk makes a miss a file read, not a decode).
+@lru_cache(maxsize=None)
+def _tabular_view(site_dir: str, val: float, test: float) -> SiteView:
+    site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test)
+    counts = Counter(int(y) for y in site.train.y if y >= 0)
+    return SiteView(
+        name=site.name,
+        tabular=True,
+        train_x=torch.from_numpy(site.train.x),
+        train_y=torch.from_numpy(site.train.y),
+        test_x=torch.from_numpy(site.test.x),
+        test_y=torch.from_numpy(site.test.y),
+        test_patients=site.test.patients,
+        label_counts=dict(sorted(counts.items())),
+        skipped=Counter({"missing clinical value": site.dropped_missing} if site.dropped_missing else {}),
+        features=site.features,
+    )
+
+
+@lru_cache(maxsize=16)
+def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float) -> SiteView:
     site = load_site(site_dir, image_size=image_size, frame_policy=frame_policy,
                      val_fraction=val, test_fraction=test)
     return SiteView(

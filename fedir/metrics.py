@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import sparse
 from scipy.stats import binomtest
-from sklearn.metrics import roc_auc_score
 
 DEFAULT_BINS = 20
 CONFIDENCE = 0.95
@@ -26,8 +25,16 @@ CONFIDENCE = 0.95
 # (the resamples that happened to contain both classes), so below this we give none.
 MIN_USABLE_FRACTION = 0.5
 
-RATE_METRICS = ("accuracy", "sensitivity", "specificity")
-METRICS = ("auc", *RATE_METRICS)
+# ---- the metric names: defined here once, every other module imports them ---------------
+# Proportions at the decision threshold, computed from the confusion counts.
+THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity")
+# Every scalar metric a site (and the pool) reports, each with its 95% CI as `<name>_ci`.
+SCALAR_METRICS = ("auc", *THRESHOLD_METRICS)
+CONFUSION_COUNTS = ("tp", "tn", "fp", "fn")
+# The counts of one evaluation: images, patients, positive images, the confusion matrix.
+COUNTS = ("n", "n_patients", "positives", *CONFUSION_COUNTS)
+# Per-class score counts in fixed equal bins on [0, 1] (site_metrics's `bins`), summable over sites.
+HISTOGRAMS = ("hist_neg", "hist_pos")
 # What a bootstrap resample must contain for each metric to be defined on it.
 _RESAMPLE_NEEDS = {
     "auc": "both classes",
@@ -94,7 +101,7 @@ def auc_from_histograms(hist_neg: Sequence[float], hist_pos: Sequence[float]) ->
     pos = np.asarray(hist_pos, dtype=float)
     if neg.shape != pos.shape or neg.ndim != 1:
         raise ValueError(f"histograms must be 1-D and of equal length, got {neg.shape} and {pos.shape}")
-    return _none_if_nan(_mann_whitney(neg, pos))
+    return _none_if_nan(histogram_aucs(neg, pos))
 
 
 def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -113,10 +120,10 @@ def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int = 1000, seed: in
 
     Returns the keys of :func:`site_metrics`, with ``n`` and ``n_patients`` summed.
     """
-    bins = _common_bins(per_site)
-    hist_neg = _sum_lists((site["hist_neg"] for site in per_site.values()), bins)
-    hist_pos = _sum_lists((site["hist_pos"] for site in per_site.values()), bins)
-    counts = {key: sum(int(site[key]) for site in per_site.values()) for key in ("tp", "tn", "fp", "fn")}
+    site_neg, site_pos = stack_histograms(per_site)
+    hist_neg = [int(c) for c in site_neg.sum(axis=0)]
+    hist_pos = [int(c) for c in site_pos.sum(axis=0)]
+    counts = {key: sum(int(site[key]) for site in per_site.values()) for key in CONFUSION_COUNTS}
     out: dict = {
         "n": sum(int(site["n"]) for site in per_site.values()),
         "n_patients": sum(int(site["n_patients"]) for site in per_site.values()),
@@ -126,13 +133,16 @@ def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int = 1000, seed: in
         "hist_pos": hist_pos,
     }
     reasons: dict[str, str] = {}
-    auc = auc_from_histograms(hist_neg, hist_pos) if bins else None
+    auc = auc_from_histograms(hist_neg, hist_pos)
     out["auc"], out["auc_ci"] = auc, None
     if auc is None:
         reasons["auc"] = reasons["auc_ci"] = _pooled_class_reason(per_site, sum(hist_neg), sum(hist_pos))
     else:
-        out["auc_ci"] = _histogram_bootstrap_ci(per_site, n_boot, seed)
-    for name in RATE_METRICS:
+        # each site's class histograms redrawn, then summed: the sampling noise of every
+        # site's test set, with the federation's composition held as observed
+        neg, pos = resample_histograms(site_neg, site_pos, n_boot, np.random.default_rng(seed))
+        out["auc_ci"] = _percentile_ci(histogram_aucs(neg.sum(axis=1), pos.sum(axis=1)))
+    for name in THRESHOLD_METRICS:
         successes, trials = _rate_counts(name, counts)
         out[name], out[f"{name}_ci"] = _wilson(successes, trials)
         if trials == 0:
@@ -177,26 +187,35 @@ def _histograms(y: np.ndarray, s: np.ndarray, bins: int) -> tuple[list[int], lis
 
 
 def _point_estimates(y: np.ndarray, s: np.ndarray, counts: Mapping[str, int]) -> tuple[dict, dict[str, str]]:
-    """AUC (sklearn) and the threshold rates; a reason for each that is undefined."""
+    """AUC (exact, ties count 1/2) and the threshold rates; a reason for each that is undefined."""
     positives = int(y.sum())
     negatives = int(y.size - positives)
     classes = f"({negatives} negatives, {positives} positives)"
     points: dict = {}
     reasons: dict[str, str] = {}
     if y.size == 0:
-        reasons.update(dict.fromkeys(METRICS, "no test images"))
+        reasons.update(dict.fromkeys(SCALAR_METRICS, "no test images"))
     elif positives == 0 or negatives == 0:
         reasons["auc"] = f"only one class in the test set {classes}"
     else:
-        points["auc"] = float(roc_auc_score(y, s))
-    for name in RATE_METRICS:
+        points["auc"] = _exact_auc(y, s)
+    for name in THRESHOLD_METRICS:
         successes, trials = _rate_counts(name, counts)
         if trials:
             points[name] = successes / trials
         elif name not in reasons:
             missing = "positive" if name == "sensitivity" else "negative"
             reasons[name] = f"no {missing} images in the test set {classes}"
-    return {name: points.get(name) for name in METRICS}, reasons
+    return {name: points.get(name) for name in SCALAR_METRICS}, reasons
+
+
+def _exact_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """The Mann-Whitney AUC of the raw scores, grouped by distinct score: the value of
+    sklearn's ``roc_auc_score`` (ties count 1/2) by the formula the bootstrap replicates
+    use, without sklearn's input checks, which cost more than the AUC on a site's test set."""
+    distinct, index = np.unique(s, return_inverse=True)
+    neg, pos = (np.bincount(index[y == label], minlength=distinct.size) for label in (0, 1))
+    return float(histogram_aucs(neg.astype(float), pos.astype(float)))
 
 
 def _rate_counts(name: str, counts: Mapping[str, int]) -> tuple[int, int]:
@@ -227,18 +246,18 @@ def _patient_bootstrap_cis(
     image weighs its patient's multiplicity. Confusion counts per resample are then a
     matrix product, and the AUC a weighted Mann-Whitney over the distinct scores.
     """
-    cis = {f"{name}_ci": None for name in METRICS}
-    ci_reasons = {f"{name}_ci": reasons[name] for name in METRICS if name in reasons}
-    if all(points[name] is None for name in METRICS):
+    cis = {f"{name}_ci": None for name in SCALAR_METRICS}
+    ci_reasons = {f"{name}_ci": reasons[name] for name in SCALAR_METRICS if name in reasons}
+    if all(points[name] is None for name in SCALAR_METRICS):
         return cis, ci_reasons
     if n_patients < 2:
         single = "a single patient: a patient-level bootstrap has nothing to resample"
-        ci_reasons.update({f"{name}_ci": single for name in METRICS if points[name] is not None})
+        ci_reasons.update({f"{name}_ci": single for name in SCALAR_METRICS if points[name] is not None})
         return cis, ci_reasons
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=n_boot).astype(float)
     replicates = _bootstrap_replicates(y, s, pred, patient_index, n_patients, weights)
-    for name in METRICS:
+    for name in SCALAR_METRICS:
         if points[name] is None:
             continue
         values = replicates[name]
@@ -280,7 +299,7 @@ def _bootstrap_replicates(
         for m in (y == 0, y == 1)
     ]
     neg, pos = ((matrix.T @ weights.T).T for matrix in by_class)
-    out["auc"] = _mann_whitney(neg, pos)
+    out["auc"] = histogram_aucs(neg, pos)
     return out
 
 
@@ -297,11 +316,12 @@ def _percentile_ci(values: np.ndarray) -> list[float]:
 # ---- shared -------------------------------------------------------------------------
 
 
-def _mann_whitney(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+def histogram_aucs(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """AUC = P(score_pos > score_neg) + P(tie)/2, from class weights in ordered groups.
 
-    The last axis lists groups (bins or distinct scores) in increasing score; leading
-    axes are independent replicates. NaN where a class has no weight.
+    The array form of :func:`auc_from_histograms`, for bootstrap replicates and sites at
+    once. The last axis lists groups (bins or distinct scores) in increasing score;
+    leading axes are independent (replicates, sites). NaN where a class has no weight.
     """
     below = np.cumsum(neg, axis=-1) - neg
     wins = np.sum(pos * (below + 0.5 * neg), axis=-1)
@@ -318,47 +338,70 @@ def _none_if_nan(value) -> float | None:
 def _order(out: dict) -> dict:
     """The keys in one documented order (metrics, CIs, counts, histograms, reasons)."""
     keys = (
-        "n", "n_patients", "positives", *METRICS, *(f"{m}_ci" for m in METRICS),
-        "tp", "tn", "fp", "fn", "hist_neg", "hist_pos", "reasons",
+        "n", "n_patients", "positives", *SCALAR_METRICS, *(f"{m}_ci" for m in SCALAR_METRICS),
+        *CONFUSION_COUNTS, *HISTOGRAMS, "reasons",
     )  # fmt: skip
     return {key: out[key] for key in keys}
 
 
-# ---- pooled_metrics helpers -----------------------------------------------------------
+# ---- histograms of several sites: the pool and its bootstrap ------------------------------
 
 
-def _common_bins(per_site: Mapping[str, dict]) -> int:
-    """The histogram length shared by all sites (0 when there are no sites)."""
-    lengths = {len(site[key]) for site in per_site.values() for key in ("hist_neg", "hist_pos")}
-    if len(lengths) > 1:
-        raise ValueError(f"sites sent histograms with different numbers of bins: {sorted(lengths)}")
-    return lengths.pop() if lengths else 0
+def stack_histograms(per_site: Mapping[str, dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Every site's negative and positive score histograms as two (sites, bins) float arrays.
 
-
-def _sum_lists(lists, length: int) -> list[int]:
-    total = np.zeros(length, dtype=np.int64)
-    for values in lists:
-        total += np.asarray(values, dtype=np.int64)
-    return [int(c) for c in total]
-
-
-def _histogram_bootstrap_ci(per_site: Mapping[str, dict], n_boot: int, seed: int) -> list[float]:
-    """Percentile CI of the binned pooled AUC, resampling each site's histograms.
-
-    Each site's negatives and positives are redrawn (multinomial on the site's own bin
-    proportions, its class counts fixed), then summed over sites: the sampling noise of
-    every site's test set, with the federation's composition held as observed.
+    The one place sites' histograms are combined: the pooled metrics, the pooled-vs-within
+    gap and leave-one-site-out all start here, so they agree on what "pooled" means.
+    Raises ValueError when sites used different numbers of bins (``eval.hist-bins``).
     """
-    rng = np.random.default_rng(seed)
-    totals = {}
-    for key in ("hist_neg", "hist_pos"):
-        acc = 0.0
-        for site in per_site.values():
-            counts = np.asarray(site[key], dtype=float)
-            if counts.sum() > 0:
-                acc = acc + rng.multinomial(int(counts.sum()), counts / counts.sum(), size=n_boot)
-        totals[key] = acc
-    return _percentile_ci(_mann_whitney(totals["hist_neg"], totals["hist_pos"]))
+    lengths = {len(site[key]) for site in per_site.values() for key in HISTOGRAMS}
+    if len(lengths) > 1:
+        raise ValueError(f"sites sent histograms with different numbers of bins: {sorted(lengths)}; "
+                         "every site must run with the same eval.hist-bins")
+    bins = lengths.pop() if lengths else 0
+    neg, pos = (np.array([site[key] for site in per_site.values()], dtype=float).reshape(len(per_site), bins)
+                for key in HISTOGRAMS)
+    return neg, pos
+
+
+def pooled_auc(per_site: Mapping[str, dict]) -> float | None:
+    """Binned AUC of all sites' histograms summed (the pooled test set); None when the pool
+    lacks a class or there are no sites."""
+    neg, pos = stack_histograms(per_site)
+    return auc_from_histograms(neg.sum(axis=0), pos.sum(axis=0))
+
+
+def resample_histograms(
+    neg: np.ndarray, pos: np.ndarray, n_boot: int, rng: np.random.Generator, *, resample_sites: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap replicates of every site's class histograms, all drawn at once.
+
+    ``neg`` and ``pos`` are (sites, bins) counts (:func:`stack_histograms`). In each
+    replicate every site's negatives and positives are redrawn multinomially on that
+    site's own bin proportions, its class counts fixed. With ``resample_sites`` each
+    replicate first draws as many sites as there are, with replacement (the variability
+    between hospitals as well as within them); slot j of replicate b then holds a redraw of
+    the site drawn for it, independent of any other slot holding the same site. Without it
+    the draws come site by site, in the order of a per-site loop, so a seed gives the
+    same replicates as one.
+
+    Returns (n_boot, sites, bins) float arrays of the negatives and the positives.
+    """
+    sites = neg.shape[0]
+    if resample_sites:
+        slots = rng.integers(0, sites, (n_boot, sites)).T  # (sites, n_boot): site drawn per slot
+    else:
+        slots = np.broadcast_to(np.arange(sites)[:, None], (sites, n_boot))
+    out = []
+    for counts in (neg, pos):
+        totals = counts.sum(axis=1)
+        share = counts / np.maximum(totals, 1.0)[:, None]
+        draws = rng.multinomial(totals.astype(np.int64)[slots], share[slots], size=slots.shape)
+        out.append(np.moveaxis(draws, 0, 1).astype(float))
+    return out[0], out[1]
+
+
+# ---- pooled_metrics helpers -----------------------------------------------------------
 
 
 def _wilson(successes: int, trials: int) -> tuple[float | None, list[float] | None]:

@@ -55,7 +55,7 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
     what keeps the CPU demo within minutes; the larger ones are for GPUs. `auto` is
     `resolve_model`'s choice, tabular when there are features.
     """
-    torch.manual_seed(seed)
+    _seed(seed)
     name = AUTO_MODEL[n_features > 0] if name == "auto" else name
     if name in TABULAR_MODELS:
         return build_tabular_model(name, n_features)
@@ -70,6 +70,16 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
     if name == "densenet121":
         return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def _seed(seed: int) -> None:
+    """Seed the weight initialisation. Without CUDA only the CPU generator: there
+    `torch.manual_seed` also queues a lazy CUDA seeding with a formatted stack trace, which
+    took 16 ms per model in a Ray worker's deep stack, and a site builds a model per message."""
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def build_tabular_model(name: str, n_features: int) -> nn.Module:

@@ -23,6 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedir.config import UpdateDtype, allowed
+from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS
 
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
@@ -32,9 +33,6 @@ WEIGHT_KEY = "num-examples"
 CARD_KEY = "data-card"
 EMBEDDING_KEY = "embedding"
 
-SCALAR_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
-COUNTS = ("n", "n_patients", "positives", "tp", "tn", "fp", "fn")
-HISTOGRAMS = ("hist_neg", "hist_pos")
 MISSING = -1.0
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable, find_stores
 from fedir.server.runstore import GLOBAL_SITE
-from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, key_numbers
+from fedir.metrics import SCALAR_METRICS
+from fedir.server.summary import build_summary, fmt_with_ci, key_numbers
 
 # Note kinds that mean a site's update or reply did not count this round.
 MISSING_KINDS = ("missing",)
@@ -120,7 +121,7 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
             "round": store.last_verdict_round(run_id),
             "alarm_rounds": store.alarm_rounds(run_id),
         },
-        "series": store.series(run_id, RATE_METRICS),
+        "series": store.series(run_id, SCALAR_METRICS),
         "notes": {"total": len(notes), "latest": [_note(n) for n in notes[-MAX_NOTES:]]},
         "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
     }
@@ -160,7 +161,7 @@ def _table(summary: dict) -> list[dict[str, Any]]:
             "positives": "n/a" if entry.get("positives") is None else str(entry["positives"]),
             "reasons": entry["reasons"],
         }
-        for metric in RATE_METRICS:
+        for metric in SCALAR_METRICS:
             row[metric] = fmt_with_ci(entry.get(metric), entry.get(metric + "_ci"))
         rows.append(row)
     return rows

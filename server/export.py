@@ -23,7 +23,7 @@ from typing import Protocol
 
 from fedir.config import Settings, SettingsError
 from fedir.server.runstore import GLOBAL_SITE
-from fedir.server.summary import RATE_METRICS
+from fedir.metrics import SCALAR_METRICS
 
 MLFLOW_EXPERIMENT = "fedir"
 
@@ -47,7 +47,7 @@ def evaluation_scalars(per_site: Mapping[str, dict], pooled: dict | None, alarm:
     scalars: dict[str, float] = {}
     entries = {**per_site, **({GLOBAL_SITE: pooled} if pooled else {})}
     for site, values in entries.items():
-        for metric in RATE_METRICS:
+        for metric in SCALAR_METRICS:
             if values.get(metric) is None:
                 continue
             scalars[f"{metric}/{site}"] = float(values[metric])

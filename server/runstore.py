@@ -4,8 +4,11 @@ Everything the server learns during a run (per-site evaluation aggregates, train
 aggregates, bias verdicts, notes) is written here as it arrives; the summary, the
 HTML report and the dashboard are all rebuilt from this file and nothing else.
 
-The file uses WAL journaling so a dashboard can read while the server writes, and
-every ``record_*`` call is one transaction, so a reader never sees half a round.
+The file uses WAL journaling so a dashboard can read while the server writes. Every
+``record_*`` call is one transaction, and the calls inside ``with store.batch():`` share
+one: the ServerApp writes each stage of a round (training; evaluation with its verdict)
+in one transaction, so a reader never sees half a stage and a round costs two commits
+however many sites' cards and notes it carries.
 
 Schema
 ------
@@ -52,6 +55,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedir.metrics import COUNTS
+
 GLOBAL_SITE = "global"
 NULL_METRIC_NOTE = "null_metric"
 
@@ -82,7 +87,7 @@ CREATE TABLE IF NOT EXISTS cards (
 """
 
 # Metrics that are counts: stored as REAL (the contract), handed back as int.
-_COUNT_METRICS = frozenset({"n", "positives", "negatives", "tp", "tn", "fp", "fn"})
+_COUNT_METRICS = frozenset(COUNTS)
 
 
 def _now() -> str:
@@ -148,6 +153,7 @@ class RunStore:
         # Autocommit mode: transactions are explicit (see _transaction), never implicit.
         self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         self._conn.row_factory = sqlite3.Row
+        self._batch: sqlite3.Cursor | None = None  # the open batch() transaction, if any
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         with self._transaction() as cur:
@@ -165,8 +171,22 @@ class RunStore:
         self.close()
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every write inside commits together, in one transaction, or not at all."""
+        with self._transaction() as cur:
+            self._batch = cur
+            try:
+                yield
+            finally:
+                self._batch = None
+
+    @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        """One atomic write: all statements inside commit together or not at all."""
+        """One atomic write: all statements inside commit together or not at all; inside
+        a batch() they join its transaction."""
+        if self._batch is not None:
+            yield self._batch
+            return
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:

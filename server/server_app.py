@@ -66,6 +66,10 @@ class StudyRecorder:
         self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
     def on_train(self, replies: RoundReplies) -> None:
+        with self.store.batch():  # the stage's every row in one transaction
+            self._record_train(replies)
+
+    def _record_train(self, replies: RoundReplies) -> None:
         for site, values in replies.per_site.items():
             card = values.pop("card", None)  # a node's first reply only; stored apart
             if card is not None:
@@ -87,13 +91,18 @@ class StudyRecorder:
             export.write(replies.server_round, training_scalars(replies.per_site))
 
     def on_evaluate(self, replies: RoundReplies) -> None:
+        with self.store.batch():  # the stage's every row, the verdict's too, in one transaction
+            self._record_evaluation(replies)
+
+    def _record_evaluation(self, replies: RoundReplies) -> None:
         self._record_failures(replies, "evaluate")
         moments = {site: v.pop("embedding") for site, v in replies.per_site.items() if "embedding" in v}
         pooled = pooled_metrics(replies.per_site, n_boot=self.settings.eval_bootstrap,
                                 seed=self.settings.train_seed) if replies.per_site else None
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
         self.last_evaluation = (replies.server_round, replies.per_site, moments)
-        result = self.bias(replies.per_site, moments)
+        # the sensitivity analysis and the separability interval: the last round's only
+        result = self.bias(replies.per_site, moments, final=replies.server_round >= self.settings.train_rounds)
         self.store.record_bias(self.run_id, replies.server_round, result)
         for export in self.exports:
             export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, result["alarm"]))
@@ -103,10 +112,10 @@ class StudyRecorder:
         )
         self.progress.update(1)
 
-    def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None) -> dict:
+    def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None, final: bool = True) -> dict:
         """Every bias signal and the verdict (fedir.strategies.frankenstein)."""
         return analyse(self.label_counts, per_site, moments, thresholds(self.settings), cross_site,
-                       seed=self.settings.train_seed)
+                       seed=self.settings.train_seed, final=final)
 
     def on_cross_site(self, matrix: dict) -> None:
         """Redo the last evaluated round's verdict with the cross-site matrix."""

@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 
-RATE_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
-COUNT_METRICS = ("tp", "tn", "fp", "fn")
 NOT_COMPUTED = "not computed: no evaluation round was recorded"
 NO_ANALYSIS = "not computed: no bias analysis was recorded for this run"
 
@@ -84,12 +83,12 @@ def _entry(metrics: dict | None, server_round: int | None) -> dict:
         "n_patients": metrics.get("n_patients"),
         "positives": metrics.get("positives"),
     }
-    for name in RATE_METRICS:
+    for name in SCALAR_METRICS:
         entry[name] = metrics.get(name)
         entry[name + "_ci"] = metrics.get(name + "_ci")
         if entry[name] is None and name not in reasons:
             reasons[name] = _missing_reason(metrics, server_round)
-    for name in COUNT_METRICS:
+    for name in CONFUSION_COUNTS:
         entry[name] = metrics.get(name)
     entry["reasons"] = reasons
     return entry
@@ -149,7 +148,7 @@ def _table_row(site: str, entry: dict) -> list[str]:
         site,
         str(entry.get("n_test", 0)),
         "n/a" if positives is None else str(positives),
-        *(fmt_with_ci(entry.get(m), entry.get(m + "_ci")) for m in RATE_METRICS),
+        *(fmt_with_ci(entry.get(m), entry.get(m + "_ci")) for m in SCALAR_METRICS),
     ]
 
 

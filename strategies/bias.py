@@ -22,7 +22,7 @@ import numpy as np
 from scipy.stats import chi2_contingency
 from scipy.stats.contingency import association
 
-from fedir.metrics import auc_from_histograms
+from fedir.metrics import auc_from_histograms, histogram_aucs, pooled_auc, resample_histograms, stack_histograms
 
 # |adjusted residual| above this names a site: ~N(0,1) under independence, so 3 keeps
 # the false-naming rate small even with tens of sites (two-sided p ~ 0.003 per site).
@@ -184,7 +184,7 @@ def pooled_vs_within_auc(
     out = {
         "name": "pooled_vs_within_auc",
         "computable": False,
-        "pooled_auc": _pooled_auc(per_site),
+        "pooled_auc": pooled_auc(per_site),
         "within_auc": _within_auc(per_site, binned),
         "gap": None,
         "gap_ci": None,
@@ -206,49 +206,37 @@ def pooled_vs_within_auc(
     out["gap_ci_sites"] = _gap_ci(per_site, n_boot, seed, resample_sites=True)
     out["alarm"] = bool(out["gap"] > max_gap and (out["gap_ci"] is None or out["gap_ci"][0] > 0))
     if out["alarm"]:
-        pooled_mean = _mean_score(_summed(per_site, "hist_neg"), _summed(per_site, "hist_pos"))
+        neg, pos = stack_histograms(per_site)
+        pooled_mean = _mean_score(neg.sum(axis=0), pos.sum(axis=0))
         out["sites"] = _most_separated(means, pooled_mean)
         out["reason"] = _gap_reason(out, pooled_mean)
     return out
 
 
 def _gap_ci(per_site: Mapping[str, dict], n_boot: int, seed: int, resample_sites: bool) -> list[float] | None:
-    """Percentile 95% interval of (pooled - within) AUC, resampling histogram counts (and sites)."""
+    """Percentile 95% interval of (pooled - within) AUC over histogram resamples (and site
+    resamples), all replicates at once (fedir.metrics.resample_histograms). A replicate
+    counts when its pooled AUC and at least one site's AUC are defined; with fewer than
+    half of them usable there is no interval."""
     if n_boot <= 0 or len(per_site) < 2:
         return None
-    rng = np.random.default_rng(seed)
-    sites = list(per_site)
-    neg = np.array([per_site[s]["hist_neg"] for s in sites], dtype=float)
-    pos = np.array([per_site[s]["hist_pos"] for s in sites], dtype=float)
-    gaps = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(sites), len(sites)) if resample_sites else np.arange(len(sites))
-        rn = np.array([rng.multinomial(int(neg[i].sum()), neg[i] / max(neg[i].sum(), 1)) for i in pick])
-        rp = np.array([rng.multinomial(int(pos[i].sum()), pos[i] / max(pos[i].sum(), 1)) for i in pick])
-        pooled = auc_from_histograms(rn.sum(axis=0), rp.sum(axis=0))
-        within = [(rn[j].sum() + rp[j].sum(), auc_from_histograms(rn[j], rp[j])) for j in range(len(pick))]
-        within = [(n, a) for n, a in within if a is not None]
-        if pooled is None or not within:
-            continue
-        total = sum(n for n, _ in within)
-        gaps.append(pooled - sum(n * a for n, a in within) / total)
-    if len(gaps) < n_boot // 2:
+    neg, pos = resample_histograms(*stack_histograms(per_site), n_boot, np.random.default_rng(seed),
+                                   resample_sites=resample_sites)
+    pooled = histogram_aucs(neg.sum(axis=1), pos.sum(axis=1))  # (n_boot,)
+    site_auc = histogram_aucs(neg, pos)  # (n_boot, sites)
+    defined = np.isfinite(site_auc)
+    weight = np.where(defined, neg.sum(axis=2) + pos.sum(axis=2), 0.0)
+    total = weight.sum(axis=1)
+    usable = np.isfinite(pooled) & (total > 0)
+    within = (weight * np.where(defined, site_auc, 0.0)).sum(axis=1)[usable] / total[usable]
+    gaps = pooled[usable] - within
+    if gaps.size < n_boot // 2:
         return None
     return [float(v) for v in np.percentile(gaps, [2.5, 97.5])]
 
 
 def _float_or_none(value) -> float | None:
     return None if value is None else float(value)
-
-
-def _summed(per_site: Mapping[str, dict], key: str) -> list[float]:
-    return np.sum([np.asarray(m[key], dtype=float) for m in per_site.values()], axis=0).tolist()
-
-
-def _pooled_auc(per_site: Mapping[str, dict]) -> float | None:
-    if not per_site:
-        return None
-    return auc_from_histograms(_summed(per_site, "hist_neg"), _summed(per_site, "hist_pos"))
 
 
 def _within_auc(per_site: Mapping[str, dict], site_auc: Mapping[str, float | None]) -> float | None:

@@ -21,10 +21,10 @@ from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability
 
 
-# Above this many sites the pairwise and resampling analyses (the gap's bootstrap
-# intervals, pairwise site separability, leave-one-site-out) are skipped, each with its
-# reason: they grow with the square of the sites (or sites x resamples) and would
-# dominate a 1,000-site simulation's rounds. The count-based signals still run.
+# Above this many sites the pairwise analyses (site separability, leave-one-site-out) are
+# skipped, each with its reason: they grow with the square of the sites and would dominate a
+# 1,000-site simulation's rounds. The other signals, the gap's bootstrap intervals included
+# (vectorised: under 2 s per round at 1,000 sites), run at any size.
 MAX_DETAILED_SITES = 50
 
 
@@ -49,15 +49,21 @@ def signals(
     thresholds: Thresholds,
     cross_site: Mapping[str, Mapping[str, dict]] | None = None,
     seed: int = 0,
+    *,
+    final: bool = True,
 ) -> dict:
-    """The verdict over every signal that has its inputs (no sensitivity analysis)."""
+    """The verdict over every signal that has its inputs (no sensitivity analysis).
+
+    ``final`` = False leaves out the separability interval (``site_accuracy_ci``), which
+    no alarm depends on; see :func:`analyse`.
+    """
     detailed = len(per_site) <= MAX_DETAILED_SITES
     tests = {
         "site_label_association": site_label_association(
             dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v
         ),
         "pooled_vs_within_auc": pooled_vs_within_auc(
-            per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap if detailed else 0, seed=seed
+            per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap, seed=seed
         ),
         "auc_heterogeneity": auc_heterogeneity(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2),
     }
@@ -66,7 +72,7 @@ def signals(
     elif moments:
         tests["site_separability"] = site_separability(
             moments, min_accuracy=thresholds.min_site_accuracy,
-            min_excess=thresholds.min_separability_excess, seed=seed,
+            min_excess=thresholds.min_separability_excess, seed=seed, n_boot=thresholds.bootstrap if final else 0,
         )
     if cross_site:
         tests["cross_site"] = cross_site_gap(cross_site, max_gap=thresholds.max_cross_site_gap)
@@ -80,14 +86,25 @@ def analyse(
     thresholds: Thresholds,
     cross_site: Mapping[str, Mapping[str, dict]] | None = None,
     seed: int = 0,
+    *,
+    final: bool = True,
 ) -> dict:
     """`signals` plus the leave-one-site-out sensitivity of its conclusions (in `sensitivity`).
 
     The sensitivity reruns the signals without the cross-site matrix (it belongs to the
     run's models, not to a subset of sites) and without bootstrap intervals (their
-    thresholds are checked on the full federation only), so it costs little.
+    thresholds are checked on the full federation only).
+
+    ``final`` = False is for the rounds before the study's last: every signal, alarm and
+    reason of the verdict, but neither the sensitivity (it reruns the signals once per site)
+    nor the separability interval. The summary and the report read the last round's
+    verdict, which has both; a round's own alarm never depends on them.
     """
-    full = signals(label_counts, per_site, moments, thresholds, cross_site, seed)
+    full = signals(label_counts, per_site, moments, thresholds, cross_site, seed, final=final)
+    if not final:
+        full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [],
+                               "reason": "computed on the study's final round only"}
+        return full
     if len(per_site) > MAX_DETAILED_SITES:
         full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [],
                                "reason": f"skipped: more than {MAX_DETAILED_SITES} sites"}

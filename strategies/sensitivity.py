@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from fedir.metrics import auc_from_histograms
+from fedir.metrics import pooled_auc
 
 Analyse = Callable[[Mapping[str, Mapping[int, int]], Mapping[str, dict], Mapping[str, object]], dict]
 
@@ -31,7 +31,7 @@ def leave_one_site_out(
     on every site. Returns `{"by_site": {site: {...}}, "flags": [sentences], "sites": [...]}`.
     """
     sites = sorted(set(label_counts) | set(per_site))
-    full_auc = _pooled(per_site)
+    full_auc = pooled_auc(per_site)
     by_site, flags, named = {}, [], []
     if len(sites) < 3:
         return {"by_site": {}, "flags": [], "sites": [],
@@ -41,7 +41,7 @@ def leave_one_site_out(
         rest_sites = {s: v for s, v in per_site.items() if s != site}
         rest_moments = {s: v for s, v in moments.items() if s != site}
         result = analyse(rest_counts, rest_sites, rest_moments)
-        auc = _pooled(rest_sites)
+        auc = pooled_auc(rest_sites)
         entry = {"alarm": result["alarm"], "signals": result["signals"], "pooled_auc": auc}
         by_site[site] = entry
         if result["alarm"] != full["alarm"]:
@@ -56,10 +56,3 @@ def leave_one_site_out(
     return {"by_site": by_site, "flags": flags, "sites": list(dict.fromkeys(named)),
             "thresholds": {"max_auc_shift": max_auc_shift}, "reason": ""}
 
-
-def _pooled(per_site: Mapping[str, dict]) -> float | None:
-    if not per_site:
-        return None
-    neg = [sum(col) for col in zip(*(m["hist_neg"] for m in per_site.values()))]
-    pos = [sum(col) for col in zip(*(m["hist_pos"] for m in per_site.values()))]
-    return auc_from_histograms(neg, pos)

@@ -125,6 +125,38 @@ def test_pooled_vs_within_not_computable_without_any_site_auc():
     assert not pooled_vs_within_auc({})["computable"]
 
 
+def _loop_gaps(per_site, n_boot, rng, resample_sites):
+    """The gap's bootstrap written as a per-replicate loop (the reference for the vectorised one)."""
+    neg = np.array([m["hist_neg"] for m in per_site.values()], dtype=float)
+    pos = np.array([m["hist_pos"] for m in per_site.values()], dtype=float)
+    gaps = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(neg), len(neg)) if resample_sites else np.arange(len(neg))
+        rn = np.array([rng.multinomial(int(neg[i].sum()), neg[i] / max(neg[i].sum(), 1)) for i in pick])
+        rp = np.array([rng.multinomial(int(pos[i].sum()), pos[i] / max(pos[i].sum(), 1)) for i in pick])
+        within = [(a.sum() + b.sum(), auc_from_histograms(a, b)) for a, b in zip(rn, rp)]
+        within = [(n, auc) for n, auc in within if auc is not None]
+        pooled = auc_from_histograms(rn.sum(0), rp.sum(0))
+        if pooled is not None and within:  # a replicate of one-class sites only has no gap
+            gaps.append(pooled - sum(n * a for n, a in within) / sum(n for n, _ in within))
+    return np.percentile(gaps, [2.5, 97.5])
+
+
+@pytest.mark.parametrize("resample_sites", [False, True])
+def test_gap_intervals_have_the_distribution_of_a_per_replicate_loop(resample_sites):
+    """The vectorised bootstrap draws in another order than a loop would, so its intervals
+    are compared in distribution (2,000 replicates each, different seeds), not digit by digit."""
+    rng = np.random.default_rng(4)
+    per_site = {f"site-{k}": _eval(rng.integers(0, 2, 60), rng.uniform(0.05, 0.45, 60)) for k in range(3)}
+    per_site["site-x"] = _eval(np.ones(50, int), rng.uniform(0.7, 0.95, 50))
+    result = pooled_vs_within_auc(per_site, n_boot=2000, seed=1)
+    interval = result["gap_ci_sites" if resample_sites else "gap_ci"]
+    reference = _loop_gaps(per_site, 2000, np.random.default_rng(2), resample_sites)
+    width = reference[1] - reference[0]
+    assert interval == pytest.approx(reference, abs=0.06 * width)
+    assert interval[0] < result["gap"] < interval[1]
+
+
 # ---- verdict ------------------------------------------------------------------------------
 
 

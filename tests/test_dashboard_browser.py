@@ -15,7 +15,8 @@ import pytest
 
 from dashboard_harness import chromium, screenshot, served
 from fedir.server.runstore import RunStore
-from fedir.server.summary import RATE_METRICS, build_summary, fmt_with_ci, write_summary
+from fedir.metrics import SCALAR_METRICS
+from fedir.server.summary import build_summary, fmt_with_ci, write_summary
 from run_factory import start, write_round, write_run
 
 SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
@@ -63,7 +64,7 @@ def test_finished_run_matches_summary(page, tmp_path: Path) -> None:
         for site, entry in [*summary["per_site"].items(), ("global", summary["global"])]:
             row = page.locator(f'#site-table tr[data-site="{site}"]')
             assert row.locator('[data-col="n_test"] .value').inner_text() == str(entry["n_test"])
-            for metric in RATE_METRICS:
+            for metric in SCALAR_METRICS:
                 expected = fmt_with_ci(entry[metric], entry[metric + "_ci"])
                 assert row.locator(f'[data-col="{metric}"] .value').inner_text() == expected
                 if entry[metric] is None:  # the reason summary.json gives is on the page too

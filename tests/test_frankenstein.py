@@ -189,9 +189,29 @@ def test_analyse_clean_federation_is_quiet_and_stable():
     assert not out["alarm"] and out["signals"] == [] and out["sensitivity"]["flags"] == []
 
 
+def test_rounds_before_the_last_leave_out_sensitivity_and_separability_interval():
+    """Only the final round's verdict carries the leave-one-site-out sensitivity and the
+    separability interval; every round's signals and alarms are those of the full analysis."""
+    rng = np.random.default_rng(8)
+    counts = {"s0": {0: 5, 1: 95}, "s1": {0: 60, 1: 40}, "s2": {0: 58, 1: 42}, "s3": {0: 61, 1: 39}}
+    per_site = {s: _eval(rng, 150, 0.4, 1.5) for s in counts}
+    moments = {s: _moments(rng, 80, np.zeros(12), 2.0) for s in counts}
+    full = analyse(counts, per_site, moments, Thresholds())
+    cheap = analyse(counts, per_site, moments, Thresholds(), final=False)
+    assert cheap["alarm"] == full["alarm"] and cheap["signals"] == full["signals"]
+    assert cheap["reasons"] == full["reasons"]
+    assert cheap["sensitivity"]["by_site"] == {} and "final round" in cheap["sensitivity"]["reason"]
+    assert full["sensitivity"]["by_site"]
+    sep_full, sep_cheap = full["tests"]["site_separability"], cheap["tests"]["site_separability"]
+    assert sep_full["site_accuracy_ci"] is not None and sep_cheap["site_accuracy_ci"] is None
+    assert sep_cheap["site_accuracy"] == sep_full["site_accuracy"]
+    assert cheap["tests"]["pooled_vs_within_auc"] == full["tests"]["pooled_vs_within_auc"]
+
+
 def test_many_sites_skip_the_pairwise_analyses():
-    """A 1,000-site simulation must not spend its rounds on pairwise separability,
-    bootstrap intervals or leave-one-site-out: those are skipped with a reason."""
+    """A 1,000-site simulation must not spend its rounds on pairwise separability or
+    leave-one-site-out: those are skipped with a reason. The gap's bootstrap intervals,
+    vectorised (fedir.metrics.resample_histograms), are no longer skipped."""
     rng = np.random.default_rng(10)
     one = _eval(rng, 40, 0.5, 2.0)
     moments = _moments(rng, 40, np.zeros(12), 2.0)
@@ -199,6 +219,6 @@ def test_many_sites_skip_the_pairwise_analyses():
     out = analyse({s: {0: 20, 1: 20} for s in sites}, {s: one for s in sites}, {s: moments for s in sites},
                   Thresholds())
     assert out["tests"]["site_separability"]["reason"].startswith("skipped")
-    assert out["tests"]["pooled_vs_within_auc"]["gap_ci"] is None
+    assert out["tests"]["pooled_vs_within_auc"]["gap_ci"] is not None
     assert out["sensitivity"]["reason"].startswith("skipped")
     assert out["tests"]["site_label_association"]["computable"]

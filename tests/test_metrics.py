@@ -279,3 +279,56 @@ def test_pooled_rejects_mismatched_bins():
     y, s, p = _site(0, n=40)
     with pytest.raises(ValueError):
         pooled_metrics({"a": site_metrics(y, s, p, bins=10), "b": site_metrics(y, s, p, bins=20)})
+
+
+# ---- resample_histograms: the one histogram bootstrap -------------------------------------
+
+HISTS = np.array([[3, 0, 5, 2], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=float), np.array(
+    [[0, 1, 0, 6], [2, 2, 0, 0], [0, 0, 0, 0]], dtype=float)
+
+
+def test_resampled_histograms_keep_each_sites_class_counts_and_its_mean():
+    for resample_sites in (False, True):
+        neg, pos = metrics.resample_histograms(*HISTS, 4000, np.random.default_rng(0), resample_sites=resample_sites)
+        assert neg.shape == pos.shape == (4000, 3, 4)
+        if not resample_sites:  # every slot is its own site: totals fixed, redraws centred on the counts
+            assert (neg.sum(axis=2) == HISTS[0].sum(axis=1)).all() and (pos.sum(axis=2) == HISTS[1].sum(axis=1)).all()
+            assert neg.mean(axis=0) == pytest.approx(HISTS[0], abs=0.1)
+    # with site resampling each slot holds a whole site's class total, drawn uniformly
+    totals = neg.sum(axis=2).ravel()
+    assert set(np.unique(totals)) <= {0.0, 4.0, 10.0}
+    assert np.mean(totals == 10.0) == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_resampled_histograms_draw_as_a_per_site_loop_does():
+    """Without site resampling a seed gives the replicates of one multinomial draw per site in
+    turn (negatives, then positives): pooled-AUC intervals stay those of earlier versions."""
+    neg, pos = metrics.resample_histograms(*HISTS, 50, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    for k, counts in enumerate(HISTS):
+        for i, row in enumerate(counts):
+            if row.sum():
+                expected = rng.multinomial(int(row.sum()), row / row.sum(), size=50)
+                assert ((neg, pos)[k][:, i] == expected).all()
+
+
+def test_resampled_site_slots_are_independent_draws():
+    """A site drawn twice into one replicate gets two independent redraws, not one copied."""
+    one = np.array([[5.0, 5.0]]), np.array([[5.0, 5.0]])
+    neg, _ = metrics.resample_histograms(np.repeat(one[0], 2, 0), np.repeat(one[1], 2, 0), 2000,
+                                         np.random.default_rng(1), resample_sites=True)
+    assert np.mean(neg[:, 0, 0] == neg[:, 1, 0]) < 0.5  # identical rows: 0.25 for independent Binomial(10, 1/2)
+
+
+def test_pooled_auc_sums_every_sites_histograms(three_sites):
+    neg, pos = metrics.stack_histograms(three_sites)
+    assert neg.shape == (3, DEFAULT_BINS)
+    assert metrics.pooled_auc(three_sites) == pooled_metrics(three_sites, n_boot=10)["auc"]
+    assert metrics.pooled_auc({}) is None
+
+
+@pytest.mark.parametrize("decimals", [1, 2, 6])
+def test_site_auc_is_sklearns_with_tied_scores(decimals):
+    y, s, p = _site(11, n=250)
+    s = np.round(s, decimals)  # 1 decimal: many ties, which count 1/2
+    assert site_metrics(y, s, p, n_boot=10)["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)

@@ -95,3 +95,31 @@ def test_reader_never_sees_half_a_round(tmp_path: Path) -> None:
     assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     reader.close()
     store.close()
+
+
+def test_a_batch_is_one_transaction_and_rolls_back_whole(tmp_path: Path) -> None:
+    """Inside batch() every record_* joins one transaction: one COMMIT for a stage of
+    many sites and notes, nothing visible until it ends, nothing kept if it fails."""
+    path = tmp_path / "runs.sqlite"
+    store = RunStore(path)
+    store.start_run(RUN, "s", {}, SITES)
+    reader = sqlite3.connect(path)
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    with store.batch():
+        store.record_evaluation(RUN, 1, round_eval(1), site_eval(135, 36, 0.8))
+        for site in SITES:
+            store.record_note(RUN, 1, site, "skipped", "1 file(s): truncated")
+        store.record_bias(RUN, 1, VERDICT)
+        assert reader.execute("SELECT COUNT(*) FROM notes WHERE kind = 'skipped'").fetchone()[0] == 0
+    store._conn.set_trace_callback(None)
+    assert statements.count("COMMIT") == 1
+    assert reader.execute("SELECT COUNT(*) FROM notes WHERE kind = 'skipped'").fetchone()[0] == 3
+    with pytest.raises(RuntimeError), store.batch():
+        store.record_note(RUN, 2, "site-a", "skipped", "lost with its stage")
+        raise RuntimeError("the stage failed")
+    assert store.notes(RUN)[-1]["round"] == 1 and store.bias(RUN, 1) == VERDICT
+    store.record_note(RUN, None, None, "after", "a write after a failed batch is its own transaction")
+    assert reader.execute("SELECT COUNT(*) FROM notes WHERE kind = 'after'").fetchone()[0] == 1
+    reader.close()
+    store.close()

@@ -16,7 +16,8 @@ from markupsafe import Markup
 from fedir.server.report import figures
 from fedir.server.report.render import render
 from fedir.server.runstore import GLOBAL_SITE, RunStore
-from fedir.server.summary import RATE_METRICS, fmt_with_ci
+from fedir.metrics import SCALAR_METRICS
+from fedir.server.summary import fmt_with_ci
 
 _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity",
                  "specificity": "specificity"}
@@ -32,7 +33,7 @@ def sites_section(rows: list[dict], summary: dict) -> Markup:
         "sites.html",
         auc_png=figures.auc_by_round(series, summary["sites"]) if series else None,
         evaluated_round=summary["evaluated_round"],
-        header=["n test", "patients", "positives", *(f"{_METRIC_NAMES[m]} [95% CI]" for m in RATE_METRICS)],
+        header=["n test", "patients", "positives", *(f"{_METRIC_NAMES[m]} [95% CI]" for m in SCALAR_METRICS)],
         rows=table,
         footnotes=footnotes,
     )
@@ -40,7 +41,7 @@ def sites_section(rows: list[dict], summary: dict) -> Markup:
 
 def _site_row(site: str, entry: dict, footnotes: list[str], css: str) -> dict:
     cells = [_cell(_count(entry.get(k))) for k in ("n_test", "n_patients", "positives")]
-    for metric in RATE_METRICS:
+    for metric in SCALAR_METRICS:
         value = entry.get(metric)
         if value is None:
             reason = str(entry["reasons"].get(metric, "not computed"))
