@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fedir-installed
 DEMO_DATA := demo-data/federation
 DEMO_OUT  := runs/demo
 
-.PHONY: setup demo test test-fast clean browser nginx
+.PHONY: setup demo test test-fast lint clean browser nginx
 
 setup: $(STAMP)
 
@@ -39,10 +39,15 @@ browser:
 nginx:
 	@test -x /usr/sbin/nginx || { apt-get update -q && apt-get install -y -q --no-install-recommends nginx-light; }
 
-test: $(STAMP) browser nginx
+# Lint and types first: ruff on the whole tree, mypy on fedir/ and strategies/ (pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint browser nginx
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) browser nginx
+test-fast: lint browser nginx
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

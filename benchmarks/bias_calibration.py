@@ -48,10 +48,10 @@ import torch
 
 from fedir.config import Settings
 from fedir.server import server_app
-from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.medmnist import import_medmnist
 from fedir.simulations.synthetic import generate_federation
+from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.strategies.frankenstein import Thresholds, analyse
 
 RESULTS = Path(__file__).parent / "results" / "bias_calibration.json"

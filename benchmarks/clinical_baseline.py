@@ -30,8 +30,8 @@ import flwr
 import torch
 
 from fedir.config import Settings
-from fedir.simulations.inprocess import run_inprocess
 from fedir.server.report.baseline import baseline_text
+from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.synthetic import GENERATOR_VERSION, generate_federation
 
 IMAGING = dict(model_name="resnet_small", model_image_size=64, train_rounds=5, train_local_epochs=2,

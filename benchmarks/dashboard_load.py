@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dashboard_harness import chromium, served  # noqa: E402
+from run_factory import write_run  # noqa: E402
+
 from fedir.server.dashboard_state import run_detail  # noqa: E402
 from fedir.server.runstore import RunStore  # noqa: E402
-from run_factory import write_run  # noqa: E402
 
 TABLE_READY = "n => document.querySelectorAll('#site-table tbody tr').length === n + 1"
 PLOTS_READY = "n => (document.getElementById('site-plot').data || []).length >= n"

@@ -28,10 +28,10 @@ import flwr
 import torch
 
 from fedir.config import Settings
-from fedir.simulations.uci_heart import CENTRES, import_heart
-from fedir.simulations.inprocess import run_inprocess
 from fedir.models import build_model, state_arrays
 from fedir.protocol import encode_weights, payload_bytes
+from fedir.simulations.inprocess import run_inprocess
+from fedir.simulations.uci_heart import CENTRES, import_heart
 
 SEEDS = (42, 43, 44, 45, 46)
 ROUNDS = 15

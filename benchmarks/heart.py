@@ -37,8 +37,8 @@ import flwr
 import torch
 
 from fedir.config import Settings
-from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.simulations.inprocess import run_inprocess
+from fedir.simulations.uci_heart import CENTRES, import_heart
 
 ARMS = {  # name -> (federation.arm, strategy.name, train.personalise)
     "local": ("local", "fedavg", "none"),

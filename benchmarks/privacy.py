@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from fedir.config import Settings
-from fedir.simulations.uci_heart import CENTRES, import_heart
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.synthetic import generate_federation
+from fedir.simulations.uci_heart import CENTRES, import_heart
 
 SEEDS = (42, 43, 44)
 ROUNDS = 15

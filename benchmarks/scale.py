@@ -82,7 +82,7 @@ def bare_apps(rounds: int, n_sites: int) -> tuple[ServerApp, ClientApp]:
         model = torch.nn.Linear(N_FEATURES, 2)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        for step in range(STEPS):
+        for _ in range(STEPS):
             idx = torch.randint(0, len(data[1]), (4,))
             loss = torch.nn.functional.cross_entropy(model(data[0][idx]), data[1][idx])
             opt.zero_grad()
@@ -130,7 +130,7 @@ class TreeMemory:
             self.peak = max(self.peak, total)
             time.sleep(self.interval)
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self._thread.start()
         return self
 
@@ -200,7 +200,7 @@ def growth(root: Path, sizes: list[int]) -> dict:
         sites = write_sites(root / f"n{n}", n)
         s = settings_for(sites, 3)
         before = os.getloadavg()
-        out[str(n)] = timed(lambda: simulate(s, root / f"run-{n}", "scale"))
+        out[str(n)] = timed(lambda s=s, n=n: simulate(s, root / f"run-{n}", "scale"))
         out[str(n)]["loadavg_before"], out[str(n)]["loadavg_after"] = before, os.getloadavg()
         print(n, out[str(n)], flush=True)
     return out

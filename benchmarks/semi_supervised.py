@@ -41,13 +41,13 @@ import torch
 from fedir.client.arms import LOCAL_KEY
 from fedir.client.client_app import build_client_app
 from fedir.client.site import load_site
+from fedir.client.training import pick_device, predict
 from fedir.config import Settings
 from fedir.metrics import site_metrics
+from fedir.models import build_model
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.medmnist import import_medmnist
-from fedir.models import build_model
-from fedir.client.training import pick_device, predict
 
 ARMS = {  # name -> (federation.arm, objective, labelled fraction of the federation used)
     "sup10": ("federated", "supervised", "low"),

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from fedir.client.site import SplitTensors, load_site
-from fedir.metrics import site_metrics
 from fedir.client.objectives import build_objective
-from fedir.simulations.synthetic import generate_federation
+from fedir.client.site import SplitTensors, load_site
 from fedir.client.training import TrainConfig, pick_device, predict, train
+from fedir.metrics import site_metrics
 from fedir.models import build_model
+from fedir.simulations.synthetic import generate_federation
 
 RESULTS = Path(__file__).parent / "results" / "synthetic_learnability.json"
 

@@ -13,9 +13,8 @@ by the node's `partition-id`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 from collections.abc import Sequence
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -23,24 +22,30 @@ from flwr.clientapp.typing import Mod
 
 from fedir.client import site_state
 from fedir.client.arms import keep_local, start_weights
-from fedir.client.datacard import card_once
-from fedir.client.kept_state import load_global, reply_arrays
-from fedir.client.inputs import SiteView, scaled, scaler, view_of
-from fedir.client.local_training import local_rows, round_recipe
-from fedir.client.personalise import personalised
 from fedir.client.audit_log import audit_mod
+from fedir.client.datacard import card_once
 from fedir.client.dp_mods import dp_clipping_mod
-from fedir.client.site import SiteUnusable
-from fedir.config import Settings
 from fedir.client.embedding import embedding_moments, predict_with_embedding
+from fedir.client.inputs import SiteView, scaled, scaler, view_of
+from fedir.client.kept_state import load_global, reply_arrays
+from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.manifest import ManifestError
+from fedir.client.personalise import personalised
+from fedir.client.site import SiteUnusable
+from fedir.client.training import pick_device, predict, train
+from fedir.config import Settings
 from fedir.metrics import site_metrics
 from fedir.models import NUM_CLASSES, as_tensors, build_model, kept_keys, resolve_model, state_shapes
 from fedir.protocol import (
-    decode_cross_site_models, decode_instruction, decode_round_config, decode_weights, encode_cross_site,
-    encode_evaluation, encode_feature_sums, encode_training,
+    decode_cross_site_models,
+    decode_instruction,
+    decode_round_config,
+    decode_weights,
+    encode_cross_site,
+    encode_evaluation,
+    encode_feature_sums,
+    encode_training,
 )
-from fedir.client.training import pick_device, predict, train
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import pydicom
 from flwr.app import ConfigRecord, Context
 from pydicom.dataset import Dataset
 
-from fedir.client.site import SiteData
-from fedir.config import Settings
 from fedir.client.imaging import DICOM_SUFFIXES, NUMPY_SUFFIXES, PILLOW_SUFFIXES
 from fedir.client.manifest import ManifestRow, read_manifest
+from fedir.client.site import SiteData
 from fedir.client.split import SPLITS, split_of
+from fedir.config import Settings
 from fedir.models import NUM_CLASSES
 
 CARD_VERSION = 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -20,10 +20,10 @@ from flwr.app import ConfigRecord
 
 from fedir.client.manifest import read_manifest
 from fedir.client.site import SiteData, load_site
+from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 from fedir.config import Inputs, Settings, allowed
 from fedir.models import NUM_CLASSES
 from fedir.protocol import FeatureSums, decode_round_config
-from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 
 
 @dataclass
@@ -68,7 +68,7 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
 # A simulation worker serves many sites in turn (500 each for 1,000 sites on two cores):
 # tables are small, so every site's stays in memory; decoded images are large, so only the
 # last few sites' do (their decoded cache on disk makes a miss a file read, not a decode).
-@lru_cache(maxsize=None)
+@cache
 def _tabular_view(site_dir: str, val: float, test: float) -> SiteView:
     site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test)
     counts = Counter(int(y) for y in site.train.y if y >= 0)

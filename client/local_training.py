@@ -13,11 +13,11 @@ from flwr.app import ConfigRecord, Context
 
 from fedir.client.arms import training_rows
 from fedir.client.inputs import SiteView, scaled, scaler
-from fedir.client.smote import oversampled
-from fedir.config import Settings
 from fedir.client.objectives import Objective, ObjectiveParams, build_objective
-from fedir.protocol import FeatureSums
+from fedir.client.smote import oversampled
 from fedir.client.training import TrainConfig
+from fedir.config import Settings
+from fedir.protocol import FeatureSums
 
 
 def local_rows(settings: Settings, site: SiteView, config: ConfigRecord, context: Context,

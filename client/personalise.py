@@ -14,9 +14,9 @@ from torch import nn
 
 from fedir.client.inputs import SiteView
 from fedir.client.local_training import local_rows, round_recipe
+from fedir.client.training import pick_device, train
 from fedir.config import Settings
 from fedir.protocol import decode_round_config
-from fedir.client.training import pick_device, train
 
 FINETUNE_SEED_OFFSET = 500  # fine-tuning draws batches apart from the round's training
 

@@ -17,7 +17,7 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
 def patient_unit_interval(patient_id: str, salt: str = "fedir-split-v1") -> float:
     """Map a patient identifier to a number in [0, 1), uniformly and reproducibly."""
-    digest = hashlib.sha256(f"{salt}\x00{patient_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\x00{patient_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

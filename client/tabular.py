@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedir.client.manifest import (
     MANIFEST_NAME,
     SPLIT_COLUMN,

@@ -146,7 +146,7 @@ def issue_server_cert(directory: str | Path, hosts: Sequence[str], force: bool =
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate clock skew
+    return dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate clock skew
 
 
 def node_keys(directory: str | Path, site: str, force: bool = False) -> dict[str, Path]:

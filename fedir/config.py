@@ -205,7 +205,7 @@ class Settings:
         return f"{section}.{rest.replace('_', '-')}"
 
     @classmethod
-    def from_run_config(cls, config: Mapping[str, Any]) -> "Settings":
+    def from_run_config(cls, config: Mapping[str, Any]) -> Settings:
         """Build from a flat run config; unknown keys are an error (a typo must not pass silently)."""
         by_key = {cls.key_of(f.name): f for f in fields(cls)}
         unknown = sorted(set(config) - set(by_key))

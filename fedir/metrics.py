@@ -246,7 +246,7 @@ def _patient_bootstrap_cis(
     image weighs its patient's multiplicity. Confusion counts per resample are then a
     matrix product, and the AUC a weighted Mann-Whitney over the distinct scores.
     """
-    cis = {f"{name}_ci": None for name in SCALAR_METRICS}
+    cis: dict[str, list[float] | None] = {f"{name}_ci": None for name in SCALAR_METRICS}
     ci_reasons = {f"{name}_ci": reasons[name] for name in SCALAR_METRICS if name in reasons}
     if all(points[name] is None for name in SCALAR_METRICS):
         return cis, ci_reasons

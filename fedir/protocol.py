@@ -69,11 +69,11 @@ class FeatureSums:
     total_sq: np.ndarray
 
     @classmethod
-    def of(cls, x: np.ndarray) -> "FeatureSums":
+    def of(cls, x: np.ndarray) -> FeatureSums:
         x64 = x.astype(np.float64)
         return cls(int(x.shape[0]), x64.sum(axis=0), (x64**2).sum(axis=0))
 
-    def __add__(self, other: "FeatureSums") -> "FeatureSums":
+    def __add__(self, other: FeatureSums) -> FeatureSums:
         return FeatureSums(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
@@ -443,13 +443,15 @@ _FLOWER_REASON = re.compile(r"<class '[^']*'>:<'(.*)'>", re.DOTALL)
 _RAY_MESSAGE = "Message: "
 
 
-def error_text(reason: str) -> str:
+def error_text(reason: str | None) -> str:
     """The site's own message from the reason of a Flower error reply, on one line.
 
     The coordinator records it (and, when every site fails, stops with it); Flower's class
     wrapper and Ray's traceback around it say nothing a hospital can act on. Other reasons
     (a node that went away) come back as they are, on one line.
     """
+    if not reason:
+        return "no reason given"
     match = _FLOWER_REASON.fullmatch(reason.strip())
     text = match.group(1) if match else reason
     if _RAY_MESSAGE in text:

@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedir.metrics import SCALAR_METRICS
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable, find_stores
 from fedir.server.runstore import GLOBAL_SITE
-from fedir.metrics import SCALAR_METRICS
 from fedir.server.summary import build_summary, fmt_with_ci, key_numbers
 
 # Note kinds that mean a site's update or reply did not count this round.

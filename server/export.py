@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fedir.config import Settings, SettingsError
-from fedir.server.runstore import GLOBAL_SITE
 from fedir.metrics import SCALAR_METRICS
+from fedir.server.runstore import GLOBAL_SITE
 
 MLFLOW_EXPERIMENT = "fedir"
 

@@ -18,7 +18,12 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedir.errors import StudyFailed
 from fedir.protocol import (
-    FeatureSums, combine, decode_feature_sums, encode_feature_query, encode_round_config, error_text,
+    FeatureSums,
+    combine,
+    decode_feature_sums,
+    encode_feature_query,
+    encode_round_config,
+    error_text,
 )
 
 log = logging.getLogger(__name__)

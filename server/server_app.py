@@ -22,24 +22,29 @@ from tqdm.auto import tqdm
 
 from fedir.config import Settings
 from fedir.errors import StudyFailed, UserError
-from fedir.models import as_tensors, kept_keys, state_arrays, state_shapes
 from fedir.metrics import pooled_metrics
-from fedir.server.report.baseline import with_clinical_baseline
+from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
 from fedir.protocol import decode_weights, encode_weights
 from fedir.server.checkpoint import (
-    CHECKPOINT_NAME, Checkpoint, ResumedRounds, RoundPlan, restore_strategy_state, resume_point, strategy_state,
+    CHECKPOINT_NAME,
+    Checkpoint,
+    ResumedRounds,
+    RoundPlan,
+    restore_strategy_state,
+    resume_point,
+    strategy_state,
 )
+from fedir.server.cross_site_round import cross_site_matrix
 from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
 from fedir.server.feature_stats import gather_feature_sums
 from fedir.server.report import write_report
+from fedir.server.report.baseline import with_clinical_baseline
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
-from fedir.server.cross_site_round import cross_site_matrix
+from fedir.strategies.differential_privacy import inner_strategy
 from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.per_site import RoundReplies
-from fedir.strategies.differential_privacy import inner_strategy
 from fedir.strategies.registry import build_strategy
-from fedir.models import build_model, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from fedir.client.manifest import manifest_columns
 from fedir.client.tabular import CLINICAL_PREFIX
-from fedir.server.report.baseline import COMPANION_DIR
-
 from fedir.config import Settings, SettingsError
+from fedir.server.report.baseline import COMPANION_DIR
 
 
 def clinical_settings(settings: Settings) -> Settings:

@@ -16,17 +16,16 @@ from pathlib import Path
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings
-from fedir.protocol import ARRAYS_KEY
+from fedir.protocol import ARRAYS_KEY, payload_bytes
 from fedir.server.server_app import run_study
 from fedir.simulations.companion import run_companion
-from fedir.protocol import payload_bytes
 
 SERVER_NODE_ID = 1
 

@@ -74,7 +74,7 @@ class Partition:
     alpha: float = 0.0
 
     @classmethod
-    def parse(cls, text: str) -> "Partition":
+    def parse(cls, text: str) -> Partition:
         """`iid` or `dirichlet:ALPHA` (ALPHA > 0); anything else is a MedMNISTError."""
         text = text.strip().lower()
         if text == "iid":

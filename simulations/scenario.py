@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedir.config import SITE_SEPARATOR, Settings, SettingsError
 from fedir.client.inputs import check_manifest
 from fedir.client.manifest import MANIFEST_NAME
+from fedir.config import SITE_SEPARATOR, Settings, SettingsError
 from fedir.errors import UserError
 
 

@@ -17,6 +17,7 @@ for the report):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from scipy.stats import chi2_contingency
@@ -55,7 +56,7 @@ def site_label_association(
     """
     table, sites, classes = _table(label_counts)
     thresholds = {"alpha": alpha, "min_cramers_v": min_cramers_v}
-    out = {
+    out: dict[str, Any] = {
         "name": "site_label_association",
         "computable": False,
         "statistic": None,
@@ -181,7 +182,7 @@ def pooled_vs_within_auc(
         site: m.get("reasons", {}).get("auc", "AUC undefined") for site, m in per_site.items() if site_auc[site] is None
     }
     means = {site: _mean_score(m["hist_neg"], m["hist_pos"]) for site, m in per_site.items()}
-    out = {
+    out: dict[str, Any] = {
         "name": "pooled_vs_within_auc",
         "computable": False,
         "pooled_auc": pooled_auc(per_site),
@@ -208,6 +209,7 @@ def pooled_vs_within_auc(
     if out["alarm"]:
         neg, pos = stack_histograms(per_site)
         pooled_mean = _mean_score(neg.sum(axis=0), pos.sum(axis=0))
+        assert pooled_mean is not None  # a computable pooled AUC has scored images
         out["sites"] = _most_separated(means, pooled_mean)
         out["reason"] = _gap_reason(out, pooled_mean)
     return out
@@ -260,7 +262,7 @@ def _most_separated(means: Mapping[str, float | None], pooled_mean: float) -> li
     if not deviation:
         return []
     largest = max(deviation.values())
-    ranked = sorted(deviation, key=deviation.get, reverse=True)
+    ranked = sorted(deviation, key=lambda site: deviation[site], reverse=True)
     return [site for site in ranked if deviation[site] >= NEAR_EXTREME * largest]
 
 

@@ -13,6 +13,7 @@ entries' bootstrap CIs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ def cross_site_gap(matrix: Mapping[str, Mapping[str, dict]], *, max_gap: float =
     Alarm: gap > ``max_gap`` and its 95% interval above 0. The sites named are those whose
     own model loses most off its site (diagonal minus its row's off-diagonal mean).
     """
-    out = {
+    out: dict[str, Any] = {
         "name": "cross_site", "computable": False,
         "matrix": {m: {d: (e or {}).get("auc") for d, e in row.items()} for m, row in matrix.items()},
         "diagonal": None, "off_diagonal": None, "gap": None, "gap_ci": None, "site_gap": {},
@@ -51,7 +52,7 @@ def cross_site_gap(matrix: Mapping[str, Mapping[str, dict]], *, max_gap: float =
                gap_ci=[gap - Z95 * se, gap + Z95 * se], site_gap=site_gap)
     out["alarm"] = bool(gap > max_gap and out["gap_ci"][0] > 0)
     if out["alarm"]:
-        out["sites"] = sorted(site_gap, key=site_gap.get, reverse=True)[:1]
+        out["sites"] = sorted(site_gap, key=lambda site: site_gap[site], reverse=True)[:1]
         top = out["sites"][0]
         out["reason"] = (
             f"site models score {d_mean:.2f} AUC on their own site and {o_mean:.2f} on the others "

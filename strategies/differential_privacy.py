@@ -34,8 +34,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedir.config import Settings, SettingsError
-from fedir.config import check_dp
+from fedir.config import Settings, SettingsError, check_dp
 
 
 class PaperQuantileRule:
@@ -98,4 +97,4 @@ def with_differential_privacy(strategy: Strategy, settings: Settings, n_sites: i
 def inner_strategy(strategy: Strategy) -> Strategy:
     """The scenario's own strategy inside a DP wrapper (for checkpoint state), else itself."""
     wrappers = (*_FIXED.values(), *_ADAPTIVE.values())
-    return strategy.strategy if isinstance(strategy, wrappers) else strategy  # type: ignore[attr-defined]
+    return strategy.strategy if isinstance(strategy, wrappers) else strategy

@@ -20,7 +20,6 @@ from fedir.strategies.heterogeneity import auc_heterogeneity
 from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability
 
-
 # Above this many sites the pairwise analyses (site separability, leave-one-site-out) are
 # skipped, each with its reason: they grow with the square of the sites and would dominate a
 # 1,000-site simulation's rounds. The other signals, the gap's bootstrap intervals included

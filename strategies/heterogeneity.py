@@ -15,6 +15,7 @@ the pooled diamond.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from scipy.stats import chi2, norm
@@ -37,7 +38,7 @@ def auc_heterogeneity(per_site: Mapping[str, dict], *, alpha: float = 0.01, min_
         for site, m in per_site.items()
         if m.get("auc") is not None and m.get("auc_ci") is not None
     }
-    out = {
+    out: dict[str, Any] = {
         "name": "auc_heterogeneity",
         "computable": False,
         "q": None, "dof": None, "p_value": None, "i2": None, "tau2": None,

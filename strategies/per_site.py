@@ -23,9 +23,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedir.protocol import decode_evaluation, decode_training, error_text
+from fedir.protocol import decode_evaluation, decode_training, error_text, widened
 from fedir.strategies.validation import ValidatedUpdates
-from fedir.protocol import widened
 
 
 @dataclass

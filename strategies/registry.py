@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord
-
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -28,8 +27,8 @@ from flwr.serverapp.strategy import (
 )
 
 from fedir.config import Settings
-from fedir.strategies.per_site import Callback, with_per_site_capture
 from fedir.strategies.differential_privacy import with_differential_privacy
+from fedir.strategies.per_site import Callback, with_per_site_capture
 from fedir.strategies.validation import RejectCallback
 
 
@@ -56,7 +55,7 @@ STRATEGIES: dict[str, StrategySpec] = {
 }
 
 
-def strategy_kwargs(settings: Settings, n_sites: int) -> dict[str, object]:
+def strategy_kwargs(settings: Settings, n_sites: int) -> dict[str, float | int]:
     """Constructor arguments: sampling for every strategy, plus the named one's own."""
     name = settings.strategy_name
     min_nodes = settings.federation_min_sites or max(n_sites, 1)
@@ -64,7 +63,7 @@ def strategy_kwargs(settings: Settings, n_sites: int) -> dict[str, object]:
     # unless min-sites says more: Flower samples max(fraction x available, min-nodes).
     min_train = min(min_nodes, max(1, int(n_sites * settings.strategy_fraction_train)))
     min_eval = min(min_nodes, max(1, int(n_sites * settings.strategy_fraction_evaluate)))
-    kwargs: dict[str, object] = {
+    kwargs: dict[str, float | int] = {
         "fraction_train": settings.strategy_fraction_train,
         "fraction_evaluate": settings.strategy_fraction_evaluate,
         "min_train_nodes": max(min_train, settings.federation_min_sites),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.special import ndtr
@@ -45,7 +46,7 @@ def site_separability(
     the sites' class separability. Alarm: that accuracy >= ``min_accuracy`` and above the
     class separability by >= ``min_excess``. The alarm uses the point estimates only;
     ``n_boot`` = 0 skips the interval of the headline number (``site_accuracy_ci`` None)."""
-    out = {
+    out: dict[str, Any] = {
         "name": "site_separability",
         "computable": False,
         "site_accuracy": None, "site_accuracy_ci": None, "class_accuracy": None, "excess": None,
@@ -100,7 +101,7 @@ def site_separability(
 
 def _groups(moments: Mapping[str, EmbeddingMoments]) -> dict[tuple[str, int], tuple[int, np.ndarray, np.ndarray]]:
     """(site, class) -> (count, mean, covariance) for the per-class rows that were sent."""
-    out = {}
+    out: dict[tuple[str, int], tuple[int, np.ndarray, np.ndarray]] = {}
     for site, m in moments.items():
         for c in range(len(m.counts) - 1):  # the last row is "all classes"
             if int(m.counts[c]) >= 2:
@@ -135,7 +136,7 @@ class _Grid:
     df: int
 
     @classmethod
-    def of(cls, groups: dict, sites: list[str], df: int, precision: np.ndarray) -> "_Grid":
+    def of(cls, groups: dict, sites: list[str], df: int, precision: np.ndarray) -> _Grid:
         classes = sorted({c for _, c in groups})
         rows = np.array([classes.index(c) for _, c in groups])
         cols = np.array([sites.index(s) for s, _ in groups])

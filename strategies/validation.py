@@ -9,8 +9,9 @@ names, shapes and dtypes of the model's own state dict (the template), only fini
 and a distance from the global model it was sent (the update's L2 norm) not far above the
 norms the other sites sent that round. The template, not the global model last sent, is
 the yardstick for dtypes: Flower's averaging turns integer buffers (BatchNorm's
-`num_batches_tracked`) into float64, while a site's model hands them back as int64. Rejected updates are left out of the average and reported
-with their reason; the round goes on with the rest when enough remain.
+`num_batches_tracked`) into float64, while a site's model hands them back as int64.
+Rejected updates are left out of the average and reported with their reason; the round
+goes on with the rest when enough remain.
 
 The norm test compares each site with the median of the *other* sites' norms (leave one
 out), so it works from two sites up and a single huge update cannot raise the yardstick
@@ -20,7 +21,7 @@ it is measured against.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -62,10 +63,13 @@ def update_norm(update: ArrayRecord, sent: ArrayRecord, template: ArrayRecord) -
     return float(np.sqrt(total))
 
 
+K = TypeVar("K", bound=Hashable)  # whatever identifies an update: a node id, a site name
+
+
 def screen_updates(
-    updates: Mapping[Hashable, ArrayRecord], sent: ArrayRecord, template: ArrayRecord,
+    updates: Mapping[K, ArrayRecord], sent: ArrayRecord, template: ArrayRecord,
     max_norm_ratio: float,
-) -> dict[Hashable, str]:
+) -> dict[K, str]:
     """`{key: reason}` for every update (keyed by site or node) to leave out of this round's average."""
     rejected = {
         site: why

@@ -12,13 +12,13 @@ test's pytest timeout is the only wall-clock bound.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
-import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -11,16 +11,25 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from flower_deployment import (
+    BIN,
+    CONNECTION,
+    Processes,
+    exited,
+    flwr,
+    flwr_env,
+    free_port,
+    superlink_args,
+    supernode_args,
+    wait_for,
+    wait_for_port,
+    write_flower_config,
+)
 from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
 
 from fedir.certs import init_ca, node_keys
 from fedir.client.approval import fab_bytes, fab_digest
 from fedir.simulations.synthetic import generate_federation
-
-from flower_deployment import (
-    BIN, CONNECTION, Processes, exited, flwr, flwr_env, free_port, superlink_args, supernode_args,
-    wait_for, wait_for_port, write_flower_config,
-)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -4,7 +4,20 @@ and does what it claims (the physics ones by their physical property)."""
 import pytest
 import torch
 
-from fedir.client.augment import BiasField, Contrast, Cutout, DetectorResponse, GaussianBlur, GaussianNoise, QuantumNoise, RandomAffine, RandomFlip, Scatter, strong_view, weak_view
+from fedir.client.augment import (
+    BiasField,
+    Contrast,
+    Cutout,
+    DetectorResponse,
+    GaussianBlur,
+    GaussianNoise,
+    QuantumNoise,
+    RandomAffine,
+    RandomFlip,
+    Scatter,
+    strong_view,
+    weak_view,
+)
 
 TRANSFORMS = {
     "affine": RandomAffine(),

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedir.client.site import load_site
 from fedir.client.imaging import SkipReason
 from fedir.client.manifest import ManifestError, read_manifest, write_manifest
+from fedir.client.site import load_site
 from tests.dicom_factory import write_dicom
 
 SIZE = 16

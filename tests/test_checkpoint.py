@@ -18,11 +18,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Record
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping as ServerSideAdaptiveClipping
 from flwr.serverapp.strategy import FedAdam
 
-from fedir.server.checkpoint import (
-    CHECKPOINT_NAME, Checkpoint, ResumeError, in_site_order, load_checkpoint, restore_strategy_state,
-    resume_point, save_checkpoint, server_generators, set_server_generators, strategy_state,
-)
 from fedir.protocol import SITE_KEY
+from fedir.server.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    ResumeError,
+    in_site_order,
+    load_checkpoint,
+    restore_strategy_state,
+    resume_point,
+    save_checkpoint,
+    server_generators,
+    set_server_generators,
+    strategy_state,
+)
 from fedir.server.runstore import RunStore
 from fedir.simulations.scenario import load_scenario
 from fedir.simulations.simulate import simulate

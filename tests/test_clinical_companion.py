@@ -7,7 +7,10 @@ import pytest
 
 from fedir.config import Settings, SettingsError
 from fedir.server.report.baseline import (
-    baseline_section, baseline_text, comparison, with_clinical_baseline,
+    baseline_section,
+    baseline_text,
+    comparison,
+    with_clinical_baseline,
 )
 from fedir.simulations.companion import check_clinical_columns, clinical_settings
 from fedir.simulations.inprocess import run_inprocess

@@ -12,12 +12,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-
 from dashboard_harness import chromium, screenshot, served
-from fedir.server.runstore import RunStore
-from fedir.metrics import SCALAR_METRICS
-from fedir.server.summary import build_summary, fmt_with_ci, write_summary
 from run_factory import start, write_round, write_run
+
+from fedir.metrics import SCALAR_METRICS
+from fedir.server.runstore import RunStore
+from fedir.server.summary import build_summary, fmt_with_ci, write_summary
 
 SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
 # Each wait is for the event itself (an element, a redrawn plot) with no deadline of its own:

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import random
 import sqlite3
 import subprocess
 import sys
 import time
-import json
 import urllib.request
 from pathlib import Path
 
 import pytest
+from run_factory import site_eval, start, write_round, write_run
 
 from fedir.cli import build_parser
 from fedir.server.dashboard_state import overview, run_detail
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable
 from fedir.server.runstore import RunStore
-from run_factory import site_eval, start, write_round, write_run
 
 SITES = [f"site-{i}" for i in range(20)]
 

@@ -11,14 +11,26 @@ import time
 from pathlib import Path
 
 import pytest
+from flower_deployment import (
+    CONNECTION,
+    Processes,
+    any_of,
+    exited,
+    flwr,
+    flwr_env,
+    free_port,
+    run_ended,
+    started_run,
+    superlink_args,
+    supernode_args,
+    wait_for,
+    wait_for_file,
+    wait_for_port,
+    write_flower_config,
+)
 
 from fedir.certs import init_ca, node_keys
 from fedir.simulations.synthetic import generate_federation
-
-from flower_deployment import (
-    CONNECTION, Processes, any_of, exited, flwr, flwr_env, free_port, run_ended, started_run,
-    superlink_args, supernode_args, wait_for, wait_for_file, wait_for_port, write_flower_config,
-)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

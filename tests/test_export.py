@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from run_factory import site_eval
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedir.config import Settings
@@ -13,7 +14,6 @@ from fedir.server.export import mlflow_uri, open_exports
 from fedir.server.runstore import RunStore
 from fedir.server.server_app import StudyRecorder
 from fedir.strategies.per_site import RoundReplies
-from run_factory import site_eval
 
 SITES = ["site-a", "site-b"]
 

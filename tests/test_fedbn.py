@@ -13,11 +13,10 @@ from torch import nn
 
 from fedir.client.client_app import build_client_app
 from fedir.client.kept_state import STATE_KEY, load_global, reply_arrays
-from fedir.models import norm_keys
-from fedir.config import Settings
 from fedir.client.manifest import write_manifest
+from fedir.config import Settings
+from fedir.models import build_model, norm_keys
 from fedir.protocol import ARRAYS_KEY
-from fedir.models import build_model
 from tests.dicom_factory import write_dicom
 
 

@@ -9,19 +9,29 @@ refused; the coordinator, on 127.0.0.1, sees neither a new node nor a new run.""
 import http.client
 import json
 import ssl
-import time
 from pathlib import Path
 
 import pytest
+from flower_deployment import (
+    CONNECTION,
+    NGINX,
+    Processes,
+    flwr,
+    flwr_env,
+    free_port,
+    nginx_args,
+    port_open,
+    started_run,
+    superlink_args,
+    supernode_args,
+    wait_for_file,
+    wait_for_port,
+    write_flower_config,
+)
 
 from fedir.certs import init_ca, node_keys
 from fedir.server.fleet_proxy import FLEET_ROUTES, write_nginx_config
 from fedir.simulations.synthetic import generate_federation
-
-from flower_deployment import (
-    CONNECTION, NGINX, Processes, flwr, flwr_env, free_port, nginx_args, port_open,
-    started_run, superlink_args, supernode_args, wait_for_file, wait_for_port, write_flower_config,
-)
 
 PROJECT = Path(__file__).resolve().parents[1]
 SITE_HOST = "127.0.0.2"  # where the hospitals' traffic arrives: nginx only

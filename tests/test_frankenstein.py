@@ -9,12 +9,12 @@ from torch import nn
 
 from fedir.client.embedding import MAX_DIM, embedding_moments, predict_with_embedding, projection
 from fedir.metrics import site_metrics
+from fedir.models import build_model
 from fedir.strategies.bias import pooled_vs_within_auc, verdict
 from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.heterogeneity import auc_heterogeneity
 from fedir.strategies.separability import site_separability
-from fedir.models import build_model
 
 
 def _eval(rng, n: int, prevalence: float, separation: float, shift: float = 0.0) -> dict:

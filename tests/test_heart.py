@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from fedir.cli import main
-from fedir.config import Settings
-from fedir.simulations.uci_heart import CENTRES, default_source, import_heart
-from fedir.simulations.inprocess import run_inprocess
 from fedir.client.tabular import read_tabular_site
+from fedir.config import Settings
 from fedir.models import build_model
+from fedir.simulations.inprocess import run_inprocess
+from fedir.simulations.uci_heart import CENTRES, default_source, import_heart
 
 SOURCE = default_source()
 pytestmark = pytest.mark.skipif(not SOURCE.is_dir(), reason=f"UCI heart data not at {SOURCE}")

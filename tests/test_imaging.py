@@ -12,7 +12,15 @@ from PIL import Image
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset
 
-from fedir.client.imaging import FRAME_POLICIES, SkipReason, UnreadableImage, apply_frame_policy, load_image, read_display_frames, to_model_input
+from fedir.client.imaging import (
+    FRAME_POLICIES,
+    SkipReason,
+    UnreadableImage,
+    apply_frame_policy,
+    load_image,
+    read_display_frames,
+    to_model_input,
+)
 from tests.dicom_factory import write_dicom
 
 

@@ -16,9 +16,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from fedir.client.site import load_site
 from fedir.client.imaging import SkipReason, UnreadableImage, read_display_frames
 from fedir.client.manifest import write_manifest
+from fedir.client.site import load_site
 from tests.shared_data import XA_CINE, shared_data
 
 SIZE = 16

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from fedir.cli import main
+from fedir.client.manifest import ManifestError, read_manifest
 from fedir.client.site import load_site
 from fedir.config import Settings
-from fedir.client.manifest import ManifestError, read_manifest
-from fedir.simulations.medmnist import MedMNISTError, Partition, import_medmnist
 from fedir.models import build_model
+from fedir.simulations.medmnist import MedMNISTError, Partition, import_medmnist
 from tests.shared_data import shared_data
 
 SPLIT_SIZES = {"train": 400, "val": 60, "test": 100}
@@ -68,7 +68,7 @@ def test_every_image_lands_in_exactly_one_site(tmp_path, partition):
         every = [i for p in parts for i in p]
         assert sorted(every) == list(range(SPLIT_SIZES[split])), split
     if partition == "iid":
-        for split, parts in site_indices(tmp_path / "fed", 4).items():
+        for parts in site_indices(tmp_path / "fed", 4).values():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 

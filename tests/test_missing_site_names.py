@@ -11,12 +11,12 @@ import pytest
 from flwr.app import Context, Error, Message
 
 from fedir.client.client_app import build_client_app
-
-SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the sender of Flower's own error replies
 from fedir.config import Settings
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.synthetic import generate_federation
+
+SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the sender of Flower's own error replies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

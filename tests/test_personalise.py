@@ -11,10 +11,9 @@ import torch
 from fedir.client.client_app import build_client_app
 from fedir.client.kept_state import STATE_KEY
 from fedir.config import Settings, SettingsError
-from fedir.models import intercept_key, kept_keys
+from fedir.models import build_model, intercept_key, kept_keys
 from fedir.server.server_app import run_study, shared_arrays
 from fedir.simulations.inprocess import InProcessGrid, run_inprocess
-from fedir.models import build_model
 
 PREVALENCE = {"high": 0.9, "mid": 0.5, "low": 0.1}
 

@@ -20,12 +20,12 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings, SettingsError
+from fedir.models import build_model
 from fedir.protocol import ARRAYS_KEY
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.synthetic import generate_federation
 from fedir.strategies.differential_privacy import with_differential_privacy
-from fedir.models import build_model
 
 pytestmark = pytest.mark.timeout(600)
 study = pytest.mark.slow  # a real (in-process) study per test: 10-30 s each on 2 loaded cores

@@ -8,9 +8,23 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedir.models import as_tensors, build_model, norm_keys, state_arrays, state_shapes
 from fedir.protocol import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, decode_cross_site_models, decode_evaluation, decode_instruction,
-    decode_round_config, decode_training, decode_weights, encode_cross_site_models, encode_evaluation,
-    encode_feature_query, encode_round_config, encode_training, encode_weights, payload_bytes, site_name,
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    decode_cross_site_models,
+    decode_evaluation,
+    decode_instruction,
+    decode_round_config,
+    decode_training,
+    decode_weights,
+    encode_cross_site_models,
+    encode_evaluation,
+    encode_feature_query,
+    encode_round_config,
+    encode_training,
+    encode_weights,
+    payload_bytes,
+    site_name,
     widened,
 )
 

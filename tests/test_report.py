@@ -75,7 +75,7 @@ def test_site_table_without_alarm_shows_key_numbers(store: RunStore) -> None:
     summary = build_summary(store, RUN)
     summary["bias"] = {**VERDICT, "alarm": False, "reasons": []}
     line = format_site_table(summary).splitlines()
-    verdict = next(l for l in line if l.startswith("No bias alarm:"))
+    verdict = next(row for row in line if row.startswith("No bias alarm:"))
     assert "Cramer's V=0.62" in verdict and "gap=0.06" in verdict
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedir.server.runstore import RunStore
-
-from tests.store_factory import RUN, SITES, VERDICT, fabricate, round_eval, site_eval
+from tests.store_factory import RUN, SITES, VERDICT, round_eval, site_eval
 
 
 def test_one_row_per_round_site_split_metric(store: RunStore) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from fedir.client.site import load_site
 from fedir.client.imaging import SkipReason, apply_frame_policy, load_image, read_display_frames
 from fedir.client.manifest import write_manifest
+from fedir.client.site import load_site
 from fedir.client.split import split_of
 from tests.dicom_factory import write_dicom
 

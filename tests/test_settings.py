@@ -15,8 +15,18 @@ from fedir.client.imaging import FRAME_POLICIES
 from fedir.client.objectives import OBJECTIVES
 from fedir.client.training import OPTIMIZERS
 from fedir.config import (
-    FramePolicy, ImageModel, ObjectiveName, Optimizer, Settings, SettingsError, StrategyName,
-    TabularModel, UpdateDtype, allowed, hint_of, reference_markdown,
+    FramePolicy,
+    ImageModel,
+    ObjectiveName,
+    Optimizer,
+    Settings,
+    SettingsError,
+    StrategyName,
+    TabularModel,
+    UpdateDtype,
+    allowed,
+    hint_of,
+    reference_markdown,
 )
 from fedir.models import MODEL_NAMES, resolve_model
 from fedir.protocol import UPDATE_DTYPES, error_text

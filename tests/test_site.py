@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import fedir.client.site as site_module
-from fedir.client.site import load_site
 from fedir.client.imaging import SkipReason
 from fedir.client.manifest import ManifestError, write_manifest
+from fedir.client.site import load_site
 from fedir.client.split import split_of
 from tests.dicom_factory import write_dicom
 

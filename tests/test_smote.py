@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from fedir.client.client_app import build_client_app
 from fedir.client.smote import oversampled
 from fedir.config import Settings
-from fedir.protocol import ARRAYS_KEY
 from fedir.models import build_model
+from fedir.protocol import ARRAYS_KEY
 
 
 def test_smote_balances_the_labelled_rows_and_keeps_the_real_ones_first():
@@ -85,8 +85,8 @@ def test_only_the_model_update_leaves_a_site_that_uses_smote(tmp_path):
 
 
 def test_smote_on_an_imaging_site_is_refused(tmp_path):
-    from fedir.client.local_training import local_rows
     from fedir.client.inputs import SiteView
+    from fedir.client.local_training import local_rows
 
     view = SiteView(name="s", tabular=False, train_x=torch.zeros(4, 1, 8, 8), train_y=torch.tensor([0, 1, 1, 1]),
                     test_x=torch.zeros(0), test_y=torch.zeros(0), test_patients=[], label_counts={})

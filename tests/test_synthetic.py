@@ -11,13 +11,13 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 
+from fedir.client.split import split_of
 from fedir.simulations.synthetic import (
     XA_SOP_CLASS_UID,
     encode_pixels,
     generate_federation,
     site_profile,
 )
-from fedir.client.split import split_of
 
 SITES, PATIENTS, SIZE = 3, 6, 64
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from fedir.client.manifest import ManifestError
-from fedir.protocol import FeatureSums, combine, decode_feature_sums, encode_feature_sums
+from fedir.client.objectives import build_objective
 from fedir.client.tabular import is_tabular_site, read_tabular_site
 from fedir.client.training import TrainConfig, proximal_term, train
 from fedir.models import build_model
-from fedir.client.objectives import build_objective
+from fedir.protocol import FeatureSums, combine, decode_feature_sums, encode_feature_sums
 
 
 def _write(site, rows):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fedir.client.objectives import build_objective
-from fedir.models import MODEL_NAMES, build_model
 from fedir.client.training import TrainConfig, pick_device, predict, train
+from fedir.models import MODEL_NAMES, build_model
 
 
 def _toy(n=64, size=32, seed=0):

@@ -8,7 +8,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedir.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY
 from fedir.strategies.validation import (
-    ValidatedUpdates, screen_updates, structural_problem, update_norm,
+    ValidatedUpdates,
+    screen_updates,
+    structural_problem,
+    update_norm,
 )
 
 

@@ -23,13 +23,13 @@ import pytest
 import ray.cloudpickle
 
 import tests.wire_capture
+from fedir.client.embedding import MAX_DIM
 from fedir.client.manifest import write_manifest
+from fedir.models import NUM_CLASSES, build_model
+from fedir.protocol import ARRAYS_KEY, CROSS_SITE_ACTION
 from fedir.simulations.scenario import load_scenario
 from fedir.simulations.simulate import simulate
 from fedir.simulations.synthetic import generate_federation
-from fedir.client.embedding import MAX_DIM
-from fedir.protocol import ARRAYS_KEY, CROSS_SITE_ACTION
-from fedir.models import NUM_CLASSES, build_model
 from tests.phi import PLANTED, needles, plant, planted_numbers
 from tests.wire_capture import RECEIVED, SENT, CaptureMessages, read_captured
 

@@ -5,7 +5,7 @@ updates, metrics that could not be computed.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from markupsafe import Markup
 
@@ -19,7 +19,7 @@ def summary_section(summary: dict) -> Markup:
     """The run's facts, then the verdict: red with its reasons when the alarm is raised,
     green when it is not, plain with its reason when no verdict could be computed (alarm
     null); every test's key numbers either way."""
-    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
     facts = [
         ("scenario", summary["scenario"]), ("status", summary["status"]),
         ("started", summary["started_at"]), ("finished", summary["finished_at"] or "-"),

@@ -13,10 +13,10 @@ from collections import defaultdict
 
 from markupsafe import Markup
 
+from fedir.metrics import SCALAR_METRICS
 from fedir.server.report import figures
 from fedir.server.report.render import render
 from fedir.server.runstore import GLOBAL_SITE, RunStore
-from fedir.metrics import SCALAR_METRICS
 from fedir.server.summary import fmt_with_ci
 
 _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity",
