@@ -187,6 +187,11 @@ class Settings:
     privacy_clip_norm_lr: float = setting(0.2, "adaptive: learning rate of the clipping bound", POSITIVE)
     privacy_clipped_count_stddev: float = setting(
         0.0, "adaptive: noise on the clipped count; 0 = Flower's default (sites/20)", AT_LEAST_0)
+    privacy_delta: float = setting(
+        1e-5, "delta at which the epsilon spent is reported (fedir.strategies.privacy_budget); "
+        "keep it below 1 / the number of sites", Bounds(0, 1, low_open=True, high_open=True))
+    privacy_max_epsilon: float = setting(
+        0.0, "stop the study before a round would spend more epsilon than this; 0 = no limit", AT_LEAST_0)
 
     def __post_init__(self) -> None:
         # Values and the combinations that cannot work are refused when the settings are
@@ -197,6 +202,7 @@ class Settings:
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
         check_cross_site(self.bias_cross_site, self.privacy_dp)
+        check_budget(self.privacy_dp, self.privacy_max_epsilon, self.privacy_noise_multiplier)
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -317,6 +323,17 @@ def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
         raise SettingsError(f"privacy.dp = {mode!r} needs train.update-dtype = \"float32\"")
     if arm != "federated":
         raise SettingsError(f"privacy.dp = {mode!r} needs federation.arm = \"federated\"")
+
+
+def check_budget(mode: str, max_epsilon: float, noise_multiplier: float) -> None:
+    """A privacy budget needs differential privacy, and noise: without noise every round
+    spends an infinite epsilon, and the study would stop before its first round."""
+    if not max_epsilon:
+        return
+    if mode == "off":
+        raise SettingsError(f"privacy.max-epsilon = {max_epsilon:g} needs a privacy.dp mode")
+    if noise_multiplier <= 0:
+        raise SettingsError(f"privacy.max-epsilon = {max_epsilon:g} needs privacy.noise-multiplier > 0")
 
 
 def check_cross_site(cross_site: bool, dp_mode: str) -> None:

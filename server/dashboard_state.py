@@ -124,6 +124,7 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
         "series": store.series(run_id, SCALAR_METRICS),
         "notes": {"total": len(notes), "latest": [_note(n) for n in notes[-MAX_NOTES:]]},
         "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
+        "privacy": summary["privacy"],
     }
 
 

@@ -26,6 +26,10 @@ ci_low REAL, ci_high REAL)``
     ``ci_high`` are NULL when there is no confidence interval (counts, losses).
     Indexed on ``(run_id, round)``.
 
+    Under ``privacy.dp`` every aggregated round also has site "global", split "privacy"
+    rows: ``dp_epsilon`` (spent so far, NULL when infinite: no noise), ``dp_delta`` and
+    ``dp_noise_multiplier`` (the round's effective one, fedir.strategies.privacy_budget).
+
 ``vectors(run_id TEXT, round INTEGER, site TEXT, split TEXT, name TEXT, json TEXT)``
     Vector-valued aggregates: score histograms (``hist_neg``, ``hist_pos``), label
     counts per class, skipped-file counts per reason. ``json`` is the JSON value.
@@ -58,6 +62,7 @@ from typing import Any
 from fedir.metrics import COUNTS
 
 GLOBAL_SITE = "global"
+PRIVACY_SPLIT = "privacy"
 NULL_METRIC_NOTE = "null_metric"
 
 _SCHEMA = """
@@ -250,6 +255,29 @@ class RunStore:
         with self._transaction() as cur:
             for site, aggregates in per_site.items():
                 self._write_site(cur, run_id, server_round, site, "train", aggregates)
+
+    def record_privacy(self, run_id: str, server_round: int, epsilon: float, delta: float,
+                       noise_multiplier: float) -> None:
+        """The epsilon spent up to and including `server_round`, at `delta`."""
+        values = {"dp_epsilon": epsilon, "dp_delta": delta, "dp_noise_multiplier": noise_multiplier}
+        with self._transaction() as cur:
+            cur.executemany(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                [(run_id, server_round, GLOBAL_SITE, PRIVACY_SPLIT, name, _finite_or_none(value))
+                 for name, value in values.items()],
+            )
+
+    def privacy_rounds(self, run_id: str) -> list[dict]:
+        """Per accounted round: {"round", "epsilon", "delta", "noise_multiplier"}, in order."""
+        rows = self._conn.execute(
+            "SELECT round, metric, value FROM metrics WHERE run_id = ? AND split = ? ORDER BY round",
+            (run_id, PRIVACY_SPLIT),
+        )
+        by_round: dict[int, dict] = {}
+        for row in rows:
+            entry = by_round.setdefault(row["round"], {"round": row["round"]})
+            entry[row["metric"].removeprefix("dp_")] = row["value"]
+        return list(by_round.values())
 
     def record_note(self, run_id: str, server_round: int | None, site: str | None, kind: str, message: str) -> None:
         with self._transaction() as cur:

@@ -41,10 +41,11 @@ from fedir.server.report import write_report
 from fedir.server.report.baseline import with_clinical_baseline
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
-from fedir.strategies.differential_privacy import inner_strategy
+from fedir.strategies.differential_privacy import inner_strategy, sampled_sites
 from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.per_site import RoundReplies
-from fedir.strategies.registry import build_strategy
+from fedir.strategies.privacy_budget import BudgetExhausted, PrivacyBudget
+from fedir.strategies.registry import build_strategy, strategy_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ class StudyRecorder:
     """Receives each round's per-site replies and records them with the bias checks."""
 
     def __init__(self, store: RunStore, run_id: str, settings: Settings, rounds: int,
-                 exports: list[RoundExport] | None = None) -> None:
+                 exports: list[RoundExport] | None = None, budget: PrivacyBudget | None = None) -> None:
         self.store = store
+        self.budget = budget  # under privacy.dp: the epsilon spent, the limit
         self.run_id = run_id
         self.settings = settings
         self.exports = exports or []
@@ -71,8 +73,23 @@ class StudyRecorder:
         self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
     def on_train(self, replies: RoundReplies) -> None:
+        # Before anything of the round is recorded: a round over the budget is not released
+        # (BudgetExhausted leaves Flower's loop before the noised average is made).
+        spent = self._spend(replies)
         with self.store.batch():  # the stage's every row in one transaction
             self._record_train(replies)
+            if spent is not None and self.budget is not None:
+                self.store.record_privacy(self.run_id, replies.server_round, spent, self.budget.delta,
+                                          self.budget.spent[-1])
+
+    def _spend(self, replies: RoundReplies) -> float | None:
+        """Account the round's release under privacy.dp (fedir.strategies.privacy_budget);
+        None when there is none: no DP, or a round Flower's DP wrapper does not aggregate
+        (a site's reply is an error, or no site answered)."""
+        if self.budget is None or replies.failed or not replies.per_site:
+            return None
+        weights = [float(v["n_labelled"]) for v in replies.per_site.values()]
+        return self.budget.release(replies.server_round, weights)
 
     def _record_train(self, replies: RoundReplies) -> None:
         for site, values in replies.per_site.items():
@@ -229,7 +246,13 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     # start: server optimisers (FedAdam...) need the same keys every round
     start_arrays = shared_arrays(model, settings) if resumed is None else resumed.array_record()
     exports = open_exports(settings, out_dir, run_id)
-    recorder = StudyRecorder(store, run_id, settings, settings.train_rounds, exports)
+    budget = None
+    if settings.dp:
+        budget = PrivacyBudget(settings.privacy_noise_multiplier,
+                               sampled_sites(settings, n_sites, _min_train_nodes(settings, n_sites)),
+                               settings.privacy_delta, settings.privacy_max_epsilon,
+                               spent=[] if resumed is None else resumed.app_state.get("budget", []))
+    recorder = StudyRecorder(store, run_id, settings, settings.train_rounds, exports, budget)
     strategy = build_strategy(
         settings,
         n_sites,
@@ -243,6 +266,7 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
                        seed=settings.train_seed, generators=None if resumed is None else resumed.generators),
         # a DP wrapper's own state (an adaptive clipping norm) shapes later rounds too
         app_state=lambda: {"label_counts": recorder.label_counts,
+                           "budget": [] if budget is None else list(budget.spent),
                            "privacy": {} if strategy is inner else strategy_state(strategy)},
     )
     inner = inner_strategy(strategy)
@@ -259,6 +283,13 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
             train_config=features.config(),
             evaluate_config=features.config(),
         )
+        final = result.arrays
+    except BudgetExhausted as stop:
+        # the rounds done are kept; the model is the last one evaluated within budget
+        log.warning("%s", stop)
+        store.record_note(run_id, stop.server_round, None, "privacy_budget", str(stop))
+        latest = getattr(inner, "_latest", None)
+        final = latest if latest is not None else ArrayRecord()
     finally:
         recorder.progress.close()
         for export in exports:
@@ -267,8 +298,13 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
         # no metric to report and no verdict to give: a failure, not an empty success
         raise StudyFailed.no_site(f"be evaluated in {settings.train_rounds} round(s)", recorder.failed)
     _cross_site(grid, recorder, settings, features)
-    final = result.arrays if len(result.arrays) else start_arrays  # no round aggregated
+    final = final if len(final) else start_arrays  # no round aggregated
     torch.save(as_tensors(decode_weights(final, state_shapes(model))), out_dir / "model.pt")
+
+
+def _min_train_nodes(settings: Settings, n_sites: int) -> int:
+    """The fewest sites a round trains on (fedir.strategies.registry's rule)."""
+    return int(strategy_kwargs(settings, n_sites)["min_train_nodes"])
 
 
 def build_server_app(settings: Settings | None = None, out_dir: Path | None = None,

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS
 from fedir.server.runstore import GLOBAL_SITE, RunStore
+from fedir.strategies.privacy_budget import ACCOUNTANT
 
 NOT_COMPUTED = "not computed: no evaluation round was recorded"
 NO_ANALYSIS = "not computed: no bias analysis was recorded for this run"
@@ -49,7 +50,30 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "global": _entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: _entry(evaluated.get(site), last_eval) for site in sites},
         "bias": _verdict(store, run_id, last_eval),
+        "privacy": privacy_entry(store, run_id, run["config"]),
         "notes": store.notes(run_id),
+    }
+
+
+def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
+    """`{"mode": "off"}`, or under privacy.dp the epsilon spent by the rounds accounted at
+    `delta` (fedir.strategies.privacy_budget; null when no noise made it infinite), each
+    round's figure, and why the study stopped when the budget stopped it."""
+    mode = config.get("privacy.dp", "off")
+    if mode == "off":
+        return {"mode": "off"}
+    rounds = store.privacy_rounds(run_id)
+    stopped = [n["message"] for n in store.notes(run_id) if n["kind"] == "privacy_budget"]
+    return {
+        "mode": mode,
+        "epsilon": rounds[-1]["epsilon"] if rounds else 0.0,
+        "delta": config.get("privacy.delta"),
+        "noise_multiplier": config.get("privacy.noise-multiplier"),
+        "max_epsilon": config.get("privacy.max-epsilon") or None,
+        "rounds_accounted": len(rounds),
+        "accountant": ACCOUNTANT,
+        "per_round": [[r["round"], r["epsilon"]] for r in rounds],
+        "stopped": stopped[-1] if stopped else None,
     }
 
 

@@ -135,6 +135,7 @@ function renderRun(detail) {
   progress.className = "meta status-" + run.status;
   const share = planned ? Math.min(1, run.rounds_evaluated / planned) : (run.status === "running" ? 0 : 1);
   document.getElementById("progress-bar").style.width = (100 * share).toFixed(1) + "%";
+  renderPrivacy(detail.privacy);
   renderVerdict(detail.verdict);
   renderRound(detail.round, run.sites.length);
   renderControls(run.sites);
@@ -142,6 +143,21 @@ function renderRun(detail) {
   renderTable(detail.table, run.rounds_evaluated);
   renderCards(detail.cards);
   renderNotes(detail.notes);
+}
+
+// Under privacy.dp: the epsilon spent so far and each accounted round's figure
+// (fedir.strategies.privacy_budget); a null epsilon is an infinite one (no noise).
+function renderPrivacy(privacy) {
+  const box = document.getElementById("privacy-line");
+  box.hidden = !privacy || privacy.mode === "off";
+  if (box.hidden) return;
+  const eps = (value) => value === null ? "infinite" : value.toFixed(3);
+  const perRound = privacy.per_round.map(([round, value]) => "r" + round + " " + eps(value)).join(", ");
+  box.textContent = "privacy (" + privacy.mode + "): epsilon " + eps(privacy.epsilon) + " at delta "
+    + privacy.delta + " after " + privacy.rounds_accounted + " round(s)"
+    + (privacy.max_epsilon ? " of max " + privacy.max_epsilon : "")
+    + (perRound ? " \u00b7 per round: " + perRound : "")
+    + (privacy.stopped ? " \u00b7 " + privacy.stopped : "");
 }
 
 function renderVerdict(verdict) {

@@ -26,6 +26,14 @@ def summary_section(summary: dict) -> Markup:
         ("rounds", summary["rounds"]), ("evaluated round", summary["evaluated_round"]),
         ("sites", len(summary["sites"])), ("report generated", generated),
     ]
+    privacy = summary.get("privacy") or {}
+    if privacy.get("mode", "off") != "off":
+        epsilon = privacy["epsilon"]
+        spent = "infinite (no noise)" if epsilon is None else f"{epsilon:.3f}"
+        facts.append(("privacy", f"{privacy['mode']}: epsilon {spent} at delta {privacy['delta']:g} "
+                                 f"after {privacy['rounds_accounted']} round(s)"))
+        if privacy.get("stopped"):
+            facts.append(("privacy budget", privacy["stopped"]))
     bias = summary["bias"]
     return render(
         "summary.html",
