@@ -39,6 +39,11 @@ FramePolicy = Literal["mip", "middle", "all", "peak", "volume"]  # and every-K (
 Inputs = Literal["auto", "clinical"]
 Standardise = Literal["federated", "site"]
 Personalise = Literal["none", "intercept", "finetune"]
+# Strategies whose aggregate is the weighted mean of the updates (the FedOpt family and
+# FedAvgM then take a server step on it: post-processing). Only for these does the privacy
+# budget's sensitivity bound hold (fedir.strategies.privacy_budget); a median or Krum's
+# choice can move by a whole clipped update when one site changes.
+MEAN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 DPMode = Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
 
 EVERY_K = re.compile(r"every-([1-9][0-9]*)")
@@ -202,7 +207,8 @@ class Settings:
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
         check_cross_site(self.bias_cross_site, self.privacy_dp)
-        check_budget(self.privacy_dp, self.privacy_max_epsilon, self.privacy_noise_multiplier)
+        check_budget(self.privacy_dp, self.privacy_max_epsilon, self.privacy_noise_multiplier,
+                     self.strategy_name)
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -325,15 +331,19 @@ def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
         raise SettingsError(f"privacy.dp = {mode!r} needs federation.arm = \"federated\"")
 
 
-def check_budget(mode: str, max_epsilon: float, noise_multiplier: float) -> None:
-    """A privacy budget needs differential privacy, and noise: without noise every round
-    spends an infinite epsilon, and the study would stop before its first round."""
+def check_budget(mode: str, max_epsilon: float, noise_multiplier: float, strategy: str) -> None:
+    """A privacy budget needs differential privacy, noise (without it every round spends an
+    infinite epsilon, and the study would stop before its first round) and a mean
+    aggregator (MEAN_AGGREGATORS: for the others no epsilon is accounted)."""
     if not max_epsilon:
         return
     if mode == "off":
         raise SettingsError(f"privacy.max-epsilon = {max_epsilon:g} needs a privacy.dp mode")
     if noise_multiplier <= 0:
         raise SettingsError(f"privacy.max-epsilon = {max_epsilon:g} needs privacy.noise-multiplier > 0")
+    if strategy not in MEAN_AGGREGATORS:
+        raise SettingsError(f"privacy.max-epsilon = {max_epsilon:g} needs a mean aggregator "
+                            f"({', '.join(MEAN_AGGREGATORS)}), not strategy.name = {strategy!r}")
 
 
 def check_cross_site(cross_site: bool, dp_mode: str) -> None:

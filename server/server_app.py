@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
-from fedir.config import Settings
+from fedir.config import MEAN_AGGREGATORS, Settings
 from fedir.errors import StudyFailed, UserError
 from fedir.metrics import pooled_metrics
 from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
@@ -247,7 +247,7 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     start_arrays = shared_arrays(model, settings) if resumed is None else resumed.array_record()
     exports = open_exports(settings, out_dir, run_id)
     budget = None
-    if settings.dp:
+    if settings.dp and settings.strategy_name in MEAN_AGGREGATORS:
         budget = PrivacyBudget(settings.privacy_noise_multiplier,
                                sampled_sites(settings, n_sites, _min_train_nodes(settings, n_sites)),
                                settings.privacy_delta, settings.privacy_max_epsilon,

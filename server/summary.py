@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedir.config import MEAN_AGGREGATORS
 from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.strategies.privacy_budget import ACCOUNTANT
@@ -64,14 +65,16 @@ def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
         return {"mode": "off"}
     rounds = store.privacy_rounds(run_id)
     stopped = [n["message"] for n in store.notes(run_id) if n["kind"] == "privacy_budget"]
+    accounted = config.get("strategy.name", "fedavg") in MEAN_AGGREGATORS
     return {
         "mode": mode,
-        "epsilon": rounds[-1]["epsilon"] if rounds else 0.0,
+        "epsilon": (rounds[-1]["epsilon"] if rounds else 0.0) if accounted else None,
         "delta": config.get("privacy.delta"),
         "noise_multiplier": config.get("privacy.noise-multiplier"),
         "max_epsilon": config.get("privacy.max-epsilon") or None,
         "rounds_accounted": len(rounds),
-        "accountant": ACCOUNTANT,
+        "accountant": ACCOUNTANT if accounted else
+        f"none: strategy.name = {config.get('strategy.name')!r} is not a mean, so no epsilon is accounted",
         "per_round": [[r["round"], r["epsilon"]] for r in rounds],
         "stopped": stopped[-1] if stopped else None,
     }

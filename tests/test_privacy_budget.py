@@ -155,3 +155,30 @@ def test_max_epsilon_stops_before_the_round_that_would_pass_it(heart, tmp_path):
     assert kept.keys() == reference.keys()
     for key in kept:
         torch.testing.assert_close(kept[key], reference[key])
+
+
+def test_max_epsilon_needs_a_mean_aggregator():
+    with pytest.raises(SettingsError, match="needs a mean aggregator"):
+        Settings(privacy_dp="server-fixed", privacy_noise_multiplier=1.0, privacy_max_epsilon=5.0,
+                 strategy_name="fedmedian")
+
+
+def test_the_summary_accounts_only_a_mean_and_says_so(tmp_path):
+    from fedir.server.runstore import RunStore
+    from fedir.server.summary import privacy_entry
+
+    config = {"privacy.dp": "server-fixed", "privacy.delta": DELTA, "privacy.noise-multiplier": NOISE,
+              "privacy.max-epsilon": 0.0}
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("mean", "t", {**config, "strategy.name": "fedavg"}, ["a"])
+        store.record_privacy("mean", 1, 1.5, DELTA, 1.0)
+        store.record_privacy("mean", 2, 2.5, DELTA, 1.0)
+        mean = privacy_entry(store, "mean", store.run("mean")["config"])
+        store.start_run("median", "t", {**config, "strategy.name": "fedmedian"}, ["a"])
+        median = privacy_entry(store, "median", store.run("median")["config"])
+        store.start_run("off", "t", {"privacy.dp": "off"}, ["a"])
+        off = privacy_entry(store, "off", store.run("off")["config"])
+    assert mean["epsilon"] == 2.5 and mean["per_round"] == [[1, 1.5], [2, 2.5]]
+    assert mean["rounds_accounted"] == 2 and mean["delta"] == DELTA and mean["max_epsilon"] is None
+    assert median["epsilon"] is None and median["accountant"].startswith("none: strategy.name = 'fedmedian'")
+    assert off == {"mode": "off"}

@@ -146,12 +146,14 @@ function renderRun(detail) {
 }
 
 // Under privacy.dp: the epsilon spent so far and each accounted round's figure
-// (fedir.strategies.privacy_budget); a null epsilon is an infinite one (no noise).
+// (fedir.strategies.privacy_budget); a null epsilon is an infinite one (no noise), or none
+// at all when the strategy is not a mean (the accountant says so).
 function renderPrivacy(privacy) {
   const box = document.getElementById("privacy-line");
   box.hidden = !privacy || privacy.mode === "off";
   if (box.hidden) return;
-  const eps = (value) => value === null ? "infinite" : value.toFixed(3);
+  const unknown = privacy.accountant.startsWith("none") ? "not accounted" : "infinite";
+  const eps = (value) => value === null ? unknown : value.toFixed(3);
   const perRound = privacy.per_round.map(([round, value]) => "r" + round + " " + eps(value)).join(", ");
   box.textContent = "privacy (" + privacy.mode + "): epsilon " + eps(privacy.epsilon) + " at delta "
     + privacy.delta + " after " + privacy.rounds_accounted + " round(s)"

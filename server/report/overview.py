@@ -29,7 +29,8 @@ def summary_section(summary: dict) -> Markup:
     privacy = summary.get("privacy") or {}
     if privacy.get("mode", "off") != "off":
         epsilon = privacy["epsilon"]
-        spent = "infinite (no noise)" if epsilon is None else f"{epsilon:.3f}"
+        spent = f"{epsilon:.3f}" if epsilon is not None else (
+            "infinite (no noise)" if privacy["accountant"].startswith("dp-accounting") else "not accounted")
         facts.append(("privacy", f"{privacy['mode']}: epsilon {spent} at delta {privacy['delta']:g} "
                                  f"after {privacy['rounds_accounted']} round(s)"))
         if privacy.get("stopped"):
