@@ -207,6 +207,11 @@ class ResumedRounds:
         self._latest: ArrayRecord | None = None
         set_server_generators(plan.seed, plan.generators)
 
+    @property
+    def latest_arrays(self) -> ArrayRecord | None:
+        """The global model last sent for evaluation (after the last completed round)."""
+        return self._latest
+
     def _true(self, server_round: int) -> int:
         return server_round + self._plan.first_round - 1
 

@@ -139,6 +139,13 @@ class StudyRecorder:
         return analyse(self.label_counts, per_site, moments, thresholds(self.settings), cross_site,
                        seed=self.settings.train_seed, final=final)
 
+    def finalise(self) -> None:
+        """A study stopped before its planned last round (privacy.max-epsilon): the last
+        evaluated round's verdict again, with the analyses of a final round."""
+        if self.last_evaluation is not None:
+            server_round, per_site, moments = self.last_evaluation
+            self.store.record_bias(self.run_id, server_round, self.bias(per_site, moments, final=True))
+
     def on_cross_site(self, matrix: dict) -> None:
         """Redo the last evaluated round's verdict with the cross-site matrix."""
         if self.last_evaluation is None:
@@ -288,7 +295,8 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
         # the rounds done are kept; the model is the last one evaluated within budget
         log.warning("%s", stop)
         store.record_note(run_id, stop.server_round, None, "privacy_budget", str(stop))
-        latest = getattr(inner, "_latest", None)
+        recorder.finalise()
+        latest = inner.latest_arrays if isinstance(inner, ResumedRounds) else None
         final = latest if latest is not None else ArrayRecord()
     finally:
         recorder.progress.close()

@@ -148,6 +148,7 @@ def test_max_epsilon_stops_before_the_round_that_would_pass_it(heart, tmp_path):
     assert privacy["rounds_accounted"] == 2 and privacy["epsilon"] == pytest.approx(two)
     assert privacy["epsilon"] <= privacy["max_epsilon"]
     assert privacy["stopped"] == f"stopped: round 3 would spend epsilon {three:.3f} > max {(two + three) / 2:g}"
+    assert stopped["bias"]["sensitivity"].get("reason") != "computed on the study's final round only"
     # the model kept is round 2's: the same as a two-round study's (the server's noise is seeded)
     two_rounds = run_inprocess(_settings(heart, train_rounds=2), tmp_path / "two")
     assert two_rounds["privacy"]["epsilon"] == pytest.approx(two)
