@@ -183,3 +183,27 @@ def test_the_summary_accounts_only_a_mean_and_says_so(tmp_path):
     assert mean["rounds_accounted"] == 2 and mean["delta"] == DELTA and mean["max_epsilon"] is None
     assert median["epsilon"] is None and median["accountant"].startswith("none: strategy.name = 'fedmedian'")
     assert off == {"mode": "off"}
+
+
+@heart_data
+@pytest.mark.slow
+def test_a_resumed_study_keeps_the_epsilon_already_spent(heart, tmp_path, monkeypatch):
+    """The rounds accounted before a crash are in the checkpoint: after resuming, round 3's
+    epsilon is that of three rounds, not of one."""
+    from fedir.server.server_app import StudyRecorder
+
+    original = StudyRecorder.on_train
+
+    def crash_in_round_3(self, replies):
+        if replies.server_round == 3:
+            raise RuntimeError("coordinator lost in round 3")
+        original(self, replies)
+
+    monkeypatch.setattr(StudyRecorder, "on_train", crash_in_round_3)
+    with pytest.raises(RuntimeError, match="round 3"):
+        run_inprocess(_settings(heart), tmp_path)
+    monkeypatch.setattr(StudyRecorder, "on_train", original)
+    resumed = run_inprocess(_settings(heart), tmp_path)
+    expected = [_independent([HEART_Z] * n, DELTA) for n in (1, 2, 3)]
+    assert resumed["privacy"]["rounds_accounted"] == 3
+    assert [e for _, e in _store_epsilons(tmp_path)] == pytest.approx(expected, rel=1e-9)
