@@ -20,6 +20,7 @@ from flwr.supercore.privacy_accounting import (
 )
 
 from fedir.config import Settings, SettingsError
+from fedir.server.dashboard_state import run_detail
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.uci_heart import CENTRES, default_source, import_heart
 from fedir.strategies.privacy_budget import BudgetExhausted, PrivacyBudget, effective_noise, epsilon_of
@@ -122,7 +123,7 @@ def _store_epsilons(out) -> list[tuple[int, float]]:
 @heart_data
 @pytest.mark.slow
 def test_a_study_reports_the_epsilon_it_spends_every_round(heart, tmp_path):
-    run_inprocess(_settings(heart), tmp_path)
+    summary = run_inprocess(_settings(heart), tmp_path)
     expected = [_independent([HEART_Z] * n, DELTA) for n in (1, 2, 3)]
     privacy = json.loads((tmp_path / "summary.json").read_text())["privacy"]
     assert privacy["mode"] == "server-fixed" and privacy["delta"] == DELTA
@@ -135,6 +136,8 @@ def test_a_study_reports_the_epsilon_it_spends_every_round(heart, tmp_path):
     assert stored[0][1] < stored[1][1] < stored[2][1]
     report = (tmp_path / "report.html").read_text()
     assert f"epsilon {expected[-1]:.3f} at delta 1e-05 after 3 round(s)" in report
+    shown = run_detail(tmp_path, ".", summary["run_id"])["privacy"]  # what the dashboard is sent
+    assert [e for _, e in shown["per_round"]] == pytest.approx(expected, rel=1e-9)
 
 
 @heart_data
