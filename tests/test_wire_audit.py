@@ -85,7 +85,7 @@ def _audit(tmp: Path, rounds: int, extra_toml: str = "") -> dict:
     _broken_site(fed / "site-broken", label=7)
     summary = simulate(settings, out, scenario=str(toml), client_mods=[CaptureMessages(str(capture))])
     return {"out": out, "summary": summary, "replies": read_captured(capture, SENT),
-            "received": read_captured(capture, RECEIVED), "rounds": rounds,
+            "received": read_captured(capture, RECEIVED), "rounds": rounds, "fed": fed,
             "needles": needles(patient_ids), "settings": settings}
 
 
@@ -228,3 +228,31 @@ def test_an_invalid_site_fails_alone_and_is_recorded_as_missing(audited_run: dic
     assert len(missing) == 2 * ROUNDS  # train and evaluate, every round
     assert all("row 2: a label is outside the task's classes 0..1" in m for m in missing), missing
     assert all("fedir data check" in m and "/" not in m.split("Message:")[-1] for m in missing), missing
+
+
+def _as_captured(entry: dict) -> tuple:
+    """An audit-log entry (fedir.client.audit_log) in the wire capture's terms."""
+    arrays = {f"{rec}/{key}": (tuple(shape), dtype) for rec, keys in entry["arrays"].items()
+              for key, (dtype, shape) in keys.items()}
+    metrics = sorted(f"{rec}/{key}" for rec, keys in entry["metrics"].items() for key in keys)
+    configs = sorted(f"{rec}/{key}" for rec, keys in entry["configs"].items() for key in keys)
+    return entry["direction"], entry["message_type"], sorted(arrays.items()), metrics, configs
+
+
+def _captured(record: dict) -> tuple:
+    return (record["direction"], record["message_type"], sorted(record["arrays"].items()),
+            sorted(record["metrics"]), sorted(record["configs"]))
+
+
+def test_each_sites_audit_log_matches_what_crossed_the_wire(any_run: dict) -> None:
+    """The site's own audit trail, read back, lists every message the capture saw at that
+    site, in both directions, with the same record and array names and shapes."""
+    from fedir.client.audit_log import AUDIT_DIR, read_log
+
+    captured = any_run["received"] + any_run["replies"]
+    for partition, site in enumerate(SITES):
+        log = read_log(any_run["fed"] / site / AUDIT_DIR)
+        assert log, site
+        assert all(e["run"] == log[0]["run"] for e in log)
+        on_wire = sorted(_captured(r) for r in captured if r["partition"] == partition)
+        assert sorted(_as_captured(e) for e in log) == on_wire, site
