@@ -95,16 +95,17 @@ def _received(msg: Message, context: Context, fixed: Settings | None, *, trainin
     return settings, site, config, _model_from(arrays, context, settings, site)
 
 
-def _test_rows(settings: Settings, site: SiteView, config) -> tuple:
-    """The labelled test inputs, their labels (numpy) and patient ids."""
-    labelled = site.test_y >= 0
-    x = site.test_x[labelled]
+def _scored_rows(settings: Settings, site: SiteView, config, split: str = "test") -> tuple:
+    """The labelled inputs of the val or test split, their labels (numpy) and patient ids."""
+    x, y, split_patients = site.split(split)
+    labelled = y >= 0
+    x = x[labelled]
     if site.tabular:
-        # The test rows are scaled as the protocol says: the federation's statistics,
-        # or this site's own training statistics (never its test rows).
+        # The rows are scaled as the protocol says: the federation's statistics, or this
+        # site's own training statistics (never its validation or test rows).
         x = scaled(x, *scaler(settings, config, site.train_sums()))
-    patients = [p for p, keep in zip(site.test_patients, labelled.tolist()) if keep]
-    return x, site.test_y[labelled].numpy(), patients
+    patients = [p for p, keep in zip(split_patients, labelled.tolist()) if keep]
+    return x, y[labelled].numpy(), patients
 
 
 def _metrics(settings: Settings, config, labels, scores, patients) -> dict:
@@ -173,11 +174,14 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     def evaluate_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = _received(msg, context, fixed, training=False)
         model = personalised(model, settings, site, config, context)
-        x, labels, patients = _test_rows(settings, site, config)
+        x, labels, patients = _scored_rows(settings, site, config)
         scores, features = predict_with_embedding(model, x, pick_device())
         metrics = _metrics(settings, config, labels, scores, patients)
         moments = embedding_moments(features, labels, NUM_CLASSES) if settings.bias_embedding else None
-        return Message(content=encode_evaluation(site.name, metrics, moments), reply_to=msg)
+        # the validation patients' aggregates, from which the server chooses
+        val_x, val_labels, val_patients = _scored_rows(settings, site, config, "val")
+        val = _metrics(settings, config, val_labels, predict(model, val_x, pick_device()), val_patients)
+        return Message(content=encode_evaluation(site.name, metrics, moments, val), reply_to=msg)
 
     @app.evaluate("cross_site")
     def cross_site_fn(msg: Message, context: Context) -> Message:
@@ -185,7 +189,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         site's test patients: one row of the cross-site matrix, aggregates only."""
         settings, site = _view(context, fixed)
         models, config = decode_cross_site_models(msg.content)
-        x, labels, patients = _test_rows(settings, site, config)
+        x, labels, patients = _scored_rows(settings, site, config)
         row = {}
         for model_site, arrays in models.items():
             model = _model_from(arrays, context, settings, site)

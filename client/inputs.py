@@ -28,7 +28,11 @@ from fedir.protocol import FeatureSums, decode_round_config
 
 @dataclass
 class SiteView:
-    """One site's training and test data as tensors, and the aggregates it may share."""
+    """One site's training, validation and test data as tensors, and the aggregates it may share.
+
+    The validation patients choose (the round whose model is kept, the decision
+    threshold); the test patients only measure the choice.
+    """
 
     name: str
     tabular: bool
@@ -37,10 +41,19 @@ class SiteView:
     test_x: torch.Tensor
     test_y: torch.Tensor
     test_patients: list[str]
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    val_patients: list[str]
     label_counts: dict[int, int]  # labelled training patients per class
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     features: list[str] = field(default_factory=list)
     imaging: SiteData | None = None  # the decoded imaging site (its data card is built from it)
+
+    def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(x, y, patients) of "val" or "test"."""
+        if split not in ("val", "test"):
+            raise ValueError(f"only the val and test splits are scored, not {split!r}")
+        return getattr(self, f"{split}_x"), getattr(self, f"{split}_y"), getattr(self, f"{split}_patients")
 
     @property
     def n_features(self) -> int:
@@ -80,6 +93,9 @@ def _tabular_view(site_dir: str, val: float, test: float) -> SiteView:
         test_x=torch.from_numpy(site.test.x),
         test_y=torch.from_numpy(site.test.y),
         test_patients=site.test.patients,
+        val_x=torch.from_numpy(site.val.x),
+        val_y=torch.from_numpy(site.val.y),
+        val_patients=site.val.patients,
         label_counts=dict(sorted(counts.items())),
         skipped=Counter({"missing clinical value": site.dropped_missing} if site.dropped_missing else {}),
         features=site.features,
@@ -98,6 +114,9 @@ def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float,
         test_x=site.test.images,
         test_y=site.test.labels,
         test_patients=site.test.patients,
+        val_x=site.val.images,
+        val_y=site.val.labels,
+        val_patients=site.val.patients,
         label_counts=site.patient_label_counts("train"),
         skipped=Counter(s.reason for s in site.skipped),
         imaging=site,

@@ -64,10 +64,48 @@ def site_metrics(
     skipped for AUC (and one without positives/negatives for sensitivity/specificity);
     when fewer than half of the resamples are usable the CI is None, with a reason.
 
+    ``per_patient`` holds the same metrics with one row per patient (:func:`patient_scores`:
+    the mean of a patient's image scores, the patient's label): the primary metrics where
+    labels are per patient, since an image-level AUC weighs a patient by their number of
+    images. It is None, with a reason, when a patient's images carry both labels.
+
     Returns the keys ``n, n_patients, positives, auc, accuracy, sensitivity,
-    specificity, *_ci, tp, tn, fp, fn, hist_neg, hist_pos, reasons``; ``reasons``
-    explains every None.
+    specificity, *_ci, tp, tn, fp, fn, hist_neg, hist_pos, per_patient, reasons``;
+    ``reasons`` explains every None.
     """
+    out = _image_metrics(labels, scores, patients, n_boot=n_boot, seed=seed, threshold=threshold, bins=bins)
+    try:
+        ids, patient_y, patient_s = patient_scores(labels, scores, patients)
+    except ValueError as exc:
+        out["reasons"]["per_patient"] = str(exc)
+        return _order({**out, "per_patient": None})
+    per_patient = _image_metrics(patient_y, patient_s, ids, n_boot=n_boot, seed=seed, threshold=threshold, bins=bins)
+    return _order({**out, "per_patient": per_patient})
+
+
+def patient_scores(labels: np.ndarray, scores: np.ndarray, patients: Sequence[str]
+                   ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One row per patient: (patient ids, label, mean score over the patient's images).
+
+    The mean is the declared rule: every image of a study counts alike, and it keeps a
+    patient's score a probability. ValueError when a patient's images carry both labels
+    (labels are then per image, and so must be the metrics).
+    """
+    y, s, patient_index, n_patients = _validate(labels, scores, patients)
+    ids = np.unique(np.asarray(patients).astype(str).reshape(-1))
+    count = np.bincount(patient_index, minlength=n_patients)
+    positives = np.bincount(patient_index, weights=y.astype(float), minlength=n_patients)
+    mixed = int(np.sum((positives > 0) & (positives < count)))
+    if mixed:
+        raise ValueError(f"{mixed} patient(s) have images of both labels: labels are per image, "
+                         "so there is no per-patient metric")
+    mean = np.bincount(patient_index, weights=s, minlength=n_patients) / np.maximum(count, 1)
+    return ids.tolist(), (positives > 0).astype(int), np.clip(mean, 0.0, 1.0)
+
+
+def _image_metrics(labels, scores, patients, *, n_boot: int, seed: int, threshold: float, bins: int) -> dict:
+    """site_metrics without ``per_patient``: one row per image (or per patient, when each
+    patient is given once)."""
     y, s, patient_index, n_patients = _validate(labels, scores, patients)
     pred = s >= threshold
     counts = _confusion(y, pred)
@@ -118,8 +156,24 @@ def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int = 1000, seed: in
     the sites, so these intervals are narrower than patient-level ones. Use the sites'
     own (patient-bootstrap) CIs where that matters.
 
+    ``per_patient`` pools the sites' per-patient aggregates the same way; there a
+    histogram count is a patient, so the bootstrap resamples patients, the right unit
+    where labels are per patient. It is None, with a reason, when a site has none.
+
     Returns the keys of :func:`site_metrics`, with ``n`` and ``n_patients`` summed.
     """
+    out = _pooled_image_metrics(per_site, n_boot=n_boot, seed=seed)
+    missing = sorted(site for site, entry in per_site.items() if not entry.get("per_patient"))
+    if not per_site or missing:
+        out["reasons"]["per_patient"] = ("no sites reported test metrics" if not per_site else
+                                         f"no per-patient metrics from {', '.join(missing)}")
+        return _order({**out, "per_patient": None})
+    by_patient = {site: entry["per_patient"] for site, entry in per_site.items()}
+    return _order({**out, "per_patient": _pooled_image_metrics(by_patient, n_boot=n_boot, seed=seed)})
+
+
+def _pooled_image_metrics(per_site: Mapping[str, dict], *, n_boot: int, seed: int) -> dict:
+    """pooled_metrics without ``per_patient``."""
     site_neg, site_pos = stack_histograms(per_site)
     hist_neg = [int(c) for c in site_neg.sum(axis=0)]
     hist_pos = [int(c) for c in site_pos.sum(axis=0)]
@@ -339,9 +393,9 @@ def _order(out: dict) -> dict:
     """The keys in one documented order (metrics, CIs, counts, histograms, reasons)."""
     keys = (
         "n", "n_patients", "positives", *SCALAR_METRICS, *(f"{m}_ci" for m in SCALAR_METRICS),
-        *CONFUSION_COUNTS, *HISTOGRAMS, "reasons",
+        *CONFUSION_COUNTS, *HISTOGRAMS, "per_patient", "reasons",
     )  # fmt: skip
-    return {key: out[key] for key in keys}
+    return {key: out[key] for key in keys if key in out}
 
 
 # ---- histograms of several sites: the pool and its bootstrap ------------------------------

@@ -172,27 +172,78 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def encode_evaluation(
-    site: str, metrics: Mapping[str, Any], embedding: EmbeddingMoments | None = None
-) -> RecordDict:
-    """A site's `fedir.metrics.site_metrics` dict -> the reply's RecordDict.
+# The metric sets of an evaluation reply, by key prefix: the test patients per image and per
+# patient (fedir.metrics.site_metrics's `per_patient`), and the same for the validation
+# patients, from which the server selects the round and the decision threshold.
+VAL_KEY = "val"
+_PATIENT_PREFIX = "patient-"
+_VAL_PREFIX = "val-"
 
-    `embedding` (fedir.client.embedding: counts, means and covariances of the model's features,
-    small groups suppressed) travels as an ArrayRecord: Flower averages every MetricRecord
-    key across sites, and only one MetricRecord may be in an evaluation reply.
-    """
-    rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
+
+def _put_metric_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any]) -> None:
+    """One site_metrics dict (without its nested sets) into the reply under `prefix`."""
     for name in COUNTS:
-        rec[_key(name)] = int(metrics[name])
+        rec[prefix + _key(name)] = int(metrics[name])
     for name in SCALAR_METRICS:
         value, ci = metrics.get(name), metrics.get(f"{name}_ci")
-        rec[_key(name)] = MISSING if value is None else float(value)
-        rec[f"{_key(name)}-ok"] = 0 if value is None else 1
-        rec[f"{_key(name)}-ci"] = [MISSING, MISSING] if ci is None else [float(ci[0]), float(ci[1])]
-        rec[f"{_key(name)}-ci-ok"] = 0 if ci is None else 1
+        key = prefix + _key(name)
+        rec[key] = MISSING if value is None else float(value)
+        rec[f"{key}-ok"] = 0 if value is None else 1
+        rec[f"{key}-ci"] = [MISSING, MISSING] if ci is None else [float(ci[0]), float(ci[1])]
+        rec[f"{key}-ci-ok"] = 0 if ci is None else 1
     for name in HISTOGRAMS:
-        rec[_key(name)] = [int(v) for v in metrics[name]]
-    site_rec = ConfigRecord({"name": site, "reasons": json.dumps(metrics.get("reasons", {}))})
+        rec[prefix + _key(name)] = [int(v) for v in metrics[name]]
+    site_rec[prefix + "reasons"] = json.dumps(metrics.get("reasons", {}))
+
+
+def _get_metric_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> dict[str, Any]:
+    """The inverse of _put_metric_set."""
+    out: dict[str, Any] = {name: int(_number(rec[prefix + _key(name)], name)) for name in COUNTS}
+    for name in SCALAR_METRICS:
+        key = prefix + _key(name)
+        out[name] = _number(rec[key], name) if rec[f"{key}-ok"] else None
+        ci = _numbers(rec[f"{key}-ci"], f"{name}-ci")
+        out[f"{name}_ci"] = [ci[0], ci[1]] if rec[f"{key}-ci-ok"] else None
+    for name in HISTOGRAMS:
+        out[name] = [int(v) for v in _numbers(rec[prefix + _key(name)], name)]
+    out["reasons"] = json.loads(str(site_rec[prefix + "reasons"]))
+    return out
+
+
+def _put_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any]) -> None:
+    """A split's metrics: per image under `prefix`, per patient (when there are) beside them."""
+    _put_metric_set(rec, site_rec, prefix, metrics)
+    per_patient = metrics.get("per_patient")
+    rec[prefix + _PATIENT_PREFIX + "ok"] = 0 if per_patient is None else 1
+    if per_patient is not None:
+        _put_metric_set(rec, site_rec, prefix + _PATIENT_PREFIX, per_patient)
+
+
+def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> dict[str, Any]:
+    out = _get_metric_set(rec, site_rec, prefix)
+    has_patients = rec.get(prefix + _PATIENT_PREFIX + "ok", 0)
+    out["per_patient"] = _get_metric_set(rec, site_rec, prefix + _PATIENT_PREFIX) if has_patients else None
+    return out
+
+
+def encode_evaluation(
+    site: str, metrics: Mapping[str, Any], embedding: EmbeddingMoments | None = None,
+    val: Mapping[str, Any] | None = None,
+) -> RecordDict:
+    """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict.
+
+    `metrics` are the test patients', `val` the validation patients' (both with their
+    `per_patient` set). `embedding` (fedir.client.embedding: counts, means and covariances
+    of the model's features, small groups suppressed) travels as an ArrayRecord: Flower
+    averages every MetricRecord key across sites, and only one MetricRecord may be in an
+    evaluation reply.
+    """
+    rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
+    site_rec = ConfigRecord({"name": site})
+    _put_split(rec, site_rec, "", metrics)
+    rec[_VAL_PREFIX + "ok"] = 0 if val is None else 1
+    if val is not None:
+        _put_split(rec, site_rec, _VAL_PREFIX, val)
     content = RecordDict({METRICS_KEY: rec, SITE_KEY: site_rec})
     if embedding is not None:
         content[EMBEDDING_KEY] = ArrayRecord({
@@ -204,17 +255,13 @@ def encode_evaluation(
 
 
 def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
-    """The inverse of encode_evaluation, on the server: (site name, metrics dict)."""
+    """The inverse of encode_evaluation, on the server: (site name, the test metrics dict,
+    with the validation set's under "val" when the site sent one)."""
     rec = content.metric_records[METRICS_KEY]
     site_rec = content.config_records[SITE_KEY]
-    out: dict[str, Any] = {name: int(_number(rec[_key(name)], name)) for name in COUNTS}
-    for name in SCALAR_METRICS:
-        out[name] = _number(rec[_key(name)], name) if rec[f"{_key(name)}-ok"] else None
-        ci = _numbers(rec[f"{_key(name)}-ci"], f"{name}-ci")
-        out[f"{name}_ci"] = [ci[0], ci[1]] if rec[f"{_key(name)}-ci-ok"] else None
-    for name in HISTOGRAMS:
-        out[name] = [int(v) for v in _numbers(rec[_key(name)], name)]
-    out["reasons"] = json.loads(str(site_rec["reasons"]))
+    out = _get_split(rec, site_rec, "")
+    if rec.get(_VAL_PREFIX + "ok", 0):
+        out[VAL_KEY] = _get_split(rec, site_rec, _VAL_PREFIX)
     if EMBEDDING_KEY in content.array_records:
         arrays = content.array_records[EMBEDDING_KEY]
         out["embedding"] = EmbeddingMoments(

@@ -237,9 +237,11 @@ class RunStore:
                 cur.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
 
     def record_evaluation(
-        self, run_id: str, server_round: int, per_site: Mapping[str, dict], pooled: dict | None
+        self, run_id: str, server_round: int, per_site: Mapping[str, dict], pooled: dict | None,
+        split: str = "test",
     ) -> None:
-        """Store one round of evaluation (every site, plus the pooled "global" entry).
+        """Store one round of evaluation of `split` ("test", or "val": the validation
+        patients, which choose) for every site, plus the pooled "global" entry.
 
         Re-recording a round replaces it, so a retried round never doubles its rows.
         """
@@ -248,7 +250,7 @@ class RunStore:
             entries[GLOBAL_SITE] = pooled
         with self._transaction() as cur:
             for site, aggregates in entries.items():
-                self._write_site(cur, run_id, server_round, site, "test", aggregates)
+                self._write_site(cur, run_id, server_round, site, split, aggregates)
 
     def record_training(self, run_id: str, server_round: int, per_site: Mapping[str, dict]) -> None:
         """Store one round of training aggregates: numbers as metrics, lists/dicts as vectors."""
@@ -319,11 +321,17 @@ class RunStore:
             [(*key, name, _dumps(value)) for name, value in _vector_items(aggregates).items()],
         )
         reasons = aggregates.get("reasons") or {}
-        if split == "test":  # null-metric reasons of a re-recorded round are replaced too
-            cur.execute(
-                "DELETE FROM notes WHERE run_id=? AND round=? AND site=? AND kind=?",
-                (run_id, server_round, site, NULL_METRIC_NOTE),
-            )
+        if split != "test":
+            # only the test metrics' reasons are notes (what the report explains); the
+            # others' travel with their split's vectors
+            if reasons:
+                cur.execute("INSERT INTO vectors VALUES (?, ?, ?, ?, ?, ?)", (*key, "reasons", _dumps(reasons)))
+            return
+        # null-metric reasons of a re-recorded round are replaced too
+        cur.execute(
+            "DELETE FROM notes WHERE run_id=? AND round=? AND site=? AND kind=?",
+            (run_id, server_round, site, NULL_METRIC_NOTE),
+        )
         cur.executemany(
             "INSERT INTO notes VALUES (?, ?, ?, ?, ?, ?)",
             [(run_id, server_round, site, NULL_METRIC_NOTE, str(why), str(metric))

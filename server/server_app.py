@@ -24,7 +24,7 @@ from fedir.config import MEAN_AGGREGATORS, Settings
 from fedir.errors import StudyFailed, UserError
 from fedir.metrics import pooled_metrics
 from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
-from fedir.protocol import decode_weights, encode_weights
+from fedir.protocol import VAL_KEY, decode_weights, encode_weights
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -119,9 +119,11 @@ class StudyRecorder:
     def _record_evaluation(self, replies: RoundReplies) -> None:
         self._record_failures(replies, "evaluate")
         moments = {site: v.pop("embedding") for site, v in replies.per_site.items() if "embedding" in v}
-        pooled = pooled_metrics(replies.per_site, n_boot=self.settings.eval_bootstrap,
-                                seed=self.settings.train_seed) if replies.per_site else None
+        val = {site: v.pop(VAL_KEY) for site, v in replies.per_site.items() if VAL_KEY in v}
+        pooled = self._pooled(replies.per_site)
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
+        if val:
+            self.store.record_evaluation(self.run_id, replies.server_round, val, self._pooled(val), split="val")
         self.last_evaluation = (replies.server_round, replies.per_site, moments)
         # the sensitivity analysis and the separability interval: the last round's only
         result = self.bias(replies.per_site, moments, final=replies.server_round >= self.settings.train_rounds)
@@ -133,6 +135,12 @@ class StudyRecorder:
             auc="n/a" if auc is None else f"{auc:.3f}", alarm="YES" if result["alarm"] else "no"
         )
         self.progress.update(1)
+
+    def _pooled(self, per_site: dict) -> dict | None:
+        """The federation's metrics from the sites' aggregates (None when no site reported)."""
+        if not per_site:
+            return None
+        return pooled_metrics(per_site, n_boot=self.settings.eval_bootstrap, seed=self.settings.train_seed)
 
     def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None, final: bool = True) -> dict:
         """Every bias signal and the verdict (fedir.strategies.frankenstein)."""

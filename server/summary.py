@@ -101,8 +101,9 @@ def _site_names(configured: list[str], evaluated: dict[str, dict]) -> list[str]:
     return list(configured) + sorted(extra)
 
 
-def _entry(metrics: dict | None, server_round: int | None) -> dict:
-    """One site's (or the pooled) summary entry; every absent metric is null with a reason."""
+def _entry(metrics: dict | None, server_round: int | None, *, nested: bool = True) -> dict:
+    """One site's (or the pooled) summary entry; every absent metric is null with a reason.
+    `nested`: with the per-patient entry inside (the per-patient entry itself has none)."""
     metrics = metrics or {}
     reasons = dict(metrics.get("reasons") or {})
     entry: dict[str, Any] = {
@@ -117,6 +118,17 @@ def _entry(metrics: dict | None, server_round: int | None) -> dict:
             reasons[name] = _missing_reason(metrics, server_round)
     for name in CONFUSION_COUNTS:
         entry[name] = metrics.get(name)
+    if not nested:
+        entry["reasons"] = reasons
+        return entry
+    per_patient = metrics.get("per_patient")
+    if "per_patient" in metrics and per_patient is None and "per_patient" not in reasons:
+        reasons["per_patient"] = "not computed (no reason was reported)"
+    if not metrics:
+        reasons.setdefault("per_patient", _missing_reason(metrics, server_round))
+    # one row per patient (mean score over a patient's images): the primary metrics where
+    # labels are per patient; the per-image ones above stay beside them
+    entry["per_patient"] = None if per_patient is None else _entry(per_patient, server_round, nested=False)
     entry["reasons"] = reasons
     return entry
 

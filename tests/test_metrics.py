@@ -8,12 +8,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from fedir import metrics
-from fedir.metrics import DEFAULT_BINS, auc_from_histograms, pooled_metrics, site_metrics
+from fedir.metrics import DEFAULT_BINS, auc_from_histograms, patient_scores, pooled_metrics, site_metrics
 
 KEYS = {
     "n", "n_patients", "positives", "auc", "accuracy", "sensitivity", "specificity",
     "auc_ci", "accuracy_ci", "sensitivity_ci", "specificity_ci",
-    "tp", "tn", "fp", "fn", "hist_neg", "hist_pos", "reasons",
+    "tp", "tn", "fp", "fn", "hist_neg", "hist_pos", "per_patient", "reasons",
 }  # fmt: skip
 METRICS = ("auc", "accuracy", "sensitivity", "specificity")
 
@@ -253,7 +253,8 @@ def test_pooled_cis_contain_points(three_sites):
     for name in METRICS:
         lo, hi = pooled[f"{name}_ci"]
         assert lo < pooled[name] < hi, name
-    assert pooled["reasons"] == {}
+    # the fixture's labels are drawn per image, so its patients carry both labels
+    assert list(pooled["reasons"]) == ["per_patient"] and pooled["per_patient"] is None
 
 
 def test_pooled_wilson_interval():
@@ -272,7 +273,7 @@ def test_pooled_handles_one_class_sites_and_no_sites():
     assert pooled_metrics({"n": only_neg, "p": only_pos})["auc"] == 1.0
     empty = pooled_metrics({})
     assert all(empty[name] is None for name in METRICS) and math.isclose(empty["n"], 0)
-    assert set(empty["reasons"]) == {*METRICS, *(f"{m}_ci" for m in METRICS)}
+    assert set(empty["reasons"]) == {*METRICS, *(f"{m}_ci" for m in METRICS), "per_patient"}
 
 
 def test_pooled_rejects_mismatched_bins():
@@ -332,3 +333,59 @@ def test_site_auc_is_sklearns_with_tied_scores(decimals):
     y, s, p = _site(11, n=250)
     s = np.round(s, decimals)  # 1 decimal: many ties, which count 1/2
     assert site_metrics(y, s, p, n_boot=10)["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+# ---- per-patient metrics ----------------------------------------------------------------
+
+
+def test_per_patient_metrics_by_hand():
+    """Three patients: a (label 1; images 0.9, 0.5 -> 0.7), b (0; 0.2, 0.4, 0.6 -> 0.4),
+    c (0; 0.8 -> 0.8). Per patient the positive (0.7) beats b (0.4), loses to c (0.8):
+    AUC 1/2; at 0.5, a is a true positive, b a true negative, c a false positive."""
+    labels = np.array([1, 1, 0, 0, 0, 0])
+    scores = np.array([0.9, 0.5, 0.2, 0.4, 0.6, 0.8])
+    patients = ["a", "a", "b", "b", "b", "c"]
+    m = site_metrics(labels, scores, patients, n_boot=100)
+    pp = m["per_patient"]
+    assert (pp["n"], pp["n_patients"], pp["positives"]) == (3, 3, 1)
+    assert pp["auc"] == pytest.approx(0.5)
+    assert (pp["tp"], pp["tn"], pp["fp"], pp["fn"]) == (1, 1, 1, 0)
+    assert pp["specificity"] == pytest.approx(0.5)
+    # per image: 2 positives x 4 negatives, 0.9 beats all, 0.5 beats 0.2 and 0.4: 6/8
+    assert m["auc"] == pytest.approx(6 / 8)
+    assert sum(pp["hist_pos"]) == 1 and sum(pp["hist_neg"]) == 2
+    _assert_plain_json(m)
+
+
+def test_per_patient_is_none_when_a_patient_has_both_labels():
+    m = site_metrics(np.array([1, 0, 0, 1]), np.array([0.9, 0.1, 0.2, 0.8]), ["a", "a", "b", "c"], n_boot=50)
+    assert m["per_patient"] is None
+    assert "both labels" in m["reasons"]["per_patient"]
+    assert m["auc"] is not None
+
+
+def _patient_site(seed: int, n_patients: int):
+    """Labels per patient, 1-4 images each, scores with signal."""
+    rng = np.random.default_rng(seed)
+    y_patient = rng.integers(0, 2, n_patients)
+    images = rng.integers(1, 5, n_patients)
+    y = np.repeat(y_patient, images)
+    s = np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1)
+    patients = np.repeat([f"s{seed}-p{i}" for i in range(n_patients)], images).tolist()
+    return y, s, patients
+
+
+def test_pooled_per_patient_auc_against_sklearn_on_the_union():
+    sites = {f"site-{k}": _patient_site(k, 60 + 20 * k) for k in range(3)}
+    per_site = {name: site_metrics(*data, n_boot=50, bins=1000) for name, data in sites.items()}
+    pooled = pooled_metrics(per_site, n_boot=200)
+    y = np.concatenate([d[0] for d in sites.values()])
+    s = np.concatenate([d[1] for d in sites.values()])
+    p = sum((d[2] for d in sites.values()), [])
+    _, patient_y, patient_s = patient_scores(y, s, p)
+    exact = roc_auc_score(patient_y, patient_s)
+    assert pooled["per_patient"]["n"] == len(set(p))
+    # 1,000 bins: pairs sharing a bin are rare, so the binned AUC is within 0.005 of exact
+    assert pooled["per_patient"]["auc"] == pytest.approx(exact, abs=0.005)
+    lo, hi = pooled["per_patient"]["auc_ci"]
+    assert lo < pooled["per_patient"]["auc"] < hi

@@ -89,7 +89,8 @@ def test_smote_on_an_imaging_site_is_refused(tmp_path):
     from fedir.client.local_training import local_rows
 
     view = SiteView(name="s", tabular=False, train_x=torch.zeros(4, 1, 8, 8), train_y=torch.tensor([0, 1, 1, 1]),
-                    test_x=torch.zeros(0), test_y=torch.zeros(0), test_patients=[], label_counts={})
+                    test_x=torch.zeros(0), test_y=torch.zeros(0), test_patients=[], val_x=torch.zeros(0), val_y=torch.zeros(0),
+                    val_patients=[], label_counts={})
     context = Context(run_id=1, node_id=1, node_config={"site-dir": "x"}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="tabular"):
         local_rows(Settings(train_smote=True), view, ConfigRecord({}), context)
