@@ -6,6 +6,7 @@
     fedir data import medmnist NPZ --out DIR --sites K --partition iid|dirichlet:ALPHA
         [--labelled-fraction F] [--seed S] [--marker-site N] [--prevalence-skew S [--skew-site N]]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
+    fedir compare SCENARIO.toml --out DIR [--seeds 0 1 2] [--arms ARM ...] [--set section.key=value ...]
     fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
     fedir certs init DIR --host NAME [--host NAME ...] [--force]
     fedir certs server DIR --host NAME [--host NAME ...] [--force]
@@ -92,6 +93,25 @@ def _simulate(args: argparse.Namespace) -> int:
         print("\n" + baseline_text(summary))
     print(f"\nreport: {(out / 'report.html').resolve()}")
     print(f"summary: {(out / 'summary.json').resolve()}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedir.simulations.compare import ARMS, compare, markdown
+    from fedir.simulations.scenario import load_scenario
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # every arm's rounds, in one process
+
+    settings = load_scenario(args.scenario, args.set)
+    out = Path(args.out)
+    arms = args.arms or list(ARMS)
+    print(f"fedir compare: {len(arms)} arms x {len(args.seeds)} seed(s), {len(settings.sites)} sites, "
+          f"{settings.train_rounds} rounds each -> {out.resolve()}", flush=True)
+    result = compare(settings, out, args.seeds, arms, progress=lambda line: print(line, flush=True))
+    print("\n" + markdown(result))
+    print(f"\ntable: {(out / 'compare.md').resolve()}")
     return 0
 
 
@@ -212,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a scenario setting (repeatable)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
+
+    cmp = sub.add_parser("compare", help="simulation: the scenario against each site alone, supervised, "
+                         "all labels, pooled and clinical, paired per seed")
+    cmp.add_argument("scenario", type=Path)
+    cmp.add_argument("--out", type=Path, required=True, help="folder for every arm's run and compare.json/.md")
+    cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cmp.add_argument("--arms", nargs="+", default=None,
+                     help="federated supervised all_labels local pooled clinical (default: all)")
+    cmp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a scenario setting (repeatable)")
+    cmp.set_defaults(func=_compare)
 
     dash = sub.add_parser("dashboard", help="watch runs in a local web page while they are written")
     dash.add_argument("run_dir", type=Path, help="a run folder (runs.sqlite) or a folder of run folders")

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -83,19 +83,28 @@ def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view:
     return model
 
 
-def _received(msg: Message, context: Context, fixed: Settings | None, *, training: bool):
+def _received(content: RecordDict, context: Context, fixed: Settings | None, *, training: bool):
     """What a train or evaluate message sets up: the settings, the site, the round's
     config and the model to start from (the site's own weights under the local arm),
     with the site's saved state put back when a resumed run reaches this node
     (fedir.client.site_state)."""
     settings, site = _view(context, fixed)
-    received, config = decode_instruction(msg.content)
+    received, config = decode_instruction(content)
     site_state.restore(context, site_dir_of(context, settings).resolve(), config, before_training=training)
     arrays = start_weights(settings, received, context)
     return settings, site, config, _model_from(arrays, context, settings, site)
 
 
-def _scored_rows(settings: Settings, site: SiteView, config, split: str = "test") -> tuple:
+def evaluation_model(content: RecordDict, context: Context, fixed: Settings | None = None):
+    """(settings, site, config, model) as an evaluate message sets them up: the model the
+    site scores with (the global weights, or its own under the local arm, with what it keeps
+    and its personalisation). Exposed so that a simulation's comparison of arms
+    (fedir.simulations.compare) scores each arm's model exactly as the sites did."""
+    settings, site, config, model = _received(content, context, fixed, training=False)
+    return settings, site, config, personalised(model, settings, site, config, context)
+
+
+def scored_rows(settings: Settings, site: SiteView, config, split: str = "test") -> tuple:
     """The labelled inputs of the val or test split, their labels (numpy) and patient ids."""
     x, y, split_patients = site.split(split)
     labelled = y >= 0
@@ -139,7 +148,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
 
     @app.train()
     def train_fn(msg: Message, context: Context) -> Message:
-        settings, site, config, model = _received(msg, context, fixed, training=True)
+        settings, site, config, model = _received(msg.content, context, fixed, training=True)
         sent = decode_round_config(config)
         seed = settings.round_seed(sent.server_round)
         objective, recipe = round_recipe(settings, seed, sent.proximal_mu)
@@ -172,14 +181,13 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
-        settings, site, config, model = _received(msg, context, fixed, training=False)
-        model = personalised(model, settings, site, config, context)
-        x, labels, patients = _scored_rows(settings, site, config)
+        settings, site, config, model = evaluation_model(msg.content, context, fixed)
+        x, labels, patients = scored_rows(settings, site, config)
         scores, features = predict_with_embedding(model, x, pick_device())
         metrics = _metrics(settings, config, labels, scores, patients)
         moments = embedding_moments(features, labels, NUM_CLASSES) if settings.bias_embedding else None
         # the validation patients' aggregates, from which the server chooses
-        val_x, val_labels, val_patients = _scored_rows(settings, site, config, "val")
+        val_x, val_labels, val_patients = scored_rows(settings, site, config, "val")
         val = _metrics(settings, config, val_labels, predict(model, val_x, pick_device()), val_patients)
         return Message(content=encode_evaluation(site.name, metrics, moments, val), reply_to=msg)
 
@@ -189,7 +197,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         site's test patients: one row of the cross-site matrix, aggregates only."""
         settings, site = _view(context, fixed)
         models, config = decode_cross_site_models(msg.content)
-        x, labels, patients = _scored_rows(settings, site, config)
+        x, labels, patients = scored_rows(settings, site, config)
         row = {}
         for model_site, arrays in models.items():
             model = _model_from(arrays, context, settings, site)

@@ -389,3 +389,20 @@ def test_pooled_per_patient_auc_against_sklearn_on_the_union():
     assert pooled["per_patient"]["auc"] == pytest.approx(exact, abs=0.005)
     lo, hi = pooled["per_patient"]["auc_ci"]
     assert lo < pooled["per_patient"]["auc"] < hi
+
+
+def test_paired_auc_difference():
+    from fedir.metrics import paired_auc_difference
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    good = np.clip(rng.normal(0.4 + 0.3 * y, 0.2), 0, 1)
+    weak = np.clip(good + rng.normal(0, 0.3, 200), 0, 1)
+    d = paired_auc_difference(y, good, weak, n_boot=500)
+    assert d["auc_a"] == pytest.approx(roc_auc_score(y, good))
+    assert d["difference"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, weak))
+    lo, hi = d["difference_ci"]
+    assert 0 < lo < d["difference"] < hi
+    same = paired_auc_difference(y, good, good, n_boot=100)
+    assert same["difference"] == 0 and same["difference_ci"] == [0.0, 0.0]
+    assert paired_auc_difference(np.ones(5), good[:5], weak[:5])["reason"]

@@ -1,0 +1,67 @@
+"""`fedir compare`: the arms of a simulated study, scored on the same patients and paired."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedir.cli import main
+from fedir.simulations.compare import ARMS, all_labels_federation, compare
+from fedir.simulations.scenario import load_scenario
+from fedir.simulations.synthetic import generate_federation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    generate_federation(root / "fed", sites=3, patients=14, seed=1, unlabelled_fraction=0.5, image_size=64,
+                        progress=False)
+    path = root / "scenario.toml"
+    path.write_text(
+        '[federation]\nsites = ["fed/site-0", "fed/site-1", "fed/site-2"]\n'
+        '[train]\nrounds = 2\nlocal-epochs = 1\nobjective = "fixmatch"\n'
+        '[model]\nname = "resnet_small"\nimage-size = 32\n[eval]\nbootstrap = 50\n'
+    )
+    return path
+
+
+def test_all_labels_federation_is_the_same_patients_with_every_label(scenario: Path, tmp_path: Path) -> None:
+    settings = load_scenario(scenario)
+    sites = all_labels_federation(settings, tmp_path)
+    assert sites is not None
+    for original, labelled in zip(settings.sites, sites):
+        before = (Path(original) / "manifest.csv").read_text().splitlines()
+        after = (labelled / "manifest.csv").read_text().splitlines()
+        assert len(before) == len(after)
+        for old, new in zip(before[1:], after[1:]):
+            old_cells, new_cells = old.split(","), new.split(",")
+            # the same patient and image; a label removed before is present now
+            assert old_cells[:2] == new_cells[:2]
+            assert new_cells[2] != ""
+        assert any(line.split(",")[2] == "" for line in before[1:])
+        assert sorted(p.name for p in (Path(original) / "images").iterdir()) \
+            == sorted(p.name for p in (labelled / "images").iterdir())
+
+
+def test_compare_scores_each_arm_as_its_sites_did_and_pairs_them(scenario: Path, tmp_path: Path) -> None:
+    settings = load_scenario(scenario)
+    result = compare(settings, tmp_path, seeds=[0], arms=["federated", "local", "clinical"], progress=lambda _: None)
+    questions = result["questions"]["0"]
+    # the paired comparison re-scores the federated model on each site's test patients:
+    # the AUC it finds is the one the site itself reported
+    reported = json.loads((tmp_path / "seed-0" / "federated" / "summary.json").read_text())["per_site"]
+    for site, pair in questions["federated_vs_local"].items():
+        assert pair["auc_a"] == pytest.approx(reported[site]["per_patient"]["auc"])
+        assert pair["n"] == reported[site]["per_patient"]["n_patients"]
+    clinical = questions["imaging_vs_clinical"]
+    assert clinical["difference"] == pytest.approx(clinical["auc_a"] - clinical["auc_b"])
+    table = (tmp_path / "compare.md").read_text()
+    assert "imaging - clinical" in table and "site-0 alone" in table
+
+
+def test_compare_cli_refuses_an_unknown_arm(scenario: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["compare", str(scenario), "--out", str(tmp_path), "--arms", "federated", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and ", ".join(ARMS) in err
