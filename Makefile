@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fedir-installed
 DEMO_DATA := demo-data/federation
 DEMO_OUT  := runs/demo
 
-.PHONY: setup demo test test-fast lint clean browser nginx
+.PHONY: setup demo test test-fast lint clean browser nginx firewall
 
 setup: $(STAMP)
 
@@ -39,15 +39,20 @@ browser:
 nginx:
 	@test -x /usr/sbin/nginx || { apt-get update -q && apt-get install -y -q --no-install-recommends nginx-light; }
 
+# `fedir guard` (DEPLOY.md, step 3) writes netfilter rules with iptables; its test applies
+# them to a port of its own (CI runs as root on Debian).
+firewall:
+	@test -x /usr/sbin/iptables || { apt-get update -q && apt-get install -y -q --no-install-recommends iptables; }
+
 # Lint and types first: ruff on the whole tree, mypy on fedir/ and strategies/ (pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint browser nginx
+test: lint browser nginx firewall
 	$(BIN)/python -m pytest -q
 
-test-fast: lint browser nginx
+test-fast: lint browser nginx firewall
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

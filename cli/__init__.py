@@ -9,8 +9,9 @@
     fedir compare SCENARIO.toml --out DIR [--seeds 0 1 2] [--arms ARM ...] [--set section.key=value ...]
     fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
     fedir certs init DIR --host NAME [--host NAME ...] [--force]
-    fedir certs server DIR --host NAME [--host NAME ...] [--force]
+    fedir certs server DIR --host NAME [--host NAME ...] [--ca-key PATH] [--force]
     fedir certs node DIR SITE [--force]
+    fedir guard PORT --allow USER [--allow USER ...] [--remove] [--print]
     fedir proxy DIR --listen ADDR:PORT --superlink 127.0.0.1:PORT --certs CERTS_DIR [--upstream-name NAME] [--user USER]
     fedir site approve APP_DIR [--allow-list FILE] [--note TEXT]
     fedir site approved [--allow-list FILE]
@@ -128,11 +129,25 @@ def _certs(args: argparse.Namespace) -> int:
     if args.certs_command == "init":
         paths = init_ca(args.dir, args.host, force=args.force)
     elif args.certs_command == "server":
-        paths = issue_server_cert(args.dir, args.host, force=args.force)
+        paths = issue_server_cert(args.dir, args.host, force=args.force, ca_key_path=args.ca_key)
     else:
         paths = node_keys(args.dir, args.site, force=args.force)
     for path in paths.values():
         print(path)
+    return 0
+
+
+def _guard(args: argparse.Namespace) -> int:
+    from fedir.server.local_guard import apply, guard_commands, unguard_commands
+
+    commands = unguard_commands(args.port) if args.remove else guard_commands(args.port, args.allow)
+    if args.print:
+        for command in commands:
+            print(" ".join(command))
+        return 0
+    apply(commands)
+    what = "removed the rules for" if args.remove else f"only {', '.join(args.allow)} may now reach"
+    print(f"fedir guard: {what} 127.0.0.1:{args.port}")
     return 0
 
 
@@ -258,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     server = certs_sub.add_parser("server", help="re-issue the SuperLink's certificate from the existing CA "
                                   "(new names, e.g. the front door's address; renewal): every ca.crt stays valid")
     server.add_argument("dir", type=Path)
+    server.add_argument("--ca-key", type=Path, default=None,
+                        help="the CA's key, when it was moved offline (default DIR/ca-private/ca.key)")
     for p in (init, server):
         p.add_argument("--host", action="append", required=True,
                        help="a name or IP address the sites dial, the front door's included (repeatable)")
@@ -267,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (init, server, node):
         p.add_argument("--force", action="store_true", help="replace existing files")
         p.set_defaults(func=_certs)
+
+    guard = sub.add_parser("guard", help="firewall: only the listed local accounts may reach the SuperLink's "
+                           "loopback port (its Control API included; DEPLOY.md, step 3)")
+    guard.add_argument("port", type=int, help="the SuperLink's --port")
+    guard.add_argument("--allow", action="append", default=[], metavar="USER",
+                       help="a local account that may connect: the operator's, the SuperLink's, nginx's (repeatable)")
+    guard.add_argument("--remove", action="store_true", help="take the rules away again")
+    guard.add_argument("--print", action="store_true", help="print the iptables commands instead of running them")
+    guard.set_defaults(func=_guard)
 
     proxy = sub.add_parser("proxy", help="nginx config: hospitals reach only the SuperLink's Fleet API (DEPLOY.md)")
     proxy.add_argument("dir", type=Path, help="folder for nginx.conf, its logs and temporary files")

@@ -63,10 +63,18 @@ def site_dir_of(context: Context, settings: Settings) -> Path:
     raise ValueError("this node has no site: set node config site-dir=/path/to/site")
 
 
+def cache_dir_of(context: Context) -> Path | None:
+    """Node config `cache-dir`: where a site whose folder is read-only keeps its decoded
+    images and its state between rounds (None: the site folder's `.fedir-cache/`)."""
+    return Path(str(context.node_config["cache-dir"])) if "cache-dir" in context.node_config else None
+
+
 def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]:
     settings = fixed or Settings.from_run_config(context.run_config)
     try:
-        return settings, view_of(str(site_dir_of(context, settings).resolve()), settings)
+        cache = cache_dir_of(context)
+        return settings, view_of(str(site_dir_of(context, settings).resolve()), settings,
+                                 None if cache is None else str(cache))
     except ManifestError as exc:
         # The full message (with paths) stays in the site's log; only the path-free
         # text leaves the site, because file names can carry patient names.
@@ -90,7 +98,8 @@ def _received(content: RecordDict, context: Context, fixed: Settings | None, *, 
     (fedir.client.site_state)."""
     settings, site = _view(context, fixed)
     received, config = decode_instruction(content)
-    site_state.restore(context, site_dir_of(context, settings).resolve(), config, before_training=training)
+    site_state.restore(context, site_dir_of(context, settings).resolve(), config, before_training=training,
+                       cache_dir=cache_dir_of(context))
     arrays = start_weights(settings, received, context)
     return settings, site, config, _model_from(arrays, context, settings, site)
 
@@ -176,7 +185,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             skipped=site.skipped,
             card=None if site.imaging is None else card_once(context, site.imaging, settings),
         )
-        site_state.persist(context, site_dir_of(context, settings).resolve(), config)
+        site_state.persist(context, site_dir_of(context, settings).resolve(), config, cache_dir_of(context))
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

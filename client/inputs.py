@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ class SiteView:
 
 
 def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, val: float,
-              test: float) -> SiteView:
+              test: float, cache_dir: str | None = None) -> SiteView:
     """Read a site once per process (imaging sites also cache decoded images on disk).
 
     `inputs = "clinical"` reads only the clin_* columns of any site (the clinical-only
@@ -75,7 +76,7 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
         raise ValueError(f"data.inputs = {inputs!r}: choose one of {', '.join(allowed(Inputs))}")
     if inputs == "clinical" or is_tabular_site(site_dir):
         return _tabular_view(site_dir, val, test)
-    return _imaging_view(site_dir, image_size, frame_policy, val, test)
+    return _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir)
 
 
 # A simulation worker serves many sites in turn (500 each for 1,000 sites on two cores):
@@ -103,9 +104,10 @@ def _tabular_view(site_dir: str, val: float, test: float) -> SiteView:
 
 
 @lru_cache(maxsize=16)
-def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float) -> SiteView:
+def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float,
+                  cache_dir: str | None = None) -> SiteView:
     site = load_site(site_dir, image_size=image_size, frame_policy=frame_policy,
-                     val_fraction=val, test_fraction=test)
+                     val_fraction=val, test_fraction=test, cache_dir=None if cache_dir is None else Path(cache_dir))
     return SiteView(
         name=site.name,
         tabular=False,
@@ -133,10 +135,10 @@ def check_manifest(site_dir: str, inputs: str) -> None:
         read_manifest(site_dir, NUM_CLASSES)
 
 
-def view_of(site_dir: str, settings: Settings) -> SiteView:
+def view_of(site_dir: str, settings: Settings, cache_dir: str | None = None) -> SiteView:
     return load_view(site_dir, settings.data_inputs, settings.model_image_size,
                      settings.data_frame_policy,
-                     settings.data_val_fraction, settings.data_test_fraction)
+                     settings.data_val_fraction, settings.data_test_fraction, cache_dir)
 
 
 def scaler(

@@ -32,9 +32,12 @@ _MARK = "fedir-site-state"  # context.state: the run whose state this node holds
 _KEPT_FILES = 2  # the last round's state and the one before: a round may be redone once
 
 
-def _folder(site_dir: Path, run_id: str) -> Path:
+def _folder(site_dir: Path, run_id: str, cache_dir: Path | None = None) -> Path:
+    """The run's state folder: under node config `cache-dir` when the site folder is
+    read-only, else under the site folder's own cache."""
     # the run id comes from the coordinator: hashed, it can never name another folder
-    return site_dir / CACHE_DIR_NAME / "state" / hashlib.sha256(run_id.encode()).hexdigest()[:16]
+    root = cache_dir if cache_dir is not None else site_dir / CACHE_DIR_NAME
+    return root / "state" / hashlib.sha256(run_id.encode()).hexdigest()[:16]
 
 
 def _file(folder: Path, server_round: int) -> Path:
@@ -45,7 +48,8 @@ def _round_of(path: Path) -> int:
     return int(path.stem.removeprefix("round-"))
 
 
-def restore(context: Context, site_dir: Path, config: ConfigRecord, *, before_training: bool) -> None:
+def restore(context: Context, site_dir: Path, config: ConfigRecord, *, before_training: bool,
+            cache_dir: Path | None = None) -> None:
     """Put back this site's state for the run in `config`, if this node has not seen the run.
 
     A training message of round r starts from the state saved after an earlier round, an
@@ -59,7 +63,7 @@ def restore(context: Context, site_dir: Path, config: ConfigRecord, *, before_tr
     if mark is not None and mark["run-id"] == run_id:
         return
     newest = server_round - 1 if before_training else server_round
-    folder = _folder(site_dir, run_id)
+    folder = _folder(site_dir, run_id, cache_dir)
     saved = sorted((p for p in folder.glob("round-*.npz") if _round_of(p) <= newest), key=_round_of)
     if saved:
         try:
@@ -76,12 +80,12 @@ def restore(context: Context, site_dir: Path, config: ConfigRecord, *, before_tr
     context.state[_MARK] = ConfigRecord({"run-id": run_id})
 
 
-def persist(context: Context, site_dir: Path, config: ConfigRecord) -> None:
+def persist(context: Context, site_dir: Path, config: ConfigRecord, cache_dir: Path | None = None) -> None:
     """Save this node's state after the training round in `config` (see the module doc)."""
     sent = decode_round_config(config)
     if sent.run_id is None:
         return
-    folder = _folder(site_dir, sent.run_id)
+    folder = _folder(site_dir, sent.run_id, cache_dir)
     server_round = sent.server_round
     state = {
         "arrays": {n: ArrayRecord(dict(r)) for n, r in context.state.array_records.items()},

@@ -12,7 +12,10 @@ Private keys are written with mode 0600 and nothing is ever overwritten without
 key would make the registered public key useless.
 
 Layout of DIR:
-    ca.crt, ca.key            the CA (ca.crt goes to every hospital; ca.key stays offline)
+    ca.crt                    the CA's certificate (goes to every hospital)
+    ca-private/ca.key         the CA's key, in a folder of its own (0700): nginx and the
+                              SuperLink are given DIR's other files and never need it;
+                              move it offline when no certificate is being issued
     server.crt, server.key    the SuperLink's certificate and key
     nodes/SITE.key, SITE.pub  a SuperNode's key pair (SITE.pub goes to the coordinator)
 """
@@ -36,6 +39,10 @@ CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime TLS clients commonly accept for a leaf certificate
 
 
+CA_KEY = Path("ca-private") / "ca.key"
+LEGACY_CA_KEY = Path("ca.key")  # where fedir wrote it before: beside what nginx reads
+
+
 class CertsError(UserError, ValueError):
     """A file would be overwritten, or an input is unusable."""
 
@@ -49,6 +56,8 @@ def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
 def _write(path: Path, data: bytes, private: bool) -> None:
     """Write `data`; a private file is created 0600 from the start (no window at 0644)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.name == CA_KEY.parent.name:
+        os.chmod(path.parent, 0o700)
     if path.exists():
         path.unlink()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
@@ -82,7 +91,7 @@ def init_ca(directory: str | Path, hosts: Sequence[str], force: bool = False) ->
     if not hosts:
         raise CertsError("give at least one --host: the name or address the sites will connect to")
     out = Path(directory)
-    _refuse_existing([out / name for name in ("ca.crt", "ca.key", "server.crt", "server.key")], force)
+    _refuse_existing([out / name for name in ("ca.crt", CA_KEY, LEGACY_CA_KEY, "server.crt", "server.key")], force)
     now = _now()
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = _name("fedir study CA")
@@ -100,29 +109,37 @@ def init_ca(directory: str | Path, hosts: Sequence[str], force: bool = False) ->
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    _write(out / "ca.key", _pem_key(ca_key), private=True)
+    (out / LEGACY_CA_KEY).unlink(missing_ok=True)  # --force over an older layout
+    _write(out / CA_KEY, _pem_key(ca_key), private=True)
     _write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    return {"ca.crt": out / "ca.crt", "ca.key": out / "ca.key",
+    return {"ca.crt": out / "ca.crt", "ca.key": out / CA_KEY,
             **issue_server_cert(out, hosts, force=True)}
 
 
-def issue_server_cert(directory: str | Path, hosts: Sequence[str], force: bool = False) -> dict[str, Path]:
+def issue_server_cert(directory: str | Path, hosts: Sequence[str], force: bool = False,
+                      ca_key_path: str | Path | None = None) -> dict[str, Path]:
     """(Re-)issue the SuperLink's certificate for `hosts` from the CA already in DIR.
 
     The CA is kept, so every hospital's `ca.crt` stays valid: this is how a front door's
     address is added to the names, or an expiring certificate renewed, without breaking
-    any node's trust (re-running `init --force` would make a new CA).
+    any node's trust (re-running `init --force` would make a new CA). The CA's key is read
+    from `ca_key_path` (where it was moved offline), else DIR/ca-private/ca.key.
     """
     if not hosts:
         raise CertsError("give at least one --host: the name or address the sites will connect to")
     out = Path(directory)
+    key_path = Path(ca_key_path) if ca_key_path is not None else out / CA_KEY
+    if ca_key_path is None and not key_path.exists() and (out / LEGACY_CA_KEY).exists():
+        raise CertsError(f"{out / LEGACY_CA_KEY} sits beside the files nginx and the SuperLink read: move it with "
+                         f"`mkdir -m 700 {out / CA_KEY.parent} && mv {out / LEGACY_CA_KEY} {key_path}`, then re-run")
     try:
         ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
-        ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+        ca_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (OSError, ValueError) as exc:
-        raise CertsError(f"no usable CA in {out} (ca.crt, ca.key): {exc}; run `fedir certs init` first") from None
+        raise CertsError(f"no usable CA ({out / 'ca.crt'}, {key_path}): {exc}; run `fedir certs init` first, "
+                         "or give the CA's key with --ca-key") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise CertsError(f"{out / 'ca.key'} is not the elliptic-curve key `fedir certs init` writes")
+        raise CertsError(f"{key_path} is not the elliptic-curve key `fedir certs init` writes")
     paths = {name: out / name for name in ("server.crt", "server.key")}
     _refuse_existing(list(paths.values()), force)
     now = _now()

@@ -31,6 +31,7 @@ class StateFileError(ValueError):
 
 def write_state(path: Path, value: Any) -> None:
     """Write `value` to `path` atomically: a reader sees the previous file or this one.
+    The file is readable by its owner only (mode 0600).
 
     Raises TypeError for a value the format cannot hold (an object, a function...).
     """
@@ -39,7 +40,9 @@ def write_state(path: Path, value: Any) -> None:
     arrays[_DOCUMENT] = np.frombuffer(document, dtype=np.uint8)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    tmp.unlink(missing_ok=True)  # a crashed write's leftover
+    # owner-only from the start: a checkpoint holds the study's model, a site's state its own
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy types **kwds as bool (allow_pickle)
         fh.flush()
         os.fsync(fh.fileno())

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -155,6 +156,9 @@ class RunStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only from the start (SQLite gives its -wal and -shm files the same mode): the
+        # store holds every site's aggregates and notes, for the coordinator's operator alone.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         # Autocommit mode: transactions are explicit (see _transaction), never implicit.
         self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         self._conn.row_factory = sqlite3.Row

@@ -225,6 +225,10 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
         else:
             run_id = resumed.run_id
             store.reopen_run(run_id, after_round=resumed.completed_round)
+            # the interruption stays on the record: the report and summary.json list it
+            store.record_note(run_id, resumed.completed_round, None, "resumed",
+                              f"the run was interrupted after round {resumed.completed_round} and resumed "
+                              f"from its checkpoint at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
             log.info("resuming run %s after round %d", run_id, resumed.completed_round)
         try:
             _rounds(grid, settings, out_dir, store, run_id, resumed)

@@ -241,3 +241,5 @@ def test_a_server_killed_after_round_2_resumes_and_matches_an_uninterrupted_run(
     # exactly: the same replies, averaged in the same order, from the same site state
     assert {k: v for k, v in got_rows.items() if got_rows[k] != ref_rows[k]} == {}
     assert resumed["global"] == reference["global"] and resumed["per_site"] == reference["per_site"]
+    # the interruption is on the record, with the round it followed
+    assert [(n["round"], n["kind"]) for n in resumed["notes"] if n["kind"] == "resumed"] == [(2, "resumed")]

@@ -122,3 +122,17 @@ def test_a_batch_is_one_transaction_and_rolls_back_whole(tmp_path: Path) -> None
     assert reader.execute("SELECT COUNT(*) FROM notes WHERE kind = 'after'").fetchone()[0] == 1
     reader.close()
     store.close()
+
+
+def test_the_run_store_and_a_checkpoint_are_readable_by_their_owner_only(tmp_path):
+    import stat
+
+    from fedir.statefile import write_state
+
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("r1", "s", {}, ["a"])
+    write_state(tmp_path / "checkpoint.npz", {"round": 1})
+    for name in ("runs.sqlite", "checkpoint.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    for wal in tmp_path.glob("runs.sqlite-*"):
+        assert stat.S_IMODE(wal.stat().st_mode) == 0o600, wal.name

@@ -174,3 +174,32 @@ def test_manifest_error_names_the_spreadsheet_line_after_blank_lines(tmp_path: P
     (tmp_path / "manifest.csv").write_text("patient_id,path,label\nP1,a.dcm,1\n\nP2,b.dcm,x\n")
     with pytest.raises(ManifestError, match=r"manifest\.csv, row 4: label 'x'"):
         load_site(tmp_path, image_size=SIZE)
+
+
+def test_a_read_only_site_folder_caches_in_the_nodes_cache_dir(tmp_path: Path) -> None:
+    """Node config `cache-dir`: the decoded site goes there, and nothing into the site folder."""
+    import stat
+    import time
+
+    from flwr.app import Context, Message, Metadata, RecordDict
+
+    from fedir.client.client_app import build_client_app
+    from fedir.config import Settings
+    from fedir.protocol import encode_feature_query
+
+    root = _make_site(tmp_path / "site")
+    cache = tmp_path / "cache"
+    for path in (root, root / "img"):
+        path.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        settings = Settings(model_image_size=SIZE)
+        context = Context(run_id=1, node_id=1, node_config={"site-dir": str(root), "cache-dir": str(cache)},
+                          state=RecordDict(), run_config=settings.to_run_config())
+        metadata = Metadata(run_id=1, message_id="q", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                            group_id="0", created_at=time.time(), ttl=3600.0, message_type="query")
+        reply = build_client_app(settings)(Message(content=encode_feature_query(), metadata=metadata), context)
+        assert not reply.has_error()
+        assert list(cache.glob("*.pt")) and not (root / ".fedir-cache").exists()
+    finally:
+        for path in (root, root / "img"):
+            path.chmod(stat.S_IRWXU)
