@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from monai.transforms import Compose, NormalizeIntensity, Resize
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -391,6 +390,8 @@ def to_model_input(frames: np.ndarray, image_size: int) -> np.ndarray:
     comparable inputs. A constant image becomes zeros."""
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
+    from monai.transforms import Compose, NormalizeIntensity, Resize  # here, not at the top: a tabular site never loads MONAI
+
     transform = Compose(
         [
             Resize((image_size, image_size), mode=_resize_mode(frames.shape[1:], image_size)),
@@ -410,6 +411,8 @@ def to_volume_input(frames: np.ndarray, image_size: int) -> np.ndarray:
         raise ValueError(f"image_size must be positive, got {image_size}")
     size = (image_size,) * 3
     mode = "area" if min(frames.shape) >= image_size else "trilinear"
+    from monai.transforms import Compose, NormalizeIntensity, Resize  # here, not at the top: a tabular site never loads MONAI
+
     transform = Compose([Resize(size, mode=mode), NormalizeIntensity()])
     out = np.asarray(transform(np.ascontiguousarray(frames, dtype=np.float32)[None]), dtype=np.float32)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)[None]

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from monai.networks.nets import DenseNet121, ResNet, resnet10, resnet18
 from torch import nn
 
 from fedir.config import ImageModel, Settings, SettingsError, TabularModel, allowed
@@ -61,6 +60,10 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
         return build_tabular_model(name, n_features)
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    # MONAI only for an imaging model: importing it costs seconds, and a deployed ClientApp
+    # imports everything afresh for every message (a tabular site never needs it)
+    from monai.networks.nets import DenseNet121, ResNet, resnet10, resnet18
+
     if name == "resnet_small":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
                       spatial_dims=spatial_dims, n_input_channels=1, num_classes=NUM_CLASSES)
