@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedir.config import MEAN_AGGREGATORS
-from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS
+from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS, SCORE_SUMS, calibration
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.strategies.privacy_budget import ACCOUNTANT
 
@@ -50,6 +50,7 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "sites": sites,
         "global": _entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: _entry(evaluated.get(site), last_eval) for site in sites},
+        "threshold": threshold_entry(evaluated, sites),
         "bias": _verdict(store, run_id, last_eval),
         "privacy": privacy_entry(store, run_id, run["config"]),
         "notes": store.notes(run_id),
@@ -118,6 +119,7 @@ def _entry(metrics: dict | None, server_round: int | None, *, nested: bool = Tru
             reasons[name] = _missing_reason(metrics, server_round)
     for name in CONFUSION_COUNTS:
         entry[name] = metrics.get(name)
+    entry.update(_calibration_and_binning(metrics))
     if not nested:
         entry["reasons"] = reasons
         return entry
@@ -131,6 +133,31 @@ def _entry(metrics: dict | None, server_round: int | None, *, nested: bool = Tru
     entry["per_patient"] = None if per_patient is None else _entry(per_patient, server_round, nested=False)
     entry["reasons"] = reasons
     return entry
+
+
+def _calibration_and_binning(metrics: dict) -> dict[str, Any]:
+    """The pooled AUC's binning error bound (pooled entries only), the ECE and the
+    reliability rows (fedir.metrics.calibration) where the site sent score sums."""
+    out: dict[str, Any] = {}
+    if "auc_binning_error" in metrics:
+        out["auc_binning_error"] = metrics["auc_binning_error"]
+    out["ece"] = metrics.get("ece")
+    has_sums = all(metrics.get(key) is not None for key in ("hist_neg", "hist_pos", SCORE_SUMS))
+    out["reliability"] = calibration(metrics["hist_neg"], metrics["hist_pos"], metrics[SCORE_SUMS])["bins"] if has_sums else None
+    return out
+
+
+def threshold_entry(evaluated: dict[str, dict], sites: list[str]) -> dict | None:
+    """The decision threshold the test metrics were computed at (fedir.strategies.thresholds):
+    the federation's, with how it was chosen, and each site's (its own under
+    eval.threshold-per-site). None before any evaluation."""
+    pooled = evaluated.get(GLOBAL_SITE) or {}
+    federation = pooled.get("threshold")
+    if federation is None:
+        return None
+    per_site = {site: (evaluated.get(site) or {}).get("threshold") for site in sites}
+    return {**federation, "per_site": {site: None if t is None else t["value"] for site, t in per_site.items()},
+            "per_site_reasons": {site: t["reason"] for site, t in per_site.items() if t and t.get("reason")}}
 
 
 def _missing_reason(metrics: dict, server_round: int | None) -> str:
