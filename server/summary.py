@@ -190,9 +190,10 @@ def fmt_with_ci(value: float | None, ci: list | None) -> str:
 
 
 def format_site_table(summary: dict) -> str:
-    """A plain-text per-site table, the global row, the verdict line and n/a footnotes."""
-    header = ["site", "n_test", "positives", "AUC [95% CI]", "accuracy [95% CI]",
-              "sensitivity [95% CI]", "specificity [95% CI]"]
+    """A plain-text per-site table (per patient first, the per-image AUC beside), the
+    global row, the decision threshold, the verdict line and n/a footnotes."""
+    header = ["site", "patients", "positives", "AUC [95% CI]", "accuracy [95% CI]",
+              "sensitivity [95% CI]", "specificity [95% CI]", "ECE", "images", "AUC per image [95% CI]"]
     rows = [_table_row(site, entry) for site, entry in summary["per_site"].items()]
     rows.append(_table_row(GLOBAL_SITE, summary["global"]))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -201,7 +202,10 @@ def format_site_table(summary: dict) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    lines = [line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    lines = ["Per patient (a patient's score: the mean over their images); the per-image AUC beside:",
+             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    lines.extend(binning_line(summary["global"]))
+    lines.append(threshold_line(summary.get("threshold")))
     lines.append(verdict_line(summary["bias"]))
     lines.extend(_footnotes(summary))
     lines.extend(_failures(summary))
@@ -209,13 +213,53 @@ def format_site_table(summary: dict) -> str:
 
 
 def _table_row(site: str, entry: dict) -> list[str]:
-    positives = entry.get("positives")
+    patient = entry.get("per_patient") or {}
+    positives = patient.get("positives")
+    ece = patient.get("ece")
     return [
         site,
-        str(entry.get("n_test", 0)),
+        _count(patient.get("n_test")),
         "n/a" if positives is None else str(positives),
-        *(fmt_with_ci(entry.get(m), entry.get(m + "_ci")) for m in SCALAR_METRICS),
+        *(fmt_with_ci(patient.get(m), patient.get(m + "_ci")) for m in SCALAR_METRICS),
+        fmt_value(ece),
+        str(entry.get("n_test", 0)),
+        fmt_with_ci(entry.get("auc"), entry.get("auc_ci")),
     ]
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def binning_line(pooled: dict) -> list[str]:
+    """The bound of the pooled AUCs' binning error (fedir.metrics.pooled_auc_exact), per
+    patient and per image; nothing when there is no pooled AUC."""
+    bounds = [(level, (entry or {}).get("auc_binning_error"))
+              for level, entry in (("per patient", pooled.get("per_patient")), ("per image", pooled))]
+    shown = [f"{level} +-{bound:.3f}" for level, bound in bounds if bound is not None]
+    if not shown:
+        return []
+    return ["Pooled AUC: within-site pairs exact, cross-site pairs ordered by score bins; binning error at most "
+            + ", ".join(shown) + " (eval.hist-bins)."]
+
+
+def threshold_line(threshold: dict | None) -> str:
+    """How the decision threshold behind accuracy, sensitivity and specificity was chosen."""
+    if threshold is None:
+        return "Decision threshold: not recorded"
+    if threshold["rule"] == "youden":
+        text = (f"Decision threshold {threshold['value']:.3f}: Youden's J on the pooled validation patients "
+                f"({(threshold.get('level') or 'per_patient').replace('_', ' ')}, J = {threshold['youden_j']:.3f}); "
+                "test metrics at it")
+    else:
+        text = f"Decision threshold {threshold['value']:.3f}: fixed (eval.threshold)"
+        if threshold.get("reason"):
+            text += f", because {threshold['reason']}"
+    own = {site: value for site, value in (threshold.get("per_site") or {}).items()
+           if value is not None and value != threshold["value"]}
+    if own:
+        text += "; sites' own validation thresholds: " + ", ".join(f"{s} {v:.3f}" for s, v in own.items())
+    return text + "."
 
 
 def verdict_line(bias: dict) -> str:
@@ -259,8 +303,9 @@ def _failures(summary: dict) -> list[str]:
 def _footnotes(summary: dict) -> list[str]:
     entries = {**summary["per_site"], GLOBAL_SITE: summary["global"]}
     notes = [
-        f"  n/a {site} {metric}: {why}"
+        f"  n/a {site} {level}{metric}: {why}"
         for site, entry in entries.items()
-        for metric, why in entry["reasons"].items()
+        for level, reasons in (("", entry["reasons"]), ("per patient ", (entry.get("per_patient") or {}).get("reasons") or {}))
+        for metric, why in reasons.items()
     ]
     return ["", "Metrics not computed:", *notes] if notes else []
