@@ -47,12 +47,15 @@ def stored_round(server_round: int) -> tuple[dict[str, dict], dict]:
 def with_patients(entry: dict, auc: float | None, threshold: dict, binning_error: float | None = None) -> dict:
     """`entry` as the ServerApp stores it: with score sums, a per-patient entry (AUC `auc`,
     one patient per three images), the decision threshold and, for the pool, the binning bound."""
-    sums = [round((i + 0.5) / 20 * (n + p), 3) for i, (n, p) in enumerate(zip(entry["hist_neg"], entry["hist_pos"]))]
+    def sums(neg: list[int], pos: list[int]) -> list[float]:  # every score at its bin's centre
+        return [round((i + 0.5) / len(neg) * (n + p), 3) for i, (n, p) in enumerate(zip(neg, pos))]
+
     patient = {**site_eval(entry["n_patients"], entry["positives"] // 3 if auc is not None else 0, auc),
                "n_patients": entry["n_patients"], "hist_neg": [c // 3 for c in entry["hist_neg"]],
                "hist_pos": [c // 3 for c in entry["hist_pos"]], "ece": 0.08, "threshold": threshold}
-    patient["hist_score_sum"] = [round(v / 3, 3) for v in sums]
-    out = {**entry, "hist_score_sum": sums, "ece": 0.06, "threshold": threshold, "per_patient": patient}
+    patient["hist_score_sum"] = sums(patient["hist_neg"], patient["hist_pos"])
+    out = {**entry, "hist_score_sum": sums(entry["hist_neg"], entry["hist_pos"]), "ece": 0.06, "threshold": threshold,
+           "per_patient": patient}
     if binning_error is not None:
         out["auc_binning_error"] = binning_error
         patient["auc_binning_error"] = 2 * binning_error
