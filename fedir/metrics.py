@@ -2,10 +2,13 @@
 
 Binary task, label 1 = disease, scores = the model's positive-class probability.
 A site never sends per-patient scores. What leaves it is :func:`site_metrics`: point
-estimates with patient-level bootstrap CIs, the confusion counts at a threshold and
-two fixed-bin score histograms (one per label). The server pools those with
-:func:`pooled_metrics` and the bias analysis (``fedir.strategies.bias``) compares the
-pooled AUC with the within-site ones.
+estimates with patient-level bootstrap CIs, the confusion counts at a threshold, two
+fixed-bin score histograms (one per label) and the scores' sum per bin (calibration),
+per image and per patient. The server pools those with :func:`pooled_metrics` (the
+pooled AUC exact up to cross-site pairs that share a bin, with the bound of that error),
+chooses the decision threshold on the validation patients' histograms
+(``fedir.strategies.thresholds``), and the bias analysis (``fedir.strategies.bias``)
+compares the pooled AUC with the within-site ones.
 
 Every value returned is a plain ``int``/``float``/``list``/``None`` (never a numpy
 type, never NaN), so the dicts serialise to JSON and to Flower records unchanged.

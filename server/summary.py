@@ -1,7 +1,10 @@
 """The run summary (``summary.json``) and its terminal table, built only from the run store.
 
 The summary describes the last completed evaluation round: the pooled ("global")
-metrics, every site's metrics with confidence intervals, and the bias verdict. A
+metrics, every site's metrics with confidence intervals (each with ``per_patient``, the
+primary level, its ECE and reliability rows; the pooled one with the bound of its AUC's
+binning error), the decision threshold they were counted at and how it was chosen
+(``threshold``), and the bias verdict. A
 metric that could not be computed is null, and the site's ``reasons`` say why, so
 a reader never mistakes a missing number for a bad one.
 """
