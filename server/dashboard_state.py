@@ -2,7 +2,7 @@
 
 Two views: ``overview`` lists every run under the dashboard's folder (a run folder, or a
 parent folder of run folders, each ``runs.sqlite`` possibly holding several runs) with
-their pooled AUC by round, so runs can be compared; ``run_detail`` is one run: progress,
+their pooled AUC by round (per patient where there is one), so runs can be compared; ``run_detail`` is one run: progress,
 which sites answered this round, the per-site table of the last evaluated round (built by
 ``summary.build_summary``, so it is exactly what ``summary.json`` says), metric series
 with CIs for the plots, the bias verdict, notes and site data cards.
@@ -64,7 +64,9 @@ def overview(folder: Path) -> dict[str, Any]:
 
 def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, Any]:
     run = store.run(run_id)
-    series = store.series(run_id, ("auc",)).get("auc", {}).get(GLOBAL_SITE, [])
+    # per patient where the sites sent per-patient metrics (the primary level), else per image
+    series = (store.patient_series(run_id, ("auc",))["patient_auc"].get(GLOBAL_SITE)
+              or store.series(run_id, ("auc",)).get("auc", {}).get(GLOBAL_SITE, []))
     bias = store.bias(run_id)
     return {
         "source": source, "run_id": run_id, "scenario": run["scenario"], "status": run["status"],

@@ -182,3 +182,12 @@ def test_per_patient_metrics_lead_the_table_and_the_plots(tmp_path: Path) -> Non
     assert [p[0] for p in detail["series"]["patient_auc"]["site-a"]] == [1, 2]
     assert detail["series"]["patient_auc"]["global"][-1][1] == pytest.approx(summary["global"]["per_patient"]["auc"])
     assert "Decision threshold 0.450: Youden" in detail["threshold"] and "+-0.008" in detail["binning"]
+
+
+def test_the_overview_compares_runs_by_their_per_patient_auc(tmp_path: Path) -> None:
+    fabricate(tmp_path / "runs.sqlite").close()
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        pooled = build_summary(store, RUN)["global"]
+    line = overview(tmp_path)["runs"][0]
+    assert pooled["per_patient"]["auc"] != pytest.approx(pooled["auc"])  # the fabricated levels differ
+    assert line["global_auc"] == pytest.approx(pooled["per_patient"]["auc"])
