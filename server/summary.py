@@ -216,7 +216,12 @@ def format_site_table(summary: dict) -> str:
 
 
 def _table_row(site: str, entry: dict) -> list[str]:
-    patient = entry.get("per_patient") or {}
+    """Per patient; a site without per-patient metrics (its labels are per image) shows its
+    per-image ones instead, marked so."""
+    patient = entry.get("per_patient")
+    if patient is None and entry.get("n_test"):
+        patient, site = {**entry, "n_test": entry.get("n_patients")}, f"{site} (per image)"
+    patient = patient or {}
     positives = patient.get("positives")
     ece = patient.get("ece")
     return [

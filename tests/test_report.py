@@ -174,3 +174,10 @@ def test_terminal_table_leads_with_per_patient_metrics(store: RunStore) -> None:
     assert header.index("patients") < header.index("AUC [95% CI]") < header.index("AUC per image")
     assert "binning error at most per patient +-0.008, per image +-0.004" in table
     assert "Decision threshold 0.450" in table
+
+
+def test_terminal_table_marks_a_site_whose_labels_are_per_image(store: RunStore) -> None:
+    summary = build_summary(store, RUN)
+    summary["per_site"]["site-a"]["per_patient"] = None
+    row = next(line for line in format_site_table(summary).splitlines() if line.startswith("site-a"))
+    assert row.startswith("site-a (per image)") and "0.800 [0.700, 0.880]" in row
