@@ -502,7 +502,7 @@ def _order(out: dict) -> dict:
     """The keys in one documented order (metrics, CIs, counts, histograms, reasons)."""
     keys = (
         "n", "n_patients", "positives", *SCALAR_METRICS, "auc_binning_error", "ece",
-        *(f"{m}_ci" for m in SCALAR_METRICS), *CONFUSION_COUNTS, *HISTOGRAMS, SCORE_SUMS, "threshold",
+        *(f"{m}_ci" for m in SCALAR_METRICS), *CONFUSION_COUNTS, *HISTOGRAMS, SCORE_SUMS,
         "per_patient", "reasons",
     )  # fmt: skip
     return {key: out[key] for key in keys if key in out}
