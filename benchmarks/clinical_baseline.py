@@ -8,9 +8,9 @@ clin_age and clin_sex): its clinical companion (fedir.simulations.companion: a l
 regression on the clin_* columns, `data.inputs = "clinical"`, features standardised from
 the sites' federated sums) runs first, then the imaging model (resnet_small), both with
 FedAvg, both tested on the same test patients of each site (the patient-hash split), and
-the imaging run's summary carries both per site (`clinical_baseline`). The imaging model
-is scored per image, the clinical one per patient; both with the site's patient-bootstrap
-95% CIs.
+the imaging run's summary carries both per site (`clinical_baseline`). Both are compared
+per patient (the clinical sites' rows are patients; the imaging model's patient score is
+the mean over their images), with the site's patient-bootstrap 95% CIs.
 
     .venv/bin/python benchmarks/clinical_baseline.py
 """
@@ -36,7 +36,6 @@ from fedir.simulations.synthetic import GENERATOR_VERSION, generate_federation
 
 IMAGING = dict(model_name="resnet_small", model_image_size=64, train_rounds=5, train_local_epochs=2,
                baseline_clinical=True, baseline_clinical_steps=50, baseline_clinical_lr=0.05)
-SHOWN = ("n_test", "n_patients", "auc", "auc_ci", "accuracy", "accuracy_ci")
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ ModelName = Literal["auto", ImageModel, TabularModel]
 FramePolicy = Literal["mip", "middle", "all", "peak", "volume"]  # and every-K (K >= 1)
 Inputs = Literal["auto", "clinical"]
 Standardise = Literal["federated", "site"]
+ThresholdRule = Literal["youden", "fixed"]
 Personalise = Literal["none", "intercept", "finetune"]
 # Strategies whose aggregate is the weighted mean of the updates (the FedOpt family and
 # FedAvgM then take a server step on it: post-processing). Only for these does the privacy
@@ -142,8 +143,16 @@ class Settings:
         "federated", "tabular features: federated (from every site's n / sum / sum of squares) | "
         "site (each site's own statistics)")
     eval_bootstrap: int = setting(500, "bootstrap resamples of each metric's 95% CI; 0 = no CI", AT_LEAST_0)
-    eval_hist_bins: int = setting(20, "bins of the per-label score histograms a site sends", AT_LEAST_1)
-    eval_threshold: float = setting(0.5, "score above which a patient is called positive", UNIT)
+    eval_hist_bins: int = setting(
+        50, "bins of the per-label score histograms a site sends: finer bins make the pooled AUC exact to within less "
+        "(fedir.metrics.pooled_auc_exact) and place a lone patient's score more closely", AT_LEAST_1)
+    eval_threshold_rule: ThresholdRule = setting(
+        "youden", "decision threshold: youden (the bin edge maximising Youden's J on the pooled validation patients, "
+        "fedir.thresholds) | fixed (eval.threshold)")
+    eval_threshold_per_site: bool = setting(
+        False, "with youden: each site's test metrics at its own validation threshold instead of the federation's")
+    eval_threshold: float = setting(
+        0.5, "the fixed decision threshold (a score >= it is positive) and the one a site scores its own counts at", UNIT)
     bias_alpha: float = setting(0.01, "significance level of the bias tests", Bounds(0, 1, low_open=True, high_open=True))
     bias_min_cramers_v: float = setting(0.2, "site-label association: Cramer's V that raises the alarm", UNIT)
     bias_max_auc_gap: float = setting(0.05, "pooled minus within-site AUC (and its 95% CI above 0)", AT_LEAST_0)

@@ -2,10 +2,13 @@
 
 Binary task, label 1 = disease, scores = the model's positive-class probability.
 A site never sends per-patient scores. What leaves it is :func:`site_metrics`: point
-estimates with patient-level bootstrap CIs, the confusion counts at a threshold and
-two fixed-bin score histograms (one per label). The server pools those with
-:func:`pooled_metrics` and the bias analysis (``fedir.strategies.bias``) compares the
-pooled AUC with the within-site ones.
+estimates with patient-level bootstrap CIs, the confusion counts at a threshold, two
+fixed-bin score histograms (one per label) and the scores' sum per bin (calibration),
+per image and per patient. The server pools those with :func:`pooled_metrics` (the
+pooled AUC exact up to cross-site pairs that share a bin, with the bound of that error),
+chooses the decision threshold on the validation patients' histograms
+(``fedir.strategies.thresholds``), and the bias analysis (``fedir.strategies.bias``)
+compares the pooled AUC with the within-site ones.
 
 Every value returned is a plain ``int``/``float``/``list``/``None`` (never a numpy
 type, never NaN), so the dicts serialise to JSON and to Flower records unchanged.
@@ -19,7 +22,7 @@ import numpy as np
 from scipy import sparse
 from scipy.stats import binomtest
 
-DEFAULT_BINS = 20
+DEFAULT_BINS = 50  # eval.hist-bins' default (fedir.config)
 CONFIDENCE = 0.95
 # A percentile CI from a minority of the resamples describes a different population
 # (the resamples that happened to contain both classes), so below this we give none.
@@ -35,6 +38,9 @@ CONFUSION_COUNTS = ("tp", "tn", "fp", "fn")
 COUNTS = ("n", "n_patients", "positives", *CONFUSION_COUNTS)
 # Per-class score counts in fixed equal bins on [0, 1] (site_metrics's `bins`), summable over sites.
 HISTOGRAMS = ("hist_neg", "hist_pos")
+# The sum of the scores in each of those bins (both classes): with the counts, the exact mean
+# predicted score of a bin, which the reliability table and the ECE need.
+SCORE_SUMS = "hist_score_sum"
 # What a bootstrap resample must contain for each metric to be defined on it.
 _RESAMPLE_NEEDS = {
     "auc": "both classes",
@@ -69,9 +75,18 @@ def site_metrics(
     labels are per patient, since an image-level AUC weighs a patient by their number of
     images. It is None, with a reason, when a patient's images carry both labels.
 
+    ``hist_score_sum`` and ``ece`` describe calibration (:func:`calibration`): the scores'
+    sum per histogram bin, so that a bin's mean predicted score is exact, and the expected
+    calibration error over those bins.
+
+    What the histograms reveal grows with ``bins``: a bin holding one patient places that
+    patient's score within 1/bins, and ``hist_score_sum`` then gives it exactly. That is
+    the privacy cost of finer bins and of calibration; nothing else per patient leaves
+    the site, and no identifier ever does.
+
     Returns the keys ``n, n_patients, positives, auc, accuracy, sensitivity,
-    specificity, *_ci, tp, tn, fp, fn, hist_neg, hist_pos, per_patient, reasons``;
-    ``reasons`` explains every None.
+    specificity, ece, *_ci, tp, tn, fp, fn, hist_neg, hist_pos, hist_score_sum,
+    per_patient, reasons``; ``reasons`` explains every None.
     """
     out = _image_metrics(labels, scores, patients, n_boot=n_boot, seed=seed, threshold=threshold, bins=bins)
     try:
@@ -109,7 +124,7 @@ def _image_metrics(labels, scores, patients, *, n_boot: int, seed: int, threshol
     y, s, patient_index, n_patients = _validate(labels, scores, patients)
     pred = s >= threshold
     counts = _confusion(y, pred)
-    hist_neg, hist_pos = _histograms(y, s, bins)
+    hist_neg, hist_pos, score_sum = _histograms(y, s, bins)
     out: dict = {
         "n": int(y.size),
         "n_patients": n_patients,
@@ -117,11 +132,15 @@ def _image_metrics(labels, scores, patients, *, n_boot: int, seed: int, threshol
         **counts,
         "hist_neg": hist_neg,
         "hist_pos": hist_pos,
+        SCORE_SUMS: score_sum,
     }
     points, reasons = _point_estimates(y, s, counts)
     cis, ci_reasons = _patient_bootstrap_cis(y, s, pred, patient_index, n_patients, points, reasons, n_boot, seed)
     out.update(points)
     out.update(cis)
+    out["ece"] = calibration(hist_neg, hist_pos, score_sum)["ece"]
+    if out["ece"] is None:
+        reasons["ece"] = "no test images"
     out["reasons"] = {**reasons, **ci_reasons}
     return _order(out)
 
@@ -145,22 +164,26 @@ def auc_from_histograms(hist_neg: Sequence[float], hist_pos: Sequence[float]) ->
 def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Federation-level test metrics from what the sites sent (histograms, confusion counts).
 
-    ``auc`` is :func:`auc_from_histograms` of the summed histograms: a *binned* AUC
-    (pairs sharing a bin count 1/2), so it differs slightly from the exact AUC of the
-    pooled scores (within about 0.02 with 20 bins on continuous scores). Its CI is a
-    percentile bootstrap that resamples each site's histogram per class (multinomial,
-    the site's class count fixed). Accuracy, sensitivity and specificity come from the
-    summed tp/tn/fp/fn with Wilson 95% intervals.
+    ``auc`` is :func:`pooled_auc_exact`: as exact as the aggregates allow. Every site's own
+    AUC is exact (it had its scores), so the within-site (negative, positive) pairs are
+    counted exactly; only the pairs across sites are ordered by the histograms, and of
+    those only the pairs sharing a bin are uncertain (counted 1/2).
+    ``auc_binning_error`` bounds the remaining error: half the share of all pairs that
+    are cross-site and share a bin. Its CI is a percentile bootstrap that resamples each
+    site's histogram per class (multinomial, the site's class count fixed), each replicate
+    shifted by the observed difference between the exact and the binned pooled AUC.
+    Accuracy, sensitivity and specificity come from the summed tp/tn/fp/fn with Wilson 95%
+    intervals. ``ece`` is the calibration error of the summed counts and score sums
+    (:func:`calibration`), None with a reason when a site sent no score sums.
 
-    Both kinds of CI treat images as independent: the patient structure does not leave
-    the sites, so these intervals are narrower than patient-level ones. Use the sites'
-    own (patient-bootstrap) CIs where that matters.
+    At the image level these CIs treat images as independent: the patient structure does
+    not leave the sites, so they are narrower than patient-level ones. ``per_patient``
+    pools the sites' per-patient aggregates the same way; there a histogram count is a
+    patient, so the bootstrap and the Wilson intervals count patients, the right unit where
+    labels are per patient. It is None, with a reason, when a site has none.
 
-    ``per_patient`` pools the sites' per-patient aggregates the same way; there a
-    histogram count is a patient, so the bootstrap resamples patients, the right unit
-    where labels are per patient. It is None, with a reason, when a site has none.
-
-    Returns the keys of :func:`site_metrics`, with ``n`` and ``n_patients`` summed.
+    Returns the keys of :func:`site_metrics` with ``auc_binning_error``, ``n`` and
+    ``n_patients`` summed.
     """
     out = _pooled_image_metrics(per_site, n_boot=n_boot, seed=seed)
     missing = sorted(site for site, entry in per_site.items() if not entry.get("per_patient"))
@@ -170,6 +193,34 @@ def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int = 1000, seed: in
         return _order({**out, "per_patient": None})
     by_patient = {site: entry["per_patient"] for site, entry in per_site.items()}
     return _order({**out, "per_patient": _pooled_image_metrics(by_patient, n_boot=n_boot, seed=seed)})
+
+
+def pooled_auc_exact(per_site: Mapping[str, dict]) -> tuple[float | None, float | None]:
+    """(pooled AUC, bound of its error) from the sites' AUCs and histograms.
+
+    The pooled Mann-Whitney count is the sum over sites of the exact within-site wins
+    (``auc_s * pos_s * neg_s``) plus the cross-site pairs, ordered by their bins (a pair
+    sharing a bin counts 1/2, so it is off by at most 1/2). A site whose AUC is missing
+    while it has both classes contributes its binned within-site pairs instead, and its
+    tied pairs count in the bound. The bound is the uncertain pairs' share over 2; the
+    true pooled AUC of the raw scores lies within it. (None, None) when the pool lacks a
+    class.
+    """
+    neg, pos = stack_histograms(per_site)
+    pairs = float(neg.sum() * pos.sum())
+    if pairs == 0:
+        return None, None
+    binned_wins = float(histogram_aucs(neg.sum(axis=0), pos.sum(axis=0))) * pairs
+    site_pairs = neg.sum(axis=1) * pos.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        site_binned = np.nan_to_num(histogram_aucs(neg, pos)) * site_pairs
+    aucs = [entry.get("auc") for entry in per_site.values()]
+    exact = np.array([a is not None and p > 0 for a, p in zip(aucs, site_pairs)])
+    site_exact = np.array([0.0 if a is None else float(a) for a in aucs]) * site_pairs
+    wins = binned_wins - float(site_binned[exact].sum()) + float(site_exact[exact].sum())
+    tied_pooled = float(np.sum(neg.sum(axis=0) * pos.sum(axis=0)))
+    tied_exact_sites = float(np.sum(neg[exact] * pos[exact]))
+    return float(np.clip(wins / pairs, 0.0, 1.0)), 0.5 * (tied_pooled - tied_exact_sites) / pairs
 
 
 def _pooled_image_metrics(per_site: Mapping[str, dict], *, n_boot: int, seed: int) -> dict:
@@ -187,20 +238,36 @@ def _pooled_image_metrics(per_site: Mapping[str, dict], *, n_boot: int, seed: in
         "hist_pos": hist_pos,
     }
     reasons: dict[str, str] = {}
-    auc = auc_from_histograms(hist_neg, hist_pos)
+    auc, out["auc_binning_error"] = pooled_auc_exact(per_site) if per_site else (None, None)
     out["auc"], out["auc_ci"] = auc, None
     if auc is None:
         reasons["auc"] = reasons["auc_ci"] = _pooled_class_reason(per_site, sum(hist_neg), sum(hist_pos))
     else:
         # each site's class histograms redrawn, then summed: the sampling noise of every
-        # site's test set, with the federation's composition held as observed
-        neg, pos = resample_histograms(site_neg, site_pos, n_boot, np.random.default_rng(seed))
-        out["auc_ci"] = _percentile_ci(histogram_aucs(neg.sum(axis=1), pos.sum(axis=1)))
+        # site's test set, with the federation's composition held as observed; the binned
+        # replicates carry the exact point's offset from the binned one
+        offset = auc - float(histogram_aucs(site_neg.sum(axis=0), site_pos.sum(axis=0)))
+        if n_boot < 1:
+            reasons["auc_ci"] = "no bootstrap (eval.bootstrap = 0)"
+        else:
+            neg, pos = resample_histograms(site_neg, site_pos, n_boot, np.random.default_rng(seed))
+            replicates = histogram_aucs(neg.sum(axis=1), pos.sum(axis=1)) + offset
+            out["auc_ci"] = _percentile_ci(np.clip(replicates, 0.0, 1.0))
     for name in THRESHOLD_METRICS:
-        successes, trials = _rate_counts(name, counts)
-        out[name], out[f"{name}_ci"] = _wilson(successes, trials)
+        successes, trials = rate_counts(name, counts)
+        out[name], out[f"{name}_ci"] = wilson(successes, trials)
         if trials == 0:
             reasons[name] = reasons[f"{name}_ci"] = _pooled_empty_reason(name, per_site)
+    without_sums = sorted(site for site, entry in per_site.items() if entry.get(SCORE_SUMS) is None)
+    if without_sums or not per_site:
+        out["ece"] = None
+        reasons["ece"] = (f"no score sums from {', '.join(without_sums)}" if without_sums
+                          else "no sites reported test metrics")
+    else:
+        out[SCORE_SUMS] = [float(v) for v in np.sum([entry[SCORE_SUMS] for entry in per_site.values()], axis=0)]
+        out["ece"] = calibration(hist_neg, hist_pos, out[SCORE_SUMS])["ece"]
+        if out["ece"] is None:
+            reasons["ece"] = "no test images at any site"
     out["reasons"] = reasons
     return _order(out)
 
@@ -232,12 +299,50 @@ def _confusion(y: np.ndarray, pred: np.ndarray) -> dict[str, int]:
     }
 
 
-def _histograms(y: np.ndarray, s: np.ndarray, bins: int) -> tuple[list[int], list[int]]:
-    """Counts per class in fixed bins on [0, 1]: fixed so that sites' histograms add up."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
+def bin_edges(bins: int) -> np.ndarray:
+    """The ``bins + 1`` edges of the fixed equal bins on [0, 1]. Bin i holds the scores in
+    [edge i, edge i+1) (the last also 1.0), so "score >= edge k" is exactly "in bin k or above"."""
+    return np.linspace(0.0, 1.0, bins + 1)
+
+
+def _histograms(y: np.ndarray, s: np.ndarray, bins: int) -> tuple[list[int], list[int], list[float]]:
+    """Counts per class in fixed bins on [0, 1] (fixed so that sites' histograms add up),
+    and the sum of all scores in each bin."""
+    edges = bin_edges(bins)
     neg, _ = np.histogram(s[y == 0], bins=edges)
     pos, _ = np.histogram(s[y == 1], bins=edges)
-    return [int(c) for c in neg], [int(c) for c in pos]
+    total, _ = np.histogram(s, bins=edges, weights=s)
+    return [int(c) for c in neg], [int(c) for c in pos], [float(v) for v in total]
+
+
+def calibration(hist_neg: Sequence[float], hist_pos: Sequence[float], hist_score_sum: Sequence[float]) -> dict:
+    """Reliability by score bin and the expected calibration error, from the aggregates.
+
+    ``bins`` lists every non-empty bin as ``{"low", "high", "count", "positives",
+    "mean_score", "observed"}`` (the counts are patients in a per-patient set): a calibrated
+    model's mean score matches the observed rate of positives in each bin. ``ece`` is
+    ``sum_b (count_b / N) |mean_score_b - observed_b|`` over those bins, exact for these
+    bins (it needs only counts and score sums, so pooled sites' is exact too); None
+    without any score. Binned ECE depends on the bins and is biased upward on small sets
+    (a bin of one patient is off by at least min(s, 1 - s)): compare ECEs at equal bins
+    and read them with the counts beside them.
+    """
+    neg = np.asarray(hist_neg, dtype=float)
+    pos = np.asarray(hist_pos, dtype=float)
+    total = np.asarray(hist_score_sum, dtype=float)
+    if not (neg.shape == pos.shape == total.shape) or neg.ndim != 1:
+        raise ValueError(f"calibration needs three 1-D vectors of one length, got {neg.shape}, {pos.shape}, {total.shape}")
+    count = neg + pos
+    edges = bin_edges(neg.size)
+    n = float(count.sum())
+    rows = []
+    ece = 0.0
+    for i in np.flatnonzero(count > 0):
+        mean, observed = total[i] / count[i], pos[i] / count[i]
+        ece += count[i] / n * abs(mean - observed)
+        rows.append({"low": float(edges[i]), "high": float(edges[i + 1]), "count": int(count[i]),
+                     "positives": int(pos[i]), "mean_score": float(mean), "observed": float(observed)})
+    return {"ece": float(ece) if n > 0 else None, "bins": rows}
 
 
 def _point_estimates(y: np.ndarray, s: np.ndarray, counts: Mapping[str, int]) -> tuple[dict, dict[str, str]]:
@@ -254,7 +359,7 @@ def _point_estimates(y: np.ndarray, s: np.ndarray, counts: Mapping[str, int]) ->
     else:
         points["auc"] = _exact_auc(y, s)
     for name in THRESHOLD_METRICS:
-        successes, trials = _rate_counts(name, counts)
+        successes, trials = rate_counts(name, counts)
         if trials:
             points[name] = successes / trials
         elif name not in reasons:
@@ -272,7 +377,7 @@ def _exact_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float(histogram_aucs(neg.astype(float), pos.astype(float)))
 
 
-def _rate_counts(name: str, counts: Mapping[str, int]) -> tuple[int, int]:
+def rate_counts(name: str, counts: Mapping[str, int]) -> tuple[int, int]:
     """(successes, trials) of a threshold metric from confusion counts."""
     tp, tn, fp, fn = counts["tp"], counts["tn"], counts["fp"], counts["fn"]
     return {
@@ -303,6 +408,10 @@ def _patient_bootstrap_cis(
     cis: dict[str, list[float] | None] = {f"{name}_ci": None for name in SCALAR_METRICS}
     ci_reasons = {f"{name}_ci": reasons[name] for name in SCALAR_METRICS if name in reasons}
     if all(points[name] is None for name in SCALAR_METRICS):
+        return cis, ci_reasons
+    if n_boot < 1:
+        off = "no bootstrap (eval.bootstrap = 0)"
+        ci_reasons.update({f"{name}_ci": off for name in SCALAR_METRICS if points[name] is not None})
         return cis, ci_reasons
     if n_patients < 2:
         single = "a single patient: a patient-level bootstrap has nothing to resample"
@@ -392,8 +501,9 @@ def _none_if_nan(value) -> float | None:
 def _order(out: dict) -> dict:
     """The keys in one documented order (metrics, CIs, counts, histograms, reasons)."""
     keys = (
-        "n", "n_patients", "positives", *SCALAR_METRICS, *(f"{m}_ci" for m in SCALAR_METRICS),
-        *CONFUSION_COUNTS, *HISTOGRAMS, "per_patient", "reasons",
+        "n", "n_patients", "positives", *SCALAR_METRICS, "auc_binning_error", "ece",
+        *(f"{m}_ci" for m in SCALAR_METRICS), *CONFUSION_COUNTS, *HISTOGRAMS, SCORE_SUMS,
+        "per_patient", "reasons",
     )  # fmt: skip
     return {key: out[key] for key in keys if key in out}
 
@@ -420,7 +530,9 @@ def stack_histograms(per_site: Mapping[str, dict]) -> tuple[np.ndarray, np.ndarr
 
 def pooled_auc(per_site: Mapping[str, dict]) -> float | None:
     """Binned AUC of all sites' histograms summed (the pooled test set); None when the pool
-    lacks a class or there are no sites."""
+    lacks a class or there are no sites. The bias gap compares it with binned within-site
+    AUCs, so that binning does not bias the gap; the pooled metric reported is
+    :func:`pooled_auc_exact`."""
     neg, pos = stack_histograms(per_site)
     return auc_from_histograms(neg.sum(axis=0), pos.sum(axis=0))
 
@@ -458,7 +570,7 @@ def resample_histograms(
 # ---- pooled_metrics helpers -----------------------------------------------------------
 
 
-def _wilson(successes: int, trials: int) -> tuple[float | None, list[float] | None]:
+def wilson(successes: int, trials: int) -> tuple[float | None, list[float] | None]:
     """Proportion and its Wilson 95% interval (good coverage near 0 and 1, unlike Wald)."""
     if trials == 0:
         return None, None

@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedir.config import UpdateDtype, allowed
-from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS
+from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS, SCORE_SUMS
 
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
@@ -193,6 +193,11 @@ def _put_metric_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metr
         rec[f"{key}-ci-ok"] = 0 if ci is None else 1
     for name in HISTOGRAMS:
         rec[prefix + _key(name)] = [int(v) for v in metrics[name]]
+    # calibration: the scores' sum per bin (floats) and the expected calibration error
+    rec[prefix + _key(SCORE_SUMS)] = [float(v) for v in metrics[SCORE_SUMS]]
+    ece = metrics.get("ece")
+    rec[prefix + "ece"] = MISSING if ece is None else float(ece)
+    rec[prefix + "ece-ok"] = 0 if ece is None else 1
     site_rec[prefix + "reasons"] = json.dumps(metrics.get("reasons", {}))
 
 
@@ -206,6 +211,8 @@ def _get_metric_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> d
         out[f"{name}_ci"] = [ci[0], ci[1]] if rec[f"{key}-ci-ok"] else None
     for name in HISTOGRAMS:
         out[name] = [int(v) for v in _numbers(rec[prefix + _key(name)], name)]
+    out[SCORE_SUMS] = _numbers(rec[prefix + _key(SCORE_SUMS)], SCORE_SUMS)
+    out["ece"] = _number(rec[prefix + "ece"], "ece") if rec[prefix + "ece-ok"] else None
     out["reasons"] = json.loads(str(site_rec[prefix + "reasons"]))
     return out
 

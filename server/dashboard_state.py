@@ -2,7 +2,7 @@
 
 Two views: ``overview`` lists every run under the dashboard's folder (a run folder, or a
 parent folder of run folders, each ``runs.sqlite`` possibly holding several runs) with
-their pooled AUC by round, so runs can be compared; ``run_detail`` is one run: progress,
+their pooled AUC by round (per patient where there is one), so runs can be compared; ``run_detail`` is one run: progress,
 which sites answered this round, the per-site table of the last evaluated round (built by
 ``summary.build_summary``, so it is exactly what ``summary.json`` says), metric series
 with CIs for the plots, the bias verdict, notes and site data cards.
@@ -19,7 +19,7 @@ from typing import Any
 from fedir.metrics import SCALAR_METRICS
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable, find_stores
 from fedir.server.runstore import GLOBAL_SITE
-from fedir.server.summary import build_summary, fmt_with_ci, key_numbers
+from fedir.server.summary import binning_line, build_summary, fmt_value, fmt_with_ci, key_numbers, threshold_line
 
 # Note kinds that mean a site's update or reply did not count this round.
 MISSING_KINDS = ("missing",)
@@ -64,7 +64,9 @@ def overview(folder: Path) -> dict[str, Any]:
 
 def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, Any]:
     run = store.run(run_id)
-    series = store.series(run_id, ("auc",)).get("auc", {}).get(GLOBAL_SITE, [])
+    # per patient where the sites sent per-patient metrics (the primary level), else per image
+    series = (store.patient_series(run_id, ("auc",))["patient_auc"].get(GLOBAL_SITE)
+              or store.series(run_id, ("auc",)).get("auc", {}).get(GLOBAL_SITE, []))
     bias = store.bias(run_id)
     return {
         "source": source, "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
@@ -121,7 +123,9 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
             "round": store.last_verdict_round(run_id),
             "alarm_rounds": store.alarm_rounds(run_id),
         },
-        "series": store.series(run_id, SCALAR_METRICS),
+        "series": {**store.patient_series(run_id, SCALAR_METRICS), **store.series(run_id, SCALAR_METRICS)},
+        "threshold": threshold_line(summary.get("threshold")),
+        "binning": " ".join(binning_line(summary["global"])),
         "notes": {"total": len(notes), "latest": [_note(n) for n in notes[-MAX_NOTES:]]},
         "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
         "privacy": summary["privacy"],
@@ -154,16 +158,28 @@ def _round_status(store: ReadOnlyRunStore, run_id: str, sites: list[str], notes:
 
 
 def _table(summary: dict) -> list[dict[str, Any]]:
-    """The per-site rows then the pooled row, formatted as the terminal table formats them."""
+    """The per-site rows then the pooled row, formatted as the terminal table formats them:
+    per patient first (``patient_*``, the primary metrics, and the per-patient ECE), the
+    per-image metrics beside. A per-patient cell that is n/a has its reason under the same
+    ``patient_*`` key of ``reasons``."""
     rows = []
     for site, entry in [*summary["per_site"].items(), (GLOBAL_SITE, summary["global"])]:
+        patient = entry.get("per_patient") or {}
+        reasons = dict(entry["reasons"])
         row: dict[str, Any] = {
             "site": site, "n_test": str(entry.get("n_test", 0)),
             "positives": "n/a" if entry.get("positives") is None else str(entry["positives"]),
-            "reasons": entry["reasons"],
+            "patients": "n/a" if not patient else str(patient.get("n_test", 0)),
+            "patient_positives": "n/a" if patient.get("positives") is None else str(patient["positives"]),
+            "ece": fmt_value(patient.get("ece")),
         }
         for metric in SCALAR_METRICS:
             row[metric] = fmt_with_ci(entry.get(metric), entry.get(metric + "_ci"))
+            row[f"patient_{metric}"] = fmt_with_ci(patient.get(metric), patient.get(metric + "_ci"))
+            why = (patient.get("reasons") or {}).get(metric) if patient else reasons.get("per_patient")
+            if why:
+                reasons[f"patient_{metric}"] = why
+        row["reasons"] = reasons
         rows.append(row)
     return rows
 

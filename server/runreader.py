@@ -100,6 +100,26 @@ class ReadOnlyRunStore(RunStore):
             out[metric][site].append([server_round, *(None if v is None else round(v, 4) for v in numbers)])
         return {m: dict(by_site) for m, by_site in out.items()}
 
+    def patient_series(self, run_id: str, metrics: tuple[str, ...]) -> dict[str, dict[str, list]]:
+        """As :meth:`series`, of the per-patient test metrics (each round's ``per_patient``
+        vector), under ``patient_<metric>``; sites without per-patient metrics left out."""
+        rows = self._conn.execute(
+            "SELECT site, round, json FROM vectors WHERE run_id = ? AND split = 'test' AND name = 'per_patient'"
+            " ORDER BY round", (run_id,),
+        )
+        out: dict[str, dict[str, list]] = {f"patient_{m}": defaultdict(list) for m in metrics}
+        for site, server_round, text in rows:
+            entry = json.loads(text)
+            if not isinstance(entry, dict):
+                continue
+            for metric in metrics:
+                if entry.get(metric) is None:
+                    continue
+                ci = entry.get(metric + "_ci") or [None, None]
+                out[f"patient_{metric}"][site].append(
+                    [server_round, *(None if v is None else round(v, 4) for v in (entry[metric], *ci))])
+        return {m: dict(by_site) for m, by_site in out.items()}
+
     def data_cards(self, run_id: str) -> dict[str, dict]:
         """Each site's data card (the ``cards`` table the ServerApp fills from first replies)."""
         rows = self._conn.execute(

@@ -31,8 +31,11 @@ ci_low REAL, ci_high REAL)``
     ``dp_noise_multiplier`` (the round's effective one, fedir.strategies.privacy_budget).
 
 ``vectors(run_id TEXT, round INTEGER, site TEXT, split TEXT, name TEXT, json TEXT)``
-    Vector-valued aggregates: score histograms (``hist_neg``, ``hist_pos``), label
-    counts per class, skipped-file counts per reason. ``json`` is the JSON value.
+    Vector-valued aggregates: score histograms (``hist_neg``, ``hist_pos``) and their
+    per-bin score sums (``hist_score_sum``), the per-patient metrics (``per_patient``, one
+    object), the decision threshold the test metrics were counted at (``threshold``:
+    value, rule, how it was chosen; fedir.strategies.thresholds), label counts per class,
+    skipped-file counts per reason. ``json`` is the JSON value.
 
 ``notes(run_id TEXT, round INTEGER, site TEXT, kind TEXT, message TEXT, metric TEXT)``
     Human-readable facts: why a metric is null (``kind`` "null_metric", ``metric``

@@ -46,6 +46,7 @@ from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.per_site import RoundReplies
 from fedir.strategies.privacy_budget import BudgetExhausted, PrivacyBudget
 from fedir.strategies.registry import build_strategy, strategy_kwargs
+from fedir.strategies.thresholds import at, thresholded
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,14 @@ class StudyRecorder:
         self._record_failures(replies, "evaluate")
         moments = {site: v.pop("embedding") for site, v in replies.per_site.items() if "embedding" in v}
         val = {site: v.pop(VAL_KEY) for site, v in replies.per_site.items() if VAL_KEY in v}
-        pooled = self._pooled(replies.per_site)
+        # the decision threshold from the validation patients; the test metrics at it
+        # (each site's at its own under eval.threshold-per-site, the pool's at the federation's)
+        chosen = thresholded(replies.per_site, val, rule=self.settings.eval_threshold_rule,
+                             fixed=self.settings.eval_threshold, per_site=self.settings.eval_threshold_per_site)
+        replies.per_site.update(chosen.per_site)
+        pooled = self._pooled(chosen.for_pool)
+        if pooled is not None:
+            pooled = at(pooled, chosen.federation)
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
         if val:
             self.store.record_evaluation(self.run_id, replies.server_round, val, self._pooled(val), split="val")

@@ -1,7 +1,10 @@
 """The run summary (``summary.json``) and its terminal table, built only from the run store.
 
 The summary describes the last completed evaluation round: the pooled ("global")
-metrics, every site's metrics with confidence intervals, and the bias verdict. A
+metrics, every site's metrics with confidence intervals (each with ``per_patient``, the
+primary level, its ECE and reliability rows; the pooled one with the bound of its AUC's
+binning error), the decision threshold they were counted at and how it was chosen
+(``threshold``), and the bias verdict. A
 metric that could not be computed is null, and the site's ``reasons`` say why, so
 a reader never mistakes a missing number for a bad one.
 """
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedir.config import MEAN_AGGREGATORS
-from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS
+from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS, SCORE_SUMS, calibration
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.strategies.privacy_budget import ACCOUNTANT
 
@@ -50,6 +53,7 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "sites": sites,
         "global": _entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: _entry(evaluated.get(site), last_eval) for site in sites},
+        "threshold": threshold_entry(evaluated, sites),
         "bias": _verdict(store, run_id, last_eval),
         "privacy": privacy_entry(store, run_id, run["config"]),
         "notes": store.notes(run_id),
@@ -118,6 +122,7 @@ def _entry(metrics: dict | None, server_round: int | None, *, nested: bool = Tru
             reasons[name] = _missing_reason(metrics, server_round)
     for name in CONFUSION_COUNTS:
         entry[name] = metrics.get(name)
+    entry.update(_calibration_and_binning(metrics))
     if not nested:
         entry["reasons"] = reasons
         return entry
@@ -131,6 +136,31 @@ def _entry(metrics: dict | None, server_round: int | None, *, nested: bool = Tru
     entry["per_patient"] = None if per_patient is None else _entry(per_patient, server_round, nested=False)
     entry["reasons"] = reasons
     return entry
+
+
+def _calibration_and_binning(metrics: dict) -> dict[str, Any]:
+    """The pooled AUC's binning error bound (pooled entries only), the ECE and the
+    reliability rows (fedir.metrics.calibration) where the site sent score sums."""
+    out: dict[str, Any] = {}
+    if "auc_binning_error" in metrics:
+        out["auc_binning_error"] = metrics["auc_binning_error"]
+    out["ece"] = metrics.get("ece")
+    has_sums = all(metrics.get(key) is not None for key in ("hist_neg", "hist_pos", SCORE_SUMS))
+    out["reliability"] = calibration(metrics["hist_neg"], metrics["hist_pos"], metrics[SCORE_SUMS])["bins"] if has_sums else None
+    return out
+
+
+def threshold_entry(evaluated: dict[str, dict], sites: list[str]) -> dict | None:
+    """The decision threshold the test metrics were computed at (fedir.strategies.thresholds):
+    the federation's, with how it was chosen, and each site's (its own under
+    eval.threshold-per-site). None before any evaluation."""
+    pooled = evaluated.get(GLOBAL_SITE) or {}
+    federation = pooled.get("threshold")
+    if federation is None:
+        return None
+    per_site = {site: (evaluated.get(site) or {}).get("threshold") for site in sites}
+    return {**federation, "per_site": {site: None if t is None else t["value"] for site, t in per_site.items()},
+            "per_site_reasons": {site: t["reason"] for site, t in per_site.items() if t and t.get("reason")}}
 
 
 def _missing_reason(metrics: dict, server_round: int | None) -> str:
@@ -163,9 +193,10 @@ def fmt_with_ci(value: float | None, ci: list | None) -> str:
 
 
 def format_site_table(summary: dict) -> str:
-    """A plain-text per-site table, the global row, the verdict line and n/a footnotes."""
-    header = ["site", "n_test", "positives", "AUC [95% CI]", "accuracy [95% CI]",
-              "sensitivity [95% CI]", "specificity [95% CI]"]
+    """A plain-text per-site table (per patient first, the per-image AUC beside), the
+    global row, the decision threshold, the verdict line and n/a footnotes."""
+    header = ["site", "patients", "positives", "AUC [95% CI]", "accuracy [95% CI]",
+              "sensitivity [95% CI]", "specificity [95% CI]", "ECE", "images", "AUC per image [95% CI]"]
     rows = [_table_row(site, entry) for site, entry in summary["per_site"].items()]
     rows.append(_table_row(GLOBAL_SITE, summary["global"]))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -174,7 +205,10 @@ def format_site_table(summary: dict) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    lines = [line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    lines = ["Per patient (a patient's score: the mean over their images); the per-image AUC beside:",
+             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    lines.extend(binning_line(summary["global"]))
+    lines.append(threshold_line(summary.get("threshold")))
     lines.append(verdict_line(summary["bias"]))
     lines.extend(_footnotes(summary))
     lines.extend(_failures(summary))
@@ -182,13 +216,58 @@ def format_site_table(summary: dict) -> str:
 
 
 def _table_row(site: str, entry: dict) -> list[str]:
-    positives = entry.get("positives")
+    """Per patient; a site without per-patient metrics (its labels are per image) shows its
+    per-image ones instead, marked so."""
+    patient = entry.get("per_patient")
+    if patient is None and entry.get("n_test"):
+        patient, site = {**entry, "n_test": entry.get("n_patients")}, f"{site} (per image)"
+    patient = patient or {}
+    positives = patient.get("positives")
+    ece = patient.get("ece")
     return [
         site,
-        str(entry.get("n_test", 0)),
+        _count(patient.get("n_test")),
         "n/a" if positives is None else str(positives),
-        *(fmt_with_ci(entry.get(m), entry.get(m + "_ci")) for m in SCALAR_METRICS),
+        *(fmt_with_ci(patient.get(m), patient.get(m + "_ci")) for m in SCALAR_METRICS),
+        fmt_value(ece),
+        str(entry.get("n_test", 0)),
+        fmt_with_ci(entry.get("auc"), entry.get("auc_ci")),
     ]
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def binning_line(pooled: dict) -> list[str]:
+    """The bound of the pooled AUCs' binning error (fedir.metrics.pooled_auc_exact), per
+    patient and per image; nothing when there is no pooled AUC."""
+    bounds = [(level, (entry or {}).get("auc_binning_error"))
+              for level, entry in (("per patient", pooled.get("per_patient")), ("per image", pooled))]
+    shown = [f"{level} +-{bound:.3f}" for level, bound in bounds if bound is not None]
+    if not shown:
+        return []
+    return ["Pooled AUC: within-site pairs exact, cross-site pairs ordered by score bins; binning error at most "
+            + ", ".join(shown) + " (eval.hist-bins)."]
+
+
+def threshold_line(threshold: dict | None) -> str:
+    """How the decision threshold behind accuracy, sensitivity and specificity was chosen."""
+    if threshold is None:
+        return "Decision threshold: not recorded"
+    if threshold["rule"] == "youden":
+        text = (f"Decision threshold {threshold['value']:.3f}: Youden's J on the pooled validation patients "
+                f"({(threshold.get('level') or 'per_patient').replace('_', ' ')}, J = {threshold['youden_j']:.3f}); "
+                "test metrics at it")
+    else:
+        text = f"Decision threshold {threshold['value']:.3f}: fixed (eval.threshold)"
+        if threshold.get("reason"):
+            text += f", because {threshold['reason']}"
+    own = {site: value for site, value in (threshold.get("per_site") or {}).items()
+           if value is not None and value != threshold["value"]}
+    if own:
+        text += "; sites' own validation thresholds: " + ", ".join(f"{s} {v:.3f}" for s, v in own.items())
+    return text + "."
 
 
 def verdict_line(bias: dict) -> str:
@@ -232,8 +311,9 @@ def _failures(summary: dict) -> list[str]:
 def _footnotes(summary: dict) -> list[str]:
     entries = {**summary["per_site"], GLOBAL_SITE: summary["global"]}
     notes = [
-        f"  n/a {site} {metric}: {why}"
+        f"  n/a {site} {level}{metric}: {why}"
         for site, entry in entries.items()
-        for metric, why in entry["reasons"].items()
+        for level, reasons in (("", entry["reasons"]), ("per patient ", (entry.get("per_patient") or {}).get("reasons") or {}))
+        for metric, why in reasons.items()
     ]
     return ["", "Metrics not computed:", *notes] if notes else []

@@ -31,6 +31,37 @@ def site_eval(n: int, positives: int, auc: float | None) -> dict:
     return entry
 
 
+THRESHOLD = {"value": 0.45, "rule": "youden", "chosen_on": "validation", "youden_j": 0.31,
+             "level": "per_patient", "reason": None}
+
+
+def stored_round(server_round: int) -> tuple[dict[str, dict], dict]:
+    """A round's per-site and pooled entries as the ServerApp stores them."""
+    per_site = {site: with_patients(entry, None if entry["auc"] is None else entry["auc"] - 0.05, THRESHOLD)
+                for site, entry in round_eval(server_round).items()}
+    pooled = with_patients(site_eval(135, 36, 0.78 + 0.02 * server_round), 0.74 + 0.02 * server_round, THRESHOLD,
+                           binning_error=0.004)
+    return per_site, pooled
+
+
+def with_patients(entry: dict, auc: float | None, threshold: dict, binning_error: float | None = None) -> dict:
+    """`entry` as the ServerApp stores it: with score sums, a per-patient entry (AUC `auc`,
+    one patient per three images), the decision threshold and, for the pool, the binning bound."""
+    def sums(neg: list[int], pos: list[int]) -> list[float]:  # every score at its bin's centre
+        return [round((i + 0.5) / len(neg) * (n + p), 3) for i, (n, p) in enumerate(zip(neg, pos))]
+
+    patient = {**site_eval(entry["n_patients"], entry["positives"] // 3 if auc is not None else 0, auc),
+               "n_patients": entry["n_patients"], "hist_neg": [c // 3 for c in entry["hist_neg"]],
+               "hist_pos": [c // 3 for c in entry["hist_pos"]], "ece": 0.08, "threshold": threshold}
+    patient["hist_score_sum"] = sums(patient["hist_neg"], patient["hist_pos"])
+    out = {**entry, "hist_score_sum": sums(entry["hist_neg"], entry["hist_pos"]), "ece": 0.06, "threshold": threshold,
+           "per_patient": patient}
+    if binning_error is not None:
+        out["auc_binning_error"] = binning_error
+        patient["auc_binning_error"] = 2 * binning_error
+    return out
+
+
 def round_eval(server_round: int) -> dict[str, dict]:
     return {
         "site-a": site_eval(60, 24, 0.70 + 0.05 * server_round),
@@ -64,9 +95,8 @@ def fabricate(path: Path, sites: list[str] = SITES) -> RunStore:
     store = RunStore(path)
     store.start_run(RUN, "frankenstein", {"train": {"rounds": 2}}, sites)
     for server_round in (1, 2):
-        per_site = round_eval(server_round)
+        per_site, pooled = stored_round(server_round)
         per_site = {new: per_site[old] for old, new in zip(SITES, sites)}
-        pooled = site_eval(135, 36, 0.78 + 0.02 * server_round)
         store.record_training(RUN, server_round, {
             s: {"train_loss": (0.5 + 0.1 * i) / server_round, "n_labelled": 40, "n_unlabelled": 90,
                 "label_counts": {"0": 20, "1": 20}} for i, s in enumerate(sites)})

@@ -17,9 +17,11 @@ from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.synthetic import generate_federation
 
 
-def _entry(auc, n):
-    return {"n_test": n, "n_patients": n, "auc": auc, "auc_ci": [auc - 0.1, auc + 0.1],
-            "accuracy": 0.6, "accuracy_ci": [0.5, 0.7], "reasons": {}}
+def _entry(auc, n, image_auc=0.99):
+    """A summary entry whose per-patient AUC is `auc` (the per-image one is another number)."""
+    per_patient = {"n_test": n, "n_patients": n, "auc": auc, "auc_ci": [auc - 0.1, auc + 0.1],
+                   "accuracy": 0.6, "accuracy_ci": [0.5, 0.7], "reasons": {}}
+    return {**per_patient, "n_test": 3 * n, "auc": image_auc, "per_patient": per_patient}
 
 
 def test_comparison_pairs_sites_and_never_fills_a_missing_one():
@@ -29,8 +31,12 @@ def test_comparison_pairs_sites_and_never_fills_a_missing_one():
     cmp = comparison(imaging, clinical)
     assert cmp["per_site"]["a"]["clinical"]["auc"] == 0.77 and cmp["per_site"]["a"]["imaging"]["auc"] == 0.55
     assert cmp["per_site"]["b"]["clinical"] is None and cmp["missing"] == ["b"]
+    assert cmp["per_site"]["a"]["imaging"]["n_test"] == 30  # patients, not the 90 images
     text = baseline_text({"clinical_baseline": cmp})
-    assert "0.770 [0.670, 0.870]" in text and "0.550 [0.450, 0.650]" in text
+    assert "0.770 [0.670, 0.870]" in text and "0.550 [0.450, 0.650]" in text and "0.990" not in text
+    # a site whose images carry both labels has no per-patient imaging metric: n/a, not its per-image one
+    imaging["per_site"]["b"] = {**_entry(0.52, 20), "per_patient": None}
+    assert comparison(imaging, clinical)["per_site"]["b"]["imaging"] is None
     html = baseline_section({"clinical_baseline": cmp})
     assert "Clinical-only baseline" in html and "r1" in html and "n/a" in html
     assert comparison(imaging, None)["available"] is False
@@ -76,11 +82,12 @@ def test_an_imaging_run_with_a_clinical_baseline_reports_both_on_the_same_patien
     assert cmp["available"] and cmp["run_id"] == companion["run_id"] and summary["clinical_baseline"] == cmp
     for site in ("site-0", "site-1"):
         pair = cmp["per_site"][site]
-        assert pair["clinical"]["auc"] == companion["per_site"][site]["auc"]
-        assert pair["imaging"]["auc"] == written["per_site"][site]["auc"]
-        # the same test patients: the clinical model's rows are the imaging model's patients
-        assert pair["clinical"]["n_test"] == pair["imaging"]["n_patients"] > 0
-        assert pair["imaging"]["n_test"] >= pair["imaging"]["n_patients"]
+        assert pair["clinical"]["auc"] == companion["per_site"][site]["per_patient"]["auc"]
+        assert pair["imaging"]["auc"] == written["per_site"][site]["per_patient"]["auc"]
+        # the same test patients, compared per patient on both sides: the clinical
+        # model's rows are the imaging model's patients
+        assert pair["clinical"]["n_test"] == pair["imaging"]["n_test"] == pair["imaging"]["n_patients"] > 0
+        assert written["per_site"][site]["n_test"] >= pair["imaging"]["n_patients"]
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Clinical-only baseline beside the imaging model" in report
     assert f"{cmp['per_site']['site-0']['clinical']['auc']:.3f}" in report

@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 import pytest
 from dashboard_harness import chromium, screenshot, served
 from run_factory import start, write_round, write_run
+from store_factory import RUN as STORE_RUN
+from store_factory import fabricate
 
 from fedir.metrics import SCALAR_METRICS
 from fedir.server.runstore import RunStore
@@ -177,4 +179,26 @@ def test_markup_in_a_site_name_is_shown_as_text(page, tmp_path: Path) -> None:
         assert HOSTILE in legend, legend
         assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
         assert page.evaluate("window.__pwned") is None
+        assert_local_only(page)
+
+
+def test_per_patient_metrics_lead_the_page(page, tmp_path: Path) -> None:
+    """A run with per-patient metrics: the table's per-patient cells, the ECE, the threshold
+    line and the per-patient AUC as the default plot, all as summary.json says."""
+    fabricate(tmp_path / "runs.sqlite").close()
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        summary = build_summary(store, STORE_RUN)
+    with served(tmp_path) as url:
+        page.goto(url)
+        page.wait_for_selector('#site-table tr[data-site="global"]', timeout=WAIT_MS)
+        for site, entry in [*summary["per_site"].items(), ("global", summary["global"])]:
+            patient = entry["per_patient"]
+            row = page.locator(f'#site-table tr[data-site="{site}"]')
+            assert row.locator('[data-col="patients"] .value').inner_text() == str(patient["n_test"])
+            assert row.locator('[data-col="patient_auc"] .value').inner_text() == fmt_with_ci(patient["auc"], patient["auc_ci"])
+            assert row.locator('[data-col="ece"] .value').inner_text() == f"{patient['ece']:.3f}"
+        assert "only one class" in page.locator("#table-notes").inner_text()
+        assert "Decision threshold 0.450: Youden" in page.locator("#threshold-note").inner_text()
+        assert page.locator("#metric").input_value() == "patient_auc"
+        screenshot(page, "dashboard-per-patient")
         assert_local_only(page)

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 from run_factory import site_eval, start, write_round, write_run
+from store_factory import RUN, fabricate
 
 from fedir.cli import build_parser
 from fedir.server.dashboard_state import overview, run_detail
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable
 from fedir.server.runstore import RunStore
+from fedir.server.summary import build_summary, fmt_with_ci
 
 SITES = [f"site-{i}" for i in range(20)]
 
@@ -161,3 +163,31 @@ def test_verdict_is_labelled_with_its_own_round(tmp_path: Path) -> None:
         detail = run_detail(tmp_path, ".", "r")
         assert (detail["verdict"]["round"], detail["verdict"]["alarm"]) == (2, False)
         assert detail["verdict"]["alarm_rounds"] == [1]
+
+
+def test_per_patient_metrics_lead_the_table_and_the_plots(tmp_path: Path) -> None:
+    fabricate(tmp_path / "runs.sqlite").close()
+    detail = run_detail(tmp_path, ".", RUN)
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        summary = build_summary(store, RUN)
+    for row in detail["table"]:
+        entry = summary["global"] if row["site"] == "global" else summary["per_site"][row["site"]]
+        patient = entry["per_patient"]
+        assert row["patients"] == str(patient["n_test"]) and row["ece"] == f"{patient['ece']:.3f}"
+        assert row["patient_auc"] == fmt_with_ci(patient["auc"], patient["auc_ci"])
+        assert row["auc"] == fmt_with_ci(entry["auc"], entry["auc_ci"])  # per image, beside
+    site_b = next(row for row in detail["table"] if row["site"] == "site-b")
+    assert site_b["patient_auc"] == "n/a" and "only one class" in site_b["reasons"]["patient_auc"]
+    # the per-patient AUC by round, from each round's per-patient vector
+    assert [p[0] for p in detail["series"]["patient_auc"]["site-a"]] == [1, 2]
+    assert detail["series"]["patient_auc"]["global"][-1][1] == pytest.approx(summary["global"]["per_patient"]["auc"])
+    assert "Decision threshold 0.450: Youden" in detail["threshold"] and "+-0.008" in detail["binning"]
+
+
+def test_the_overview_compares_runs_by_their_per_patient_auc(tmp_path: Path) -> None:
+    fabricate(tmp_path / "runs.sqlite").close()
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        pooled = build_summary(store, RUN)["global"]
+    line = overview(tmp_path)["runs"][0]
+    assert pooled["per_patient"]["auc"] != pytest.approx(pooled["auc"])  # the fabricated levels differ
+    assert line["global_auc"] == pytest.approx(pooled["per_patient"]["auc"])

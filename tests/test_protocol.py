@@ -37,7 +37,8 @@ def _metrics(auc):
         "sensitivity": 0.8, "sensitivity_ci": [0.4, 0.96],
         "specificity": 6 / 7, "specificity_ci": [0.5, 0.97],
         "hist_neg": [3, 2, 1, 1, 0], "hist_pos": [0, 0, 1, 1, 3],
-        "reasons": {} if auc is not None else {"auc": "only one class"},
+        "hist_score_sum": [0.3, 0.6, 0.95, 1.3, 2.7], "ece": 0.125 if auc is not None else None,
+        "reasons": {} if auc is not None else {"auc": "only one class", "ece": "no test images"},
     }
 
 

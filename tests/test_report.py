@@ -135,3 +135,49 @@ def test_markup_from_sites_is_shown_as_text_never_run(tmp_path: Path) -> None:
     shown = str(escape(SCRIPT))
     assert html.count(shown) >= 8  # names in tables, the note, the reason, the card's cells
     assert f"norm too large {shown}" in html and f"site {shown} differs" in html
+
+
+def test_summary_states_the_threshold_calibration_and_binning(store: RunStore) -> None:
+    summary = build_summary(store, RUN)
+    threshold = summary["threshold"]
+    assert (threshold["value"], threshold["rule"], threshold["chosen_on"]) == (0.45, "youden", "validation")
+    assert threshold["per_site"] == dict.fromkeys(SITES, 0.45)
+    pooled = summary["global"]
+    assert pooled["auc_binning_error"] == 0.004 and pooled["per_patient"]["auc_binning_error"] == 0.008
+    site_a = summary["per_site"]["site-a"]["per_patient"]
+    assert site_a["ece"] == 0.08
+    # the reliability rows are the histograms' counts, each bin's mean score from its score sum
+    stored = store.site_metrics(RUN, 2)["site-a"]["per_patient"]
+    counts = [n + p for n, p in zip(stored["hist_neg"], stored["hist_pos"])]
+    assert [r["count"] for r in site_a["reliability"]] == [c for c in counts if c]
+    assert all(r["low"] <= r["mean_score"] <= r["high"] for r in site_a["reliability"])
+
+
+def test_report_puts_per_patient_metrics_first_with_the_threshold_and_calibration(store: RunStore, tmp_path: Path) -> None:
+    html = write_report(store, RUN, tmp_path / "report.html").read_text()
+    per_patient, per_image = html.index("Per patient (primary)"), html.index("<h3>Per image</h3>")
+    assert per_patient < per_image
+    summary = build_summary(store, RUN)
+    pooled = summary["global"]["per_patient"]
+    # the pooled per-patient AUC, with the bound of its binning error beside it
+    assert f"{pooled['auc']:.3f} [{pooled['auc_ci'][0]:.3f}, {pooled['auc_ci'][1]:.3f}] \u00b10.008 binning" in html
+    site_a = summary["per_site"]["site-a"]["per_patient"]
+    assert html.index(f"{site_a['auc']:.3f} [") < per_image
+    assert "Decision threshold 0.450: Youden" in html and "validation patients" in html
+    assert "Calibration (per patient)" in html and "site-a: ECE 0.080" in html
+    assert "site-b, per patient auc: only one class among the test patients" in html
+
+
+def test_terminal_table_leads_with_per_patient_metrics(store: RunStore) -> None:
+    table = format_site_table(build_summary(store, RUN))
+    header = next(line for line in table.splitlines() if line.startswith("site"))
+    assert header.index("patients") < header.index("AUC [95% CI]") < header.index("AUC per image")
+    assert "binning error at most per patient +-0.008, per image +-0.004" in table
+    assert "Decision threshold 0.450" in table
+
+
+def test_terminal_table_marks_a_site_whose_labels_are_per_image(store: RunStore) -> None:
+    summary = build_summary(store, RUN)
+    summary["per_site"]["site-a"]["per_patient"] = None
+    row = next(line for line in format_site_table(summary).splitlines() if line.startswith("site-a"))
+    assert row.startswith("site-a (per image)") and "0.800 [0.700, 0.880]" in row

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedir.server.runstore import RunStore
-from tests.store_factory import RUN, SITES, VERDICT, round_eval, site_eval
+from tests.store_factory import RUN, SITES, VERDICT, round_eval, site_eval, stored_round
 
 
 def test_one_row_per_round_site_split_metric(store: RunStore) -> None:
@@ -16,11 +16,11 @@ def test_one_row_per_round_site_split_metric(store: RunStore) -> None:
     keys = [(r["round"], r["site"], r["split"], r["metric"]) for r in rows]
     assert len(keys) == len(set(keys))
     test_metrics = {"n", "n_patients", "positives", "auc", "accuracy", "sensitivity", "specificity",
-                    "tp", "tn", "fp", "fn"}
+                    "tp", "tn", "fp", "fn", "ece"}
     for server_round in (1, 2):
         for site in [*SITES, "global"]:
             got = {m for r, s, sp, m in keys if (r, s, sp) == (server_round, site, "test")}
-            assert got == test_metrics
+            assert got == test_metrics | ({"auc_binning_error"} if site == "global" else set())
         for site in SITES:
             got = {m for r, s, sp, m in keys if (r, s, sp) == (server_round, site, "train")}
             assert got == {"train_loss", "n_labelled", "n_unlabelled"}
@@ -28,7 +28,7 @@ def test_one_row_per_round_site_split_metric(store: RunStore) -> None:
 
 def test_rerecording_a_round_replaces_it(store: RunStore) -> None:
     before = len(store.metric_rows(RUN))
-    store.record_evaluation(RUN, 2, round_eval(2), site_eval(135, 36, 0.82))
+    store.record_evaluation(RUN, 2, *stored_round(2))
     assert len(store.metric_rows(RUN)) == before
     assert len([n for n in store.notes(RUN) if n["kind"] == "null_metric" and n["round"] == 2]) == 1
 
@@ -56,7 +56,8 @@ def test_readers(store: RunStore) -> None:
     assert run["status"] == "finished" and run["sites"] == SITES and run["finished_at"]
     assert store.bias(RUN)["alarm"] is True
     assert store.bias(RUN, 1) == VERDICT
-    assert {v["name"] for v in store.vectors(RUN, 1) if v["split"] == "test"} == {"hist_neg", "hist_pos"}
+    assert {v["name"] for v in store.vectors(RUN, 1) if v["split"] == "test"} == {
+        "hist_neg", "hist_pos", "hist_score_sum", "per_patient", "threshold"}
     kinds = {n["kind"] for n in store.notes(RUN)}
     assert kinds == {"null_metric", "skipped_file"}
 

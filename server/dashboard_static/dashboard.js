@@ -3,8 +3,14 @@
 // only builds DOM nodes (textContent, never innerHTML: site names come from folder names).
 "use strict";
 
-const METRICS = { auc: "AUC", accuracy: "accuracy", sensitivity: "sensitivity", specificity: "specificity" };
-const TABLE_COLUMNS = ["n_test", "positives", "auc", "accuracy", "sensitivity", "specificity"];
+// per patient first (a patient's score: the mean over their images), per image beside
+const METRICS = {
+  patient_auc: "AUC per patient", patient_accuracy: "accuracy per patient",
+  patient_sensitivity: "sensitivity per patient", patient_specificity: "specificity per patient",
+  auc: "AUC per image", accuracy: "accuracy per image", sensitivity: "sensitivity per image", specificity: "specificity per image",
+};
+const TABLE_COLUMNS = ["patients", "patient_positives", "patient_auc", "patient_accuracy", "patient_sensitivity",
+  "patient_specificity", "ece", "n_test", "positives", "auc", "accuracy", "sensitivity", "specificity"];
 const MAX_BANDS = 12; // above this many sites, per-site CI bands only for the site chosen
 const MAX_CHIPS = 24; // above this many sites, the ones that answered are listed on request
 const MAX_ROUND_TICKS = 20; // up to this many rounds, one x tick per round
@@ -138,9 +144,10 @@ function renderRun(detail) {
   renderPrivacy(detail.privacy);
   renderVerdict(detail.verdict);
   renderRound(detail.round, run.sites.length);
-  renderControls(run.sites);
+  renderControls(run.sites, Object.keys(detail.series.patient_auc || {}).length > 0);
   whenPlotly(renderPlots);
   renderTable(detail.table, run.rounds_evaluated);
+  renderThreshold(detail);
   renderCards(detail.cards);
   renderNotes(detail.notes);
 }
@@ -223,11 +230,12 @@ function renderRound(round, nSites) {
   box.replaceChildren(...parts);
 }
 
-function renderControls(sites) {
+function renderControls(sites, perPatient) {
   const metric = document.getElementById("metric");
   if (!metric.options.length) {
     for (const [key, name] of Object.entries(METRICS)) metric.append(el("option", { value: key }, name));
     metric.addEventListener("change", () => whenPlotly(renderPlots));
+    metric.value = perPatient ? "patient_auc" : "auc"; // a run whose labels are per image has no per-patient series
   }
   const focus = document.getElementById("site-focus");
   const wanted = ["", ...sites];
@@ -320,6 +328,10 @@ function renderTable(rows, evaluatedRound) {
       el("td", { class: "name", "data-col": "site" }, row.site === "global" ? "global (pooled)" : row.site), ...cells);
   }));
   document.getElementById("table-notes").replaceChildren(...footnotes.map((f) => el("li", {}, f)));
+}
+
+function renderThreshold(detail) {
+  document.getElementById("threshold-note").textContent = [detail.threshold, detail.binning].filter(Boolean).join(" ");
 }
 
 function renderCards(cards) {

@@ -2,8 +2,9 @@
 
 Written for the radiologist-researcher watching a study: the bias verdict first, then
 how each site's AUC moved over the rounds, the final per-site metrics with their
-confidence intervals (and the clinical-only baseline beside them, when the run asked for
-one), how scores and labels are spread over the sites, what each bias signal saw and the
+confidence intervals, per patient first and per image beside, with the decision threshold
+and how it was chosen (and the clinical-only baseline beside them, when the run asked for
+one), each site's calibration (reliability counts, ECE), how scores and labels are spread over the sites, what each bias signal saw and the
 numbers behind each test, the training loss, the sites' data cards, and the notes
 (skipped files, metrics that could not be computed).
 
@@ -23,7 +24,7 @@ from fedir.server.report.bias import bias_section
 from fedir.server.report.cards import card_section
 from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
-from fedir.server.report.sites import distributions_section, sites_section, training_section
+from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary
 
@@ -35,7 +36,8 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     rows = store.metric_rows(run_id)
     sections = [
         summary_section(summary),
-        sites_section(rows, summary),
+        sites_section(store, run_id, rows, summary),
+        calibration_section(summary),
         baseline_section(with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])),
         distributions_section(store, run_id, summary),
         bias_section(summary["bias"]),

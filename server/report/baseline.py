@@ -9,8 +9,12 @@ report.html). This module puts that run's final per-site metrics next to the ima
 run's: in summary.json (`clinical_baseline`), the report (one section) and the terminal.
 
 Both models are tested on the same patients of each site (the patient-hash split is the
-same for both inputs); the imaging model is scored per image, the clinical model per
-patient, each with its own patient-bootstrap 95% CIs. No difference with a CI is given:
+same for both inputs), and both per patient: the clinical sites are tables of one row per
+patient, so the imaging model's per-patient metrics (the mean score over a patient's
+images, fedir.metrics.patient_scores) are the like-for-like ones; a per-image imaging AUC
+weighs a patient by their number of images and is not comparable. Each has its own
+patient-bootstrap 95% CIs. Where a site has no per-patient imaging metrics (a patient's
+images carry both labels) the imaging cell is n/a. No difference with a CI is given:
 the two CIs come from separate bootstraps, and a paired comparison would need
 per-patient scores, which never leave a site.
 """
@@ -45,7 +49,10 @@ def comparison(imaging: dict, clinical: dict | None) -> dict:
         return {"available": False, "reason": f"no {COMPANION_DIR}/summary.json was found next to this run"}
 
     def pick(entry: dict | None) -> dict | None:
-        return None if entry is None else {k: entry.get(k) for k in SHOWN}
+        """An entry's per-patient metrics (a clinical site's rows are patients, so its
+        per-patient entry equals its per-row one); None where there are none."""
+        per_patient = None if entry is None else entry.get("per_patient")
+        return None if per_patient is None else {k: per_patient.get(k) for k in SHOWN}
 
     sites = {
         site: {"imaging": pick(entry), "clinical": pick(clinical["per_site"].get(site))}
@@ -58,7 +65,7 @@ def comparison(imaging: dict, clinical: dict | None) -> dict:
         "per_site": sites,
         "global": {"imaging": pick(imaging["global"]), "clinical": pick(clinical["global"])},
         "missing": sorted(s for s, v in sites.items() if v["clinical"] is None),
-        "units": {"imaging": "images", "clinical": "patients"},
+        "units": {"imaging": "patients", "clinical": "patients"},
     }
 
 
@@ -91,7 +98,7 @@ def _rows(cmp: dict) -> list[list[str]]:
     return rows
 
 
-HEADER = ["site", "imaging n (images)", "imaging AUC [95% CI]", "imaging accuracy [95% CI]",
+HEADER = ["site", "imaging n (patients)", "imaging AUC [95% CI]", "imaging accuracy [95% CI]",
           "clinical n (patients)", "clinical AUC [95% CI]", "clinical accuracy [95% CI]"]
 
 

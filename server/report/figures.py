@@ -105,6 +105,30 @@ def _plot_histogram(ax: Any, site: str, metrics: dict) -> None:
     ax.set_xlabel("score", fontsize=7)
 
 
+def reliability(per_patient: dict[str, dict]) -> str:
+    """One panel per site: each score bin's mean predicted score against its observed rate
+    of positives, the marker's area by its number of patients; the diagonal is calibration."""
+    names = list(per_patient)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, site in zip(axes.flat, names):
+        bins = per_patient[site]["reliability"]
+        ax.plot([0, 1], [0, 1], color="#9aa5b1", linewidth=0.8, linestyle=":")
+        ax.scatter([b["mean_score"] for b in bins], [b["observed"] for b in bins],
+                   s=[12 + 6 * b["count"] for b in bins], color="#1f4e79", alpha=0.6)
+        ece = per_patient[site].get("ece")
+        ax.set_title(site + ("" if ece is None else f" (ECE {ece:.3f})"), fontsize=9)
+        ax.set(xlim=(0, 1), ylim=(-0.02, 1.02))
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("mean predicted score", fontsize=7)
+        ax.set_ylabel("observed positives", fontsize=7)
+    fig.tight_layout()
+    return png(fig)
+
+
 def forest(test: dict) -> str:
     """Per-site AUCs with 95% CIs and the random-effects estimate as a diamond."""
     sites = list(test["site_auc"])

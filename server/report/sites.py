@@ -1,6 +1,6 @@
-"""The report's per-site sections: AUC by round, the final per-site table, score histograms,
-labels by site and training loss, as data for their templates (sites.html,
-distributions.html, training.html).
+"""The report's per-site sections: AUC by round, the final per-site tables (per patient
+first, per image beside), calibration, score histograms, labels by site and training loss,
+as data for their templates (sites.html, calibration.html, distributions.html, training.html).
 
 Everything shown here is an aggregate the run store holds: metric rows, the sites' score
 histograms, label counts. A metric a site could not compute is shown as "n/a" with its
@@ -17,39 +17,80 @@ from fedir.metrics import SCALAR_METRICS
 from fedir.server.report import figures
 from fedir.server.report.render import render
 from fedir.server.runstore import GLOBAL_SITE, RunStore
-from fedir.server.summary import fmt_with_ci
+from fedir.server.summary import binning_line, fmt_value, fmt_with_ci, threshold_line
 
 _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity",
                  "specificity": "specificity"}
 
 
-def sites_section(rows: list[dict], summary: dict) -> Markup:
-    """AUC by round and the final per-site metrics with their CIs."""
-    series = _series(rows, "test", "auc")
+def sites_section(store: RunStore, run_id: str, rows: list[dict], summary: dict) -> Markup:
+    """AUC by round (per patient where the sites sent per-patient metrics) and the final
+    per-site metrics with their CIs: per patient first, per image beside."""
+    series = _patient_series(store, run_id) or _series(rows, "test", "auc")
     footnotes: list[str] = []
-    table = [_site_row(site, entry, footnotes, "") for site, entry in summary["per_site"].items()]
-    table.append(_site_row(GLOBAL_SITE + " (pooled)", summary["global"], footnotes, "global"))
+    entries = [*((site, entry, "") for site, entry in summary["per_site"].items()),
+               (GLOBAL_SITE + " (pooled)", summary["global"], "global")]
+    patient_rows = [_patient_row(site, entry, footnotes, css) for site, entry, css in entries]
+    image_rows = [_site_row(site, entry, footnotes, css) for site, entry, css in entries]
     return render(
         "sites.html",
         auc_png=figures.auc_by_round(series, summary["sites"]) if series else None,
+        per_patient_series=bool(_patient_series(store, run_id)),
         evaluated_round=summary["evaluated_round"],
+        patient_header=["patients", "positives", *(f"{_METRIC_NAMES[m]} [95% CI]" for m in SCALAR_METRICS), "ECE",
+                        "AUC per image [95% CI]"],
+        patient_rows=patient_rows,
         header=["n test", "patients", "positives", *(f"{_METRIC_NAMES[m]} [95% CI]" for m in SCALAR_METRICS)],
-        rows=table,
+        rows=image_rows,
+        threshold=threshold_line(summary.get("threshold")),
+        binning=" ".join(binning_line(summary["global"])),
         footnotes=footnotes,
     )
 
 
-def _site_row(site: str, entry: dict, footnotes: list[str], css: str) -> dict:
-    cells = [_cell(_count(entry.get(k))) for k in ("n_test", "n_patients", "positives")]
+def _patient_row(site: str, entry: dict, footnotes: list[str], css: str) -> dict:
+    """A site's per-patient metrics (the primary ones), its per-image AUC last; the pooled
+    AUC carries the bound of its binning error."""
+    patient = entry.get("per_patient")
+    if patient is None:
+        reason = str(entry["reasons"].get("per_patient", "no per-patient metrics were reported"))
+        footnotes.append(f"{site}, per patient: {reason}")
+        cells = [_cell("n/a", reason, len(footnotes)) for _ in range(3 + len(SCALAR_METRICS))]
+        return {"site": site, "css": css, "cells": [*cells, _cell(fmt_with_ci(entry.get("auc"), entry.get("auc_ci")))]}
+    row = _site_row(site, {**patient, "reasons": patient.get("reasons") or {}}, footnotes, css,
+                    counts=("n_test", "positives"), level=" per patient")
+    if patient.get("auc") is not None and patient.get("auc_binning_error") is not None:
+        auc = row["cells"][2]
+        auc["text"] += f" \u00b1{patient['auc_binning_error']:.3f} binning"
+    row["cells"].append(_cell(fmt_value(patient.get("ece"))))
+    row["cells"].append(_cell(fmt_with_ci(entry.get("auc"), entry.get("auc_ci"))))
+    return row
+
+
+def _site_row(site: str, entry: dict, footnotes: list[str], css: str,
+              counts: tuple[str, ...] = ("n_test", "n_patients", "positives"), level: str = "") -> dict:
+    cells = [_cell(_count(entry.get(k))) for k in counts]
     for metric in SCALAR_METRICS:
         value = entry.get(metric)
         if value is None:
             reason = str(entry["reasons"].get(metric, "not computed"))
-            footnotes.append(f"{site}, {metric}: {reason}")
+            footnotes.append(f"{site},{level} {metric}: {reason}")
             cells.append(_cell("n/a", reason, len(footnotes)))
         else:
             cells.append(_cell(fmt_with_ci(value, entry.get(metric + "_ci"))))
     return {"site": site, "css": css, "cells": cells}
+
+
+def calibration_section(summary: dict) -> Markup:
+    """Reliability per site and pooled, per patient: a figure and the counts behind it."""
+    entries = {**summary["per_site"], GLOBAL_SITE: summary["global"]}
+    shown = {site: entry["per_patient"] for site, entry in entries.items()
+             if (entry.get("per_patient") or {}).get("reliability")}
+    tables = [{"site": site, "ece": fmt_value(patient.get("ece")),
+               "rows": [[f"[{r['low']:.2f}, {r['high']:.2f})", str(r["count"]), str(r["positives"]),
+                         f"{r['mean_score']:.3f}", f"{r['observed']:.3f}"] for r in patient["reliability"]]}
+              for site, patient in shown.items()]
+    return render("calibration.html", reliability_png=figures.reliability(shown) if shown else None, tables=tables)
 
 
 def _cell(text: str, reason: str | None = None, footnote: int | None = None) -> dict:
@@ -102,6 +143,20 @@ def training_section(rows: list[dict], sites: list[str]) -> Markup:
     """Local training loss by round (nothing when no site reported a loss)."""
     series = _series(rows, "train", "train_loss")
     return render("training.html", training_png=figures.training_loss(series, sites) if series else None)
+
+
+def _patient_series(store: RunStore, run_id: str) -> figures.Series:
+    """``{site: [(round, row), ...]}`` of the per-patient test AUC (stored in each round's
+    ``per_patient`` vector), rows shaped like metric rows; {} when no site sent one."""
+    out: figures.Series = defaultdict(list)
+    for vector in store.vectors(run_id):
+        patient = vector["json"]
+        if vector["split"] != "test" or vector["name"] != "per_patient" or not isinstance(patient, dict):
+            continue
+        if patient.get("auc") is not None:
+            ci = patient.get("auc_ci") or [None, None]
+            out[vector["site"]].append((vector["round"], {"value": patient["auc"], "ci_low": ci[0], "ci_high": ci[1]}))
+    return {site: sorted(points, key=lambda p: p[0]) for site, points in out.items()}
 
 
 def _series(rows: list[dict], split: str, metric: str) -> figures.Series:
