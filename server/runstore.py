@@ -368,6 +368,13 @@ class RunStore:
             query, args = query + " AND split = ?", [run_id, split]
         return self._conn.execute(query, args).fetchone()[0]
 
+    def evaluated_rounds(self, run_id: str, split: str = "test") -> list[int]:
+        """The rounds with metrics of ``split``, in order."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT round FROM metrics WHERE run_id = ? AND split = ? ORDER BY round", (run_id, split)
+        )
+        return [row[0] for row in rows]
+
     def site_metrics(self, run_id: str, server_round: int, split: str = "test") -> dict[str, dict]:
         """Rebuild ``{site: {metric: value, metric_ci: [lo, hi] | None, vector: [...], "reasons": {}}}``."""
         with self._snapshot() as cur:
