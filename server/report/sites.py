@@ -24,7 +24,8 @@ _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivi
 
 
 def sites_section(rows: list[dict], summary: dict) -> Markup:
-    """AUC by round and the final per-site metrics with their CIs."""
+    """AUC by round (shown, never used to choose) and the selected round's per-site test
+    metrics with their CIs."""
     series = _series(rows, "test", "auc")
     footnotes: list[str] = []
     table = [_site_row(site, entry, footnotes, "") for site, entry in summary["per_site"].items()]
@@ -33,6 +34,7 @@ def sites_section(rows: list[dict], summary: dict) -> Markup:
         "sites.html",
         auc_png=figures.auc_by_round(series, summary["sites"]) if series else None,
         evaluated_round=summary["evaluated_round"],
+        criterion=summary["selection"]["criterion"],
         header=["n test", "patients", "positives", *(f"{_METRIC_NAMES[m]} [95% CI]" for m in SCALAR_METRICS)],
         rows=table,
         footnotes=footnotes,
