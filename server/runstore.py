@@ -36,8 +36,9 @@ ci_low REAL, ci_high REAL)``
 
 ``notes(run_id TEXT, round INTEGER, site TEXT, kind TEXT, message TEXT, metric TEXT)``
     Human-readable facts: why a metric is null (``kind`` "null_metric", ``metric``
-    names it), skipped files, missing sites, rejected updates. ``round`` is NULL for
-    run-level notes and ``metric`` is NULL for notes about no particular metric.
+    names it), skipped files, missing sites, rejected updates, why a study stopped early
+    (``privacy_budget``, ``early_stop``). ``round`` is NULL for run-level notes and
+    ``metric`` is NULL for notes about no particular metric.
 
 ``bias(run_id TEXT, round INTEGER, json TEXT)``
     The bias verdict of each round, as JSON (``{"alarm", "reasons", "tests"}``).
