@@ -119,7 +119,7 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
         "verdict": {
             "alarm": bool(bias.get("alarm")), "reasons": list(bias.get("reasons") or []),
             "numbers": {name.replace("_", " "): text for name, text in key_numbers(bias).items() if text},
-            "round": store.last_verdict_round(run_id),
+            "round": _verdict_round(store, run_id, summary["selection"]["round"]),
             "alarm_rounds": store.alarm_rounds(run_id),
         },
         "series": store.series(run_id, SCALAR_METRICS),
@@ -127,6 +127,14 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
         "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
         "privacy": summary["privacy"],
     }
+
+
+def _verdict_round(store: ReadOnlyRunStore, run_id: str, selected: int | None) -> int | None:
+    """The round of the verdict summary.json shows: the selected round's once it has one,
+    else the latest (a round's verdict lags its evaluation by one transaction)."""
+    if selected is not None and store.bias(run_id, selected) is not None:
+        return selected
+    return store.last_verdict_round(run_id)
 
 
 def _planned_rounds(config: dict) -> int | None:
