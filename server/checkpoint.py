@@ -5,8 +5,9 @@ middle. Flower's `Strategy.start` always counts rounds from 1 and keeps the glob
 only in memory, so fedir keeps, in the run folder next to runs.sqlite, one checkpoint
 file rewritten atomically at the end of every round: the run id, the last completed round,
 the global arrays after it, the strategy's own state (the data attributes a Flower
-strategy keeps between rounds, such as FedAdam's moments), the ServerApp's own state and
-the server's random generators (Flower's node sampling draws from `random`, its DP noise
+strategy keeps between rounds, such as FedAdam's moments), the ServerApp's own state (among
+it the model selection, fedir.strategies.selection: the selected round, its score, its
+global arrays, per-site metrics and embedding moments) and the server's random generators (Flower's node sampling draws from `random`, its DP noise
 from `numpy.random`). The file is an `.npz` with a JSON document (fedir.statefile), never
 a pickle: loading a tampered checkpoint must not run code on the coordinator.
 

@@ -83,6 +83,17 @@ def selection_entry(store: RunStore, run_id: str, config: dict) -> dict:
     }
 
 
+def selection_line(summary: dict) -> str:
+    """"Selected round N of M: <criterion> (validation AUC x)", and the early stop if any:
+    what the terminal says under the table of the selected round's test metrics."""
+    selection = summary["selection"]
+    if selection["round"] is None:
+        return "Selected round: " + selection["criterion"]
+    score = "" if selection["score"] is None else f" (validation AUC {selection['score']:.3f})"
+    line = f"Selected round {selection['round']} of {summary['rounds']}: {selection['criterion']}{score}"
+    return line + (f"\n{selection['stop_reason']}" if selection["stopped_early"] else "")
+
+
 def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
     """`{"mode": "off"}`, or under privacy.dp the epsilon spent by the rounds accounted at
     `delta` (fedir.strategies.privacy_budget; null when no noise made it infinite), each

@@ -19,7 +19,7 @@ from fedir.protocol import VAL_KEY
 from fedir.server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.server.server_app import StudyRecorder
-from fedir.server.summary import build_summary
+from fedir.server.summary import build_summary, selection_line
 from fedir.simulations.inprocess import run_inprocess
 from fedir.strategies.per_site import RoundReplies
 from fedir.strategies.selection import EarlyStopped, Selection
@@ -244,6 +244,9 @@ def test_patience_stops_the_study_which_finishes_normally(sites, tmp_path):
     # the selected round's verdict is the final one (not the provisional verdict of round `best`)
     assert summary["bias"]["sensitivity"].get("reason") != "computed on the study's final round only"
     assert "early stop" in (out / "report.html").read_text()
+    assert selection_line(summary).splitlines() == [
+        f"Selected round {best} of {best + 2}: {summary['selection']['criterion']} "
+        f"(validation AUC {summary['selection']['score']:.3f})", summary["selection"]["stop_reason"]]
 
 
 def test_a_resumed_study_keeps_its_selection(sites, tmp_path, monkeypatch):
