@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
@@ -189,14 +189,18 @@ class StudyRecorder:
         round's global arrays, per-site metrics and embedding moments (not the site
         updates: a model per site per checkpoint would be too large)."""
         server_round, per_site, moments = self.selected or (None, {}, {})
-        return {"state": self.selection.state(), "model": self.selected_model, "round": server_round,
+        # numpy, not the ArrayRecord: a deployment's arrays hold memoryviews, which the
+        # checkpoint's dataclass copy (dataclasses.asdict) cannot deep-copy
+        model = None if self.selected_model is None else {k: a.numpy() for k, a in self.selected_model.items()}
+        return {"state": self.selection.state(), "model": model, "round": server_round,
                 "per_site": per_site,
                 "moments": {site: {"counts": m.counts, "means": m.means, "covs": m.covs} for site, m in moments.items()}}
 
     def restore_selection(self, saved: dict[str, Any]) -> None:
         """The inverse of selection_state, for a resumed run."""
         self.selection = Selection(**saved["state"])
-        self.selected_model = saved["model"]
+        model = saved["model"]
+        self.selected_model = None if model is None else ArrayRecord({k: Array(v) for k, v in model.items()})
         if saved["round"] is not None:
             moments = {site: EmbeddingMoments(**m) for site, m in saved["moments"].items()}
             self.selected = (saved["round"], saved["per_site"], moments)
@@ -243,8 +247,8 @@ def _cross_site(grid: Grid, recorder: StudyRecorder, settings: Settings, feature
         if len(recorder.site_models) >= 2 and recorder.selected is not None:
             recorder.store.record_note(
                 recorder.run_id, None, None, "cross_site",
-                f"cross-site evaluation skipped: the site updates of the selected round {recorder.selected[0]} "
-                "were not kept across the ServerApp's restart")
+                f"cross-site evaluation skipped: fewer than two site updates of the selected round "
+                f"{recorder.selected[0]} are held (updates rejected in that round, or a ServerApp restart since)")
         return
     try:
         recorder.on_cross_site(cross_site_matrix(grid, models, features.config(settings.train_rounds)))

@@ -219,6 +219,10 @@ def test_a_study_saves_the_validation_selected_model_not_the_last(sites, tmp_pat
     assert selection["round"] == summary["evaluated_round"] == best
     assert selection["score"] == pytest.approx(val[best - 1]) and selection["stopped_early"] is False
     assert selection["criterion"].startswith("val-auc: the highest pooled validation AUC, per patient")
+    # the study's verdict is the selected round's, redone with a final round's analyses
+    with RunStore(tmp_path / "selected" / "runs.sqlite") as store:
+        assert summary["bias"] == store.bias(summary["run_id"], best)
+    assert summary["bias"]["sensitivity"].get("reason") != "computed on the study's final round only"
     # model.pt is the selected round's global model: a study of `best` rounds ends with it
     run_inprocess(_settings(sites, train_rounds=best, eval_select="last"), tmp_path / "short")
     last = run_inprocess(_settings(sites, eval_select="last"), tmp_path / "last")
@@ -265,7 +269,8 @@ def test_a_resumed_study_keeps_its_selection(sites, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="round 5"):
         run_inprocess(_settings(sites), tmp_path / "run")
     saved = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME).app_state["selection"]
-    assert saved["round"] == reference["selection"]["round"] and isinstance(saved["model"], ArrayRecord)
+    assert saved["round"] == reference["selection"]["round"] and saved["state"]["round"] == saved["round"]
+    assert set(saved["model"]) == set(torch.load(tmp_path / "ref" / "model.pt"))
     monkeypatch.setattr(StudyRecorder, "on_train", original)
     resumed = run_inprocess(_settings(sites), tmp_path / "run")
     assert resumed["run_id"] != reference["run_id"] and resumed["status"] == "finished"
