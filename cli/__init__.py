@@ -78,7 +78,7 @@ def _import_medmnist(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedir.server.report.baseline import baseline_text
-    from fedir.server.summary import format_site_table
+    from fedir.server.summary import format_site_table, selection_line
     from fedir.simulations.scenario import load_scenario
     from fedir.simulations.simulate import simulate
 
@@ -90,6 +90,7 @@ def _simulate(args: argparse.Namespace) -> int:
     summary = simulate(settings, out, scenario=str(args.scenario), verbose=args.verbose)
     print()
     print(format_site_table(summary))
+    print(selection_line(summary))
     if baseline_text(summary):
         print("\n" + baseline_text(summary))
     print(f"\nreport: {(out / 'report.html').resolve()}")

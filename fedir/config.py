@@ -45,6 +45,8 @@ Personalise = Literal["none", "intercept", "finetune"]
 # budget's sensitivity bound hold (fedir.strategies.privacy_budget); a median or Krum's
 # choice can move by a whole clipped update when one site changes.
 MEAN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+# How the reported and saved round is chosen (fedir.strategies.selection): never on test.
+Select = Literal["val-auc", "last"]
 DPMode = Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
 
 EVERY_K = re.compile(r"every-([1-9][0-9]*)")
@@ -127,6 +129,9 @@ class Settings:
     train_update_dtype: UpdateDtype = setting("float32", "precision of the weights a site sends")
     train_local_steps: int = setting(
         0, "> 0: this many optimiser steps per round instead of local-epochs", AT_LEAST_0)
+    train_patience: int = setting(
+        0, "early stopping: stop after this many evaluated rounds without a better eval.select "
+        "score; 0 = off (needs eval.select = val-auc)", AT_LEAST_0)
     model_name: ModelName = setting(
         "auto", "the network; auto = logreg for tabular sites, resnet_small for imaging sites (fedir.models)")
     model_image_size: int = setting(128, "side of the square image (or cube) the model sees, in pixels", AT_LEAST_1)
@@ -142,6 +147,10 @@ class Settings:
     data_standardise: Standardise = setting(
         "federated", "tabular features: federated (from every site's n / sum / sum of squares) | "
         "site (each site's own statistics)")
+    eval_select: Select = setting(
+        "val-auc", "the round whose model is saved and reported: val-auc (the highest pooled validation AUC, "
+        "per patient; the earliest on ties) | last (the last evaluated round); never chosen on test "
+        "(fedir.strategies.selection)")
     eval_bootstrap: int = setting(500, "bootstrap resamples of each metric's 95% CI; 0 = no CI", AT_LEAST_0)
     eval_hist_bins: int = setting(
         50, "bins of the per-label score histograms a site sends: finer bins make the pooled AUC exact to within less "
@@ -316,6 +325,10 @@ def check_combinations(settings: Settings) -> None:
         raise SettingsError(
             f"train.objective = {settings.train_objective!r} augments 2D images; with "
             "data.frame-policy = \"volume\" choose train.objective = \"supervised\"")
+    if settings.train_patience and settings.eval_select != "val-auc":
+        raise SettingsError(
+            f"train.patience = {settings.train_patience} stops when the validation AUC stops improving: "
+            f"it needs eval.select = \"val-auc\", not {settings.eval_select!r}")
     n_sites = len(settings.sites)
     if n_sites and settings.federation_min_sites > n_sites:
         raise SettingsError(f"federation.min-sites = {settings.federation_min_sites} is more than the "

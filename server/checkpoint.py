@@ -5,10 +5,12 @@ middle. Flower's `Strategy.start` always counts rounds from 1 and keeps the glob
 only in memory, so fedir keeps, in the run folder next to runs.sqlite, one checkpoint
 file rewritten atomically at the end of every round: the run id, the last completed round,
 the global arrays after it, the strategy's own state (the data attributes a Flower
-strategy keeps between rounds, such as FedAdam's moments), the ServerApp's own state and
-the server's random generators (Flower's node sampling draws from `random`, its DP noise
-from `numpy.random`). The file is an `.npz` with a JSON document (fedir.statefile), never
-a pickle: loading a tampered checkpoint must not run code on the coordinator.
+strategy keeps between rounds, such as FedAdam's moments), the ServerApp's own state (among
+it the model selection, fedir.strategies.selection: the selected round, its score, its
+global arrays, per-site metrics and embedding moments) and the server's random generators
+(Flower's node sampling draws from `random`, its DP noise from `numpy.random`). The file
+is an `.npz` with a JSON document (fedir.statefile), never a pickle: loading a tampered
+checkpoint must not run code on the coordinator.
 
 A ServerApp started again on the same run folder finds the checkpoint of an unfinished
 run with the same settings, drops whatever the store holds of the interrupted round (so
@@ -206,11 +208,6 @@ class ResumedRounds:
         self._app_state = app_state
         self._latest: ArrayRecord | None = None
         set_server_generators(plan.seed, plan.generators)
-
-    @property
-    def latest_arrays(self) -> ArrayRecord | None:
-        """The global model last sent for evaluation (after the last completed round)."""
-        return self._latest
 
     def _true(self, server_round: int) -> int:
         return server_round + self._plan.first_round - 1

@@ -113,14 +113,15 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
             "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
             "started_at": run["started_at"], "finished_at": run["finished_at"],
             "sites": summary["sites"], "rounds_planned": _planned_rounds(run["config"]),
-            "rounds_evaluated": summary["evaluated_round"] or 0,
+            "rounds_evaluated": store.last_round(run_id, split="test") or 0,
+            "selection": summary["selection"],
         },
         "round": _round_status(store, run_id, summary["sites"], notes),
         "table": _table(summary),
         "verdict": {
             "alarm": bool(bias.get("alarm")), "reasons": list(bias.get("reasons") or []),
             "numbers": {name.replace("_", " "): text for name, text in key_numbers(bias).items() if text},
-            "round": store.last_verdict_round(run_id),
+            "round": _verdict_round(store, run_id, summary["selection"]["round"]),
             "alarm_rounds": store.alarm_rounds(run_id),
         },
         "series": {**store.patient_series(run_id, SCALAR_METRICS), **store.series(run_id, SCALAR_METRICS)},
@@ -130,6 +131,14 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
         "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
         "privacy": summary["privacy"],
     }
+
+
+def _verdict_round(store: ReadOnlyRunStore, run_id: str, selected: int | None) -> int | None:
+    """The round of the verdict summary.json shows: the selected round's once it has one,
+    else the latest (a round's verdict lags its evaluation by one transaction)."""
+    if selected is not None and store.bias(run_id, selected) is not None:
+        return selected
+    return store.last_verdict_round(run_id)
 
 
 def _planned_rounds(config: dict) -> int | None:

@@ -39,8 +39,9 @@ ci_low REAL, ci_high REAL)``
 
 ``notes(run_id TEXT, round INTEGER, site TEXT, kind TEXT, message TEXT, metric TEXT)``
     Human-readable facts: why a metric is null (``kind`` "null_metric", ``metric``
-    names it), skipped files, missing sites, rejected updates. ``round`` is NULL for
-    run-level notes and ``metric`` is NULL for notes about no particular metric.
+    names it), skipped files, missing sites, rejected updates, why a study stopped early
+    (``privacy_budget``, ``early_stop``). ``round`` is NULL for run-level notes and
+    ``metric`` is NULL for notes about no particular metric.
 
 ``bias(run_id TEXT, round INTEGER, json TEXT)``
     The bias verdict of each round, as JSON (``{"alarm", "reasons", "tests"}``).
@@ -374,6 +375,13 @@ class RunStore:
         if split is not None:
             query, args = query + " AND split = ?", [run_id, split]
         return self._conn.execute(query, args).fetchone()[0]
+
+    def evaluated_rounds(self, run_id: str, split: str = "test") -> list[int]:
+        """The rounds with metrics of ``split``, in order."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT round FROM metrics WHERE run_id = ? AND split = ? ORDER BY round", (run_id, split)
+        )
+        return [row[0] for row in rows]
 
     def site_metrics(self, run_id: str, server_round: int, split: str = "test") -> dict[str, dict]:
         """Rebuild ``{site: {metric: value, metric_ci: [lo, hi] | None, vector: [...], "reasons": {}}}``."""

@@ -1,9 +1,11 @@
 """The ServerApp the coordinator runs: read the settings, start the strategy, keep the record.
 
 Each round, the scenario's Flower strategy (with per-site capture) hands the sites' decoded replies to a StudyRecorder, which
-pools the evaluation aggregates, runs the first bias checks and writes everything to the
-run store (runs.sqlite). When the rounds are done, summary.json and report.html are
-built from the store alone, and the final global weights are saved.
+pools the evaluation aggregates, runs the first bias checks, writes everything to the
+run store (runs.sqlite) and keeps the global model of the round `eval.select` chooses on
+the validation patients (fedir.strategies.selection; early stopping by `train.patience`).
+When the rounds are done, the selected round's verdict is made final, summary.json and
+report.html are built from the store alone, and the selected round's weights are saved.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
@@ -24,11 +26,12 @@ from fedir.config import MEAN_AGGREGATORS, Settings
 from fedir.errors import StudyFailed, UserError
 from fedir.metrics import pooled_metrics
 from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
-from fedir.protocol import VAL_KEY, decode_weights, encode_weights
+from fedir.protocol import VAL_KEY, EmbeddingMoments, decode_weights, encode_weights
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     ResumedRounds,
+    ResumeError,
     RoundPlan,
     restore_strategy_state,
     resume_point,
@@ -44,8 +47,10 @@ from fedir.server.summary import build_summary, write_summary
 from fedir.strategies.differential_privacy import inner_strategy, sampled_sites
 from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.per_site import RoundReplies
-from fedir.strategies.privacy_budget import BudgetExhausted, PrivacyBudget
+from fedir.strategies.privacy_budget import PrivacyBudget
 from fedir.strategies.registry import build_strategy, strategy_kwargs
+from fedir.strategies.selection import Selection
+from fedir.strategies.stopping import StudyStopped
 from fedir.strategies.thresholds import at, thresholded
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,10 @@ def new_run_id(settings: Settings) -> str:
 
 
 class StudyRecorder:
-    """Receives each round's per-site replies and records them with the bias checks."""
+    """Receives each round's per-site replies, records them with the bias checks, and keeps
+    what the final result needs of the selected round (fedir.strategies.selection): its
+    global arrays, its per-site test metrics and embedding moments (for the final verdict)
+    and the site updates that made it (for the cross-site matrix)."""
 
     def __init__(self, store: RunStore, run_id: str, settings: Settings, rounds: int,
                  exports: list[RoundExport] | None = None, budget: PrivacyBudget | None = None) -> None:
@@ -69,7 +77,10 @@ class StudyRecorder:
         self.exports = exports or []
         self.label_counts: dict[str, dict[int, int]] = {}
         self.site_models: dict[str, ArrayRecord] = {}  # each site's latest accepted update
-        self.last_evaluation: tuple[int, dict, dict] | None = None  # round, per-site, moments
+        self.selection = Selection(settings.eval_select, settings.train_patience)
+        self.selected: tuple[int, dict, dict] | None = None  # the selected round, its per-site metrics, moments
+        self.selected_model: ArrayRecord | None = None  # the global arrays that round evaluated
+        self.selected_site_models: dict[str, ArrayRecord] = {}  # the site updates averaged into them
         self.failed: dict[str, str] = {}  # each site's latest failure reason
         self.progress = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
@@ -114,8 +125,14 @@ class StudyRecorder:
             export.write(replies.server_round, training_scalars(replies.per_site))
 
     def on_evaluate(self, replies: RoundReplies) -> None:
+        """Record the round; EarlyStopped (after the round is committed) when `train.patience`
+        evaluated rounds have passed without a better validation AUC, unless this was the
+        planned last round anyway."""
         with self.store.batch():  # the stage's every row, the verdict's too, in one transaction
             self._record_evaluation(replies)
+        stop = self.selection.stop()
+        if stop is not None and replies.server_round < self.settings.train_rounds:
+            raise stop
 
     def _record_evaluation(self, replies: RoundReplies) -> None:
         self._record_failures(replies, "evaluate")
@@ -129,16 +146,22 @@ class StudyRecorder:
         pooled = self._pooled(chosen.for_pool)
         if pooled is not None:
             pooled = at(pooled, chosen.federation)
+        pooled_val = self._pooled(val)
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
         if val:
-            self.store.record_evaluation(self.run_id, replies.server_round, val, self._pooled(val), split="val")
-        self.last_evaluation = (replies.server_round, replies.per_site, moments)
+            self.store.record_evaluation(self.run_id, replies.server_round, val, pooled_val, split="val")
+        # the choice sees the validation entry only (the test metrics are not passed)
+        if replies.per_site and self.selection.offer(replies.server_round, pooled_val):
+            self.selected = (replies.server_round, replies.per_site, moments)
+            self.selected_model = replies.model
+            self.selected_site_models = dict(self.site_models)
         # the sensitivity analysis and the separability interval: the last round's only
         result = self.bias(replies.per_site, moments, final=replies.server_round >= self.settings.train_rounds)
         self.store.record_bias(self.run_id, replies.server_round, result)
         for export in self.exports:
             export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, result["alarm"]))
-        auc = pooled["auc"] if pooled else None
+        level = (pooled or {}).get("per_patient") or pooled or {}  # per patient where there is
+        auc = level.get("auc")
         self.progress.set_postfix(
             auc="n/a" if auc is None else f"{auc:.3f}", alarm="YES" if result["alarm"] else "no"
         )
@@ -156,18 +179,40 @@ class StudyRecorder:
                        seed=self.settings.train_seed, final=final)
 
     def finalise(self) -> None:
-        """A study stopped before its planned last round (privacy.max-epsilon): the last
-        evaluated round's verdict again, with the analyses of a final round."""
-        if self.last_evaluation is not None:
-            server_round, per_site, moments = self.last_evaluation
+        """The rounds are over: the selected round's verdict is the study's, so when that is
+        not the planned last round (an earlier round selected, or a study stopped early) it
+        is redone with the analyses of a final round; the other rounds' stay provisional."""
+        if self.selected is not None and self.selected[0] < self.settings.train_rounds:
+            server_round, per_site, moments = self.selected
             self.store.record_bias(self.run_id, server_round, self.bias(per_site, moments, final=True))
 
     def on_cross_site(self, matrix: dict) -> None:
-        """Redo the last evaluated round's verdict with the cross-site matrix."""
-        if self.last_evaluation is None:
+        """Redo the selected round's verdict with the cross-site matrix."""
+        if self.selected is None:
             return
-        server_round, per_site, moments = self.last_evaluation
+        server_round, per_site, moments = self.selected
         self.store.record_bias(self.run_id, server_round, self.bias(per_site, moments, matrix))
+
+    def selection_state(self) -> dict[str, Any]:
+        """What the checkpoint keeps of the selection: the criterion's state, the selected
+        round's global arrays, per-site metrics and embedding moments (not the site
+        updates: a model per site per checkpoint would be too large)."""
+        server_round, per_site, moments = self.selected or (None, {}, {})
+        # numpy, not the ArrayRecord: a deployment's arrays hold memoryviews, which the
+        # checkpoint's dataclass copy (dataclasses.asdict) cannot deep-copy
+        model = None if self.selected_model is None else {k: a.numpy() for k, a in self.selected_model.items()}
+        return {"state": self.selection.state(), "model": model, "round": server_round,
+                "per_site": per_site,
+                "moments": {site: {"counts": m.counts, "means": m.means, "covs": m.covs} for site, m in moments.items()}}
+
+    def restore_selection(self, saved: dict[str, Any]) -> None:
+        """The inverse of selection_state, for a resumed run."""
+        self.selection = Selection(**saved["state"])
+        model = saved["model"]
+        self.selected_model = None if model is None else ArrayRecord({k: Array(v) for k, v in model.items()})
+        if saved["round"] is not None:
+            moments = {site: EmbeddingMoments(**m) for site, m in saved["moments"].items()}
+            self.selected = (saved["round"], saved["per_site"], moments)
 
     def on_reject(self, server_round: int, site: str, reason: str) -> None:
         """An update left out of the average (fedir.strategies.validation), with its reason."""
@@ -204,8 +249,15 @@ def thresholds(settings: Settings) -> Thresholds:
 def _cross_site(grid: Grid, recorder: StudyRecorder, settings: Settings, features) -> None:
     """The cross-site matrix after the last round, when the scenario asks for it and it means
     something (two or more site models; not the pooled arm, whose sites train nothing)."""
-    models = recorder.site_models
-    if not settings.bias_cross_site or settings.federation_arm == "pooled" or len(models) < 2:
+    models = recorder.selected_site_models
+    if not settings.bias_cross_site or settings.federation_arm == "pooled":
+        return
+    if len(models) < 2:
+        if len(recorder.site_models) >= 2 and recorder.selected is not None:
+            recorder.store.record_note(
+                recorder.run_id, None, None, "cross_site",
+                f"cross-site evaluation skipped: fewer than two site updates of the selected round "
+                f"{recorder.selected[0]} are held (updates rejected in that round, or a ServerApp restart since)")
         return
     try:
         recorder.on_cross_site(cross_site_matrix(grid, models, features.config(settings.train_rounds)))
@@ -294,40 +346,43 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
         # a DP wrapper's own state (an adaptive clipping norm) shapes later rounds too
         app_state=lambda: {"label_counts": recorder.label_counts,
                            "budget": [] if budget is None else list(budget.spent),
-                           "privacy": {} if strategy is inner else strategy_state(strategy)},
+                           "privacy": {} if strategy is inner else strategy_state(strategy),
+                           "selection": recorder.selection_state()},
     )
     inner = inner_strategy(strategy)
     if resumed is not None:
+        if "selection" not in resumed.app_state:
+            raise ResumeError(f"the checkpoint in {out_dir} was written by a fedir without model selection: "
+                              "delete it to start a new run, or use another output folder")
         restore_strategy_state(inner, resumed.strategy_state)
         restore_strategy_state(strategy, resumed.app_state["privacy"])
         recorder.label_counts = resumed.app_state["label_counts"]
+        recorder.restore_selection(resumed.app_state["selection"])
         recorder.progress.update(done)
     try:
-        result = strategy.start(
+        strategy.start(
             grid=grid,
             initial_arrays=start_arrays,
             num_rounds=settings.train_rounds - done,
             train_config=features.config(),
             evaluate_config=features.config(),
         )
-        final = result.arrays
-    except BudgetExhausted as stop:
-        # the rounds done are kept; the model is the last one evaluated within budget
+    except StudyStopped as stop:
+        # the privacy budget or early stopping: the rounds done are kept, the study finishes
         log.warning("%s", stop)
-        store.record_note(run_id, stop.server_round, None, "privacy_budget", str(stop))
-        recorder.finalise()
-        latest = inner.latest_arrays if isinstance(inner, ResumedRounds) else None
-        final = latest if latest is not None else ArrayRecord()
+        store.record_note(run_id, stop.server_round, None, stop.kind, str(stop))
     finally:
         recorder.progress.close()
         for export in exports:
             export.close()
-    if store.last_round(run_id, split="test") is None:
+    if store.last_round(run_id, split="test") is None or recorder.selected_model is None:
         # no metric to report and no verdict to give: a failure, not an empty success
         raise StudyFailed.no_site(f"be evaluated in {settings.train_rounds} round(s)", recorder.failed)
+    recorder.finalise()
     _cross_site(grid, recorder, settings, features)
-    final = final if len(final) else start_arrays  # no round aggregated
-    torch.save(as_tensors(decode_weights(final, state_shapes(model))), out_dir / "model.pt")
+    # the selected round's global model (under FedBN or train.personalise, the shared
+    # entries only: each site keeps its own, as they were after the last round it trained)
+    torch.save(as_tensors(decode_weights(recorder.selected_model, state_shapes(model))), out_dir / "model.pt")
 
 
 def _min_train_nodes(settings: Settings, n_sites: int) -> int:

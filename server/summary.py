@@ -1,12 +1,14 @@
 """The run summary (``summary.json``) and its terminal table, built only from the run store.
 
-The summary describes the last completed evaluation round: the pooled ("global")
-metrics, every site's metrics with confidence intervals (each with ``per_patient``, the
-primary level, its ECE and reliability rows; the pooled one with the bound of its AUC's
-binning error), the decision threshold they were counted at and how it was chosen
-(``threshold``), and the bias verdict. A
-metric that could not be computed is null, and the site's ``reasons`` say why, so
-a reader never mistakes a missing number for a bad one.
+The summary describes the selected round (``selection``: the round `eval.select` chose
+on the validation patients, fedir.strategies.selection, replayed here over the store's
+validation rows exactly as the ServerApp chose it; the round of ``model.pt``): the pooled
+("global") test metrics, every site's test metrics with confidence intervals (each with
+``per_patient``, the primary level, its ECE and reliability rows; the pooled one with the
+bound of its AUC's binning error), the decision threshold they were counted at and how it
+was chosen (``threshold``), and the bias verdict. A metric that could not be computed is
+null, and the site's ``reasons`` say why, so a reader never mistakes a missing number for
+a bad one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fedir.config import MEAN_AGGREGATORS
 from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS, SCORE_SUMS, calibration
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.strategies.privacy_budget import ACCOUNTANT
+from fedir.strategies.selection import EarlyStopped, Selection
 
 NOT_COMPUTED = "not computed: no evaluation round was recorded"
 NO_ANALYSIS = "not computed: no bias analysis was recorded for this run"
@@ -37,9 +40,10 @@ VERDICT_NUMBERS = (
 
 
 def build_summary(store: RunStore, run_id: str) -> dict:
-    """Summarise ``run_id`` at its last evaluated round (see the module docstring)."""
+    """Summarise ``run_id`` at its selected round (see the module docstring)."""
     run = store.run(run_id)
-    last_eval = store.last_round(run_id, split="test")
+    selection = selection_entry(store, run_id, run["config"])
+    last_eval = selection["round"]
     evaluated = store.site_metrics(run_id, last_eval) if last_eval is not None else {}
     sites = _site_names(run["sites"], evaluated)
     return {
@@ -50,6 +54,7 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "finished_at": run["finished_at"],
         "rounds": store.last_round(run_id) or 0,
         "evaluated_round": last_eval,
+        "selection": selection,
         "sites": sites,
         "global": _entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: _entry(evaluated.get(site), last_eval) for site in sites},
@@ -58,6 +63,39 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "privacy": privacy_entry(store, run_id, run["config"]),
         "notes": store.notes(run_id),
     }
+
+
+def selection_entry(store: RunStore, run_id: str, config: dict) -> dict:
+    """``{"round", "criterion", "score", "unit", "stopped_early", "stop_reason", "patience"}``:
+    the round whose model is reported and saved, chosen by `eval.select` from the pooled
+    validation metrics of each evaluated round (the test metrics are never read here),
+    its validation AUC (``score``, null when not computed) and whether `train.patience`
+    stopped the study (the early-stop note's message). ``round`` is null before any round
+    was evaluated."""
+    selection = Selection(config.get("eval.select", "val-auc"), config.get("train.patience", 0))
+    for server_round in store.evaluated_rounds(run_id):
+        selection.offer(server_round, store.site_metrics(run_id, server_round, split="val").get(GLOBAL_SITE))
+    stops = [n["message"] for n in store.notes(run_id) if n["kind"] == EarlyStopped.kind]
+    return {
+        "round": selection.round,
+        "criterion": selection.describe() if selection.round is not None else NOT_COMPUTED,
+        "score": selection.score,
+        "unit": selection.unit,
+        "stopped_early": bool(stops),
+        "stop_reason": stops[-1] if stops else None,
+        "patience": selection.patience,
+    }
+
+
+def selection_line(summary: dict) -> str:
+    """"Selected round N of M: <criterion> (validation AUC x)", and the early stop if any:
+    what the terminal says under the table of the selected round's test metrics."""
+    selection = summary["selection"]
+    if selection["round"] is None:
+        return "Selected round: " + selection["criterion"]
+    score = "" if selection["score"] is None else f" (validation AUC {selection['score']:.3f})"
+    line = f"Selected round {selection['round']} of {summary['rounds']}: {selection['criterion']}{score}"
+    return line + (f"\n{selection['stop_reason']}" if selection["stopped_early"] else "")
 
 
 def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
@@ -85,7 +123,7 @@ def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
 
 
 def _verdict(store: RunStore, run_id: str, last_eval: int | None) -> dict:
-    """The verdict of the last evaluated round; without any evaluation, "not computed"
+    """The verdict of the selected round; without any evaluation, "not computed"
     (alarm null, never false: a federation that was never analysed is not a clean one),
     keeping the site-label association, which needs only the training replies' label
     counts, when a round recorded it."""

@@ -35,6 +35,7 @@ class RoundReplies:
     per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # site (or "node ID" if never seen) -> reason
     arrays: dict[str, ArrayRecord] = field(default_factory=dict)  # site -> its update (training)
+    model: ArrayRecord | None = None  # evaluation: the global arrays the sites were sent to score
 
 
 Callback = Callable[[RoundReplies], None]
@@ -78,6 +79,9 @@ class PerSiteCapture:
         self._site_of_node: dict[int, str] = {}
         # The messages of the current stage: the grid gives them their ids when it sends them.
         self._sent_messages: list[Message] = []
+        # The global arrays sent for the current evaluation: the model its replies score,
+        # which the server keeps when the round is the one it selects.
+        self._evaluated: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -88,6 +92,7 @@ class PerSiteCapture:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._evaluated = arrays
         self._sent_messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
         return self._sent_messages
 
@@ -107,8 +112,9 @@ class PerSiteCapture:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
-        self.on_evaluate(_collect(server_round, replies, decode_evaluation, self._site_of_node,
-                                        self._sent_messages))
+        collected = _collect(server_round, replies, decode_evaluation, self._site_of_node, self._sent_messages)
+        collected.model = self._evaluated
+        self.on_evaluate(collected)
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
 

@@ -43,18 +43,21 @@ from collections.abc import Sequence
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
 
+from fedir.strategies.stopping import StudyStopped
+
 ACCOUNTANT = ("dp-accounting RDP: one Gaussian mechanism per aggregated round, no sampling "
               "amplification, add-or-remove-one site")
 
 
-class BudgetExhausted(Exception):
+class BudgetExhausted(StudyStopped):
     """The next round would spend more than `privacy.max-epsilon`: the study stops before
     that round's noised average is released."""
 
+    kind = "privacy_budget"
+
     def __init__(self, server_round: int, projected: float, max_epsilon: float) -> None:
-        super().__init__(f"stopped: round {server_round} would spend epsilon {projected:.3f} "
-                         f"> max {max_epsilon:g}")
-        self.server_round = server_round
+        super().__init__(server_round, f"stopped: round {server_round} would spend epsilon {projected:.3f} "
+                                       f"> max {max_epsilon:g}")
         self.projected = projected
         self.max_epsilon = max_epsilon
 

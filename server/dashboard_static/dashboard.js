@@ -146,7 +146,7 @@ function renderRun(detail) {
   renderRound(detail.round, run.sites.length);
   renderControls(run.sites, Object.keys(detail.series.patient_auc || {}).length > 0);
   whenPlotly(renderPlots);
-  renderTable(detail.table, run.rounds_evaluated);
+  renderTable(detail.table, run.selection.round);
   renderThreshold(detail);
   renderCards(detail.cards);
   renderNotes(detail.notes);
@@ -310,9 +310,12 @@ function renderPlots() {
   Plotly.react("site-plot", traces, layout(title, name, detail.run.rounds_evaluated), config);
 }
 
-function renderTable(rows, evaluatedRound) {
-  document.getElementById("table-title").textContent = evaluatedRound
-    ? "Per-site metrics, round " + evaluatedRound + " (as in summary.json)" : "Per-site metrics (no round evaluated yet)";
+// The table is summary.json's: the selected round's test metrics (chosen on validation,
+// fedir.strategies.selection), not necessarily the latest round's.
+function renderTable(rows, selectedRound) {
+  document.getElementById("table-title").textContent = selectedRound
+    ? "Per-site test metrics, selected round " + selectedRound + " (as in summary.json)"
+    : "Per-site metrics (no round evaluated yet)";
   const footnotes = [];
   const body = document.querySelector("#site-table tbody");
   body.replaceChildren(...rows.map((row) => {

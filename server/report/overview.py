@@ -16,16 +16,22 @@ _NOTE_KINDS = {"null_metric": "metric not computed", "rejected": "update rejecte
 
 
 def summary_section(summary: dict) -> Markup:
-    """The run's facts, then the verdict: red with its reasons when the alarm is raised,
-    green when it is not, plain with its reason when no verdict could be computed (alarm
-    null); every test's key numbers either way."""
+    """The run's facts (the selected round and how it was chosen among them), then the
+    verdict of the selected round: red with its reasons when the alarm is raised, green
+    when it is not, plain with its reason when no verdict could be computed (alarm null);
+    every test's key numbers either way."""
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     facts = [
         ("scenario", summary["scenario"]), ("status", summary["status"]),
         ("started", summary["started_at"]), ("finished", summary["finished_at"] or "-"),
-        ("rounds", summary["rounds"]), ("evaluated round", summary["evaluated_round"]),
+        ("rounds", summary["rounds"]), ("selected round", summary["evaluated_round"]),
         ("sites", len(summary["sites"])), ("report generated", generated),
     ]
+    selection = summary["selection"]
+    score = "" if selection["score"] is None else f" (validation AUC {selection['score']:.3f})"
+    facts.append(("selected by", selection["criterion"] + score))
+    if selection["stopped_early"]:
+        facts.append(("early stop", selection["stop_reason"]))
     privacy = summary.get("privacy") or {}
     if privacy.get("mode", "off") != "off":
         epsilon = privacy["epsilon"]
@@ -39,6 +45,7 @@ def summary_section(summary: dict) -> Markup:
     return render(
         "summary.html",
         run_id=summary["run_id"],
+        selected_round=summary["evaluated_round"],
         facts=[(name, str(value)) for name, value in facts],
         alarm=bool(bias.get("alarm")),
         computed=bias.get("alarm") is not None,

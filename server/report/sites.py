@@ -24,8 +24,9 @@ _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivi
 
 
 def sites_section(store: RunStore, run_id: str, rows: list[dict], summary: dict) -> Markup:
-    """AUC by round (per patient where the sites sent per-patient metrics) and the final
-    per-site metrics with their CIs: per patient first, per image beside."""
+    """AUC by round (per patient where the sites sent per-patient metrics; shown, never used
+    to choose) and the selected round's per-site test metrics with their CIs: per patient
+    first, per image beside."""
     series = _patient_series(store, run_id) or _series(rows, "test", "auc")
     footnotes: list[str] = []
     entries = [*((site, entry, "") for site, entry in summary["per_site"].items()),
@@ -40,6 +41,7 @@ def sites_section(store: RunStore, run_id: str, rows: list[dict], summary: dict)
         patient_header=["patients", "positives", *(f"{_METRIC_NAMES[m]} [95% CI]" for m in SCALAR_METRICS), "ECE",
                         "AUC per image [95% CI]"],
         patient_rows=patient_rows,
+        criterion=summary["selection"]["criterion"],
         header=["n test", "patients", "positives", *(f"{_METRIC_NAMES[m]} [95% CI]" for m in SCALAR_METRICS)],
         rows=image_rows,
         threshold=threshold_line(summary.get("threshold")),
