@@ -36,7 +36,9 @@ import argparse
 import csv
 import json
 import os
+import pickle
 import platform
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -48,6 +50,7 @@ import torch
 
 from fedir.config import Settings
 from fedir.server import server_app
+from fedir.server.runstore import RunStore
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.medmnist import import_medmnist
 from fedir.simulations.synthetic import generate_federation
@@ -59,14 +62,25 @@ DATA = Path(os.environ.get("FEDIR_DATA", Path(__file__).resolve().parents[1].par
 
 
 class Captured:
-    """The inputs of the server's last `analyse` call (the final round, with cross-site)."""
+    """The inputs of the server's `analyse` calls: `last` (the final round, with cross-site)
+    and `rounds` (each evaluated round's, in order, the last with cross-site where it ran).
+
+    The server calls `analyse` once per evaluated round, in order, and once more for the last
+    round with the cross-site matrix (StudyRecorder.on_cross_site), which replaces that
+    round's verdict in the store; `rounds` mirrors that.
+    """
 
     def __init__(self) -> None:
         self.last: tuple | None = None
+        self.rounds: list[tuple] = []
         self._real = server_app.analyse
 
     def __call__(self, label_counts, per_site, moments, thresholds, cross_site=None, seed=0, **kwargs):
         self.last = (dict(label_counts), dict(per_site), dict(moments), cross_site, seed)
+        if cross_site is not None and self.rounds:
+            self.rounds[-1] = self.last
+        else:
+            self.rounds.append(self.last)
         return self._real(label_counts, per_site, moments, thresholds, cross_site, seed, **kwargs)
 
 
@@ -121,7 +135,8 @@ def study(sites: list[str], out: Path, *, image_size: int, seed: int, rounds: in
         seconds = time.perf_counter() - start
     finally:
         server_app.analyse = capture._real
-    return {"inputs": capture.last, "seconds": seconds, "pooled_auc": summary["global"]["auc"]}
+    return {"inputs": capture.last, "rounds": capture.rounds, "seconds": seconds,
+            "pooled_auc": summary["global"]["auc"]}
 
 
 STATISTICS = {  # per signal, the numbers worth keeping for every federation
@@ -281,6 +296,95 @@ def add_strengths(args: argparse.Namespace) -> None:
     print(json.dumps(result["rates"], indent=1))
 
 
+STABILITY = Path(__file__).parent / "results" / "bias_stability.json"
+
+
+def code_version() -> dict:
+    """The commit the code ran from, and whether the work tree differed from it."""
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def stability_study(work: Path, *, confound: float, seed: int, rounds: int, steps: int, patients: int) -> dict:
+    """One synthetic XA study whose every round's bias inputs are kept (in `work`, pickled), so
+    that later code can judge the same rounds again without retraining. Also kept: the verdict
+    the server recorded per round, with the commit of the code that recorded it."""
+    key = f"synth-k4-p{patients}-s{seed}-c{confound}-r{rounds}-st{steps}"
+    cache = work / "stability" / f"{key}.pkl"
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    data = work / "stability" / "data" / key
+    generate_federation(data, sites=4, patients=patients, seed=seed, confound=confound,
+                        unlabelled_fraction=0.0, image_size=64, progress=False)
+    out = work / "stability" / "runs" / key
+    result = study([str(data / f"site-{k}") for k in range(4)], out, image_size=64, seed=seed, rounds=rounds,
+                   steps=steps)
+    with RunStore(out / "runs.sqlite") as store:
+        run_id = store.latest_run_id()
+        assert run_id is not None  # the study just wrote it
+        recorded = [(store.bias(run_id, r) or {}).get("alarm") for r in range(1, len(result["rounds"]) + 1)]
+    kept = {"rounds": result["rounds"], "seconds": result["seconds"], "pooled_auc": result["pooled_auc"],
+            "recorded_alarm": recorded, "recorded_by": code_version()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(pickle.dumps(kept))
+    return kept
+
+
+def changes(alarms: list[bool]) -> int:
+    """How many times the verdict flips between consecutive rounds."""
+    return sum(a != b for a, b in zip(alarms, alarms[1:]))
+
+
+def stability(args: argparse.Namespace) -> None:
+    """Per seed, the verdict of every round of a clean and a confounded synthetic federation
+    (the server's default thresholds), and how often it changes over the last rounds."""
+    started = time.time()
+    thresholds = Thresholds()
+    federations = []
+    for confound in args.confounds:
+        for seed in args.seeds:
+            kept = stability_study(args.work, confound=confound, seed=seed, rounds=args.rounds, steps=args.steps,
+                                   patients=args.patients)
+            per_round = []
+            for i, inputs in enumerate(kept["rounds"]):
+                label_counts, per_site, moments, cross_site, run_seed = inputs
+                v = analyse(label_counts, per_site, moments, thresholds, cross_site, run_seed,
+                            final=i == len(kept["rounds"]) - 1)
+                gap = v["tests"]["pooled_vs_within_auc"]
+                per_round.append({"round": i + 1, "alarm": v["alarm"], "signals": v["signals"],
+                                  "gap": {k: gap.get(k) for k in ("level", "gap", "gap_ci", "gap_ci_sites")}})
+            alarms = [r["alarm"] for r in per_round]
+            federations.append({
+                "confound": confound, "seed": seed, "seconds": round(kept["seconds"], 1),
+                "pooled_auc": kept["pooled_auc"], "final_alarm": alarms[-1], "alarms": alarms,
+                "changes": changes(alarms), f"changes_last_{args.last}": changes(alarms[-args.last:]),
+                "recorded_alarm": kept["recorded_alarm"], "recorded_by": kept["recorded_by"], "rounds": per_round,
+            })
+            print(f"confound {confound} seed {seed}: alarms per round {alarms}", flush=True)
+    result = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "flwr": flwr.__version__,
+                    "loadavg_end": os.getloadavg(), "shared_machine": True},
+        "protocol": {"sites": 4, "patients_per_site": args.patients, "rounds": args.rounds, "local_steps": args.steps,
+                     "batch_size": 32, "model": "resnet_small", "image_size": 64, "eval_bootstrap": 200,
+                     "thresholds": asdict(thresholds), "last_rounds": args.last},
+        "judged_by": code_version(),
+        "final_alarms": {str(c): sum(f["final_alarm"] for f in federations if f["confound"] == c)
+                         for c in args.confounds},
+        "seeds": len(args.seeds),
+        "max_changes_last": max(f[f"changes_last_{args.last}"] for f in federations),
+        "federations": federations,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    out = args.stability_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps({k: result[k] for k in ("final_alarms", "seeds", "max_changes_last", "judged_by")}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="federations per confounded condition and strength")
@@ -290,9 +394,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription)")
     parser.add_argument("--add-strengths", type=float, nargs="+", default=None,
                         help="only run the MedMNIST skew conditions at these strengths and add them to the results")
+    parser.add_argument("--stability", action="store_true",
+                        help="only the stability measurement: the verdict of every round, per seed (bias_stability.json)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--stability: the seeds")
+    parser.add_argument("--confounds", type=float, nargs="+", default=[0.0, 0.5], help="--stability: confound strengths")
+    parser.add_argument("--patients", type=int, default=60, help="--stability: patients per site")
+    parser.add_argument("--last", type=int, default=3, help="--stability: the verdict changes counted over these last rounds")
+    parser.add_argument("--stability-out", type=Path, default=STABILITY, help="--stability: the results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.stability:
+        stability(args)
+        return
     if args.add_strengths:
         add_strengths(args)
         return
