@@ -161,3 +161,19 @@ def test_verdict_is_labelled_with_its_own_round(tmp_path: Path) -> None:
         detail = run_detail(tmp_path, ".", "r")
         assert (detail["verdict"]["round"], detail["verdict"]["alarm"]) == (2, False)
         assert detail["verdict"]["alarm_rounds"] == [1]
+
+
+def test_verdict_is_provisional_while_the_study_runs_and_final_once_it_ends(tmp_path: Path) -> None:
+    """Every round's verdict is provisional; the page lists them with how often the verdict
+    changed, and labels the study's verdict final only once no round can follow."""
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        write_run(store, "r", SITES[:3], 4, finish=False, alarm_from=2)
+        store.record_bias("r", 4, {"alarm": False, "reasons": [], "signals": [], "tests": {}})
+        running = run_detail(tmp_path, ".", "r")["verdict"]
+        assert (running["round"], running["final"]) == (4, False)
+        assert running["history"] == [[1, False], [2, True], [3, True], [4, False]]
+        assert running["changes"] == 2
+        store.finish_run("r")
+        finished = run_detail(tmp_path, ".", "r")["verdict"]
+        assert (finished["round"], finished["final"], finished["alarm"]) == (4, True, False)
+        assert finished["history"] == running["history"]

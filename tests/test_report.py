@@ -135,3 +135,17 @@ def test_markup_from_sites_is_shown_as_text_never_run(tmp_path: Path) -> None:
     shown = str(escape(SCRIPT))
     assert html.count(shown) >= 8  # names in tables, the note, the reason, the card's cells
     assert f"norm too large {shown}" in html and f"site {shown} differs" in html
+
+
+def test_report_labels_the_verdict_final_and_each_round_provisional(store: RunStore, tmp_path: Path) -> None:
+    """The fabricated run has finished: its verdict is final; the table lists both rounds'
+    verdicts as provisional. Reopened (running again), the verdict itself is provisional."""
+    html = write_report(store, RUN, tmp_path / "report.html").read_text()
+    assert '<span class="status">(final)</span>' in html
+    assert "Verdict per round (each provisional" in html and "changed 0 time(s)" in html
+    assert html.count("<td>ALARM</td>") == 2
+    store.record_bias(RUN, 2, {**VERDICT, "alarm": False, "reasons": [], "signals": []})
+    store.reopen_run(RUN, after_round=2)
+    html = write_report(store, RUN, tmp_path / "running.html").read_text()
+    assert '<span class="status">(provisional: the study is still running)</span>' in html and "(final)" not in html
+    assert "changed 1 time(s)" in html and "<td>no alarm</td>" in html
