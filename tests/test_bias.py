@@ -7,7 +7,6 @@ import pytest
 
 from fedir.metrics import auc_from_histograms, site_metrics
 from fedir.strategies.bias import evaluation_level, pooled_vs_within_auc, site_label_association, verdict
-from fedir.strategies.heterogeneity import auc_heterogeneity
 
 CONFOUNDED = {"a": {0: 5, 1: 95}, "b": {0: 90, 1: 10}, "c": {0: 88, 1: 12}}
 BALANCED = {"a": {0: 40, 1: 60}, "b": {0: 42, 1: 58}, "c": {0: 39, 1: 61}}
@@ -229,17 +228,6 @@ def test_gap_falls_back_to_images_with_the_reason_when_a_site_has_no_per_patient
     out = pooled_vs_within_auc(per_site)
     assert out["level"] == "image" and out["level_reason"] == why
     assert out["site_auc"]["a"] == per_site["a"]["auc"]  # every site per image, never a mix
-    heterogeneity = auc_heterogeneity(per_site)
-    assert heterogeneity["level"] == "image" and heterogeneity["level_reason"] == why
-
-
-def test_heterogeneity_meta_analyses_the_per_patient_aucs():
-    rng = np.random.default_rng(7)
-    per_site = {k: _patients(rng, 20, 6, 0.5, 0.0) for k in ("a", "b", "c")}
-    out = auc_heterogeneity(per_site)
-    assert out["level"] == "patient"
-    assert out["site_auc"] == {k: m["per_patient"]["auc"] for k, m in per_site.items()}
-    assert out["site_auc"] != {k: m["auc"] for k, m in per_site.items()}
 
 
 # ---- verdict ------------------------------------------------------------------------------
