@@ -28,12 +28,21 @@ thresholds, the false-alarm rate, the detection curve per family and strength).
     python benchmarks/bias_calibration.py [--reps 5] [--work DIR]
     python benchmarks/bias_calibration.py --add-strengths 0.2 0.35   # more points on the
         # MedMNIST curves, with the thresholds already chosen in the results file
+    python benchmarks/bias_calibration.py --families synthetic heart --reps 6 \
+        --out benchmarks/results/bias_calibration_synthetic.json   # the tuning set and these only
+    python benchmarks/bias_calibration.py --stability --rounds 4   # the verdict of every round,
+        # per seed, on clean and --confound 0.5 synthetic XA: benchmarks/results/bias_stability.json
+
+Studies write under --work and the stability measurement keeps each round's bias inputs
+there; both are reused by a later call with the same --work (named with a hash of the
+synthetic generator's source, so that a changed generator is never reused).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import pickle
@@ -51,6 +60,7 @@ import torch
 from fedir.config import Settings
 from fedir.server import server_app
 from fedir.server.runstore import RunStore
+from fedir.simulations import synthetic
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.medmnist import import_medmnist
 from fedir.simulations.synthetic import generate_federation
@@ -113,8 +123,14 @@ def deplete_positives(manifest: Path, share: float, rng: np.random.Generator) ->
 
 
 
+def generator_version() -> str:
+    """A hash of the synthetic XA generator's source: in the names of the federations (and
+    kept inputs) written under --work, so that a changed generator never reuses old ones."""
+    return hashlib.sha1(Path(synthetic.__file__).read_bytes()).hexdigest()[:10]
+
+
 def synthetic_federation(work: Path, *, sites: int, seed: int, confound: float) -> list[str]:
-    out = work / f"synth-k{sites}-s{seed}-c{confound}"
+    out = work / f"synth-{generator_version()}-k{sites}-s{seed}-c{confound}"
     generate_federation(out, sites=sites, patients=60, seed=seed, confound=confound,
                         unlabelled_fraction=0.0, image_size=64, progress=False)
     return [str(out / f"site-{k}") for k in range(sites)]
@@ -312,7 +328,7 @@ def stability_study(work: Path, *, confound: float, seed: int, rounds: int, step
     """One synthetic XA study whose every round's bias inputs are kept (in `work`, pickled), so
     that later code can judge the same rounds again without retraining. Also kept: the verdict
     the server recorded per round, with the commit of the code that recorded it."""
-    key = f"synth-k4-p{patients}-s{seed}-c{confound}-r{rounds}-st{steps}"
+    key = f"synth-{generator_version()}-k4-p{patients}-s{seed}-c{confound}-r{rounds}-st{steps}"
     cache = work / "stability" / f"{key}.pkl"
     if cache.exists():
         return pickle.loads(cache.read_bytes())
@@ -327,7 +343,7 @@ def stability_study(work: Path, *, confound: float, seed: int, rounds: int, step
         assert run_id is not None  # the study just wrote it
         recorded = [(store.bias(run_id, r) or {}).get("alarm") for r in range(1, len(result["rounds"]) + 1)]
     kept = {"rounds": result["rounds"], "seconds": result["seconds"], "pooled_auc": result["pooled_auc"],
-            "recorded_alarm": recorded, "recorded_by": code_version()}
+            "recorded_alarm": recorded, "recorded_by": {**code_version(), "generator": generator_version()}}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(pickle.dumps(kept))
     return kept
@@ -394,6 +410,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription)")
     parser.add_argument("--add-strengths", type=float, nargs="+", default=None,
                         help="only run the MedMNIST skew conditions at these strengths and add them to the results")
+    parser.add_argument("--families", nargs="+", default=None,
+                        choices=["pneumoniamnist", "breastmnist", "synthetic", "heart"],
+                        help="only these families' reported federations (the tuning ones always run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file of a calibration run")
     parser.add_argument("--stability", action="store_true",
                         help="only the stability measurement: the verdict of every round, per seed (bias_stability.json)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--stability: the seeds")
@@ -411,7 +431,7 @@ def main() -> None:
         add_strengths(args)
         return
     started = time.time()
-    runs = plan(args.reps)
+    runs = [r for r in plan(args.reps) if r["role"] == "tuning" or not args.families or r["family"] in args.families]
     done = []
     for i, run in enumerate(runs, 1):
         result = execute(run, args.work, args.rounds, args.steps)
@@ -431,14 +451,15 @@ def main() -> None:
         entry["default_verdict"] = summarise(verdict_of(r["inputs"], default))
         reported.append(entry)
     clean = [r for r in reported if r["role"] == "clean"]
-    heart = heart_case(args.work, chosen)
+    heart = heart_case(args.work, chosen) if not args.families or "heart" in args.families else None
     result = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "flwr": flwr.__version__,
                     "loadavg_end": os.getloadavg(), "shared_machine": True},
         "protocol": {"rounds": args.rounds, "local_steps": args.steps, "batch_size": 32, "model": "resnet_small",
                      "image_size": {"medmnist": 28, "synthetic": 64}, "eval_bootstrap": 200,
-                     "tuning_federations": len(tuning)},
+                     "tuning_federations": len(tuning), "reps": args.reps, "families": args.families or "all"},
+        "code": {**code_version(), "generator": generator_version()},
         "default_thresholds": asdict(default), "chosen_thresholds": asdict(chosen), "threshold_notes": notes,
         "false_alarm_rate": float(np.mean([r["verdict"]["alarm"] for r in clean])),
         "false_alarms": sum(r["verdict"]["alarm"] for r in clean), "clean_federations": len(clean),
@@ -449,8 +470,8 @@ def main() -> None:
         "federations": reported,
         "wall_seconds": round(time.time() - started, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1, default=float))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps({k: result[k] for k in ("chosen_thresholds", "false_alarm_rate", "clean_federations", "rates",
                                              "heart")},
                      indent=1))
