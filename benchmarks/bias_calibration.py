@@ -33,9 +33,10 @@ thresholds, the false-alarm rate, the detection curve per family and strength).
     python benchmarks/bias_calibration.py --stability --rounds 4   # the verdict of every round,
         # per seed, on clean and --confound 0.5 synthetic XA: benchmarks/results/bias_stability.json
 
-Studies write under --work and the stability measurement keeps each round's bias inputs
-there; both are reused by a later call with the same --work (named with a hash of the
-synthetic generator's source, so that a changed generator is never reused).
+Studies write under --work and keep their bias inputs there (the stability measurement,
+every round's); a later call with the same --work and protocol judges those again without
+training (named with a hash of the synthetic generator's source, so that a changed generator
+is never reused).
 """
 
 from __future__ import annotations
@@ -244,6 +245,20 @@ def plan(reps: int) -> list[dict]:
 
 
 def execute(run: dict, work: Path, rounds: int, steps: int) -> dict:
+    """One federation's study, or its result kept under `work` by an earlier call with the
+    same protocol (the bias inputs are all a verdict needs, so other code can judge them)."""
+    version = generator_version() if run["family"] == "synthetic" else "medmnist"
+    kept = work / "kept" / (f"{run['family']}-{version}-{run['condition']}-{run['strength']}-{run['seed']}-"
+                            f"{run['sites']}-r{rounds}-st{steps}.pkl")
+    if kept.exists():
+        return pickle.loads(kept.read_bytes())
+    result = _execute(run, work, rounds, steps)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(pickle.dumps(result))
+    return result
+
+
+def _execute(run: dict, work: Path, rounds: int, steps: int) -> dict:
     if run["family"] == "synthetic":
         sites = synthetic_federation(work, sites=run["sites"], seed=run["seed"], confound=run["strength"])
         size = 64
@@ -257,21 +272,29 @@ def execute(run: dict, work: Path, rounds: int, steps: int) -> dict:
 
 
 def heart_case(work: Path, thresholds: Thresholds) -> dict:
-    """The real case: the four Heart Disease hospitals, FedAvg logistic regression."""
-    out = work / "heart"
-    import_heart(out, DATA / "uci_heart_disease")
-    settings = Settings(
-        federation_sites=";".join(str(out / c) for c in CENTRES), model_name="logreg", train_rounds=15,
-        train_local_steps=100, train_batch_size=4, train_optimizer="sgd", train_lr=0.01,
-        train_weight_decay=0.0, train_seed=42, eval_bootstrap=200, bias_cross_site=True,
-    )
-    capture = Captured()
-    server_app.analyse = capture
-    try:
-        run_inprocess(settings, work / "runs" / "heart")
-    finally:
-        server_app.analyse = capture._real
-    v = verdict_of(capture.last, thresholds)
+    """The real case: the four Heart Disease hospitals, FedAvg logistic regression (its bias
+    inputs kept under `work` like every study's: see `execute`)."""
+    kept = work / "kept" / "heart.pkl"
+    if kept.exists():
+        inputs = pickle.loads(kept.read_bytes())
+    else:
+        out = work / "heart"
+        import_heart(out, DATA / "uci_heart_disease")
+        settings = Settings(
+            federation_sites=";".join(str(out / c) for c in CENTRES), model_name="logreg", train_rounds=15,
+            train_local_steps=100, train_batch_size=4, train_optimizer="sgd", train_lr=0.01,
+            train_weight_decay=0.0, train_seed=42, eval_bootstrap=200, bias_cross_site=True,
+        )
+        capture = Captured()
+        server_app.analyse = capture
+        try:
+            run_inprocess(settings, work / "runs" / "heart")
+        finally:
+            server_app.analyse = capture._real
+        inputs = capture.last
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(pickle.dumps(inputs))
+    v = verdict_of(inputs, thresholds)
     return {**summarise(v), "reasons": v["reasons"], "warnings": v["warnings"],
             "sensitivity": v["sensitivity"]["flags"]}
 
