@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from fedir.metrics import auc_from_histograms, site_metrics
+from fedir.metrics import auc_from_histograms, pooled_auc, site_metrics
 from fedir.strategies.bias import evaluation_level, pooled_vs_within_auc, site_label_association, verdict
+from fedir.strategies.frankenstein import Thresholds, analyse
 
 CONFOUNDED = {"a": {0: 5, 1: 95}, "b": {0: 90, 1: 10}, "c": {0: 88, 1: 12}}
 BALANCED = {"a": {0: 40, 1: 60}, "b": {0: 42, 1: 58}, "c": {0: 39, 1: 61}}
@@ -228,6 +229,18 @@ def test_gap_falls_back_to_images_with_the_reason_when_a_site_has_no_per_patient
     out = pooled_vs_within_auc(per_site)
     assert out["level"] == "image" and out["level_reason"] == why
     assert out["site_auc"]["a"] == per_site["a"]["auc"]  # every site per image, never a mix
+
+
+def test_leave_one_site_out_moves_the_per_patient_pooled_auc():
+    """The sensitivity's pooled AUC without each site is the per-patient one, like the gap it reruns."""
+    rng = np.random.default_rng(8)
+    per_site = {k: _patients(rng, 20, 6, 0.5, shift) for k, shift in (("a", 0.0), ("b", 0.5), ("c", -0.5))}
+    counts = {k: {0: 10, 1: 10} for k in per_site}
+    by_site = analyse(counts, per_site, {}, Thresholds(bootstrap=0))["sensitivity"]["by_site"]
+    for left_out, entry in by_site.items():
+        rest = {k: m["per_patient"] for k, m in per_site.items() if k != left_out}
+        assert entry["pooled_auc"] == pytest.approx(pooled_auc(rest))
+        assert entry["pooled_auc"] != pytest.approx(pooled_auc({k: per_site[k] for k in rest}))
 
 
 # ---- verdict ------------------------------------------------------------------------------
