@@ -74,6 +74,7 @@ def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, An
         "rounds_planned": _planned_rounds(run["config"]), "n_sites": len(run["sites"]),
         "global_auc": series[-1][1] if series else None,
         "alarm": None if bias is None else bool(bias.get("alarm")),
+        "verdict_final": bias is not None and verdict_is_final(run["status"]),
         "auc_series": series,
     }
 

@@ -64,7 +64,8 @@ function renderRuns(data) {
   body.replaceChildren(...data.runs.map((run) => {
     const rounds = run.rounds_done + (run.rounds_planned ? " / " + run.rounds_planned : "");
     const alarm = run.alarm === null ? el("span", { class: "muted" }, "not yet")
-      : el("span", { class: run.alarm ? "yes" : "no" }, run.alarm ? "ALARM" : "no alarm");
+      : el("span", { class: run.alarm ? "yes" : "no" },
+        (run.alarm ? "ALARM" : "no alarm") + (run.verdict_final ? "" : " (provisional)"));
     const row = el("tr", { "data-run": runKey(run), class: runKey(run) === state.selected ? "selected" : "" },
       el("td", { class: "name" }, run.run_id), el("td", { class: "name" }, run.source),
       el("td", { class: "name" }, run.scenario), el("td", { class: "name status-" + run.status }, run.status),
