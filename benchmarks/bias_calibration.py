@@ -32,6 +32,8 @@ thresholds, the false-alarm rate, the detection curve per family and strength).
         --out benchmarks/results/bias_calibration_synthetic.json   # the tuning set and these only
     python benchmarks/bias_calibration.py --stability --rounds 4   # the verdict of every round,
         # per seed, on clean and --confound 0.5 synthetic XA: benchmarks/results/bias_stability.json
+    python benchmarks/bias_calibration.py --null 1000   # the gap's false alarms on simulated clean
+        # federations (no training), per image and per patient: benchmarks/results/bias_gap_null.json
 
 Studies write under --work and keep their bias inputs there (the stability measurement,
 every round's); a later call with the same --work and protocol judges those again without
@@ -59,6 +61,7 @@ import numpy as np
 import torch
 
 from fedir.config import Settings
+from fedir.metrics import site_metrics
 from fedir.server import server_app
 from fedir.server.runstore import RunStore
 from fedir.simulations import synthetic
@@ -66,6 +69,7 @@ from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.medmnist import import_medmnist
 from fedir.simulations.synthetic import generate_federation
 from fedir.simulations.uci_heart import CENTRES, import_heart
+from fedir.strategies.bias import pooled_vs_within_auc
 from fedir.strategies.frankenstein import Thresholds, analyse
 
 RESULTS = Path(__file__).parent / "results" / "bias_calibration.json"
@@ -424,6 +428,51 @@ def stability(args: argparse.Namespace) -> None:
     print(json.dumps({k: result[k] for k in ("final_alarms", "seeds", "max_changes_last", "judged_by")}, indent=1))
 
 
+NULL = Path(__file__).parent / "results" / "bias_gap_null.json"
+
+
+def null_site(rng: np.random.Generator, patients: int, prevalence: float, shift: float) -> dict:
+    """A clean site's test aggregates (fedir.metrics.site_metrics) without training: each
+    patient has 1-5 images that share the patient's score level (a patient effect of SD 1,
+    image noise of SD 0.3), the disease moves the score a little (0.6 on the logit), and the
+    site its own way (`shift`, unrelated to the label): no confounding."""
+    y = (rng.random(patients) < prevalence).astype(int)
+    if y.min() == y.max():
+        y[0] = 1 - y[0]
+    effect = 0.6 * (y - 0.5) + shift + rng.normal(0, 1.0, patients)
+    images = rng.integers(1, 6, patients)
+    scores = 1 / (1 + np.exp(-(np.repeat(effect, images) + rng.normal(0, 0.3, images.sum()))))
+    ids = np.repeat([f"p{i}" for i in range(patients)], images)
+    return site_metrics(np.repeat(y, images), scores, ids, n_boot=50, seed=0)
+
+
+def gap_null(args: argparse.Namespace) -> None:
+    """How often the pooled-vs-within gap alone alarms on clean federations whose images are
+    correlated within patients, judged per image and per patient (the same aggregates)."""
+    started = time.time()
+    rng = np.random.default_rng(args.null_seed)
+    alarms = {"image": 0, "patient": 0}
+    for replicate in range(args.null):
+        per_site = {f"site-{k}": null_site(rng, args.null_patients, 0.4, float(rng.normal(0, 0.5)))
+                    for k in range(4)}
+        images_only = {site: {**m, "per_patient": None} for site, m in per_site.items()}
+        alarms["patient"] += pooled_vs_within_auc(per_site, seed=replicate)["alarm"]
+        alarms["image"] += pooled_vs_within_auc(images_only, seed=replicate)["alarm"]
+    result = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "shared_machine": True},
+        "protocol": {"federations": args.null, "sites": 4, "test_patients_per_site": args.null_patients,
+                     "images_per_patient": "1-5", "prevalence": 0.4, "seed": args.null_seed,
+                     "max_gap": Thresholds().max_auc_gap, "bootstrap": 200},
+        "code": code_version(),
+        "alarms": alarms,
+        "rate": {level: count / args.null for level, count in alarms.items()},
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    NULL.parent.mkdir(parents=True, exist_ok=True)
+    NULL.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["rate"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="federations per confounded condition and strength")
@@ -444,8 +493,16 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=60, help="--stability: patients per site")
     parser.add_argument("--last", type=int, default=3, help="--stability: the verdict changes counted over these last rounds")
     parser.add_argument("--stability-out", type=Path, default=STABILITY, help="--stability: the results file")
+    parser.add_argument("--null", type=int, default=0,
+                        help="only the gap's false alarms on this many simulated clean federations (bias_gap_null.json)")
+    parser.add_argument("--null-seed", type=int, default=0)
+    parser.add_argument("--null-patients", type=int, default=15,
+                        help="--null: test patients per site (12-19 in the 60-patient synthetic sites)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.null:
+        gap_null(args)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stability:
         stability(args)
