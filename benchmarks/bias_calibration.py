@@ -28,15 +28,29 @@ thresholds, the false-alarm rate, the detection curve per family and strength).
     python benchmarks/bias_calibration.py [--reps 5] [--work DIR]
     python benchmarks/bias_calibration.py --add-strengths 0.2 0.35   # more points on the
         # MedMNIST curves, with the thresholds already chosen in the results file
+    python benchmarks/bias_calibration.py --families synthetic heart --reps 6 \
+        --out benchmarks/results/bias_calibration_synthetic.json   # the tuning set and these only
+    python benchmarks/bias_calibration.py --stability --rounds 4   # the verdict of every round,
+        # per seed, on clean and --confound 0.5 synthetic XA: benchmarks/results/bias_stability.json
+    python benchmarks/bias_calibration.py --null 1000   # the gap's false alarms on simulated clean
+        # federations (no training), per image and per patient: benchmarks/results/bias_gap_null.json
+
+Studies write under --work and keep their bias inputs there (the stability measurement,
+every round's); a later call with the same --work and protocol judges those again without
+training (named with a hash of the synthetic generator's source, so that a changed generator
+is never reused).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import pickle
 import platform
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -47,11 +61,15 @@ import numpy as np
 import torch
 
 from fedir.config import Settings
+from fedir.metrics import site_metrics
 from fedir.server import server_app
+from fedir.server.runstore import RunStore
+from fedir.simulations import synthetic
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.medmnist import import_medmnist
 from fedir.simulations.synthetic import generate_federation
 from fedir.simulations.uci_heart import CENTRES, import_heart
+from fedir.strategies.bias import pooled_vs_within_auc
 from fedir.strategies.frankenstein import Thresholds, analyse
 
 RESULTS = Path(__file__).parent / "results" / "bias_calibration.json"
@@ -59,14 +77,25 @@ DATA = Path(os.environ.get("FEDIR_DATA", Path(__file__).resolve().parents[1].par
 
 
 class Captured:
-    """The inputs of the server's last `analyse` call (the final round, with cross-site)."""
+    """The inputs of the server's `analyse` calls: `last` (the final round, with cross-site)
+    and `rounds` (each evaluated round's, in order, the last with cross-site where it ran).
+
+    The server calls `analyse` once per evaluated round, in order, and once more for the last
+    round with the cross-site matrix (StudyRecorder.on_cross_site), which replaces that
+    round's verdict in the store; `rounds` mirrors that.
+    """
 
     def __init__(self) -> None:
         self.last: tuple | None = None
+        self.rounds: list[tuple] = []
         self._real = server_app.analyse
 
     def __call__(self, label_counts, per_site, moments, thresholds, cross_site=None, seed=0, **kwargs):
         self.last = (dict(label_counts), dict(per_site), dict(moments), cross_site, seed)
+        if cross_site is not None and self.rounds:
+            self.rounds[-1] = self.last
+        else:
+            self.rounds.append(self.last)
         return self._real(label_counts, per_site, moments, thresholds, cross_site, seed, **kwargs)
 
 
@@ -99,8 +128,14 @@ def deplete_positives(manifest: Path, share: float, rng: np.random.Generator) ->
 
 
 
+def generator_version() -> str:
+    """A hash of the synthetic XA generator's source: in the names of the federations (and
+    kept inputs) written under --work, so that a changed generator never reuses old ones."""
+    return hashlib.sha1(Path(synthetic.__file__).read_bytes()).hexdigest()[:10]
+
+
 def synthetic_federation(work: Path, *, sites: int, seed: int, confound: float) -> list[str]:
-    out = work / f"synth-k{sites}-s{seed}-c{confound}"
+    out = work / f"synth-{generator_version()}-k{sites}-s{seed}-c{confound}"
     generate_federation(out, sites=sites, patients=60, seed=seed, confound=confound,
                         unlabelled_fraction=0.0, image_size=64, progress=False)
     return [str(out / f"site-{k}") for k in range(sites)]
@@ -121,7 +156,8 @@ def study(sites: list[str], out: Path, *, image_size: int, seed: int, rounds: in
         seconds = time.perf_counter() - start
     finally:
         server_app.analyse = capture._real
-    return {"inputs": capture.last, "seconds": seconds, "pooled_auc": summary["global"]["auc"]}
+    return {"inputs": capture.last, "rounds": capture.rounds, "seconds": seconds,
+            "pooled_auc": summary["global"]["auc"]}
 
 
 STATISTICS = {  # per signal, the numbers worth keeping for every federation
@@ -213,6 +249,20 @@ def plan(reps: int) -> list[dict]:
 
 
 def execute(run: dict, work: Path, rounds: int, steps: int) -> dict:
+    """One federation's study, or its result kept under `work` by an earlier call with the
+    same protocol (the bias inputs are all a verdict needs, so other code can judge them)."""
+    version = generator_version() if run["family"] == "synthetic" else "medmnist"
+    kept = work / "kept" / (f"{run['family']}-{version}-{run['condition']}-{run['strength']}-{run['seed']}-"
+                            f"{run['sites']}-r{rounds}-st{steps}.pkl")
+    if kept.exists():
+        return pickle.loads(kept.read_bytes())
+    result = _execute(run, work, rounds, steps)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(pickle.dumps(result))
+    return result
+
+
+def _execute(run: dict, work: Path, rounds: int, steps: int) -> dict:
     if run["family"] == "synthetic":
         sites = synthetic_federation(work, sites=run["sites"], seed=run["seed"], confound=run["strength"])
         size = 64
@@ -226,21 +276,29 @@ def execute(run: dict, work: Path, rounds: int, steps: int) -> dict:
 
 
 def heart_case(work: Path, thresholds: Thresholds) -> dict:
-    """The real case: the four Heart Disease hospitals, FedAvg logistic regression."""
-    out = work / "heart"
-    import_heart(out, DATA / "uci_heart_disease")
-    settings = Settings(
-        federation_sites=";".join(str(out / c) for c in CENTRES), model_name="logreg", train_rounds=15,
-        train_local_steps=100, train_batch_size=4, train_optimizer="sgd", train_lr=0.01,
-        train_weight_decay=0.0, train_seed=42, eval_bootstrap=200, bias_cross_site=True,
-    )
-    capture = Captured()
-    server_app.analyse = capture
-    try:
-        run_inprocess(settings, work / "runs" / "heart")
-    finally:
-        server_app.analyse = capture._real
-    v = verdict_of(capture.last, thresholds)
+    """The real case: the four Heart Disease hospitals, FedAvg logistic regression (its bias
+    inputs kept under `work` like every study's: see `execute`)."""
+    kept = work / "kept" / "heart.pkl"
+    if kept.exists():
+        inputs = pickle.loads(kept.read_bytes())
+    else:
+        out = work / "heart"
+        import_heart(out, DATA / "uci_heart_disease")
+        settings = Settings(
+            federation_sites=";".join(str(out / c) for c in CENTRES), model_name="logreg", train_rounds=15,
+            train_local_steps=100, train_batch_size=4, train_optimizer="sgd", train_lr=0.01,
+            train_weight_decay=0.0, train_seed=42, eval_bootstrap=200, bias_cross_site=True,
+        )
+        capture = Captured()
+        server_app.analyse = capture
+        try:
+            run_inprocess(settings, work / "runs" / "heart")
+        finally:
+            server_app.analyse = capture._real
+        inputs = capture.last
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(pickle.dumps(inputs))
+    v = verdict_of(inputs, thresholds)
     return {**summarise(v), "reasons": v["reasons"], "warnings": v["warnings"],
             "sensitivity": v["sensitivity"]["flags"]}
 
@@ -281,6 +339,140 @@ def add_strengths(args: argparse.Namespace) -> None:
     print(json.dumps(result["rates"], indent=1))
 
 
+STABILITY = Path(__file__).parent / "results" / "bias_stability.json"
+
+
+def code_version() -> dict:
+    """The commit the code ran from, and whether the work tree differed from it."""
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def stability_study(work: Path, *, confound: float, seed: int, rounds: int, steps: int, patients: int) -> dict:
+    """One synthetic XA study whose every round's bias inputs are kept (in `work`, pickled), so
+    that later code can judge the same rounds again without retraining. Also kept: the verdict
+    the server recorded per round, with the commit of the code that recorded it."""
+    key = f"synth-{generator_version()}-k4-p{patients}-s{seed}-c{confound}-r{rounds}-st{steps}"
+    cache = work / "stability" / f"{key}.pkl"
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    data = work / "stability" / "data" / key
+    generate_federation(data, sites=4, patients=patients, seed=seed, confound=confound,
+                        unlabelled_fraction=0.0, image_size=64, progress=False)
+    out = work / "stability" / "runs" / key
+    result = study([str(data / f"site-{k}") for k in range(4)], out, image_size=64, seed=seed, rounds=rounds,
+                   steps=steps)
+    with RunStore(out / "runs.sqlite") as store:
+        run_id = store.latest_run_id()
+        assert run_id is not None  # the study just wrote it
+        recorded = [(store.bias(run_id, r) or {}).get("alarm") for r in range(1, len(result["rounds"]) + 1)]
+    kept = {"rounds": result["rounds"], "seconds": result["seconds"], "pooled_auc": result["pooled_auc"],
+            "recorded_alarm": recorded, "recorded_by": {**code_version(), "generator": generator_version()}}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(pickle.dumps(kept))
+    return kept
+
+
+def changes(alarms: list[bool]) -> int:
+    """How many times the verdict flips between consecutive rounds."""
+    return sum(a != b for a, b in zip(alarms, alarms[1:]))
+
+
+def stability(args: argparse.Namespace) -> None:
+    """Per seed, the verdict of every round of a clean and a confounded synthetic federation
+    (the server's default thresholds), and how often it changes over the last rounds."""
+    started = time.time()
+    thresholds = Thresholds()
+    federations = []
+    for confound in args.confounds:
+        for seed in args.seeds:
+            kept = stability_study(args.work, confound=confound, seed=seed, rounds=args.rounds, steps=args.steps,
+                                   patients=args.patients)
+            per_round = []
+            for i, inputs in enumerate(kept["rounds"]):
+                label_counts, per_site, moments, cross_site, run_seed = inputs
+                v = analyse(label_counts, per_site, moments, thresholds, cross_site, run_seed,
+                            final=i == len(kept["rounds"]) - 1)
+                gap = v["tests"]["pooled_vs_within_auc"]
+                per_round.append({"round": i + 1, "alarm": v["alarm"], "signals": v["signals"],
+                                  "gap": {k: gap.get(k) for k in ("level", "gap", "gap_ci", "gap_ci_sites")}})
+            alarms = [r["alarm"] for r in per_round]
+            federations.append({
+                "confound": confound, "seed": seed, "seconds": round(kept["seconds"], 1),
+                "pooled_auc": kept["pooled_auc"], "final_alarm": alarms[-1], "alarms": alarms,
+                "changes": changes(alarms), f"changes_last_{args.last}": changes(alarms[-args.last:]),
+                "recorded_alarm": kept["recorded_alarm"], "recorded_by": kept["recorded_by"], "rounds": per_round,
+            })
+            print(f"confound {confound} seed {seed}: alarms per round {alarms}", flush=True)
+    result = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "flwr": flwr.__version__,
+                    "loadavg_end": os.getloadavg(), "shared_machine": True},
+        "protocol": {"sites": 4, "patients_per_site": args.patients, "rounds": args.rounds, "local_steps": args.steps,
+                     "batch_size": 32, "model": "resnet_small", "image_size": 64, "eval_bootstrap": 200,
+                     "thresholds": asdict(thresholds), "last_rounds": args.last},
+        "judged_by": code_version(),
+        "final_alarms": {str(c): sum(f["final_alarm"] for f in federations if f["confound"] == c)
+                         for c in args.confounds},
+        "seeds": len(args.seeds),
+        "max_changes_last": max(f[f"changes_last_{args.last}"] for f in federations),
+        "federations": federations,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    out = args.stability_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps({k: result[k] for k in ("final_alarms", "seeds", "max_changes_last", "judged_by")}, indent=1))
+
+
+NULL = Path(__file__).parent / "results" / "bias_gap_null.json"
+
+
+def null_site(rng: np.random.Generator, patients: int, prevalence: float, shift: float) -> dict:
+    """A clean site's test aggregates (fedir.metrics.site_metrics) without training: each
+    patient has 1-5 images that share the patient's score level (a patient effect of SD 1,
+    image noise of SD 0.3), the disease moves the score a little (0.6 on the logit), and the
+    site its own way (`shift`, unrelated to the label): no confounding."""
+    y = (rng.random(patients) < prevalence).astype(int)
+    if y.min() == y.max():
+        y[0] = 1 - y[0]
+    effect = 0.6 * (y - 0.5) + shift + rng.normal(0, 1.0, patients)
+    images = rng.integers(1, 6, patients)
+    scores = 1 / (1 + np.exp(-(np.repeat(effect, images) + rng.normal(0, 0.3, images.sum()))))
+    ids = np.repeat([f"p{i}" for i in range(patients)], images)
+    return site_metrics(np.repeat(y, images), scores, ids, n_boot=50, seed=0)
+
+
+def gap_null(args: argparse.Namespace) -> None:
+    """How often the pooled-vs-within gap alone alarms on clean federations whose images are
+    correlated within patients, judged per image and per patient (the same aggregates)."""
+    started = time.time()
+    rng = np.random.default_rng(args.null_seed)
+    alarms = {"image": 0, "patient": 0}
+    for replicate in range(args.null):
+        per_site = {f"site-{k}": null_site(rng, args.null_patients, 0.4, float(rng.normal(0, 0.5)))
+                    for k in range(4)}
+        images_only = {site: {**m, "per_patient": None} for site, m in per_site.items()}
+        alarms["patient"] += pooled_vs_within_auc(per_site, seed=replicate)["alarm"]
+        alarms["image"] += pooled_vs_within_auc(images_only, seed=replicate)["alarm"]
+    result = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "shared_machine": True},
+        "protocol": {"federations": args.null, "sites": 4, "test_patients_per_site": args.null_patients,
+                     "images_per_patient": "1-5", "prevalence": 0.4, "seed": args.null_seed,
+                     "max_gap": Thresholds().max_auc_gap, "bootstrap": 200},
+        "code": code_version(),
+        "alarms": alarms,
+        "rate": {level: count / args.null for level, count in alarms.items()},
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    NULL.parent.mkdir(parents=True, exist_ok=True)
+    NULL.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["rate"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="federations per confounded condition and strength")
@@ -290,14 +482,36 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription)")
     parser.add_argument("--add-strengths", type=float, nargs="+", default=None,
                         help="only run the MedMNIST skew conditions at these strengths and add them to the results")
+    parser.add_argument("--families", nargs="+", default=None,
+                        choices=["pneumoniamnist", "breastmnist", "synthetic", "heart"],
+                        help="only these families' reported federations (the tuning ones always run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file of a calibration run")
+    parser.add_argument("--stability", action="store_true",
+                        help="only the stability measurement: the verdict of every round, per seed (bias_stability.json)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--stability: the seeds")
+    parser.add_argument("--confounds", type=float, nargs="+", default=[0.0, 0.5], help="--stability: confound strengths")
+    parser.add_argument("--patients", type=int, default=60, help="--stability: patients per site")
+    parser.add_argument("--last", type=int, default=3, help="--stability: the verdict changes counted over these last rounds")
+    parser.add_argument("--stability-out", type=Path, default=STABILITY, help="--stability: the results file")
+    parser.add_argument("--null", type=int, default=0,
+                        help="only the gap's false alarms on this many simulated clean federations (bias_gap_null.json)")
+    parser.add_argument("--null-seed", type=int, default=0)
+    parser.add_argument("--null-patients", type=int, default=15,
+                        help="--null: test patients per site (12-19 in the 60-patient synthetic sites)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.null:
+        gap_null(args)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.stability:
+        stability(args)
+        return
     if args.add_strengths:
         add_strengths(args)
         return
     started = time.time()
-    runs = plan(args.reps)
+    runs = [r for r in plan(args.reps) if r["role"] == "tuning" or not args.families or r["family"] in args.families]
     done = []
     for i, run in enumerate(runs, 1):
         result = execute(run, args.work, args.rounds, args.steps)
@@ -317,14 +531,15 @@ def main() -> None:
         entry["default_verdict"] = summarise(verdict_of(r["inputs"], default))
         reported.append(entry)
     clean = [r for r in reported if r["role"] == "clean"]
-    heart = heart_case(args.work, chosen)
+    heart = heart_case(args.work, chosen) if not args.families or "heart" in args.families else None
     result = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "flwr": flwr.__version__,
                     "loadavg_end": os.getloadavg(), "shared_machine": True},
         "protocol": {"rounds": args.rounds, "local_steps": args.steps, "batch_size": 32, "model": "resnet_small",
                      "image_size": {"medmnist": 28, "synthetic": 64}, "eval_bootstrap": 200,
-                     "tuning_federations": len(tuning)},
+                     "tuning_federations": len(tuning), "reps": args.reps, "families": args.families or "all"},
+        "code": {**code_version(), "generator": generator_version()},
         "default_thresholds": asdict(default), "chosen_thresholds": asdict(chosen), "threshold_notes": notes,
         "false_alarm_rate": float(np.mean([r["verdict"]["alarm"] for r in clean])),
         "false_alarms": sum(r["verdict"]["alarm"] for r in clean), "clean_federations": len(clean),
@@ -335,8 +550,8 @@ def main() -> None:
         "federations": reported,
         "wall_seconds": round(time.time() - started, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1, default=float))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps({k: result[k] for k in ("chosen_thresholds", "false_alarm_rate", "clean_federations", "rates",
                                              "heart")},
                      indent=1))

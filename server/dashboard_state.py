@@ -5,7 +5,8 @@ parent folder of run folders, each ``runs.sqlite`` possibly holding several runs
 their pooled AUC by round (per patient where there is one), so runs can be compared; ``run_detail`` is one run: progress,
 which sites answered this round, the per-site table of the last evaluated round (built by
 ``summary.build_summary``, so it is exactly what ``summary.json`` says), metric series
-with CIs for the plots, the bias verdict, notes and site data cards.
+with CIs for the plots, the bias verdict (final once the study has ended, else
+provisional) with every round's provisional verdict, notes and site data cards.
 
 The per-site table is formatted here exactly as the terminal table formats it
 (``summary.fmt_with_ci``), so the page and summary.json cannot disagree about a number.
@@ -18,7 +19,7 @@ from typing import Any
 
 from fedir.metrics import SCALAR_METRICS
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable, find_stores
-from fedir.server.runstore import GLOBAL_SITE
+from fedir.server.runstore import GLOBAL_SITE, verdict_changes, verdict_is_final
 from fedir.server.summary import binning_line, build_summary, fmt_value, fmt_with_ci, key_numbers, threshold_line
 
 # Note kinds that mean a site's update or reply did not count this round.
@@ -75,6 +76,7 @@ def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, An
         "rounds_planned": _planned_rounds(run["config"]), "n_sites": len(run["sites"]),
         "global_auc": series[-1][1] if series else None,
         "alarm": None if bias is None else bool(bias.get("alarm")),
+        "verdict_final": bias is not None and verdict_is_final(run["status"]),
         "auc_series": series,
     }
 
@@ -108,6 +110,8 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
     run = store.run(run_id)
     notes = store.notes(run_id)
     bias = summary["bias"]
+    history = store.verdict_history(run_id)
+    verdict_round = _verdict_round(store, run_id, summary["selection"]["round"])
     return {
         "run": {
             "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
@@ -121,8 +125,12 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
         "verdict": {
             "alarm": bool(bias.get("alarm")), "reasons": list(bias.get("reasons") or []),
             "numbers": {name.replace("_", " "): text for name, text in key_numbers(bias).items() if text},
-            "round": _verdict_round(store, run_id, summary["selection"]["round"]),
+            "round": verdict_round,
+            # the study's verdict once it has ended; before, the latest round's, provisional
+            "final": verdict_round is not None and verdict_is_final(run["status"]),
             "alarm_rounds": store.alarm_rounds(run_id),
+            "history": [[entry["round"], entry["alarm"]] for entry in history],
+            "changes": verdict_changes(history),
         },
         "series": {**store.patient_series(run_id, SCALAR_METRICS), **store.series(run_id, SCALAR_METRICS)},
         "threshold": threshold_line(summary.get("threshold")),

@@ -437,6 +437,31 @@ class RunStore:
             ).fetchone()
         return None if row is None else json.loads(row["json"])
 
+    def verdict_history(self, run_id: str) -> list[dict]:
+        """Every round's recorded verdict, in order: ``{"round", "alarm", "signals"}`` (alarm None
+        where a round's verdict was not computed). A round's verdict is provisional: the study's
+        verdict is the one the summary reads, once the study has ended (:func:`verdict_is_final`)."""
+        rows = self._conn.execute(
+            "SELECT round, json_extract(json, '$.alarm') AS alarm, json_extract(json, '$.signals') AS signals "
+            "FROM bias WHERE run_id = ? ORDER BY round", (run_id,),
+        )
+        return [{"round": row["round"], "alarm": None if row["alarm"] is None else bool(row["alarm"]),
+                 "signals": json.loads(row["signals"]) if row["signals"] else []} for row in rows]
+
+
+def verdict_is_final(status: str) -> bool:
+    """A study's verdict is final once no round can follow (the run finished or failed); while
+    it runs, the latest round's verdict is provisional and the next round may change it."""
+    return status != "running"
+
+
+def verdict_changes(history: list[dict]) -> int:
+    """How many times the recorded verdict flips between consecutive rounds (uncomputed
+    rounds skipped): what the dashboard and the report show beside the per-round verdicts,
+    and the stability benchmarks/bias_calibration.py --stability measures."""
+    alarms = [entry["alarm"] for entry in history if entry["alarm"] is not None]
+    return sum(a != b for a, b in zip(alarms, alarms[1:]))
+
 
 def _metric_rows(aggregates: dict) -> dict[str, tuple[float | None, float | None, float | None]]:
     """``{metric: (value, ci_low, ci_high)}`` for every scalar (or None) entry.

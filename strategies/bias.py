@@ -154,15 +154,45 @@ def _association_reason(out: dict, table: np.ndarray, sites: list[str], column: 
 # ---- pooled vs within-site AUC ----------------------------------------------------------
 
 
+def evaluation_level(per_site: Mapping[str, dict]) -> tuple[dict[str, dict], str, str]:
+    """The per-site metrics the between-site tests compare, their level and why not per patient.
+
+    Per patient (each site's ``per_patient``: one row per patient, the mean of their image
+    scores) when every site sent them: the patient is the unit labels and sampling come in,
+    and a patient's images share anatomy, scanner and disease, so counting images as
+    independent makes an interval too narrow and weighs a patient by their number of images.
+    Otherwise per image for every site, never a mix (a pooled histogram must count one kind of
+    unit), with the sites that lack them and their reasons. Returns (metrics by site,
+    "patient" or "image", the reason for "image", else "").
+    """
+    missing = {site: (m.get("reasons") or {}).get("per_patient", "none sent")
+               for site, m in per_site.items() if not m.get("per_patient")}
+    if not missing:
+        return {site: m["per_patient"] for site, m in per_site.items()}, "patient", ""
+    return dict(per_site), "image", "per image: no per-patient metrics from " + "; ".join(
+        f"{site} ({why})" for site, why in missing.items())
+
+
 def pooled_vs_within_auc(
     per_site: Mapping[str, dict], *, max_gap: float = 0.05, n_boot: int = 200, seed: int = 0
 ) -> dict:
     """Compare the AUC of all sites' scores pooled with the mean within-site AUC.
 
     Within a site the hospital is constant, so a within-site AUC measures disease
-    ranking only; pooled, the model is also credited for ranking one hospital's images
+    ranking only; pooled, the model is also credited for ranking one hospital's patients
     above another's. When positives are concentrated at a site the model can tell apart,
-    pooled AUC exceeds within-site AUC: gap = pooled - within > ``max_gap`` alarms.
+    pooled AUC exceeds within-site AUC. Alarm: gap = pooled - within > ``max_gap`` and the
+    95% interval of the gap (``gap_ci``) above 0.
+
+    Computed per patient where every site sent per-patient histograms (``level``, with
+    ``level_reason`` when it falls back to images: :func:`evaluation_level`). ``gap_ci``
+    redraws every site's patients (its class counts fixed) and keeps the sites as they are:
+    the verdict is about these hospitals, and the patients of each are the sample. An
+    interval that also resamples sites (``gap_ci_sites``, reported beside it) answers
+    another question, whether hospitals drawn like these would show the gap; it cannot
+    decide, since a replicate omits any one site with probability (1 - 1/K)^K >= 0.25
+    (about 1/e), so a gap carried by one confounded site, the typical Frankenstein case,
+    would almost never have its interval above 0.
 
     Pooled AUC is the binned Mann-Whitney AUC of the summed histograms of *all* sites,
     including sites with one class only (exactly the sites a confounded federation
@@ -172,21 +202,24 @@ def pooled_vs_within_auc(
     named are those whose mean score (histogram bin centres) is furthest from the pooled
     mean: the sites the model separates from the rest.
     """
-    site_auc = {site: _float_or_none(m.get("auc")) for site, m in per_site.items()}
+    units, level, level_reason = evaluation_level(per_site)
+    site_auc = {site: _float_or_none(m.get("auc")) for site, m in units.items()}
     # Both sides of the gap from the same histograms: binning ties scores within a bin,
     # which lowers a binned AUC, so an exact within-site AUC against a binned pooled one
     # would bias the gap downwards (by 0.03 for a good model with 20 bins, measured).
     binned = {site: auc_from_histograms(m["hist_neg"], m["hist_pos"]) if auc is not None else None
-              for (site, m), auc in zip(per_site.items(), site_auc.values())}
+              for (site, m), auc in zip(units.items(), site_auc.values())}
     excluded = {
-        site: m.get("reasons", {}).get("auc", "AUC undefined") for site, m in per_site.items() if site_auc[site] is None
+        site: m.get("reasons", {}).get("auc", "AUC undefined") for site, m in units.items() if site_auc[site] is None
     }
-    means = {site: _mean_score(m["hist_neg"], m["hist_pos"]) for site, m in per_site.items()}
+    means = {site: _mean_score(m["hist_neg"], m["hist_pos"]) for site, m in units.items()}
     out: dict[str, Any] = {
         "name": "pooled_vs_within_auc",
         "computable": False,
-        "pooled_auc": pooled_auc(per_site),
-        "within_auc": _within_auc(per_site, binned),
+        "level": level,
+        "level_reason": level_reason,
+        "pooled_auc": pooled_auc(units),
+        "within_auc": _within_auc(units, binned),
         "gap": None,
         "gap_ci": None,
         "gap_ci_sites": None,
@@ -203,13 +236,13 @@ def pooled_vs_within_auc(
         return out
     out["computable"] = True
     out["gap"] = out["pooled_auc"] - out["within_auc"]
-    out["gap_ci"] = _gap_ci(per_site, n_boot, seed, resample_sites=False)
-    out["gap_ci_sites"] = _gap_ci(per_site, n_boot, seed, resample_sites=True)
+    out["gap_ci"] = _gap_ci(units, n_boot, seed, resample_sites=False)
+    out["gap_ci_sites"] = _gap_ci(units, n_boot, seed, resample_sites=True)
     out["alarm"] = bool(out["gap"] > max_gap and (out["gap_ci"] is None or out["gap_ci"][0] > 0))
     if out["alarm"]:
-        neg, pos = stack_histograms(per_site)
+        neg, pos = stack_histograms(units)
         pooled_mean = _mean_score(neg.sum(axis=0), pos.sum(axis=0))
-        assert pooled_mean is not None  # a computable pooled AUC has scored images
+        assert pooled_mean is not None  # a computable pooled AUC has scored patients (or images)
         out["sites"] = _most_separated(means, pooled_mean)
         out["reason"] = _gap_reason(out, pooled_mean)
     return out
@@ -272,11 +305,13 @@ def _gap_reason(out: dict, pooled_mean: float) -> str:
         auc = out["site_auc"][site]
         within = f"within-site AUC {auc:.2f}" if auc is not None else f"within-site AUC undefined: {out['excluded'][site]}"
         parts.append(f"{site} mean score {out['site_mean_score'][site]:.2f} ({within})")
-    ci = "" if out["gap_ci"] is None else f" [95% CI {out['gap_ci'][0]:.2f}, {out['gap_ci'][1]:.2f}]"
+    unit = f"{out['level']}s"
+    ci = "" if out["gap_ci"] is None else (
+        f" [95% CI {out['gap_ci'][0]:.2f}, {out['gap_ci'][1]:.2f}, {unit} resampled within each site]")
     return (
-        f"pooled AUC {out['pooled_auc']:.2f} exceeds the mean within-site AUC {out['within_auc']:.2f} "
-        f"by {out['gap']:.2f}{ci} (> {out['thresholds']['max_gap']}): the model separates sites; "
-        f"pooled mean score {pooled_mean:.2f}, " + "; ".join(parts)
+        f"per {out['level']}, pooled AUC {out['pooled_auc']:.2f} exceeds the mean within-site AUC "
+        f"{out['within_auc']:.2f} by {out['gap']:.2f}{ci} (> {out['thresholds']['max_gap']}): the model separates "
+        f"sites; pooled mean score {pooled_mean:.2f}, " + "; ".join(parts)
     )
 
 

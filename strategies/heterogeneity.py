@@ -32,6 +32,14 @@ def auc_heterogeneity(per_site: Mapping[str, dict], *, alpha: float = 0.01, min_
     Alarm: p < ``alpha`` and I^2 >= ``min_i2`` (significant and large: with big test sets a
     trivial difference is significant). The sites named are those whose AUC lies outside
     the random-effects 95% interval around the pooled estimate, furthest first.
+
+    The AUCs are the sites' image-level ones, whose CIs already resample patients (the
+    right unit), not the per-patient AUCs (fedir.strategies.bias.evaluation_level): with the
+    10-20 test patients per site of a small study, a per-patient AUC near 1 has a bootstrap
+    CI truncated at 1, so its standard error is too small, it weighs too much and Q is
+    inflated. Measured on a clean synthetic XA federation (4 sites, 12-19 test patients
+    each; bias_calibration.py --stability, seed 1, round 3): per patient, site AUCs 0.38-0.89
+    gave Q = 14.4 on 3 dof (p = 0.002, an alarm); per image, Q = 2.6.
     """
     estimates = {
         site: (float(m["auc"]), standard_error(m["auc_ci"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from fedir.metrics import pooled_auc
+from fedir.strategies.bias import evaluation_level
 
 Analyse = Callable[[Mapping[str, Mapping[int, int]], Mapping[str, dict], Mapping[str, object]], dict]
 
@@ -31,7 +32,10 @@ def leave_one_site_out(
     on every site. Returns `{"by_site": {site: {...}}, "flags": [sentences], "sites": [...]}`.
     """
     sites = sorted(set(label_counts) | set(per_site))
-    full_auc = pooled_auc(per_site)
+    # per patient where every site has them, like the gap and heterogeneity tests it reruns;
+    # the level is the full federation's, so that a shift is the site's, not a change of unit
+    units = evaluation_level(per_site)[0]
+    full_auc = pooled_auc(units)
     by_site, flags, named = {}, [], []
     if len(sites) < 3:
         return {"by_site": {}, "flags": [], "sites": [],
@@ -41,7 +45,7 @@ def leave_one_site_out(
         rest_sites = {s: v for s, v in per_site.items() if s != site}
         rest_moments = {s: v for s, v in moments.items() if s != site}
         result = analyse(rest_counts, rest_sites, rest_moments)
-        auc = pooled_auc(rest_sites)
+        auc = pooled_auc({s: v for s, v in units.items() if s != site})
         entry = {"alarm": result["alarm"], "signals": result["signals"], "pooled_auc": auc}
         by_site[site] = entry
         if result["alarm"] != full["alarm"]:

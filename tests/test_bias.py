@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from fedir.metrics import auc_from_histograms, site_metrics
-from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
+from fedir.metrics import auc_from_histograms, pooled_auc, site_metrics
+from fedir.strategies.bias import evaluation_level, pooled_vs_within_auc, site_label_association, verdict
+from fedir.strategies.frankenstein import Thresholds, analyse
 
 CONFOUNDED = {"a": {0: 5, 1: 95}, "b": {0: 90, 1: 10}, "c": {0: 88, 1: 12}}
 BALANCED = {"a": {0: 40, 1: 60}, "b": {0: 42, 1: 58}, "c": {0: 39, 1: 61}}
@@ -157,6 +158,91 @@ def test_gap_intervals_have_the_distribution_of_a_per_replicate_loop(resample_si
     width = reference[1] - reference[0]
     assert interval == pytest.approx(reference, abs=0.06 * width)
     assert interval[0] < result["gap"] < interval[1]
+
+
+# ---- the gap per patient --------------------------------------------------------------------
+
+
+def _patients(rng, patients: int, images: int, prevalence: float, shift: float) -> dict:
+    """A site whose patients each have `images` images sharing the patient's score level
+    (a patient effect of SD 1 beside an image noise of SD 0.2): images are not independent."""
+    y = (np.arange(patients) < round(prevalence * patients)).astype(int)
+    effect = (y - 0.5) + shift + rng.normal(0, 1.0, patients)
+    s = 1 / (1 + np.exp(-(np.repeat(effect, images) + rng.normal(0, 0.2, patients * images))))
+    ids = np.repeat([f"p{i}" for i in range(patients)], images)
+    return site_metrics(np.repeat(y, images), s, ids, n_boot=200, seed=1)
+
+
+def _images_only(per_site: dict) -> dict:
+    return {site: {**m, "per_patient": None} for site, m in per_site.items()}
+
+
+def test_gap_is_per_patient_when_every_site_has_them():
+    rng = np.random.default_rng(5)
+    per_site = {"a": _patients(rng, 15, 20, 0.6, 0.35), "b": _patients(rng, 15, 20, 0.4, -0.35)}
+    out = pooled_vs_within_auc(per_site)
+    neg = np.sum([m["per_patient"]["hist_neg"] for m in per_site.values()], axis=0)
+    pos = np.sum([m["per_patient"]["hist_pos"] for m in per_site.values()], axis=0)
+    assert out["level"] == "patient" and out["level_reason"] == ""
+    assert out["pooled_auc"] == pytest.approx(auc_from_histograms(neg, pos))
+    assert out["site_auc"] == {site: m["per_patient"]["auc"] for site, m in per_site.items()}
+
+
+def test_a_chance_gap_over_the_threshold_alarms_per_image_but_not_per_patient():
+    """The issue's clean rounds: 15 patients x 20 correlated images per site, a gap just over
+    0.05 by chance. Resampling images, the interval is narrow and above 0 (a false alarm);
+    resampling patients, it covers 0."""
+    rng = np.random.default_rng(5)
+    per_site = {"a": _patients(rng, 15, 20, 0.6, 0.35), "b": _patients(rng, 15, 20, 0.4, -0.35),
+                "c": _patients(rng, 15, 20, 0.5, 0.0)}
+    by_image = pooled_vs_within_auc(_images_only(per_site))
+    assert by_image["level"] == "image" and by_image["gap"] > 0.05 and by_image["gap_ci"][0] > 0
+    assert by_image["alarm"]
+    by_patient = pooled_vs_within_auc(per_site)
+    assert by_patient["gap"] > 0.05 and by_patient["gap_ci"][0] <= 0 < by_patient["gap_ci"][1]
+    assert not by_patient["alarm"] and by_patient["reason"] == ""
+
+
+def test_a_confounded_site_alarms_per_patient_and_the_site_resampled_interval_cannot_decide():
+    """One hospital holds the positives and scores high. The gap's patient-resampled interval
+    is above 0; the interval that also resamples sites is not (a quarter to a third of its
+    replicates lack the hospital), which is why it is reported and does not decide."""
+    rng = np.random.default_rng(0)
+    per_site = {f"s{k}": _patients(rng, 30, 5, 0.1, -1.0) for k in range(3)}
+    per_site["hot"] = _patients(rng, 30, 5, 0.9, 1.0)
+    out = pooled_vs_within_auc(per_site)
+    assert out["level"] == "patient" and out["gap"] > 0.1 and out["gap_ci"][0] > 0
+    assert out["alarm"] and out["sites"] == ["hot"]
+    assert "per patient" in out["reason"] and "patients resampled within each site" in out["reason"]
+    assert out["gap_ci_sites"][0] <= 0
+    _strict_json(out)
+
+
+def test_gap_falls_back_to_images_with_the_reason_when_a_site_has_no_per_patient_metrics():
+    rng = np.random.default_rng(6)
+    per_site = {"a": _patients(rng, 15, 4, 0.5, 0.0), "b": _patients(rng, 15, 4, 0.5, 0.0)}
+    mixed = np.array([0, 1] * 20)  # each patient has an image of each label
+    per_site["mixed"] = site_metrics(mixed, rng.uniform(0, 1, 40), np.repeat([f"q{i}" for i in range(20)], 2),
+                                     n_boot=50)
+    assert per_site["mixed"]["per_patient"] is None
+    units, level, why = evaluation_level(per_site)
+    assert level == "image" and units == per_site
+    assert why.startswith("per image: no per-patient metrics from mixed (") and "both labels" in why
+    out = pooled_vs_within_auc(per_site)
+    assert out["level"] == "image" and out["level_reason"] == why
+    assert out["site_auc"]["a"] == per_site["a"]["auc"]  # every site per image, never a mix
+
+
+def test_leave_one_site_out_moves_the_per_patient_pooled_auc():
+    """The sensitivity's pooled AUC without each site is the per-patient one, like the gap it reruns."""
+    rng = np.random.default_rng(8)
+    per_site = {k: _patients(rng, 20, 6, 0.5, shift) for k, shift in (("a", 0.0), ("b", 0.5), ("c", -0.5))}
+    counts = {k: {0: 10, 1: 10} for k in per_site}
+    by_site = analyse(counts, per_site, {}, Thresholds(bootstrap=0))["sensitivity"]["by_site"]
+    for left_out, entry in by_site.items():
+        rest = {k: m["per_patient"] for k, m in per_site.items() if k != left_out}
+        assert entry["pooled_auc"] == pytest.approx(pooled_auc(rest))
+        assert entry["pooled_auc"] != pytest.approx(pooled_auc({k: per_site[k] for k in rest}))
 
 
 # ---- verdict ------------------------------------------------------------------------------

@@ -78,6 +78,10 @@ def test_finished_run_matches_summary(page, tmp_path: Path) -> None:
         for reason in summary["bias"]["reasons"]:
             assert reason in verdict.locator(".reasons").inner_text()
         assert "round(s) 3\u20135" in verdict.inner_text()
+        assert "final" in verdict.get_attribute("class").split()  # the run has finished
+        assert "(round 5, final)" in verdict.inner_text()
+        assert "per-round verdicts (provisional): r1 no, r2 no, r3 ALARM" in verdict.inner_text()
+        assert "the verdict changed 1 time(s)" in verdict.inner_text()
         status = page.locator("#round-status").inner_text()
         assert "3 of 4 sites answered" in status and "hospital-d" in status
         assert "rejected" in status and "update norm 1000x" in status
@@ -116,7 +120,7 @@ def test_run_being_written_updates_without_reload(page, tmp_path: Path) -> None:
                                " === '[1,2,3,4]'", timeout=WAIT_MS)  # the pooled line has the new rounds
         assert "Round 4 (evaluated): 4 of 4 sites answered" in page.locator("#round-status").inner_text()
         assert page.locator("#verdict").inner_text().splitlines()[:2] == [
-            "No bias alarm (round 4)", "site label association: p=0.41, Cramer's V=0.07 \u00b7 pooled vs within auc:"
+            "No bias alarm (round 4, provisional)", "site label association: p=0.41, Cramer's V=0.07 \u00b7 pooled vs within auc:"
             " pooled AUC=0.75, within-site AUC=0.74, gap=0.01"]
         screenshot(page, "dashboard-run-being-written")
         assert_local_only(page)

@@ -191,3 +191,21 @@ def test_the_overview_compares_runs_by_their_per_patient_auc(tmp_path: Path) -> 
     line = overview(tmp_path)["runs"][0]
     assert pooled["per_patient"]["auc"] != pytest.approx(pooled["auc"])  # the fabricated levels differ
     assert line["global_auc"] == pytest.approx(pooled["per_patient"]["auc"])
+
+
+def test_verdict_is_provisional_while_the_study_runs_and_final_once_it_ends(tmp_path: Path) -> None:
+    """Every round's verdict is provisional; the page lists them with how often the verdict
+    changed, and labels the study's verdict final only once no round can follow."""
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        write_run(store, "r", SITES[:3], 4, finish=False, alarm_from=2)
+        store.record_bias("r", 4, {"alarm": False, "reasons": [], "signals": [], "tests": {}})
+        assert overview(tmp_path)["runs"][0]["verdict_final"] is False
+        running = run_detail(tmp_path, ".", "r")["verdict"]
+        assert (running["round"], running["final"]) == (4, False)
+        assert running["history"] == [[1, False], [2, True], [3, True], [4, False]]
+        assert running["changes"] == 2
+        store.finish_run("r")
+        assert overview(tmp_path)["runs"][0]["verdict_final"] is True
+        finished = run_detail(tmp_path, ".", "r")["verdict"]
+        assert (finished["round"], finished["final"], finished["alarm"]) == (4, True, False)
+        assert finished["history"] == running["history"]

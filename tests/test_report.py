@@ -181,3 +181,17 @@ def test_terminal_table_marks_a_site_whose_labels_are_per_image(store: RunStore)
     summary["per_site"]["site-a"]["per_patient"] = None
     row = next(line for line in format_site_table(summary).splitlines() if line.startswith("site-a"))
     assert row.startswith("site-a (per image)") and "0.800 [0.700, 0.880]" in row
+
+
+def test_report_labels_the_verdict_final_and_each_round_provisional(store: RunStore, tmp_path: Path) -> None:
+    """The fabricated run has finished: its verdict is final; the table lists both rounds'
+    verdicts as provisional. Reopened (running again), the verdict itself is provisional."""
+    html = write_report(store, RUN, tmp_path / "report.html").read_text()
+    assert '<span class="status">(final)</span>' in html
+    assert "Verdict per round (each provisional" in html and "changed 0 time(s)" in html
+    assert html.count("<td>ALARM</td>") == 2
+    store.record_bias(RUN, 2, {**VERDICT, "alarm": False, "reasons": [], "signals": []})
+    store.reopen_run(RUN, after_round=2)
+    html = write_report(store, RUN, tmp_path / "running.html").read_text()
+    assert '<span class="status">(provisional: the study is still running)</span>' in html and "(final)" not in html
+    assert "changed 1 time(s)" in html and "<td>no alarm</td>" in html

@@ -70,7 +70,8 @@ function renderRuns(data) {
   body.replaceChildren(...data.runs.map((run) => {
     const rounds = run.rounds_done + (run.rounds_planned ? " / " + run.rounds_planned : "");
     const alarm = run.alarm === null ? el("span", { class: "muted" }, "not yet")
-      : el("span", { class: run.alarm ? "yes" : "no" }, run.alarm ? "ALARM" : "no alarm");
+      : el("span", { class: run.alarm ? "yes" : "no" },
+        (run.alarm ? "ALARM" : "no alarm") + (run.verdict_final ? "" : " (provisional)"));
     const row = el("tr", { "data-run": runKey(run), class: runKey(run) === state.selected ? "selected" : "" },
       el("td", { class: "name" }, run.run_id), el("td", { class: "name" }, run.source),
       el("td", { class: "name" }, run.scenario), el("td", { class: "name status-" + run.status }, run.status),
@@ -176,14 +177,20 @@ function renderVerdict(verdict) {
     box.replaceChildren(el("div", { class: "title" }, "No bias verdict yet: no round has been evaluated"));
     return;
   }
-  box.className = "verdict " + (verdict.alarm ? "alarm" : "ok");
+  box.className = "verdict " + (verdict.alarm ? "alarm" : "ok") + (verdict.final ? " final" : " provisional");
   const title = verdict.alarm ? "BIAS ALARM: the label may be confounded with the site" : "No bias alarm";
+  // a running study's verdict is its latest round's: the next round may change it
+  const status = verdict.final ? "final" : "provisional";
   const numbers = Object.entries(verdict.numbers).map(([name, text]) => name + ": " + text).join(" \u00b7 ");
   const history = verdict.alarm_rounds.length
     ? "alarm raised in round(s) " + ranges(verdict.alarm_rounds) : "no round has raised the alarm";
-  const parts = [el("div", { class: "title" }, title + " (round " + verdict.round + ")")];
+  const perRound = "per-round verdicts (provisional): "
+    + verdict.history.map(([round, alarm]) => "r" + round + " " + (alarm === null ? "n/a" : alarm ? "ALARM" : "no")).join(", ")
+    + " \u00b7 the verdict changed " + verdict.changes + " time(s)";
+  const parts = [el("div", { class: "title" }, title + " (round " + verdict.round + ", " + status + ")")];
   if (verdict.reasons.length) parts.push(el("ul", { class: "reasons" }, ...verdict.reasons.map((r) => el("li", {}, r))));
-  parts.push(el("div", { class: "numbers" }, numbers), el("div", { class: "numbers" }, history));
+  parts.push(el("div", { class: "numbers" }, numbers), el("div", { class: "numbers" }, history),
+    el("div", { class: "numbers history" }, perRound));
   box.replaceChildren(...parts);
 }
 

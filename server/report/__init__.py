@@ -35,7 +35,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     summary = build_summary(store, run_id)
     rows = store.metric_rows(run_id)
     sections = [
-        summary_section(summary),
+        summary_section(summary, store.verdict_history(run_id)),
         sites_section(store, run_id, rows, summary),
         calibration_section(summary),
         baseline_section(with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])),

@@ -53,9 +53,15 @@ def _forest(test: dict | None) -> dict | None:
 def _gap(test: dict | None) -> dict | None:
     if not test or not test.get("computable"):
         return None
-    ci = test.get("gap_ci")
-    interval = "" if ci is None else f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]"
-    text = f"Gap {test['gap']:.3f}{interval}, threshold {test['thresholds']['max_gap']}."
+    ci, ci_sites = test.get("gap_ci"), test.get("gap_ci_sites")
+    # verdicts recorded before the gap had a level were per image
+    level = test.get("level", "image")
+    interval = "" if ci is None else f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}, {level}s resampled within each site]"
+    sites = "" if ci_sites is None else (
+        f" Resampling the sites too (would hospitals drawn like these show it?): [{ci_sites[0]:.3f}, {ci_sites[1]:.3f}].")
+    why = f" {test['level_reason']}." if test.get("level_reason") else ""
+    text = (f"Per {level}: gap {test['gap']:.3f}{interval}, threshold {test['thresholds']['max_gap']}; the alarm "
+            f"needs the gap over the threshold and its interval above 0.{sites}{why}")
     return {"png": figures.pooled_against_within(test), "text": text}
 
 

@@ -10,16 +10,19 @@ from datetime import UTC, datetime
 from markupsafe import Markup
 
 from fedir.server.report.render import render
+from fedir.server.runstore import verdict_changes, verdict_is_final
 from fedir.server.summary import key_numbers
 
 _NOTE_KINDS = {"null_metric": "metric not computed", "rejected": "update rejected"}
 
 
-def summary_section(summary: dict) -> Markup:
+def summary_section(summary: dict, history: list[dict]) -> Markup:
     """The run's facts (the selected round and how it was chosen among them), then the
     verdict of the selected round: red with its reasons when the alarm is raised, green
     when it is not, plain with its reason when no verdict could be computed (alarm null);
-    every test's key numbers either way."""
+    every test's key numbers either way. The verdict is labelled final once the study has
+    ended and provisional while it runs; ``history`` (RunStore.verdict_history) is every
+    round's verdict, each provisional, listed with how often it changed."""
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     facts = [
         ("scenario", summary["scenario"]), ("status", summary["status"]),
@@ -51,6 +54,10 @@ def summary_section(summary: dict) -> Markup:
         computed=bias.get("alarm") is not None,
         reasons=[str(r) for r in bias.get("reasons") or []],
         numbers=[(name.replace("_", " "), text) for name, text in key_numbers(bias).items() if text],
+        final=verdict_is_final(summary["status"]),
+        history=[(entry["round"], {True: "ALARM", False: "no alarm", None: "not computed"}[entry["alarm"]],
+                  ", ".join(entry["signals"]) or "-") for entry in history],
+        changes=verdict_changes(history),
     )
 
 
