@@ -7,6 +7,7 @@
         [--labelled-fraction F] [--seed S] [--marker-site N] [--prevalence-skew S [--skew-site N]]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
     fedir compare SCENARIO.toml --out DIR [--seeds 0 1 2] [--arms ARM ...] [--set section.key=value ...]
+    fedir nodes RUN_DIR [--run RUN_ID]
     fedir dashboard RUN_DIR [--port P] [--host 127.0.0.1]
     fedir certs init DIR --host NAME [--host NAME ...] [--force]
     fedir certs server DIR --host NAME [--host NAME ...] [--ca-key PATH] [--force]
@@ -114,6 +115,27 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare(settings, out, args.seeds, arms, progress=lambda line: print(line, flush=True))
     print("\n" + markdown(result))
     print(f"\ntable: {(out / 'compare.md').resolve()}")
+    return 0
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    from fedir.errors import UserError
+    from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable
+
+    try:
+        store = ReadOnlyRunStore(Path(args.run_dir) / "runs.sqlite")
+    except StoreUnreadable as exc:
+        raise UserError(str(exc)) from None
+    run_id = args.run or store.latest_run_id()
+    if run_id is None:
+        raise UserError(f"{args.run_dir}/runs.sqlite holds no run yet")
+    rows = store.nodes(run_id)
+    print(f"run {run_id}: the Flower node id of each site (what `flwr supernode ls` lists)")
+    print(f"{'site':24s} {'node id':>22s}  rounds")
+    for row in rows:
+        print(f"{row['site']:24s} {row['node_id']:>22d}  {row['first_round']}-{row['last_round']}")
+    if not rows:
+        print("(no site has trained in this run yet)")
     return 0
 
 
@@ -259,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a scenario setting (repeatable)")
     cmp.set_defaults(func=_compare)
+
+    nodes = sub.add_parser("nodes", help="which Flower node id answered as which site (`flwr supernode ls` "
+                           "shows node ids only)")
+    nodes.add_argument("run_dir", type=Path, help="the study's output.dir (its runs.sqlite)")
+    nodes.add_argument("--run", default=None, help="a run id (default: the latest run in the folder)")
+    nodes.set_defaults(func=_nodes)
 
     dash = sub.add_parser("dashboard", help="watch runs in a local web page while they are written")
     dash.add_argument("run_dir", type=Path, help="a run folder (runs.sqlite) or a folder of run folders")

@@ -45,6 +45,7 @@ class ReadOnlyRunStore(RunStore):
         except sqlite3.DatabaseError as exc:
             raise StoreUnreadable(f"{self.path} cannot be read as SQLite ({exc}): the file is damaged"
                                   " or is not a run store") from None
+        self._tables = tables
         missing = {"runs", "metrics", "notes", "bias", "vectors"} - tables
         if missing:
             self._conn.close()
@@ -70,6 +71,10 @@ class ReadOnlyRunStore(RunStore):
         else:
             with super()._snapshot() as cur:
                 yield cur
+
+    def nodes(self, run_id: str) -> list[dict]:
+        """RunStore.nodes; none for a store an older fedir wrote (it kept no node ids)."""
+        return super().nodes(run_id) if "nodes" in self._tables else []
 
     def run_ids(self) -> list[str]:
         """Every run in the file, oldest first."""

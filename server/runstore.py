@@ -94,6 +94,10 @@ CREATE TABLE IF NOT EXISTS bias (
 CREATE TABLE IF NOT EXISTS cards (
     run_id TEXT NOT NULL, site TEXT NOT NULL, json TEXT NOT NULL,
     PRIMARY KEY (run_id, site));
+CREATE TABLE IF NOT EXISTS nodes (
+    run_id TEXT NOT NULL, site TEXT NOT NULL, node_id INTEGER NOT NULL,
+    first_round INTEGER NOT NULL, last_round INTEGER NOT NULL,
+    PRIMARY KEY (run_id, site, node_id));
 """
 
 # Metrics that are counts: stored as REAL (the contract), handed back as int.
@@ -306,6 +310,24 @@ class RunStore:
         """Store a site's data card (a later one from the same site replaces it)."""
         with self._transaction() as cur:
             cur.execute("INSERT OR REPLACE INTO cards VALUES (?, ?, ?)", (run_id, site, _dumps(card)))
+
+    def record_nodes(self, run_id: str, server_round: int, nodes: Mapping[str, int]) -> None:
+        """Which Flower node answered as which site in `server_round`: what `flwr supernode ls`
+        lists by node id alone (a site whose SuperNode was replaced gets a second row)."""
+        with self._transaction() as cur:
+            cur.executemany(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, site, node_id)"
+                " DO UPDATE SET last_round = MAX(last_round, excluded.last_round)",
+                [(run_id, site, int(node), server_round, server_round) for site, node in nodes.items()],
+            )
+
+    def nodes(self, run_id: str) -> list[dict]:
+        """``[{"site", "node_id", "first_round", "last_round"}]`` of a run, by site."""
+        rows = self._conn.execute(
+            "SELECT site, node_id, first_round, last_round FROM nodes WHERE run_id = ? ORDER BY site, first_round",
+            (run_id,),
+        )
+        return [dict(row) for row in rows]
 
     def cards(self, run_id: str) -> dict[str, dict]:
         """``{site: card}`` of a run, by site name."""

@@ -109,6 +109,7 @@ class StudyRecorder:
             if card is not None:
                 self.store.record_card(self.run_id, site, card)
         self.store.record_training(self.run_id, replies.server_round, replies.per_site)
+        self.store.record_nodes(self.run_id, replies.server_round, replies.nodes)
         if self.settings.bias_cross_site and len(replies.arrays) <= self.settings.bias_cross_site_max_sites:
             self.site_models = dict(replies.arrays)
         for site, values in replies.per_site.items():

@@ -61,6 +61,7 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "threshold": threshold_entry(evaluated, sites),
         "bias": _verdict(store, run_id, last_eval),
         "privacy": privacy_entry(store, run_id, run["config"]),
+        "nodes": store.nodes(run_id),
         "notes": store.notes(run_id),
     }
 

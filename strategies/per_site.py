@@ -36,6 +36,7 @@ class RoundReplies:
     failed: dict[str, str] = field(default_factory=dict)  # site (or "node ID" if never seen) -> reason
     arrays: dict[str, ArrayRecord] = field(default_factory=dict)  # site -> its update (training)
     model: ArrayRecord | None = None  # evaluation: the global arrays the sites were sent to score
+    nodes: dict[str, int] = field(default_factory=dict)  # site -> the Flower node id that answered as it
 
 
 Callback = Callable[[RoundReplies], None]
@@ -60,6 +61,7 @@ def _collect(
             continue
         site, values = decode(msg.content)
         known[msg.metadata.src_node_id] = site
+        out.nodes[site] = msg.metadata.src_node_id
         out.per_site[site] = values
         if arrays_key and arrays_key in msg.content.array_records:
             out.arrays[site] = msg.content.array_records[arrays_key]

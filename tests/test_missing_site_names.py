@@ -55,3 +55,23 @@ def test_a_failed_node_is_noted_under_the_site_it_answered_as(tmp_path, from_rou
     assert all("Node Unavailable (test)" in n["message"] for n in missing)
     if named.startswith("site"):
         assert all("(node 101)" in n["message"] for n in missing)  # the node id is kept
+
+
+def test_fedir_nodes_maps_each_flower_node_id_to_its_site(tmp_path, capsys):
+    """`flwr supernode ls` lists node ids only; the run store says which node was which site."""
+    from fedir.cli import main
+
+    fed = tmp_path / "fed"
+    generate_federation(fed, sites=2, patients=10, seed=3, image_size=32, unlabelled_fraction=0.0, progress=False)
+    settings = Settings(federation_sites=";".join(str(fed / f"site-{i}") for i in range(2)),
+                        model_name="resnet_small", model_image_size=32, train_rounds=2,
+                        train_local_steps=1, train_batch_size=8, eval_bootstrap=10)
+    grid = InProcessGrid(build_client_app(settings), 2, settings.to_run_config())
+    summary = run_study(grid, settings, tmp_path / "run", scenario="test")
+    # the in-process grid's nodes are 100 + partition id, as Flower numbers them in its simulation
+    assert summary["nodes"] == [{"site": "site-0", "node_id": 100, "first_round": 1, "last_round": 2},
+                                {"site": "site-1", "node_id": 101, "first_round": 1, "last_round": 2}]
+    assert main(["nodes", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "site-0" in out and " 100  1-2" in out and " 101  1-2" in out
+    assert main(["nodes", str(tmp_path / "nowhere")]) == 2
