@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedir.client import site_state
+from fedir.client.adapt_bn import adapted
 from fedir.client.arms import keep_local, start_weights
 from fedir.client.audit_log import audit_mod
 from fedir.client.datacard import card_once
@@ -141,7 +142,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         settings, site, config, model = _received(msg, context, fixed, training=True)
         sent = decode_round_config(config)
         seed = settings.round_seed(sent.server_round)
-        objective, recipe = round_recipe(settings, seed, sent.proximal_mu)
+        objective, recipe = round_recipe(settings, seed, sent.server_round, sent.proximal_mu)
         x, y, synthetic = local_rows(settings, site, config, context, seed)
         result = train(
             model,
@@ -172,7 +173,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = _received(msg, context, fixed, training=False)
-        model = personalised(model, settings, site, config, context)
+        model = adapted(personalised(model, settings, site, config, context), settings, site)
         x, labels, patients = _test_rows(settings, site, config)
         scores, features = predict_with_embedding(model, x, pick_device())
         metrics = _metrics(settings, config, labels, scores, patients)
@@ -188,7 +189,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         x, labels, patients = _test_rows(settings, site, config)
         row = {}
         for model_site, arrays in models.items():
-            model = _model_from(arrays, context, settings, site)
+            model = adapted(_model_from(arrays, context, settings, site), settings, site)
             row[model_site] = _metrics(settings, config, labels, predict(model, x, pick_device()), patients)
         return Message(content=encode_cross_site(site.name, row), reply_to=msg)
 
