@@ -1,10 +1,21 @@
-"""AdaBN before scoring (`eval.adapt-bn`): a site re-estimates the model's BatchNorm statistics.
+"""AdaBN before scoring (`eval.adapt-bn`, always under FedBN): a site re-estimates the model's BatchNorm statistics.
 
 A BatchNorm layer normalises with running statistics learnt in training. After FedAvg they
-are an average over sites, and under FedBN they are the site's own but were accumulated
-under its local weights of the last round, not under the averaged weights it now scores
-with. Either way a site whose scanner shifts the activations sees its scores shifted as a
-whole (both classes high, or both low). AdaBN (Li et al. 2016, "Revisiting batch
+are an average over sites; a site whose scanner shifts the activations then sees its
+scores shifted as a whole (both classes high, or both low).
+
+Under FedBN (`train.fedbn`) the statistics a site keeps (fedir.client.kept_state) were
+accumulated under its own local weights at the end of its last round, but it scores with
+the aggregated weights it has just received: every convolution before a BatchNorm layer
+has changed, so the kept mean and variance no longer describe the activations they
+normalise. The error is each site's own (its local drift), and it grows as the sites'
+local models drift apart, which is why FedBN showed larger per-site offsets than FedAvg
+(site mean scores near 0 at some sites and near 1 at others, both classes alike;
+benchmarks/README.md, "Site-specific normalisation"). Re-estimating them at the end of
+local training does not help: they would still be the local weights' statistics. The
+statistics that fit are those of the weights the site scores with, on the site's own
+images, so under FedBN they are always re-estimated here; the learnt normalisation
+weights and biases stay the site's own, as FedBN intends. AdaBN (Li et al. 2016, "Revisiting batch
 normalization for practical domain adaptation") replaces every BatchNorm layer's running
 mean and variance by those of the site's own training images under the weights it scores
 with. It reads images only, never labels (unlabelled images count as much as labelled
@@ -60,9 +71,9 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, batch_size: int, device
 
 
 def adapted(model: nn.Module, settings: Settings, site: SiteView) -> nn.Module:
-    """The model this site scores: under `eval.adapt-bn`, its BatchNorm statistics
-    re-estimated on the site's own training images (labelled and unlabelled, labels
-    unused); else as received. Tabular models have no BatchNorm: unchanged."""
-    if not settings.eval_adapt_bn:
+    """The model this site scores: under `eval.adapt-bn` or `train.fedbn`, its BatchNorm
+    statistics re-estimated on the site's own training images (labelled and unlabelled,
+    labels unused); else as received. Tabular models have no BatchNorm: unchanged."""
+    if not (settings.eval_adapt_bn or settings.train_fedbn):
         return model
     return recompute_bn(model, site.train_x, settings.train_batch_size, pick_device())
