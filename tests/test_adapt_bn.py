@@ -88,3 +88,36 @@ def test_resnet_stem_statistics_are_those_of_its_first_convolution():
         stem = model.conv1(x)
     assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4)
     assert torch.allclose(model.bn1.running_var, stem.var(dim=(0, 2, 3), unbiased=True), atol=1e-3)
+
+
+def test_the_cross_site_scores_are_adapted_too(tmp_path, monkeypatch):
+    """Under eval.adapt-bn every model a site scores in the cross-site matrix normalises
+    with this site's own training images' statistics, as its own evaluation does."""
+    import time
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+    import fedir.client.client_app as client_app
+    from fedir.client.inputs import view_of
+    from fedir.protocol import encode_cross_site_models
+    from tests.test_fedbn import _site
+
+    settings = Settings(model_image_size=16, train_batch_size=64, eval_adapt_bn=True, eval_bootstrap=10,
+                        data_val_fraction=0.0, data_test_fraction=0.3)
+    site_dir = _site(tmp_path / "site")
+    scored = []
+    real = client_app.predict
+    monkeypatch.setattr(client_app, "predict", lambda model, x, device: scored.append(model) or real(model, x, device))
+    models = {f"site-{i}": ArrayRecord(build_model("resnet_small", seed=i).state_dict()) for i in range(2)}
+    content = encode_cross_site_models(models, ConfigRecord({"server-round": 1}))
+    metadata = Metadata(run_id=1, message_id="x", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                        created_at=time.time(), ttl=3600.0, message_type="evaluate.cross_site")
+    context = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir)}, state=RecordDict(),
+                      run_config=settings.to_run_config())
+    assert not client_app.build_client_app(settings)(Message(content=content, metadata=metadata), context).has_error()
+    train_x = view_of(str(site_dir), settings).train_x
+    assert len(scored) == 2
+    for model in scored:  # one batch holds every training image: the statistics are theirs
+        with torch.no_grad():
+            stem = model.conv1(train_x)
+        assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
