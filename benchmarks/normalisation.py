@@ -21,6 +21,7 @@ images with them) gives their 95% CIs. Per-patient scores are the mean over a pa
 images. Nothing is tuned on the test split.
 
     OMP_NUM_THREADS=2 nice -n 5 .venv/bin/python benchmarks/normalisation.py [--seeds 0] [--rounds 3]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/normalisation.py --seeds 1 --merge   # add a seed
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "normalisation.json")
     parser.add_argument("--table", action="store_true", help="print the table of an existing --out and stop")
+    parser.add_argument("--merge", action="store_true", help="keep the seeds an existing --out already holds")
     args = parser.parse_args()
     if args.table:
         print(markdown(json.loads(args.out.read_text())))
@@ -255,9 +257,14 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     result = {"machine": machine(), "loadavg_start": os.getloadavg(),
-              "budget": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "table"},
+              "budget": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("table", "merge")},
               "model": "resnet_small (MONAI ResNet, basic blocks 16-128), AdamW, batch 16, supervised, train.augment = weak",
               "runner": "in-process grid (fedir.simulations.inprocess), no Ray", "seeds": {}}
+    if args.merge and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        result["seeds"] = earlier["seeds"]
+        result["earlier_runs"] = earlier.get("earlier_runs", []) + [
+            {k: earlier.get(k) for k in ("machine", "budget", "loadavg_start", "loadavg_end", "wall_s")}]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

@@ -61,13 +61,22 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, batch_size: int, device
         m.momentum = None  # cumulative average over the batches
         m.train()
     try:
-        for start in range(0, images.shape[0], batch_size):
-            model(to_device(images[start : start + batch_size], device))
+        for batch in _batches(images, batch_size):
+            model(to_device(batch, device))
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         model.eval()
     return model
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """`images` in order, `batch_size` at a time; a last batch of one image joins the one
+    before, since a BatchNorm layer whose output is 1x1 cannot take a batch of one in train mode."""
+    batches = list(images.split(batch_size))
+    if len(batches) > 1 and batches[-1].shape[0] == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 def adapted(model: nn.Module, settings: Settings, site: SiteView) -> nn.Module:

@@ -147,7 +147,7 @@ class Settings:
     eval_hist_bins: int = setting(20, "bins of the per-label score histograms a site sends", AT_LEAST_1)
     eval_threshold: float = setting(0.5, "score above which a patient is called positive", UNIT)
     eval_adapt_bn: bool = setting(
-        False, "AdaBN: before scoring, re-estimate every BatchNorm layer's statistics on the site's own "
+        True, "AdaBN: before scoring, re-estimate every BatchNorm layer's statistics on the site's own "
         "training images, labels unused; always on under train.fedbn (fedir.client.adapt_bn)")
     bias_alpha: float = setting(0.01, "significance level of the bias tests", Bounds(0, 1, low_open=True, high_open=True))
     bias_min_cramers_v: float = setting(0.2, "site-label association: Cramer's V that raises the alarm", UNIT)

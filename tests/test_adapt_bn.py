@@ -121,3 +121,15 @@ def test_the_cross_site_scores_are_adapted_too(tmp_path, monkeypatch):
         with torch.no_grad():
             stem = model.conv1(train_x)
         assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+def test_a_last_batch_of_one_image_joins_the_one_before():
+    """resnet_small at 16x16 ends in 1x1 BatchNorm layers: a batch of one would fail there."""
+    model = build_model("resnet_small")
+    x = torch.randn(9, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    recompute_bn(model, x, batch_size=4, device=CPU)
+    assert int(model.bn1.num_batches_tracked) == 2  # 4 + 5 images
+    batches = [x[:4], x[4:]]
+    with torch.no_grad():
+        mean = torch.stack([model.conv1(b).mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    assert torch.allclose(model.bn1.running_mean, mean, atol=1e-5)
