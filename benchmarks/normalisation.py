@@ -194,6 +194,7 @@ def run_seed(args: argparse.Namespace, seed: int, tmp: Path, save: Callable[[dic
             federation_sites=";".join(str(s) for s in sites), train_rounds=args.rounds,
             train_local_epochs=args.local_epochs, train_batch_size=16, train_lr=args.lr, train_seed=seed,
             model_name="resnet_small", model_image_size=args.image_size, eval_bootstrap=50, bias_embedding=False,
+            eval_adapt_bn=False,  # the runs' own summary is the plain scoring (FedBN's is adapted regardless)
             **TRAINING[name],
         )
         views = {Path(s).name: view_of(str(s), settings) for s in sites}
