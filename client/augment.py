@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
+
+if TYPE_CHECKING:  # imported where a blur is built: a tabular site never loads MONAI
+    from monai.networks.layers import GaussianFilter
 
 
 class Transform(Protocol):
@@ -116,6 +118,8 @@ class GaussianBlur:
     (one fixed kernel for the batch, so no per-image kernel and no host-side choice)."""
 
     def __init__(self, sigma: float = 1.5) -> None:
+        from monai.networks.layers import GaussianFilter
+
         self.gaussian = GaussianFilter(spatial_dims=2, sigma=sigma)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -194,6 +198,8 @@ class Scatter:
 
     def __init__(self, max_fraction: float = 0.4, sigma: float = 8.0) -> None:
         self.max_fraction = max_fraction
+        from monai.networks.layers import GaussianFilter
+
         self.gaussian = GaussianFilter(spatial_dims=2, sigma=sigma)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

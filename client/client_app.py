@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedir.client import site_state
+from fedir.client.adapt_bn import adapted
 from fedir.client.arms import keep_local, start_weights
 from fedir.client.audit_log import audit_mod
 from fedir.client.datacard import card_once
@@ -106,11 +107,11 @@ def _received(content: RecordDict, context: Context, fixed: Settings | None, *, 
 
 def evaluation_model(content: RecordDict, context: Context, fixed: Settings | None = None):
     """(settings, site, config, model) as an evaluate message sets them up: the model the
-    site scores with (the global weights, or its own under the local arm, with what it keeps
-    and its personalisation). Exposed so that a simulation's comparison of arms
+    site scores with (the global weights, or its own under the local arm, with what it keeps,
+    its personalisation and, under eval.adapt-bn or FedBN, its own BatchNorm statistics). Exposed so that a simulation's comparison of arms
     (fedir.simulations.compare) scores each arm's model exactly as the sites did."""
     settings, site, config, model = _received(content, context, fixed, training=False)
-    return settings, site, config, personalised(model, settings, site, config, context)
+    return settings, site, config, adapted(personalised(model, settings, site, config, context), settings, site)
 
 
 def scored_rows(settings: Settings, site: SiteView, config, split: str = "test") -> tuple:
@@ -160,7 +161,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         settings, site, config, model = _received(msg.content, context, fixed, training=True)
         sent = decode_round_config(config)
         seed = settings.round_seed(sent.server_round)
-        objective, recipe = round_recipe(settings, seed, sent.proximal_mu)
+        objective, recipe = round_recipe(settings, seed, sent.server_round, sent.proximal_mu)
         x, y, synthetic = local_rows(settings, site, config, context, seed)
         result = train(
             model,
@@ -209,7 +210,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         x, labels, patients = scored_rows(settings, site, config)
         row = {}
         for model_site, arrays in models.items():
-            model = _model_from(arrays, context, settings, site)
+            model = adapted(_model_from(arrays, context, settings, site), settings, site)
             row[model_site] = _metrics(settings, config, labels, predict(model, x, pick_device()), patients)
         return Message(content=encode_cross_site(site.name, row), reply_to=msg)
 

@@ -8,6 +8,8 @@ different recipe rather than personalisation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import ConfigRecord, Context
 
@@ -36,8 +38,28 @@ def local_rows(settings: Settings, site: SiteView, config: ConfigRecord, context
     return oversampled(x, y, seed)
 
 
-def round_recipe(settings: Settings, seed: int, proximal_mu: float = 0.0) -> tuple[Objective, TrainConfig]:
-    """The local objective and budget of one round (local-epochs or local-steps)."""
+LR_FLOOR = 0.05  # the cosine schedule's last round trains at this share of train.lr
+
+
+def lr_factor(schedule: str, server_round: int, rounds: int) -> float:
+    """The share of `train.lr` that round `server_round` of `rounds` trains at.
+
+    "constant": 1. "cosine": half a cosine from 1 at round 1 to LR_FLOOR at the last round,
+    floor + (1 - floor) * (1 + cos(pi * (r - 1) / (R - 1))) / 2, so the late rounds take small
+    steps around the federation's model instead of each site pulling it toward its own
+    optimum. Rounds past the last (a study extended on resume) stay at the floor; a
+    one-round study trains at the full rate.
+    """
+    if schedule == "constant" or rounds <= 1:
+        return 1.0
+    progress = min(max(server_round - 1, 0) / (rounds - 1), 1.0)
+    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def round_recipe(settings: Settings, seed: int, server_round: int,
+                 proximal_mu: float = 0.0) -> tuple[Objective, TrainConfig]:
+    """The local objective and budget of round `server_round` (local-epochs or local-steps),
+    its learning rate scaled by `train.lr-schedule` (lr_factor)."""
     objective = build_objective(
         settings.train_objective,
         ObjectiveParams(
@@ -45,13 +67,14 @@ def round_recipe(settings: Settings, seed: int, proximal_mu: float = 0.0) -> tup
             unlabelled_weight=settings.train_unlabelled_weight,
             ema_decay=settings.train_ema_decay,
             mixup_alpha=settings.train_mixup_alpha,
+            augment=settings.train_augment,
             seed=seed,
         ),
     )
     config = TrainConfig(
         epochs=settings.train_local_epochs,
         batch_size=settings.train_batch_size,
-        lr=settings.train_lr,
+        lr=settings.train_lr * lr_factor(settings.train_lr_schedule, server_round, settings.train_rounds),
         weight_decay=settings.train_weight_decay,
         seed=seed,
         unlabelled_ratio=settings.train_unlabelled_ratio,

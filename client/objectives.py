@@ -6,6 +6,12 @@ loop calls its `after_step` (the mean teacher's EMA update lives there). The tra
 loop (fedir.models.train) is the same for all of them, so a semi-supervised objective is a
 new class here and a name in OBJECTIVES, nothing else.
 
+Every objective's labelled batch of 2D images is augmented by the weak view
+(fedir.client.augment.weak_view, a small affine) under `augment = "weak"` (the scenario's
+`train.augment`, on by default): without it the supervised term sees each training image
+unchanged every epoch, and a small site memorises its images. Tabular rows and 3D volumes
+pass unaugmented: the views are 2D image transforms.
+
 An objective instance serves one local training run (the ClientApp builds one per round):
 the mean teacher starts from the weights the round starts from. Its randomness (views,
 MixUp) comes from a generator on the batch's device, seeded from `ObjectiveParams.seed`,
@@ -24,18 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedir.client.augment import Transform, strong_view, weak_view
+from fedir.config import Augment
 
 
 @dataclass(frozen=True)
 class ObjectiveParams:
     """The knobs of the objectives (scenario `[train]`: threshold, unlabelled-weight,
-    ema-decay, mixup-alpha; seed is the round's training seed). Their ranges are checked
+    ema-decay, mixup-alpha, augment; seed is the round's training seed). Their ranges are checked
     where the settings are read (fedir.config): a decay of 1 would freeze the teacher."""
 
     threshold: float = 0.95  # FixMatch: pseudo-labels need this confidence
     unlabelled_weight: float = 1.0  # weight of the unlabelled (or consistency) loss
     ema_decay: float = 0.99  # mean teacher: teacher <- decay * teacher + (1 - decay) * student
     mixup_alpha: float = 0.0  # MixUp of the labelled batch, lambda ~ Beta(alpha, alpha); 0 = off
+    augment: Augment = "none"  # "weak": the labelled 2D images get the weak view (Settings default)
     seed: int = 0
 
 
@@ -77,11 +85,12 @@ def mixed_cross_entropy(
 
 
 class _Base:
-    """What every objective shares: the labelled batch (MixUp'ed when mixup_alpha > 0), its
-    loss, and the seeded generators."""
+    """What every objective shares: the labelled batch (weak view under augment = "weak",
+    then MixUp'ed when mixup_alpha > 0), its loss, and the seeded generators."""
 
     def __init__(self, params: ObjectiveParams = ObjectiveParams()) -> None:
         self.params = params
+        self.labelled_view: Transform | None = weak_view() if params.augment == "weak" else None
         self._device_gen: torch.Generator | None = None
         self._host_rng = np.random.default_rng(params.seed)
 
@@ -94,8 +103,11 @@ class _Base:
     def labelled_batch(
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """(images, y_a, y_b, lam) for mixed_cross_entropy: MixUp when mixup_alpha > 0,
-        else the batch itself with lam = 1."""
+        """(images, y_a, y_b, lam) for mixed_cross_entropy: the weak view of a (B, 1, H, W)
+        batch under augment = "weak" (other shapes, tabular rows or 3D volumes, as they
+        are), then MixUp when mixup_alpha > 0, else lam = 1."""
+        if self.labelled_view is not None and x.dim() == 4:
+            x = self.labelled_view(x, self.generator(x.device))
         if self.params.mixup_alpha <= 0:
             return x, y, y, 1.0
         # lambda is one host scalar per step: drawn on the host, so the device never syncs.

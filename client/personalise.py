@@ -26,8 +26,9 @@ def personalised(model: nn.Module, settings: Settings, site: SiteView, config: C
     """The model this site scores: fine-tuned in place under `finetune`, else as received."""
     if settings.train_personalise != "finetune":
         return model
-    seed = settings.round_seed(decode_round_config(config).server_round) + FINETUNE_SEED_OFFSET
+    server_round = decode_round_config(config).server_round
+    seed = settings.round_seed(server_round) + FINETUNE_SEED_OFFSET
     x, y, _ = local_rows(settings, site, config, context, seed)
-    objective, recipe = round_recipe(settings, seed)
+    objective, recipe = round_recipe(settings, seed, server_round)
     train(model, x, y, objective, recipe, pick_device())
     return model

@@ -40,6 +40,8 @@ Inputs = Literal["auto", "clinical"]
 Standardise = Literal["federated", "site"]
 ThresholdRule = Literal["youden", "fixed"]
 Personalise = Literal["none", "intercept", "finetune"]
+Augment = Literal["weak", "none"]
+LrSchedule = Literal["constant", "cosine"]
 # Strategies whose aggregate is the weighted mean of the updates (the FedOpt family and
 # FedAvgM then take a server step on it: post-processing). Only for these does the privacy
 # budget's sensitivity bound hold (fedir.strategies.privacy_budget); a median or Krum's
@@ -162,6 +164,9 @@ class Settings:
         False, "with youden: each site's test metrics at its own validation threshold instead of the federation's")
     eval_threshold: float = setting(
         0.5, "the fixed decision threshold (a score >= it is positive) and the one a site scores its own counts at", UNIT)
+    eval_adapt_bn: bool = setting(
+        True, "AdaBN: before scoring, re-estimate every BatchNorm layer's statistics on the site's own "
+        "training images, labels unused; always on under train.fedbn (fedir.client.adapt_bn)")
     bias_alpha: float = setting(0.01, "significance level of the bias tests", Bounds(0, 1, low_open=True, high_open=True))
     bias_min_cramers_v: float = setting(0.2, "site-label association: Cramer's V that raises the alarm", UNIT)
     bias_max_auc_gap: float = setting(0.05, "pooled minus within-site AUC (and its 95% CI above 0)", AT_LEAST_0)
@@ -190,6 +195,12 @@ class Settings:
     train_unlabelled_ratio: int = setting(1, "unlabelled images per labelled image in a step (mu)", AT_LEAST_1)
     train_ema_decay: float = setting(0.99, "mean_teacher: EMA decay of the teacher", DECAY)
     train_mixup_alpha: float = setting(0.0, "MixUp of the labelled batch, Beta(alpha, alpha); 0 = off", AT_LEAST_0)
+    train_augment: Augment = setting(
+        "weak", "augmentation of every objective's labelled 2D images: weak (FixMatch's weak view, a small "
+        "affine) | none; tabular rows and 3D volumes are never augmented (fedir.client.objectives)")
+    train_lr_schedule: LrSchedule = setting(
+        "constant", "learning rate across rounds: constant | cosine (round r of train.rounds uses lr x a "
+        "cosine factor from 1 down to 5%) (fedir.client.local_training)")
     train_fedbn: bool = setting(
         False, "FedBN: normalisation layers stay at each site (fedir.client.kept_state)")
     train_personalise: Personalise = setting(

@@ -65,7 +65,7 @@ def _message(kind: str, arrays: dict[str, torch.Tensor], server_round: int) -> M
     return Message(content=content, metadata=metadata)
 
 
-def test_clientapp_under_fedbn_sends_no_norm_entry_and_keeps_its_own_across_rounds(tmp_path):
+def test_clientapp_under_fedbn_sends_no_norm_entry_and_keeps_its_own_across_rounds(tmp_path, monkeypatch):
     settings = Settings(model_image_size=16, train_local_epochs=1, train_batch_size=4,
                         train_fedbn=True, eval_bootstrap=10, data_val_fraction=0.0, data_test_fraction=0.3)
     app = build_client_app(settings)
@@ -89,17 +89,25 @@ def test_clientapp_under_fedbn_sends_no_norm_entry_and_keeps_its_own_across_roun
     assert int(kept2["bn1.num_batches_tracked"]) == steps1 + steps2  # continued from round 1's
     assert not torch.equal(kept1["bn1.running_mean"], kept2["bn1.running_mean"])
 
-    # evaluation gets no BN from the server: the site's own is used, so a node without
-    # stored BN (the model's initial BN) scores the same weights differently
-    def scores(ctx: Context) -> list[int]:
+    # evaluation gets no BN from the server: the site's own learnt BN weights are used, so a
+    # node without stored BN scores with the model's initial ones (its statistics are
+    # re-estimated either way: fedir.client.adapt_bn)
+    import fedir.client.client_app as client_app
+
+    scored = []
+    real = client_app.predict_with_embedding
+    monkeypatch.setattr(client_app, "predict_with_embedding",
+                        lambda model, x, device: scored.append(model) or real(model, x, device))
+
+    def bn_weight(ctx: Context) -> torch.Tensor:
         reply = app(_message("evaluate", sent1, 2), ctx)
         assert not reply.has_error() and reply.content.metric_records["metrics"]["n"] > 0
-        metrics = reply.content.metric_records["metrics"]
-        return list(metrics["hist-neg"]) + list(metrics["hist-pos"])
+        return scored[-1].bn1.weight.detach().clone()
 
     stateless = Context(run_id=1, node_id=2, node_config=context.node_config, state=RecordDict(),
                         run_config=context.run_config)
-    assert scores(context) != scores(stateless)
+    assert torch.equal(bn_weight(context), kept2["bn1.weight"])
+    assert torch.equal(bn_weight(stateless), torch.ones_like(kept2["bn1.weight"]))
 
 
 @pytest.mark.slow
@@ -130,3 +138,37 @@ def test_fedbn_federation_runs_end_to_end_and_no_update_is_rejected(tmp_path):
     model = torch.load(tmp_path / "run" / "model.pt")
     assert model and not set(model) & norm_keys(build_model("resnet_small"))
     assert trained == (2,)
+
+
+def test_fedbn_site_scores_with_statistics_of_the_weights_it_received(tmp_path, monkeypatch):
+    """The per-site offsets of FedBN: a site kept BatchNorm statistics accumulated under its
+    local weights and scored with them after the server had changed every other weight.
+    The model a FedBN site scores must normalise with its own training images' statistics
+    under the weights it received, while its learnt BN weights stay its own."""
+    import fedir.client.client_app as client_app
+    from fedir.client.inputs import view_of
+
+    settings = Settings(model_image_size=16, train_local_epochs=1, train_batch_size=4,
+                        train_fedbn=True, eval_bootstrap=10, data_val_fraction=0.0, data_test_fraction=0.3)
+    app = build_client_app(settings)
+    site_dir = _site(tmp_path / "site")
+    context = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir)},
+                      state=RecordDict(), run_config=settings.to_run_config())
+    sent = app(_message("train", build_model("resnet_small").state_dict(), 1), context)
+    shared = sent.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    aggregated = {k: (2.0 * v if k == "conv1.weight" else v) for k, v in shared.items()}  # the server moved it
+
+    scored = []
+    real = client_app.predict_with_embedding
+    monkeypatch.setattr(client_app, "predict_with_embedding",
+                        lambda model, x, device: scored.append(model) or real(model, x, device))
+    assert not app(_message("evaluate", aggregated, 1), context).has_error()
+    model = scored[0]
+    train_x = view_of(str(site_dir), settings).train_x
+    assert torch.equal(model.conv1.weight, aggregated["conv1.weight"])
+    with torch.no_grad():  # the cumulative average of the batches' means (fedir.client.adapt_bn)
+        means = torch.stack([model.conv1(b).mean(dim=(0, 2, 3)) for b in train_x.split(settings.train_batch_size)])
+    kept = context.state.array_records[STATE_KEY].to_torch_state_dict()
+    assert torch.allclose(model.bn1.running_mean, means.mean(0), atol=1e-5)
+    assert not torch.allclose(model.bn1.running_mean, kept["bn1.running_mean"], atol=1e-2)
+    assert torch.equal(model.bn1.weight, kept["bn1.weight"])  # the learnt affine stays the site's

@@ -133,3 +133,29 @@ def test_training_runs_with_each_semi_supervised_objective(name):
         teacher = objective.teacher.state_dict()
         assert any(not torch.equal(before[k], teacher[k]) for k in before)
 
+
+
+@pytest.mark.parametrize("name", ["supervised", "fixmatch", "mean_teacher"])
+def test_every_objective_augments_its_labelled_images_under_weak(name):
+    """Under augment = "weak" the labelled batch the model sees is the weak view of the
+    images (not the images), the same view for the same seed; under "none" the images."""
+    x, y, u = _batch()
+    first: list[torch.Tensor] = []  # the student's input of each run (the mean teacher's copy runs later)
+
+    for augment in ("none", "weak", "weak"):
+        model, calls = _tiny_model(), len(first)
+        hook = model.register_forward_pre_hook(
+            lambda _m, args, n=calls + 1: None if len(first) == n else first.append(args[0][: x.shape[0]].detach().clone()))
+        build_objective(name, ObjectiveParams(augment=augment, seed=3)).loss(model, x, y, u)
+        hook.remove()
+    plain, weak_a, weak_b = first
+    assert torch.equal(plain, x)
+    assert not torch.allclose(weak_a, x) and torch.equal(weak_a, weak_b)
+
+
+def test_weak_augmentation_leaves_tabular_rows_and_volumes_as_they_are():
+    objective = build_objective("supervised", ObjectiveParams(augment="weak"))
+    rows, labels = torch.randn(6, 3), torch.arange(6) % 2
+    assert torch.equal(objective.labelled_batch(rows, labels)[0], rows)
+    volumes = torch.randn(2, 1, 4, 4, 4)
+    assert torch.equal(objective.labelled_batch(volumes, labels[:2])[0], volumes)
