@@ -15,10 +15,11 @@ the more so the tighter the stenosis (a 60% lesion barely, a 95% one by up to 70
 Label 0 means none: mild irregularities of at most 30% are present in both classes, so
 "any narrowing" is not the answer. A patient has 2-4 images (at least one cine run and
 one single frame) that share the label; each image is a different projection (its own
-tree). The lesion is sized for the reader's resize: at 64 px a trunk is 2-3 px wide and
-a lesion 3-8 px long. What the task is designed to show, and its measured learning curve
-(near chance with a few dozen labelled patients, rising with more), are in README.md and
-benchmarks/README.md ("Synthetic XA task").
+tree). The vessels are 1.8x version 3's calibre (TRUNK_WIDTH) so that the lesion survives
+the reader's resize: at 64 px a proximal trunk is 3-4 px wide (at half maximum) and a
+lesion 6-19 px long. Whether a small CNN learns this from a few hundred patients, and not
+from a few dozen, is what benchmarks/synthetic_learnability.py measures; at the time of
+writing that curve is not yet established for this version.
 
 Pixel convention. After the modality LUT and MONOCHROME1 inversion, pixel values increase
 with iodine: vessels are BRIGHTER than the background at every site. This is chosen so
@@ -79,7 +80,7 @@ MONOCHROME1_SITE = 1
 SEGMENTS_PER_CHUNK = 8
 MAX_WORKERS = 8
 # Vessel calibre relative to version 3's trees (trunk radius 5-6.5 px at 256 px): a
-# magnified view, so that at the reader's 64 px a trunk is about 5 px wide and a lesion
+# magnified view, so that at the reader's 64 px a trunk is 3-4 px wide and a lesion
 # spans several pixels instead of vanishing in the resize.
 TRUNK_WIDTH = 1.8
 PARALLEL_MIN_PATIENTS = 24  # below this, starting workers costs more than it saves
