@@ -24,7 +24,8 @@ def _images(n: int = 12, seed: int = 0) -> torch.Tensor:
 
 def _view(images: torch.Tensor, labels: torch.Tensor) -> SiteView:
     return SiteView(name="site-0", tabular=False, train_x=images, train_y=labels, test_x=images[:2],
-                    test_y=labels[:2], test_patients=["a", "b"], label_counts={})
+                    test_y=labels[:2], test_patients=["a", "b"], val_x=images[:2], val_y=labels[:2],
+                    val_patients=["a", "b"], label_counts={})
 
 
 def test_one_batch_gives_the_batch_statistics_of_the_training_images():
@@ -74,6 +75,7 @@ def test_off_by_setting_and_a_no_op_without_batchnorm():
     before = {k: v.clone() for k, v in linear.state_dict().items()}
     rows = SiteView(name="t", tabular=True, train_x=torch.randn(5, 3), train_y=torch.zeros(5, dtype=torch.long),
                     test_x=torch.randn(2, 3), test_y=torch.zeros(2, dtype=torch.long), test_patients=["a", "b"],
+                    val_x=torch.randn(2, 3), val_y=torch.zeros(2, dtype=torch.long), val_patients=["c", "d"],
                     label_counts={})
     after = adapted(linear, Settings(eval_adapt_bn=True), rows)
     assert all(torch.equal(before[k], v) for k, v in after.state_dict().items())

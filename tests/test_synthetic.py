@@ -14,6 +14,8 @@ from pydicom.pixels import apply_modality_lut
 from fedir.client.split import split_of
 from fedir.simulations.synthetic import (
     XA_SOP_CLASS_UID,
+    _add_lesions,
+    _vessel_tree,
     encode_pixels,
     generate_federation,
     site_profile,
@@ -185,3 +187,30 @@ def test_confound_controls_site_prevalence(tmp_path: Path, confound: float) -> N
         assert site0 > 0.85 and others < 0.15
     else:
         assert abs(site0 - others) < 0.2 and 0.25 < others < 0.55
+
+
+def _narrowing_by_label(label: int, seeds: range) -> tuple[list[float], list[float]]:
+    """Per tree: the tightest trunk narrowing (1 - radius / untouched radius) and the
+    faintest filling of any branch, after `_add_lesions` with that label."""
+    tightest, faintest = [], []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        vessels = _vessel_tree(rng, 256)
+        before = [v.radius.copy() for v in vessels]
+        _add_lesions(rng, vessels, label)
+        tightest.append(max(float(1 - (v.radius / r0).min()) for v, r0 in zip(vessels, before) if v.level == 0))
+        faintest.append(min(1.0 if v.opacity is None else float(v.opacity.min()) for v in vessels if v.level > 0))
+    return tightest, faintest
+
+
+def test_positive_trees_have_a_graded_significant_stenosis_and_negatives_do_not() -> None:
+    """Every positive tree has a 60-95% trunk stenosis whose reduced filling reaches the
+    branches downstream; a negative tree's irregularities stay mild and fill fully. The
+    positives' severities spread over the range (graded, so some are subtle)."""
+    pos_tight, pos_faint = _narrowing_by_label(1, range(60))
+    neg_tight, neg_faint = _narrowing_by_label(0, range(60))
+    assert all(0.6 - 1e-6 <= t <= 0.97 for t in pos_tight)
+    assert min(pos_tight) < 0.66 and max(pos_tight) > 0.9 and np.percentile(pos_tight, 25) < 0.78
+    assert max(neg_tight) < 0.55 and np.median(neg_tight) < 0.35
+    assert all(f == 1.0 for f in neg_faint)
+    assert np.mean([f < 0.95 for f in pos_faint]) > 0.5
