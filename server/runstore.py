@@ -95,7 +95,7 @@ CREATE TABLE IF NOT EXISTS cards (
     run_id TEXT NOT NULL, site TEXT NOT NULL, json TEXT NOT NULL,
     PRIMARY KEY (run_id, site));
 CREATE TABLE IF NOT EXISTS nodes (
-    run_id TEXT NOT NULL, site TEXT NOT NULL, node_id INTEGER NOT NULL,
+    run_id TEXT NOT NULL, site TEXT NOT NULL, node_id TEXT NOT NULL,
     first_round INTEGER NOT NULL, last_round INTEGER NOT NULL,
     PRIMARY KEY (run_id, site, node_id));
 """
@@ -318,16 +318,17 @@ class RunStore:
             cur.executemany(
                 "INSERT INTO nodes VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, site, node_id)"
                 " DO UPDATE SET last_round = MAX(last_round, excluded.last_round)",
-                [(run_id, site, int(node), server_round, server_round) for site, node in nodes.items()],
+                # Flower's node ids are unsigned 64-bit: beyond SQLite's INTEGER, so kept as text
+                [(run_id, site, str(int(node)), server_round, server_round) for site, node in nodes.items()],
             )
 
     def nodes(self, run_id: str) -> list[dict]:
         """``[{"site", "node_id", "first_round", "last_round"}]`` of a run, by site."""
         rows = self._conn.execute(
-            "SELECT site, node_id, first_round, last_round FROM nodes WHERE run_id = ? ORDER BY site, first_round",
+            "SELECT site, node_id, first_round, last_round FROM nodes WHERE run_id = ? ORDER BY site, first_round, node_id",
             (run_id,),
         )
-        return [dict(row) for row in rows]
+        return [{**dict(row), "node_id": int(row["node_id"])} for row in rows]
 
     def cards(self, run_id: str) -> dict[str, dict]:
         """``{site: card}`` of a run, by site name."""

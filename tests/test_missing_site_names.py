@@ -75,3 +75,9 @@ def test_fedir_nodes_maps_each_flower_node_id_to_its_site(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "site-0" in out and " 100  1-2" in out and " 101  1-2" in out
     assert main(["nodes", str(tmp_path / "nowhere")]) == 2
+    # Flower's node ids are unsigned 64-bit (its simulation draws them so): stored whole
+    from fedir.server.runstore import RunStore
+
+    with RunStore(tmp_path / "run" / "runs.sqlite") as store:
+        store.record_nodes(summary["run_id"], 3, {"site-0": 2**64 - 5})
+        assert {row["node_id"] for row in store.nodes(summary["run_id"])} == {100, 101, 2**64 - 5}
