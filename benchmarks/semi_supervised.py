@@ -29,7 +29,8 @@ that differences are paired: sup100 - sup@F and fixmatch@F - sup@F, each with a 
 bootstrap 95% CI (fedir.metrics.paired_auc_difference, the same resamples for both). The
 gap counts as resolved at F when the paired CI excludes 0; whether the two arms' separate
 CIs overlap is reported beside it. FixMatch's share of the gap closed is given per seed and
-from the seed means. `--resume` adds seeds to an existing sweep file (same budget only) and
+from the seed means. `--resume` adds seeds (or, with `--sweep-arms`, a semi-supervised
+arm) to an existing sweep file (same budget only) and
 the file is rewritten after every arm, marked partial until every planned seed and arm is in:
 
     nice -n 5 .venv/bin/python benchmarks/semi_supervised.py --dataset breastmnist --partitions iid
@@ -238,7 +239,7 @@ def sweep_analysis(result: dict) -> dict:
             per_seed[seed] = row
         if not per_seed:
             continue
-        across: dict = {"seeds": list(per_seed), "gap_mean": statistics.fmean(gaps),
+        across: dict = {"seeds": [int(s) for s in per_seed], "gap_mean": statistics.fmean(gaps),
                         "gap_sd": statistics.stdev(gaps) if len(gaps) > 1 else None,
                         "seeds_gap_resolved_paired_ci": sum(bool(r["gap_resolved_paired_ci"]) for r in per_seed.values()),
                         "seeds_separate_cis_disjoint": sum(r["separate_cis_overlap"] is False for r in per_seed.values())}
@@ -309,11 +310,13 @@ def sweep(args: argparse.Namespace, npz: Path, out_file: Path) -> None:
         raise SystemExit("--fractions: give one partition (--partitions iid)")
     budget = {k: getattr(args, k) for k in SWEEP_BUDGET_KEYS}
     planned = args.planned_seeds or args.seeds
-    keys = sweep_keys(args.fractions, args.sweep_arms)
     if args.resume and out_file.exists():
         result = json.loads(out_file.read_text())
-        if result["budget"] != budget:
+        same = {k: v for k, v in result["budget"].items() if k != "sweep_arms"}
+        if same != {k: v for k, v in budget.items() if k != "sweep_arms"}:
             raise SystemExit(f"--resume: {out_file} was run with another budget: {result['budget']} != {budget}")
+        # A resumed sweep may add a semi-supervised arm: the file's arms are the union.
+        result["budget"]["sweep_arms"] += [a for a in args.sweep_arms if a not in result["budget"]["sweep_arms"]]
         result.setdefault("invocations", [])
     else:
         result = {"machine": machine(), "dataset": args.dataset, "budget": budget, "seeds": {}, "invocations": [],
@@ -324,7 +327,10 @@ def sweep(args: argparse.Namespace, npz: Path, out_file: Path) -> None:
                   "scoring": "official test split (union of the site test shares), each image its own patient; "
                              "AUC with a 1,000-resample bootstrap CI; paired differences by fedir.metrics."
                              "paired_auc_difference (1,000 paired resamples, seed = the run seed)"}
-    invocation = {"seeds": args.seeds, "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    keys = sweep_keys(args.fractions, result["budget"]["sweep_arms"])  # every arm the file is complete with
+    todo_arms = sweep_keys(args.fractions, args.sweep_arms)  # what this invocation runs
+    invocation = {"seeds": args.seeds, "sweep_arms": args.sweep_arms,
+                  "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   "loadavg_start": os.getloadavg(), "machine": machine()}
     result["invocations"].append(invocation)
     result["planned_seeds"] = planned
@@ -349,7 +355,7 @@ def sweep(args: argparse.Namespace, npz: Path, out_file: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             block = result["seeds"].setdefault(str(seed), {"runs": {}, "federations": {}})
-            todo = [k for k in keys if k not in block["runs"]]
+            todo = [k for k in todo_arms if k not in block["runs"]]
             if not todo:
                 continue
             feds: dict[str, list[Path]] = {}
@@ -358,7 +364,9 @@ def sweep(args: argparse.Namespace, npz: Path, out_file: Path) -> None:
                 record = import_medmnist(npz, root, sites=args.sites, partition=part,
                                          labelled_fraction=float(level), seed=seed)
                 feds[level] = [root / s for s in record["per_site"]]
-                block["federations"][f"fraction{level}"] = record["per_site"]
+                made = json.loads(json.dumps(record["per_site"]))
+                if block["federations"].setdefault(f"fraction{level}", made) != made:  # a resumed seed rebuilds the same sites
+                    raise SystemExit(f"seed {seed}, fraction {level}: the federation differs from the one in {out_file}")
             # Every arm of the seed is scored on these same test images (the full federation's
             # test shares: every fraction's federation of a seed splits the images alike).
             test = split_tensors(feds["1"], "test", args.image_size)
