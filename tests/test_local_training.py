@@ -48,6 +48,7 @@ def test_personalisation_fine_tunes_at_the_rounds_rate(monkeypatch):
     settings = Settings(train_lr=0.1, train_rounds=3, train_lr_schedule="cosine", train_personalise="finetune")
     site = SiteView(name="s", tabular=False, train_x=torch.zeros(2, 1, 4, 4), train_y=torch.zeros(2, dtype=torch.long),
                     test_x=torch.zeros(1, 1, 4, 4), test_y=torch.zeros(1, dtype=torch.long), test_patients=["a"],
+                    val_x=torch.zeros(1, 1, 4, 4), val_y=torch.zeros(1, dtype=torch.long), val_patients=["b"],
                     label_counts={})
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     personalise.personalised(torch.nn.Linear(1, 2), settings, site, ConfigRecord({"server-round": 3}), context)
