@@ -42,6 +42,7 @@ from fedir.server.export import RoundExport, evaluation_scalars, open_exports, t
 from fedir.server.feature_stats import gather_feature_sums
 from fedir.server.report import write_report
 from fedir.server.report.baseline import with_clinical_baseline
+from fedir.server.run_lock import serverapp_lock
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
 from fedir.strategies.differential_privacy import inner_strategy, sampled_sites
@@ -271,14 +272,16 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
     """Run every round, then write summary.json, report.html and model.pt into out_dir.
 
     With an unfinished run's checkpoint in out_dir (fedir.server.checkpoint), continue
-    that run after its last completed round instead of starting a new one. A study that
+    that run after its last completed round instead of starting a new one. The folder is
+    locked for the ServerApp's lifetime (fedir.server.run_lock): a second ServerApp on it,
+    such as one orphaned by a SuperLink restart, is refused. A study that
     cannot go on (fedir.errors.StudyFailed: no site answered, trained or was evaluated; a
     model that does not fit the sites' data) is recorded as failed, with its reason, in
     the run store, summary.json and report.html, and the error is raised.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     config = settings.to_run_config()
-    with RunStore(out_dir / "runs.sqlite") as store:
+    with serverapp_lock(out_dir), RunStore(out_dir / "runs.sqlite") as store:
         resumed = resume_point(out_dir / CHECKPOINT_NAME, lambda rid: store.run(rid)["status"], config)
         if resumed is None:
             run_id = new_run_id(settings)
