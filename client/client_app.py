@@ -127,12 +127,15 @@ def scored_rows(settings: Settings, site: SiteView, config, split: str = "test")
     return x, y[labelled].numpy(), patients
 
 
-def _metrics(settings: Settings, config, labels, scores, patients) -> dict:
+def _metrics(settings: Settings, config, labels, scores, patients, *, intervals: bool = True) -> dict:
+    """The site's aggregates of one split; without `intervals` no bootstrap runs (the
+    validation split: only its point estimates and histograms choose the round and the
+    threshold, so its intervals would cost as much as the test's and serve nothing)."""
     return site_metrics(
         labels,
         scores,
         patients,
-        n_boot=settings.eval_bootstrap,
+        n_boot=settings.eval_bootstrap if intervals else 0,
         seed=settings.round_seed(decode_round_config(config).server_round),
         threshold=settings.eval_threshold,
         bins=settings.eval_hist_bins,
@@ -198,7 +201,8 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         moments = embedding_moments(features, labels, NUM_CLASSES) if settings.bias_embedding else None
         # the validation patients' aggregates, from which the server chooses
         val_x, val_labels, val_patients = scored_rows(settings, site, config, "val")
-        val = _metrics(settings, config, val_labels, predict(model, val_x, pick_device()), val_patients)
+        val = _metrics(settings, config, val_labels, predict(model, val_x, pick_device()), val_patients,
+                       intervals=False)
         return Message(content=encode_evaluation(site.name, metrics, moments, val), reply_to=msg)
 
     @app.evaluate("cross_site")

@@ -148,7 +148,7 @@ class StudyRecorder:
         pooled = self._pooled(chosen.for_pool)
         if pooled is not None:
             pooled = at(pooled, chosen.federation)
-        pooled_val = self._pooled(val)
+        pooled_val = self._pooled(val, intervals=False)  # point estimates choose; no CI is shown
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
         if val:
             self.store.record_evaluation(self.run_id, replies.server_round, val, pooled_val, split="val")
@@ -169,11 +169,12 @@ class StudyRecorder:
         )
         self.progress.update(1)
 
-    def _pooled(self, per_site: dict) -> dict | None:
+    def _pooled(self, per_site: dict, intervals: bool = True) -> dict | None:
         """The federation's metrics from the sites' aggregates (None when no site reported)."""
         if not per_site:
             return None
-        return pooled_metrics(per_site, n_boot=self.settings.eval_bootstrap, seed=self.settings.train_seed)
+        return pooled_metrics(per_site, n_boot=self.settings.eval_bootstrap if intervals else 0,
+                              seed=self.settings.train_seed)
 
     def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None, final: bool = True) -> dict:
         """Every bias signal and the verdict (fedir.strategies.frankenstein)."""
