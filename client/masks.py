@@ -197,7 +197,7 @@ def _read_seg(path: Path, image: Path, count: int, mask_frames: tuple[int, ...] 
     if str(seg.SOPClassUID) not in SEG_SOP_CLASSES:
         raise UnusableMask(MaskSkipReason.UNREADABLE, f"SOP class {seg.SOPClassUID} is not a Segmentation")
     source = _image_header(image)
-    uids = (str(source.StudyInstanceUID), str(source.SeriesInstanceUID), str(source.SOPInstanceUID))
+    uids = tuple(str(source.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
     refs = [tuple(str(u) for u in ref) for ref in seg.get_source_image_uids()]
     if refs != [uids]:
         raise UnusableMask(MaskSkipReason.OTHER_IMAGE, f"the SEG refers to {len(refs)} image(s), not to this one")
