@@ -194,3 +194,53 @@ def test_manifest_mask_cells_that_make_the_manifest_invalid(tmp_path: Path, cell
     with pytest.raises(ManifestError, match=message) as info:
         load_site(root, image_size=SIZE)
     assert "outside.png" not in info.value.public and "row 2" in info.value.public
+
+
+def test_data_card_counts_masks_suppresses_small_bins_and_check_reports_each_bad_mask(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Six patients with a usable mask (foreground 0.2-0.5 of the frame), one all-background
+    mask, one mask of the wrong size: the bins count patients, the single all-background
+    patient is suppressed (with the next smallest bin, which its complement would reveal);
+    the card sent in a round (card_once, from the decoded site) says the same as the check."""
+    from flwr.app import Context, RecordDict
+
+    from fedir.cli import main
+    from fedir.client.datacard import build_card, card_once
+    from fedir.client.datacheck import check_site
+    from fedir.config import Settings
+
+    _, labels = _cine()
+    root = tmp_path / "site"
+    root.mkdir()
+    Image.fromarray(labels[0]).save(root / "good.png")
+    Image.fromarray(np.zeros((H, W), dtype=np.uint8)).save(root / "empty.png")
+    Image.fromarray(labels[0][:, :5]).save(root / "narrow.png")
+    big = labels[0].copy()
+    big[:, :] = 1
+    Image.fromarray(big).save(root / "big.png")
+    rows = [{"patient_id": f"P{i}", "path": f"img{i}.dcm", "label": 1, "mask": "good.png", "mask_frames": "0"}
+            for i in range(6)]
+    rows += [{"patient_id": "Q0", "path": "q0.dcm", "mask": "empty.png", "mask_frames": "1"},
+             {"patient_id": "Q1", "path": "q1.dcm", "mask": "narrow.png", "mask_frames": "0"},
+             {"patient_id": "Q2", "path": "q2.dcm", "mask": "big.png", "mask_frames": "2"},
+             {"patient_id": "Q3", "path": "q3.dcm"}]
+    _site(root, rows)
+    check = check_site(root, progress=False)
+    card = build_card(check.outcomes, val_fraction=0.15, test_fraction=0.25, k=5)
+    assert card["masks"] == {
+        "listed": 9, "runs_with_masks": 8, "frames_with_masks": 8, "patients_with_masks": 8,
+        "all_background_frames": 1, "skipped": {MaskSkipReason.SIZE.value: 1},
+        "foreground_fraction": {"values": {"0.1-0.2": 6}, "suppressed_cells": 2},
+    }
+    assert build_card(check.outcomes, val_fraction=0.15, test_fraction=0.25, k=1)["masks"]["foreground_fraction"][
+        "values"] == {"0 (all background)": 1, "0.1-0.2": 6, ">=0.5": 1}
+    site = load_site(root, image_size=SIZE, frame_policy="all")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    assert card_once(context, site, Settings())["masks"] == card["masks"]
+
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "masks: 9 listed, 8 files with a usable mask (8 outlined frames, 8 patients), 1 skipped, " \
+           "1 all-background frame(s) (kept)" in out
+    assert "mask skipped, row 9, narrow.png: mask: size differs from its image: mask 20x5, image 20x24" in out
