@@ -1,6 +1,6 @@
 """The `fedir` command line.
 
-    fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH]
+    fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH] [--masks | --mask-fraction F]
     fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir data import heart --out DIR [--source DIR]
     fedir data import medmnist NPZ --out DIR --sites K --partition iid|dirichlet:ALPHA
@@ -43,6 +43,7 @@ def _synth(args: argparse.Namespace) -> int:
         unlabelled_fraction=args.unlabelled,
         image_size=args.image_size,
         force=args.force,
+        mask_fraction=args.mask_fraction if args.mask_fraction is not None else (0.0 if args.masks else None),
     )
     print(f"synthetic federation in {Path(args.out).resolve()}: {len(info.get('sites', []))} sites")
     return 0
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--unlabelled", type=float, default=0.7,
                        help="fraction of training-split patients without a label")
     synth.add_argument("--image-size", type=int, default=256)
+    synth.add_argument("--masks", action="store_true",
+                       help="write vessel/stenosis masks (DICOM SEG + PNG), one outlined frame per image")
+    synth.add_argument("--mask-fraction", type=float, default=None, metavar="F",
+                       help="write masks for this share of each image's frames (at least one; implies --masks)")
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
     synth.set_defaults(func=_synth)
 

@@ -3,7 +3,10 @@
 Columns (docs/site-guide.md, "manifest.csv"): `patient_id` (required), `path` (required
 for imaging sites, relative to the site folder), `label` (class index, empty = unlabelled), `clin_*` (optional
 clinical covariates), `split` (optional: train / val / test; overrides the patient-hash
-split, so an imported benchmark keeps its published split). Errors name the file and the row, because the person reading them
+split, so an imported benchmark keeps its published split), `mask` (optional: a label
+image of the row's image, relative to the site folder; empty = no mask) and `mask_frames`
+(optional: the 0-based frames of the image that the mask's frames outline, separated by
+";"; client/masks.py). Errors name the file and the row, because the person reading them
 is a hospital IT team looking at a spreadsheet, not at a traceback.
 """
 
@@ -19,6 +22,8 @@ from fedir.errors import UserError
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("patient_id", "path")
 SPLIT_COLUMN = "split"
+MASK_COLUMN = "mask"
+MASK_FRAMES_COLUMN = "mask_frames"
 
 
 class ManifestError(UserError, ValueError):
@@ -44,6 +49,8 @@ class ManifestRow:
     label: int | None
     clinical: dict[str, float | None] = field(default_factory=dict)
     split: str | None = None  # the manifest's `split` cell; None = the patient-hash split
+    mask: Path | None = None  # absolute, inside the site folder; None = no mask
+    mask_frames: tuple[int, ...] | None = None  # image frames the mask outlines; None = as the mask says
 
 
 def parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
@@ -77,6 +84,31 @@ def parse_split(raw: str, where: str, row: int) -> str | None:
         raise ManifestError(f"{where}: split {raw!r} is not one of {', '.join(SPLITS)}",
                             f"row {row}: a split is not one of {', '.join(SPLITS)}")
     return raw
+
+
+def parse_frames(raw: str, where: str, row: int) -> tuple[int, ...] | None:
+    """`mask_frames`: distinct 0-based frame indices separated by ";", or None when empty."""
+    raw = raw.strip()
+    if raw == "":
+        return None
+    parts = [part.strip() for part in raw.split(";")]
+    if not all(part.isdigit() for part in parts) or len(set(parts)) != len(parts):
+        raise ManifestError(f"{where}: mask_frames {raw!r} is not a list of distinct frame numbers (0-based, ';'-separated)",
+                            f"row {row}: mask_frames is not a list of distinct frame numbers")
+    return tuple(int(part) for part in parts)
+
+
+def _site_path(site: Path, rel: str, column: str, where: str, row: int) -> Path:
+    """A manifest cell as a path inside the site folder (symlinks resolved), or ManifestError."""
+    try:
+        path = (site / rel).resolve()
+    except (ValueError, OSError) as exc:
+        raise ManifestError(f"{where}: {column} {rel!r} is not usable ({exc})",
+                            f"row {row}: a {column} is not usable") from None
+    if not path.is_relative_to(site):
+        raise ManifestError(f"{where}: {column} {rel!r} points outside the site folder",
+                            f"row {row}: a {column} points outside the site folder")
+    return path
 
 
 def parse_float(raw: str, column: str, where: str, row: int) -> float | None:
@@ -160,9 +192,11 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
     """Read and validate an imaging site's `site_dir/manifest.csv`.
 
     Raises ManifestError for what `read_records` refuses, an empty patient_id or path, a
-    path listed twice, a label outside 0..num_classes-1 (when given), or a path that
+    path listed twice, a label outside 0..num_classes-1 (when given), a path or mask that
     resolves outside the site folder (symlinks included), so that a site can never be
-    made to read files it did not export.
+    made to read files it did not export, or `mask_frames` that are not distinct frame
+    numbers or come without a mask. A mask file that is missing or unusable is not a
+    manifest error: the site reader skips that mask with its reason (client/masks.py).
     """
     site = Path(site_dir).resolve()
     columns, records = read_records(site, REQUIRED_COLUMNS)
@@ -177,14 +211,12 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
             raise ManifestError(f"{where}: empty patient_id", f"row {number}: empty patient_id")
         if not rel:
             raise ManifestError(f"{where}: empty path", f"row {number}: empty path")
-        try:
-            path = (site / rel).resolve()
-        except (ValueError, OSError) as exc:
-            raise ManifestError(f"{where}: path {rel!r} is not usable ({exc})",
-                                f"row {number}: a path is not usable") from None
-        if not path.is_relative_to(site):
-            raise ManifestError(f"{where}: path {rel!r} points outside the site folder",
-                                f"row {number}: a path points outside the site folder")
+        path = _site_path(site, rel, "path", where, number)
+        mask_rel = record.get(MASK_COLUMN, "").strip()
+        mask = _site_path(site, mask_rel, "mask", where, number) if mask_rel else None
+        mask_frames = parse_frames(record.get(MASK_FRAMES_COLUMN, ""), where, number)
+        if mask_frames is not None and mask is None:
+            raise ManifestError(f"{where}: mask_frames without a mask", f"row {number}: mask_frames without a mask")
         if path in seen:
             raise ManifestError(
                 f"{where}: path {rel!r} is listed again (first at row {seen[path]})",
@@ -199,6 +231,8 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
                 label=parse_label(record.get("label", ""), where, number, num_classes),
                 clinical={c: parse_float(record[c], c, where, number) for c in clin_columns},
                 split=parse_split(record.get(SPLIT_COLUMN, ""), where, number),
+                mask=mask,
+                mask_frames=mask_frames,
             )
         )
     return rows
