@@ -23,6 +23,7 @@ from fedir.models import build_model, encoder_names, head_name
 from fedir.protocol import ARRAYS_KEY, CONFIG_KEY, ROUND_KEY
 from fedir.server.model_init import MIN_LOADED_SHARE, ModelInitError, initialise
 from fedir.server.server_app import run_study
+from fedir.simulations.companion import clinical_settings
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.medmnist import import_medmnist
 
@@ -250,3 +251,10 @@ def test_a_missing_checkpoint_in_a_scenario_is_one_line(federation, tmp_path, ca
     assert main(["simulate", str(scenario), "--out", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "model.init = 'weights/absent.pt'" in lines[0] and "no such file" in lines[0]
+
+
+def test_the_clinical_companion_does_not_inherit_the_imaging_checkpoint():
+    imaging = Settings(model_init="/weights/radimagenet.pt", train_freeze="encoder", train_freeze_rounds=1,
+                       train_rounds=3, baseline_clinical=True)
+    companion = clinical_settings(imaging)
+    assert (companion.model_init, companion.train_freeze, companion.train_freeze_rounds) == ("", "none", 0)
