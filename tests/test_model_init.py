@@ -22,6 +22,7 @@ from fedir.config import Settings, SettingsError
 from fedir.models import build_model, encoder_names, head_name
 from fedir.protocol import ARRAYS_KEY, CONFIG_KEY, ROUND_KEY
 from fedir.server.model_init import MIN_LOADED_SHARE, ModelInitError, initialise
+from fedir.server.report.study import model_init_section
 from fedir.server.server_app import run_study
 from fedir.simulations.companion import clinical_settings
 from fedir.simulations.inprocess import InProcessGrid
@@ -258,3 +259,12 @@ def test_the_clinical_companion_does_not_inherit_the_imaging_checkpoint():
                        train_rounds=3, baseline_clinical=True)
     companion = clinical_settings(imaging)
     assert (companion.model_init, companion.train_freeze, companion.train_freeze_rounds) == ("", "none", 0)
+
+
+def test_the_starting_model_section_escapes_what_it_shows(tmp_path):
+    path = tmp_path / "bundle<img src=x>.pt"
+    _checkpoint(path)
+    report = initialise(build_model("resnet_small"), path)
+    html = str(model_init_section({"from": "checkpoint", **report, "freeze": "none", "freeze_rounds": 0}))
+    assert "bundle&lt;img src=x&gt;.pt" in html and "<img" not in html
+    assert "module.head.weight (no such entry in the model)" in html and "2 new" in html
