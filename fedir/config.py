@@ -42,6 +42,7 @@ ThresholdRule = Literal["youden", "fixed"]
 Personalise = Literal["none", "intercept", "finetune"]
 Augment = Literal["weak", "none"]
 LrSchedule = Literal["constant", "cosine"]
+Freeze = Literal["none", "encoder"]
 # Strategies whose aggregate is the weighted mean of the updates (the FedOpt family and
 # FedAvgM then take a server step on it: post-processing). Only for these does the privacy
 # budget's sensitivity bound hold (fedir.strategies.privacy_budget); a median or Krum's
@@ -136,6 +137,10 @@ class Settings:
         "score; 0 = off (needs eval.select = val-auc)", AT_LEAST_0)
     model_name: ModelName = setting(
         "auto", "the network; auto = logreg for tabular sites, resnet_small for imaging sites (fedir.models)")
+    model_init: str = setting(
+        "", "a PyTorch state dict (.pt/.pth; .safetensors when the safetensors package is installed) the "
+        "coordinator starts round 1 from; keys matched by name and shape, refused below 50% of the model's "
+        "parameters; relative to the scenario file; empty = random init (fedir.server.model_init)")
     model_image_size: int = setting(128, "side of the square image (or cube) the model sees, in pixels", AT_LEAST_1)
     data_frame_policy: str = setting(
         "mip", "how a multi-frame file becomes model images: mip | middle | all | peak | volume | "
@@ -201,6 +206,13 @@ class Settings:
     train_lr_schedule: LrSchedule = setting(
         "constant", "learning rate across rounds: constant | cosine (round r of train.rounds uses lr x a "
         "cosine factor from 1 down to 5%) (fedir.client.local_training)")
+    train_freeze: Freeze = setting(
+        "none", "none | encoder: for the first train.freeze-rounds rounds the sites train the final "
+        "classifier layer only, the encoder of model.init frozen with its BatchNorm statistics "
+        "(fedir.models.encoder_names); needs model.init")
+    train_freeze_rounds: int = setting(
+        0, "rounds with the encoder frozen (train.freeze = encoder), then every layer is fine-tuned; "
+        "below train.rounds", AT_LEAST_0)
     train_fedbn: bool = setting(
         False, "FedBN: normalisation layers stay at each site (fedir.client.kept_state)")
     train_personalise: Personalise = setting(
@@ -340,10 +352,29 @@ def check_combinations(settings: Settings) -> None:
         raise SettingsError(
             f"train.patience = {settings.train_patience} stops when the validation AUC stops improving: "
             f"it needs eval.select = \"val-auc\", not {settings.eval_select!r}")
+    check_freeze(settings)
     n_sites = len(settings.sites)
     if n_sites and settings.federation_min_sites > n_sites:
         raise SettingsError(f"federation.min-sites = {settings.federation_min_sites} is more than the "
                             f"{n_sites} site(s) federation.sites lists")
+
+
+def check_freeze(settings: Settings) -> None:
+    """`train.freeze = encoder` keeps a pretrained encoder while the new head learns: it
+    needs the checkpoint (`model.init`; a frozen random encoder would only ever give random
+    features), at least one frozen round, and a round after the frozen ones (the encoder is
+    then fine-tuned; `freeze-rounds >= rounds` would never fine-tune it)."""
+    rounds = settings.train_freeze_rounds
+    if settings.train_freeze == "none":
+        if rounds:
+            raise SettingsError(f"train.freeze-rounds = {rounds} needs train.freeze = \"encoder\"")
+        return
+    if not settings.model_init:
+        raise SettingsError("train.freeze = \"encoder\" freezes the encoder of a pretrained checkpoint: "
+                            "set model.init to its state dict (a frozen random encoder learns nothing)")
+    if not 1 <= rounds < settings.train_rounds:
+        raise SettingsError(f"train.freeze-rounds = {rounds} must be at least 1 and below train.rounds = "
+                            f"{settings.train_rounds} (the rounds after it fine-tune every layer)")
 
 
 def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:

@@ -40,6 +40,7 @@ from fedir.server.checkpoint import (
 from fedir.server.cross_site_round import cross_site_matrix
 from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
 from fedir.server.feature_stats import gather_feature_sums
+from fedir.server.model_init import initialise
 from fedir.server.report import write_report
 from fedir.server.report.baseline import with_clinical_baseline
 from fedir.server.run_lock import serverapp_lock
@@ -326,6 +327,10 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     model = build_model(resolve_model(settings.model_name, tabular=features.sums is not None),
                         seed=settings.train_seed, n_features=len(features.names),
                         spatial_dims=settings.spatial_dims)
+    if resumed is None and settings.model_init:
+        # transfer learning: the checkpoint's weights are round 0's global model (a resumed
+        # run continues from its own checkpoint; the report stays in the store)
+        store.record_model_init(run_id, initialise(model, settings.model_init))
     # entries the sites keep (FedBN, a local intercept) are never sent, not even at the
     # start: server optimisers (FedAdam...) need the same keys every round
     start_arrays = shared_arrays(model, settings) if resumed is None else resumed.array_record()

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedir.config import MEAN_AGGREGATORS
 from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS, SCORE_SUMS, calibration
+from fedir.server.checklist import build_checklist, run_settings
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.strategies.privacy_budget import ACCOUNTANT
 from fedir.strategies.selection import EarlyStopped, Selection
@@ -46,7 +47,7 @@ def build_summary(store: RunStore, run_id: str) -> dict:
     last_eval = selection["round"]
     evaluated = store.site_metrics(run_id, last_eval) if last_eval is not None else {}
     sites = _site_names(run["sites"], evaluated)
-    return {
+    summary = {
         "run_id": run_id,
         "scenario": run["scenario"],
         "status": run["status"],
@@ -63,7 +64,20 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "privacy": privacy_entry(store, run_id, run["config"]),
         "nodes": store.nodes(run_id),
         "notes": store.notes(run_id),
+        "model_init": model_init_entry(store, run_id, run["config"]),
     }
+    summary["checklist"] = build_checklist(run["config"], summary)
+    return summary
+
+
+def model_init_entry(store: RunStore, run_id: str, config: dict) -> dict:
+    """Where the first global model came from: `{"from": "random", "seed"}`, or `{"from":
+    "checkpoint", ...}` with what `model.init` loaded, left new and dropped
+    (fedir.server.model_init); with the encoder freezing the sites applied."""
+    s = run_settings(config)
+    report = store.model_init(run_id)
+    start = {"from": "random", "seed": s["train.seed"]} if report is None else {"from": "checkpoint", **report}
+    return {**start, "freeze": s["train.freeze"], "freeze_rounds": s["train.freeze-rounds"]}
 
 
 def selection_entry(store: RunStore, run_id: str, config: dict) -> dict:
