@@ -194,8 +194,9 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
     Raises ManifestError for what `read_records` refuses, an empty patient_id or path, a
     path listed twice, a label outside 0..num_classes-1 (when given), a path or mask that
     resolves outside the site folder (symlinks included), so that a site can never be
-    made to read files it did not export, or `mask_frames` that are not distinct frame
-    numbers or come without a mask. A mask file that is missing or unusable is not a
+    made to read files it did not export, `mask_frames` that are not distinct frame
+    numbers or come without a mask, or a patient whose rows name different splits (the
+    split is by patient: one patient's images in training and test would leak). A mask file that is missing or unusable is not a
     manifest error: the site reader skips that mask with its reason (client/masks.py).
     """
     site = Path(site_dir).resolve()
@@ -203,6 +204,7 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
     clin_columns = [c for c in columns if c.startswith("clin_")]
     rows: list[ManifestRow] = []
     seen: dict[Path, int] = {}
+    split_of_patient: dict[str, tuple[str | None, int]] = {}  # the first row's split cell
     for rec in records:
         record, number, where = rec.cells, rec.row, rec.where
         patient_id = record["patient_id"].strip()
@@ -223,6 +225,14 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
                 f"row {number}: a path is listed again (first at row {seen[path]})",
             )
         seen[path] = number
+        split = parse_split(record.get(SPLIT_COLUMN, ""), where, number)
+        first_split, first_row = split_of_patient.setdefault(patient_id, (split, number))
+        if split != first_split:
+            # a patient in two splits would put the same anatomy in training and test
+            named = f"{split or 'the patient-hash split'} here, {first_split or 'the patient-hash split'} at row {first_row}"
+            raise ManifestError(f"{where}: patient {patient_id!r} is in two splits ({named}); "
+                                "a patient's images must share one split",
+                                f"row {number}: a patient is in two splits ({named})")
         rows.append(
             ManifestRow(
                 row=number,
@@ -230,7 +240,7 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
                 path=path,
                 label=parse_label(record.get("label", ""), where, number, num_classes),
                 clinical={c: parse_float(record[c], c, where, number) for c in clin_columns},
-                split=parse_split(record.get(SPLIT_COLUMN, ""), where, number),
+                split=split,
                 mask=mask,
                 mask_frames=mask_frames,
             )

@@ -56,7 +56,7 @@ def _split(s: dict) -> dict[str, str]:
         f"enforced at every site: train/validation/test by a hash of patient_id (validation "
         f"{s['data.val-fraction']:g}, test {s['data.test-fraction']:g} of the patients), so all of a patient's "
         "images share one split; a manifest's own split column (a published benchmark split) overrides the "
-        "hash and is taken as given"))
+        "hash, and a manifest whose rows put one patient in two splits is refused"))
 
 
 def _selection(s: dict, summary: dict) -> dict[str, str]:
