@@ -69,6 +69,7 @@ class Spy:
     def __init__(self, monkeypatch, corrupt: tuple[int, int] | None = None) -> None:
         self.updates: dict[int, dict[int, tuple[dict[str, np.ndarray], float]]] = defaultdict(dict)
         self.globals: dict[int, dict[str, np.ndarray]] = {}
+        self.sent: dict[int, dict[str, np.ndarray]] = {}  # the global model each round's training started from
         self.train_reply_arrays: list[int] = []
         original = site_secagg.legacy_fit
 
@@ -77,6 +78,7 @@ class Spy:
             partition = int(context.node_config["partition-id"])
 
             def handler(m, c):
+                self.sent[server_round] = {k: a.numpy() for k, a in m.content.array_records["arrays"].items()}
                 reply = call_next(m, c)
                 arrays = reply.content.array_records["arrays"]
                 if corrupt == (partition, server_round):  # the handler produced a NaN
@@ -151,6 +153,25 @@ def test_secagg_computes_fedavgs_weighted_mean_and_the_server_sees_no_update(tmp
     assert not [n for n in summary["notes"] if n["kind"] in ("missing", "rejected")]
     # the bias analysis from the per-site evaluation aggregates stays
     assert summary["bias"]["alarm"] is not None
+
+
+def test_fedavgm_takes_its_server_step_with_momentum_on_the_secure_mean(tmp_path, monkeypatch):
+    """Flower's legacy FedAvgM on the unmasked mean: g_r = g_(r-1) - lr m_r with
+    m_r = momentum m_(r-1) + (g_(r-1) - mean_r)."""
+    sites = _tabular_sites(tmp_path / "fed")
+    settings = _settings(sites, strategy_name="fedavgm", strategy_server_learning_rate=0.5,
+                         strategy_server_momentum=0.5)
+    spy = Spy(monkeypatch)
+    _study(tmp_path, settings, spy)
+    momentum: dict[str, np.ndarray] = {}
+    for server_round in (1, 2):
+        updates = spy.updates[server_round]
+        weights = [updates[s][1] for s in range(N_SITES)]
+        for name, start in spy.sent[server_round].items():
+            mean = np.average(np.stack([updates[s][0][name] for s in range(N_SITES)]), axis=0, weights=weights)
+            momentum[name] = 0.5 * momentum.get(name, 0.0) + (start - mean)
+            expected = start - 0.5 * momentum[name]
+            assert np.abs(spy.globals[server_round][name] - expected).max() <= 2 * _tolerance(settings, weights)
 
 
 def _drop_at(partition: int, server_round: int, stage: str):
