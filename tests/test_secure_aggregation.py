@@ -4,8 +4,9 @@ within the reconstruction threshold leave the round to the others; a site refuse
 update SecAgg+ cannot sum; the combinations that cannot work are refused when read.
 
 The studies run through fedir's ServerApp logic and ClientApp in one process
-(fedir.simulations.inprocess, each message serialised as Flower sends it) on small
-synthetic tabular sites; the updates each site computed are captured at the site, in the
+(fedir.simulations.inprocess, each message serialised as Flower sends it), and once through
+Flower's simulation engine, on small synthetic tabular sites (the TLS deployment:
+tests/test_deployment.py); the updates each site computed are captured at the site, in the
 clear, between its train handler and the SecAgg+ mod, to check the aggregate against them.
 """
 
@@ -278,3 +279,15 @@ def test_every_sum_strategy_has_its_legacy_class_and_builds_the_secure_path():
     kept = kept_keys(bn, Settings(privacy_secure_aggregation="secagg+"))
     assert kept and all(k.endswith("num_batches_tracked") for k in kept)
     assert not kept_keys(template, Settings(privacy_secure_aggregation="secagg+"))
+
+
+def test_a_secagg_study_through_flowers_simulation_engine(tmp_path):
+    """The same path through Flower's own engine (Ray, a SuperNode per site; about 35 s)."""
+    from fedir.simulations.simulate import simulate
+
+    sites = _tabular_sites(tmp_path / "fed", n_sites=3)
+    summary = simulate(_settings(sites), tmp_path / "run", scenario="test")
+    assert summary["status"] == "finished" and summary["rounds"] == 2
+    assert summary["privacy"]["secure_aggregation"] == "secagg+"
+    assert set(summary["per_site"]) == {f"site-{i}" for i in range(3)}
+    assert not [n for n in summary["notes"] if n["kind"] in ("missing", "rejected")], summary["notes"]
