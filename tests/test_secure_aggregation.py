@@ -291,3 +291,12 @@ def test_a_secagg_study_through_flowers_simulation_engine(tmp_path):
     assert summary["privacy"]["secure_aggregation"] == "secagg+"
     assert set(summary["per_site"]) == {f"site-{i}" for i in range(3)}
     assert not [n for n in summary["notes"] if n["kind"] in ("missing", "rejected")], summary["notes"]
+
+
+def test_fedir_compare_runs_the_local_and_pooled_arms_without_it():
+    from fedir.simulations.compare import arm_settings
+
+    settings = Settings(privacy_secure_aggregation="secagg+", federation_sites="a;b;c")
+    assert arm_settings(settings, "federated", None).secure_aggregation
+    assert not arm_settings(settings, "local", None).secure_aggregation
+    assert not arm_settings(settings, "pooled", None).secure_aggregation
