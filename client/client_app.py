@@ -32,6 +32,7 @@ from fedir.client.kept_state import load_global, reply_arrays
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.manifest import ManifestError
 from fedir.client.personalise import personalised
+from fedir.client.secure_aggregation import secure_aggregation_mod
 from fedir.client.site import SiteUnusable
 from fedir.client.training import pick_device, predict, train
 from fedir.config import Settings
@@ -147,10 +148,11 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
     mods wrapped around every message handler (the wire audit test captures replies so);
     then the site's own audit log (fedir.client.audit_log), which records what leaves the
-    site after everything else, and innermost the client-side DP clipping the run may ask
-    for (fedir.client.dp_mods)."""
+    site after everything else (under secure aggregation: the masked vectors), then SecAgg+
+    when the run asks for it (fedir.client.secure_aggregation), and innermost the client-side
+    DP clipping the run may ask for (fedir.client.dp_mods)."""
     audit = audit_mod(lambda context: site_dir_of(context, settings or Settings.from_run_config(context.run_config)))
-    app = ClientApp(mods=[*mods, audit, dp_clipping_mod(settings)])
+    app = ClientApp(mods=[*mods, audit, secure_aggregation_mod(settings), dp_clipping_mod(settings)])
     fixed = settings
 
     @app.query()

@@ -51,6 +51,12 @@ MEAN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fe
 # How the reported and saved round is chosen (fedir.strategies.selection): never on test.
 Select = Literal["val-auc", "last"]
 DPMode = Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
+SecureAggregation = Literal["off", "secagg+"]
+# Strategies whose aggregate SecAgg+ can compute: a weighted sum of the sites' updates
+# divided by the summed weight (FedAvgM then takes a server step on that mean). The others
+# need each site's update (a median, Krum's choice) or Flower's Message-API server
+# optimisers, which the legacy workflow does not drive (fedir.strategies.secure_aggregation).
+SECURE_SUM_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
 
 EVERY_K = re.compile(r"every-([1-9][0-9]*)")
 
@@ -238,6 +244,21 @@ class Settings:
         "keep it below 1 / the number of sites", Bounds(0, 1, low_open=True, high_open=True))
     privacy_max_epsilon: float = setting(
         0.0, "stop the study before a round would spend more epsilon than this; 0 = no limit", AT_LEAST_0)
+    privacy_secure_aggregation: SecureAggregation = setting(
+        "off", "secagg+: the coordinator sees only the sum of the sites' weighted updates, never one site's "
+        "(Flower's SecAgg+; fedavg, fedprox, fedavgm only; fedir.strategies.secure_aggregation)")
+    privacy_secagg_clipping_range: float = setting(
+        8.0, "secagg+: every weight a site sends must lie in [-this, this] (a site refuses to send otherwise)",
+        POSITIVE)
+    privacy_secagg_quantization_range: int = setting(
+        4194304, "secagg+: integer levels each weighted value is quantised to (2^22); the sum of every site's "
+        "must stay below 2^32", Bounds(2, 2**31))
+    privacy_secagg_max_weight: float = setting(
+        1000.0, "secagg+: the largest weight (labelled training patients) a site may send; a larger site refuses",
+        POSITIVE)
+    privacy_secagg_reconstruction_threshold: float = setting(
+        0.67, "secagg+: share of the sampled sites (at least 2) whose key shares rebuild a dropped site's mask: "
+        "more sites must then collude to unmask one site, fewer may drop out in a round", SHARE)
 
     def __post_init__(self) -> None:
         # Values and the combinations that cannot work are refused when the settings are
@@ -248,6 +269,7 @@ class Settings:
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
         check_cross_site(self.bias_cross_site, self.privacy_dp)
+        check_secure_aggregation(self)
         check_budget(self.privacy_dp, self.privacy_max_epsilon, self.privacy_noise_multiplier,
                      self.strategy_name)
 
@@ -285,6 +307,11 @@ class Settings:
     def dp(self) -> bool:
         """Whether a differential-privacy mode is on (fedir.config)."""
         return self.privacy_dp != "off"
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """Whether the sites' updates are summed under SecAgg+ (privacy.secure-aggregation)."""
+        return self.privacy_secure_aggregation != "off"
 
     @property
     def spatial_dims(self) -> int:
@@ -419,6 +446,39 @@ def check_cross_site(cross_site: bool, dp_mode: str) -> None:
             f"bias.cross-site = true sends each site's un-noised update to every other site: "
             f"it cannot be combined with privacy.dp = {dp_mode!r} (set bias.cross-site = false)"
         )
+
+
+def check_secure_aggregation(settings: Settings) -> None:
+    """Refuse what SecAgg+ cannot serve, naming both settings. The coordinator sees only
+    the sum of the sites' weighted updates: a strategy that needs each update (a median,
+    Krum), the cross-site matrix (each site's update sent to the others), Flower's DP
+    wrappers (they clip or check each site's reply) and the local and pooled arms (no
+    sum to hide) cannot work; float16 uploads would lose precision before the sites'
+    quantisation and save nothing (the masked values are integers); with two sites each
+    would learn the other's update from the sum."""
+    mode = settings.privacy_secure_aggregation
+    if mode == "off":
+        return
+    key = f"privacy.secure-aggregation = {mode!r}"
+    if settings.strategy_name not in SECURE_SUM_STRATEGIES:
+        raise SettingsError(f"{key} computes only a weighted sum of the sites' updates, which "
+                            f"strategy.name = {settings.strategy_name!r} cannot aggregate from; choose "
+                            f"{', '.join(SECURE_SUM_STRATEGIES)}")
+    if settings.bias_cross_site:
+        raise SettingsError(f"{key} hides each site's update, which bias.cross-site = true sends to every other "
+                            "site: set bias.cross-site = false")
+    if settings.privacy_dp != "off":
+        raise SettingsError(f"{key} cannot be combined with privacy.dp = {settings.privacy_dp!r}: Flower's DP "
+                            "wrappers clip or check each site's reply, which SecAgg+ hides")
+    if settings.train_update_dtype != "float32":
+        raise SettingsError(f"{key} needs train.update-dtype = \"float32\" (the masked values are integers: "
+                            f"{settings.train_update_dtype} would only lose precision)")
+    if settings.federation_arm != "federated":
+        raise SettingsError(f"{key} needs federation.arm = \"federated\", not {settings.federation_arm!r}: "
+                            "the other arms sum nothing")
+    if 0 < len(settings.sites) < 3:
+        raise SettingsError(f"{key} needs at least 3 sites, federation.sites lists {len(settings.sites)}: "
+                            "with two, each site learns the other's update from the sum")
 
 
 def check_personalise(mode: str, arm: str) -> None:

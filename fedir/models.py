@@ -152,11 +152,15 @@ def intercept_key(model: nn.Module) -> str:
 
 
 def kept_keys(model: nn.Module, settings: Settings) -> set[str]:
-    """State-dict entries that stay at the site: FedBN's normalisation layers and, under
-    `personalise = intercept`, the output bias."""
+    """State-dict entries that stay at the site: FedBN's normalisation layers, under
+    `personalise = intercept` the output bias, and under secure aggregation the integer
+    counters (BatchNorm's `num_batches_tracked`): SecAgg+ sums values within its clipping
+    range, and a step count is no weight to average."""
     keys = norm_keys(model) if settings.train_fedbn else set()
     if settings.train_personalise == "intercept":
         keys.add(intercept_key(model))
+    if settings.secure_aggregation:
+        keys |= {name for name, value in model.state_dict().items() if not value.is_floating_point()}
     return keys
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Parameters, Status, bytes_to_ndarray, ndarray_to_bytes
+from flwr.compat.common import recorddict_compat as legacy
 
 from fedir.config import UpdateDtype, allowed
 from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS, SCORE_SUMS
@@ -42,6 +44,7 @@ MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/eva
 STD_KEY = "feature-std"
 ROUND_KEY = "server-round"  # set by Flower's strategies in every train/evaluate config
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx in its train config
+LEGACY_PROXIMAL_MU_KEY = "proximal_mu"  # set by Flower's legacy FedProx (secure aggregation)
 RUN_ID_KEY = "run-id"  # the study's run id, in each train/evaluate config: a site's saved state is keyed by it
 UPDATE_DTYPES = allowed(UpdateDtype)  # train.update-dtype: the precision of a site's upload
 
@@ -134,7 +137,7 @@ def decode_round_config(config: ConfigRecord) -> RoundConfig:
     has_stats = MEAN_KEY in config
     return RoundConfig(
         server_round=int(_number(config.get(ROUND_KEY, 0), ROUND_KEY)),
-        proximal_mu=_number(config.get(PROXIMAL_MU_KEY, 0.0), PROXIMAL_MU_KEY),
+        proximal_mu=_number(config.get(PROXIMAL_MU_KEY, config.get(LEGACY_PROXIMAL_MU_KEY, 0.0)), PROXIMAL_MU_KEY),
         mean=np.asarray(config[MEAN_KEY], dtype=np.float64) if has_stats else None,
         std=np.asarray(config[STD_KEY], dtype=np.float64) if has_stats else None,
         run_id=str(config[RUN_ID_KEY]) if RUN_ID_KEY in config else None,
@@ -332,6 +335,83 @@ def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
     if CARD_KEY in site_rec:
         out["card"] = json.loads(str(site_rec[CARD_KEY]))
     return str(site_rec["name"]), out
+
+
+# ---- secure aggregation: Flower's legacy fit layout (privacy.secure-aggregation) -------------
+#
+# Flower 1.41's SecAggPlusWorkflow drives the legacy strategy API. The train message of its
+# third stage carries a legacy FitIns ("fitins.parameters": the arrays by position, as .npy
+# bytes, no names; "fitins.config"), and `secaggplus_mod` at the site reads the reply as a
+# legacy FitRes ("fitres.parameters", "fitres.num_examples", "fitres.metrics",
+# "fitres.status"), then masks the parameters and empties every ArrayRecord before the reply
+# leaves. So the server names the positions in the config (SECURE_NAMES_KEY), the site
+# translates the FitIns into a plain train message for its handler and the handler's reply
+# into a FitRes, and the site's aggregates (encode_training's "metrics" and "site" records)
+# travel beside the FitRes records, where decode_training reads them as in any round.
+
+SECURE_NAMES_KEY = "array-names"
+_FITINS_ARRAYS = "fitins.parameters"
+_FITINS_CONFIG = "fitins.config"
+_FITRES_ARRAYS = "fitres.parameters"
+
+
+def encode_secure_config(config: ConfigRecord, server_round: int, names: Sequence[str]) -> dict[str, Any]:
+    """A round's config as a legacy FitIns config (Flower's legacy strategies take a dict):
+    the round config of every train message, its round number (which the Message-API
+    strategies add themselves) and the names of the model's arrays, in the order sent."""
+    return {**config, ROUND_KEY: int(server_round), SECURE_NAMES_KEY: [str(n) for n in names]}
+
+
+def is_secure_instruction(content: RecordDict) -> bool:
+    """Whether a train message is SecAgg+'s legacy FitIns rather than a plain instruction."""
+    return _FITINS_ARRAYS in content.array_records
+
+
+def _by_position(record: ArrayRecord) -> list[np.ndarray]:
+    """A legacy record's arrays in their positions (keys "0", "1", ...: sorted as numbers)."""
+    return [bytes_to_ndarray(record[key].data) for key in sorted(record, key=int)]
+
+
+def decode_secure_instruction(content: RecordDict) -> RecordDict:
+    """SecAgg+'s FitIns -> a plain train message's content (read by decode_instruction):
+    the global arrays under their names, and the round's config."""
+    config = content.config_records[_FITINS_CONFIG]
+    names = [str(n) for n in config[SECURE_NAMES_KEY]]  # type: ignore[union-attr]
+    values = _by_position(content.array_records[_FITINS_ARRAYS])
+    if len(values) != len(names):
+        raise ValueError(f"a secure-aggregation instruction with {len(values)} arrays names {len(names)}")
+    return RecordDict({ARRAYS_KEY: ArrayRecord({n: Array(v) for n, v in zip(names, values)}), CONFIG_KEY: config})
+
+
+def encode_secure_training(reply: RecordDict, names: Sequence[str]) -> RecordDict:
+    """A site's training reply (encode_training) as the legacy FitRes `secaggplus_mod`
+    masks: the update in the order of `names` (those the instruction carried), weighted by
+    the reply's `num-examples`, with the reply's aggregate records beside it."""
+    arrays = reply.array_records[ARRAYS_KEY]
+    if sorted(arrays) != sorted(names):
+        raise ValueError(f"the update's arrays {sorted(arrays)[:3]}... are not those the instruction named")
+    metrics = reply.metric_records[METRICS_KEY]
+    parameters = Parameters(tensors=[ndarray_to_bytes(arrays[n].numpy()) for n in names], tensor_type="numpy.ndarray")
+    fitres = FitRes(Status(Code.OK, ""), parameters, int(_number(metrics[WEIGHT_KEY], WEIGHT_KEY)), {})
+    content = legacy.fitres_to_recorddict(fitres, keep_input=False)
+    content[METRICS_KEY] = metrics
+    content[SITE_KEY] = reply.config_records[SITE_KEY]
+    return content
+
+
+def is_secure_training(content: RecordDict) -> bool:
+    """Whether a reply is a site's masked training reply (SecAgg+'s third stage)."""
+    return _FITRES_ARRAYS in content.array_records and METRICS_KEY in content.metric_records
+
+
+def decode_secure_aggregate(record: ArrayRecord, template: ArrayRecord) -> ArrayRecord:
+    """The workflow's aggregate (legacy positions, float64) -> the model's arrays under their
+    names, in the dtypes and shapes of `template` (the arrays sent)."""
+    values = _by_position(record)
+    if len(values) != len(template):
+        raise ValueError(f"secure aggregation returned {len(values)} arrays for a model of {len(template)}")
+    return ArrayRecord({name: Array(np.asarray(v, dtype=np.dtype(ref.dtype)).reshape(ref.shape))
+                        for (name, ref), v in zip(template.items(), values)})
 
 
 # ---- cross-site evaluation (after the last round) -------------------------------------------

@@ -114,12 +114,15 @@ def selection_line(summary: dict) -> str:
 
 
 def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
-    """`{"mode": "off"}`, or under privacy.dp the epsilon spent by the rounds accounted at
-    `delta` (fedir.strategies.privacy_budget; null when no noise made it infinite), each
-    round's figure, and why the study stopped when the budget stopped it."""
+    """`{"mode": "off", "secure_aggregation": ...}`, or under privacy.dp the epsilon spent by
+    the rounds accounted at `delta` (fedir.strategies.privacy_budget; null when no noise made
+    it infinite), each round's figure, and why the study stopped when the budget stopped it.
+    `secure_aggregation` is `privacy.secure-aggregation`: "secagg+" when the coordinator saw
+    only the sum of the sites' updates (fedir.strategies.secure_aggregation)."""
     mode = config.get("privacy.dp", "off")
+    secure = config.get("privacy.secure-aggregation", "off")  # runs stored before the setting: off
     if mode == "off":
-        return {"mode": "off"}
+        return {"mode": "off", "secure_aggregation": secure}
     rounds = store.privacy_rounds(run_id)
     stopped = [n["message"] for n in store.notes(run_id) if n["kind"] == "privacy_budget"]
     accounted = config.get("strategy.name", "fedavg") in MEAN_AGGREGATORS
@@ -134,6 +137,7 @@ def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
         f"none: strategy.name = {config.get('strategy.name')!r} is not a mean, so no epsilon is accounted",
         "per_round": [[r["round"], r["epsilon"]] for r in rounds],
         "stopped": stopped[-1] if stopped else None,
+        "secure_aggregation": secure,
     }
 
 

@@ -80,10 +80,11 @@ def arm_settings(settings: Settings, arm: str, all_label_sites: list[Path] | Non
             raise ValueError("the all_labels arm needs a synthetic federation")
         return replace(settings, train_objective="supervised", federation_sites=";".join(map(str, all_label_sites)),
                        **quiet)
+    # the local and pooled arms sum nothing: secure aggregation has nothing to hide there
     if arm == "local":
-        return replace(settings, federation_arm="local", **quiet)
+        return replace(settings, federation_arm="local", privacy_secure_aggregation="off", **quiet)
     if arm == "pooled":
-        return replace(settings, federation_arm="pooled", **quiet)
+        return replace(settings, federation_arm="pooled", privacy_secure_aggregation="off", **quiet)
     if arm == "clinical":
         return clinical_settings(replace(settings, **quiet))
     raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
