@@ -299,7 +299,7 @@ def check_drift(drift: Mapping[str, Any]) -> dict[str, Any]:
     ValueError names what is wrong."""
     if set(drift) != {"unit", "periods", "reason"} or drift["unit"] not in DRIFT_UNITS:
         raise ValueError(f"drift: expected unit (one of {', '.join(DRIFT_UNITS)}), periods and reason")
-    periods = []
+    periods: list[dict[str, Any]] = []
     for period in drift["periods"]:
         label = period.get("period") if isinstance(period, Mapping) else None
         if not isinstance(label, str) or not _PERIOD_LABEL[drift["unit"]].fullmatch(label):

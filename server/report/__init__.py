@@ -4,7 +4,8 @@ Written for the radiologist-researcher watching a study: the bias verdict first,
 how each site's AUC moved over the rounds, the final per-site metrics with their
 confidence intervals, per patient first and per image beside, with the decision threshold
 and how it was chosen (and the clinical-only baseline beside them, when the run asked for
-one), each site's calibration (reliability counts, ECE), how scores and labels are spread over the sites, what each bias signal saw and the
+one), each site's calibration (reliability counts, ECE), the test AUC per acquisition period with
+its trend test (drift over time), how scores and labels are spread over the sites, what each bias signal saw and the
 numbers behind each test, the training loss, the sites' data cards, and the notes
 (skipped files, metrics that could not be computed).
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from fedir.server.report.baseline import baseline_section, with_clinical_baseline
 from fedir.server.report.bias import bias_section
 from fedir.server.report.cards import card_section
+from fedir.server.report.drift import drift_section
 from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
 from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
@@ -40,6 +42,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         calibration_section(summary),
         baseline_section(with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])),
         distributions_section(store, run_id, summary),
+        drift_section(summary["drift"]),
         bias_section(summary["bias"]),
         training_section(rows, summary["sites"]),
         card_section(store.cards(run_id)),
