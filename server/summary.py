@@ -6,7 +6,8 @@ validation rows exactly as the ServerApp chose it; the round of ``model.pt``): t
 ("global") test metrics, every site's test metrics with confidence intervals (each with
 ``per_patient``, the primary level, its ECE and reliability rows; the pooled one with the
 bound of its AUC's binning error), the decision threshold they were counted at and how it
-was chosen (``threshold``), and the bias verdict. A metric that could not be computed is
+was chosen (``threshold``), drift over time (``drift``: each site's per-period AUCs and
+their trend, fedir.strategies.drift_trend), and the bias verdict. A metric that could not be computed is
 null, and the site's ``reasons`` say why, so a reader never mistakes a missing number for
 a bad one.
 """
