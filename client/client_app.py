@@ -26,6 +26,7 @@ from fedir.client.arms import keep_local, start_weights
 from fedir.client.audit_log import audit_mod
 from fedir.client.datacard import card_once
 from fedir.client.dp_mods import dp_clipping_mod
+from fedir.client.drift import period_metrics
 from fedir.client.embedding import embedding_moments, predict_with_embedding
 from fedir.client.inputs import SiteView, scaled, scaler, view_of
 from fedir.client.kept_state import load_global, reply_arrays
@@ -143,6 +144,16 @@ def _metrics(settings: Settings, config, labels, scores, patients, *, intervals:
     )
 
 
+def _drift(settings: Settings, config, site: SiteView, labels, scores, patients) -> dict | None:
+    """The test patients' metrics per acquisition period (fedir.client.drift); None when
+    eval.drift-period is off or the site's manifest has no `acquired` column."""
+    if settings.eval_drift_period == "off" or not site.acquired:
+        return None
+    return period_metrics(labels, scores, patients, site.acquired, settings.eval_drift_period,
+                          n_boot=settings.eval_bootstrap, bins=settings.eval_hist_bins,
+                          seed=settings.round_seed(decode_round_config(config).server_round))
+
+
 def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp. Settings come from the run config Flower delivers, unless given
     here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
@@ -205,7 +216,8 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         val_x, val_labels, val_patients = scored_rows(settings, site, config, "val")
         val = _metrics(settings, config, val_labels, predict(model, val_x, pick_device()), val_patients,
                        intervals=False)
-        return Message(content=encode_evaluation(site.name, metrics, moments, val), reply_to=msg)
+        drift = _drift(settings, config, site, labels, scores, patients)
+        return Message(content=encode_evaluation(site.name, metrics, moments, val, drift), reply_to=msg)
 
     @app.evaluate("cross_site")
     def cross_site_fn(msg: Message, context: Context) -> Message:

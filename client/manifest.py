@@ -6,13 +6,17 @@ clinical covariates), `split` (optional: train / val / test; overrides the patie
 split, so an imported benchmark keeps its published split), `mask` (optional: a label
 image of the row's image, relative to the site folder; empty = no mask) and `mask_frames`
 (optional: the 0-based frames of the image that the mask's frames outline, separated by
-";"; client/masks.py). Errors name the file and the row, because the person reading them
+";"; client/masks.py) and `acquired` (optional: when the row's images were acquired, a date
+YYYY-MM-DD, a year YYYY or a quarter YYYY-Qn; it stays at the site, which reports its test
+metrics per period, client/drift.py). Errors name the file and the row, because the person reading them
 is a hospital IT team looking at a spreadsheet, not at a traceback.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,11 @@ REQUIRED_COLUMNS = ("patient_id", "path")
 SPLIT_COLUMN = "split"
 MASK_COLUMN = "mask"
 MASK_FRAMES_COLUMN = "mask_frames"
+ACQUIRED_COLUMN = "acquired"
+_YEAR = re.compile(r"[0-9]{4}")
+_QUARTER = re.compile(r"([0-9]{4})-Q([1-4])")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+YEARS = (1900, 2199)  # an `acquired` year outside these is a typo, not a date
 
 
 class ManifestError(UserError, ValueError):
@@ -40,6 +49,70 @@ class ManifestError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
+class Acquired:
+    """When a row's images were acquired, at the precision the manifest gives: a year, a
+    quarter of a year, or a day (`quarter` is then the day's)."""
+
+    year: int
+    quarter: int | None = None  # 1..4; None for a bare year
+    day: dt.date | None = None
+
+    @property
+    def start(self) -> dt.date:
+        """The first day of the interval: what "earliest" compares."""
+        return self.day or dt.date(self.year, 3 * (self.quarter or 1) - 2, 1)
+
+    def period(self, unit: str) -> str | None:
+        """The period label of `unit` ("year": "2021"; "quarter": "2021-Q3"), or None when the
+        manifest gave less than the unit needs (a bare year under "quarter")."""
+        if unit == "year":
+            return f"{self.year:04d}"
+        if unit == "quarter":
+            return None if self.quarter is None else f"{self.year:04d}-Q{self.quarter}"
+        raise ValueError(f"no period unit {unit!r}: year or quarter")
+
+
+def parse_acquired(raw: str, where: str, row: int) -> Acquired | None:
+    """`acquired`: a date YYYY-MM-DD, a year YYYY or a quarter YYYY-Qn; None when empty."""
+    raw = raw.strip()
+    if raw == "":
+        return None
+    value = None
+    if _YEAR.fullmatch(raw):
+        value = Acquired(int(raw))
+    elif quarter := _QUARTER.fullmatch(raw):
+        value = Acquired(int(quarter.group(1)), int(quarter.group(2)))
+    elif _DATE.fullmatch(raw):
+        try:
+            day = dt.date.fromisoformat(raw)
+            value = Acquired(day.year, (day.month - 1) // 3 + 1, day)
+        except ValueError:
+            pass  # a day that does not exist (2021-02-30)
+    if value is not None and YEARS[0] <= value.year <= YEARS[1]:
+        return value
+    raise ManifestError(f"{where}: acquired {raw!r} is not a date (YYYY-MM-DD), a year (YYYY) or a quarter (YYYY-Qn) "
+                        f"in {YEARS[0]}-{YEARS[1]}",
+                        f"row {row}: an acquired value is not a date (YYYY-MM-DD), a year (YYYY) or a quarter (YYYY-Qn) "
+                        f"in {YEARS[0]}-{YEARS[1]}")
+
+
+def acquired_by_patient(site_dir: str | Path) -> dict[str, Acquired]:
+    """Each patient's earliest `acquired` value (imaging and tabular sites alike); patients
+    without one are absent, and so is everyone when the manifest has no such column.
+    ManifestError names the row of a value that is not a date, year or quarter."""
+    columns, records = read_records(site_dir)
+    out: dict[str, Acquired] = {}
+    if ACQUIRED_COLUMN not in columns:
+        return out
+    for rec in records:
+        value = parse_acquired(rec.cells.get(ACQUIRED_COLUMN, ""), rec.where, rec.row)
+        patient = rec.cells.get("patient_id", "").strip()
+        if value is not None and patient:
+            out[patient] = min(value, out.get(patient, value), key=lambda a: a.start)
+    return out
+
+
+@dataclass(frozen=True)
 class ManifestRow:
     """One manifest row, validated. `row` is the 1-based line number in the CSV file."""
 
@@ -51,6 +124,7 @@ class ManifestRow:
     split: str | None = None  # the manifest's `split` cell; None = the patient-hash split
     mask: Path | None = None  # absolute, inside the site folder; None = no mask
     mask_frames: tuple[int, ...] | None = None  # image frames the mask outlines; None = as the mask says
+    acquired: Acquired | None = None  # the `acquired` cell; None = not given
 
 
 def parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
@@ -195,8 +269,10 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
     path listed twice, a label outside 0..num_classes-1 (when given), a path or mask that
     resolves outside the site folder (symlinks included), so that a site can never be
     made to read files it did not export, `mask_frames` that are not distinct frame
-    numbers or come without a mask, or a patient whose rows name different splits (the
-    split is by patient: one patient's images in training and test would leak). A mask file that is missing or unusable is not a
+    numbers or come without a mask, an `acquired` value that is not a date (YYYY-MM-DD),
+    a year or a quarter (YYYY-Qn), or a patient whose rows name different splits (the
+    split is by patient: one patient's images in training and test would leak). A mask
+    file that is missing or unusable is not a
     manifest error: the site reader skips that mask with its reason (client/masks.py).
     """
     site = Path(site_dir).resolve()
@@ -243,6 +319,7 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
                 split=split,
                 mask=mask,
                 mask_frames=mask_frames,
+                acquired=parse_acquired(record.get(ACQUIRED_COLUMN, ""), where, number),
             )
         )
     return rows

@@ -50,6 +50,8 @@ Freeze = Literal["none", "encoder"]
 MEAN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # How the reported and saved round is chosen (fedir.strategies.selection): never on test.
 Select = Literal["val-auc", "last"]
+# Test metrics per acquisition period (manifest column `acquired`; fedir.client.drift).
+DriftPeriod = Literal["year", "quarter", "off"]
 DPMode = Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
 SecureAggregation = Literal["off", "secagg+"]
 # Strategies whose aggregate SecAgg+ can compute: a weighted sum of the sites' updates
@@ -178,6 +180,10 @@ class Settings:
     eval_adapt_bn: bool = setting(
         True, "AdaBN: before scoring, re-estimate every BatchNorm layer's statistics on the site's own "
         "training images, labels unused; always on under train.fedbn (fedir.client.adapt_bn)")
+    eval_drift_period: DriftPeriod = setting(
+        "year", "drift over time: each site with an `acquired` manifest column reports its test patients' "
+        "AUC per year | quarter of acquisition (small periods suppressed), and the summary tests for a trend; "
+        "a site without the column reports none; off = no site reports (fedir.client.drift)")
     bias_alpha: float = setting(0.01, "significance level of the bias tests", Bounds(0, 1, low_open=True, high_open=True))
     bias_min_cramers_v: float = setting(0.2, "site-label association: Cramer's V that raises the alarm", UNIT)
     bias_max_auc_gap: float = setting(0.05, "pooled minus within-site AUC (and its 95% CI above 0)", AT_LEAST_0)

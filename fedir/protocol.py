@@ -33,6 +33,7 @@ ARRAYS_KEY = "arrays"  # the model's weights (Flower's strategies' `arrayrecord_
 CONFIG_KEY = "config"  # the round's settings (Flower's strategies' `configrecord_key`)
 WEIGHT_KEY = "num-examples"
 CARD_KEY = "data-card"
+DRIFT_KEY = "drift"  # a site's test metrics per acquisition period (fedir.client.drift), as JSON
 EMBEDDING_KEY = "embedding"
 
 MISSING = -1.0
@@ -238,7 +239,7 @@ def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> dict[s
 
 def encode_evaluation(
     site: str, metrics: Mapping[str, Any], embedding: EmbeddingMoments | None = None,
-    val: Mapping[str, Any] | None = None,
+    val: Mapping[str, Any] | None = None, drift: Mapping[str, Any] | None = None,
 ) -> RecordDict:
     """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict.
 
@@ -246,10 +247,14 @@ def encode_evaluation(
     `per_patient` set). `embedding` (fedir.client.embedding: counts, means and covariances
     of the model's features, small groups suppressed) travels as an ArrayRecord: Flower
     averages every MetricRecord key across sites, and only one MetricRecord may be in an
-    evaluation reply.
+    evaluation reply. `drift` (fedir.client.drift.period_metrics: period labels and their
+    aggregates, never a date) rides as JSON in the ConfigRecord, whose keys may differ
+    across sites, because each site has its own periods; absent under eval.drift-period = off.
     """
     rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
     site_rec = ConfigRecord({"name": site})
+    if drift is not None:
+        site_rec[DRIFT_KEY] = json.dumps(check_drift(drift))
     _put_split(rec, site_rec, "", metrics)
     rec[_VAL_PREFIX + "ok"] = 0 if val is None else 1
     if val is not None:
@@ -272,6 +277,8 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
     out = _get_split(rec, site_rec, "")
     if rec.get(_VAL_PREFIX + "ok", 0):
         out[VAL_KEY] = _get_split(rec, site_rec, _VAL_PREFIX)
+    if DRIFT_KEY in site_rec:
+        out[DRIFT_KEY] = check_drift(json.loads(str(site_rec[DRIFT_KEY])))
     if EMBEDDING_KEY in content.array_records:
         arrays = content.array_records[EMBEDDING_KEY]
         out["embedding"] = EmbeddingMoments(
@@ -280,6 +287,52 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
             covs=arrays["covs"].numpy().astype(np.float64),
         )
     return str(site_rec["name"]), out
+
+
+DRIFT_UNITS = ("year", "quarter")
+_PERIOD_LABEL = {"year": re.compile(r"[0-9]{4}"), "quarter": re.compile(r"[0-9]{4}-Q[1-4]")}
+_PERIOD_SHOWN = ("period", "n_patients", "positives", "auc", "auc_ci")
+
+
+def check_drift(drift: Mapping[str, Any]) -> dict[str, Any]:
+    """A site's per-period entry as it may cross: ``{"unit", "periods", "reason"}`` with each
+    period ``{"period": label, "suppressed": reason}`` or exactly ``_PERIOD_SHOWN``, labels of
+    the unit's form ("2021", "2021-Q3"), counts as integers, AUC and CI bounds in [0, 1] or
+    null. Both sides call it, so that a date, an identifier or a stray field cannot pass:
+    ValueError names what is wrong."""
+    if set(drift) != {"unit", "periods", "reason"} or drift["unit"] not in DRIFT_UNITS:
+        raise ValueError(f"drift: expected unit (one of {', '.join(DRIFT_UNITS)}), periods and reason")
+    periods: list[dict[str, Any]] = []
+    for period in drift["periods"]:
+        label = period.get("period") if isinstance(period, Mapping) else None
+        if not isinstance(label, str) or not _PERIOD_LABEL[drift["unit"]].fullmatch(label):
+            raise ValueError(f"drift: a period label is not a {drift['unit']} label")
+        if "suppressed" in period:
+            if set(period) != {"period", "suppressed"} or not isinstance(period["suppressed"], str):
+                raise ValueError(f"drift: suppressed period {label} carries more than its reason")
+            periods.append({"period": label, "suppressed": period["suppressed"]})
+            continue
+        if set(period) != set(_PERIOD_SHOWN):
+            raise ValueError(f"drift: period {label} must carry exactly {', '.join(_PERIOD_SHOWN)}")
+        auc, ci = period["auc"], period["auc_ci"]
+        periods.append({
+            "period": label,
+            "n_patients": int(_number(period["n_patients"], "n_patients")),
+            "positives": int(_number(period["positives"], "positives")),
+            "auc": None if auc is None else _unit_interval(auc, "auc"),
+            "auc_ci": None if ci is None else [_unit_interval(v, "auc_ci") for v in _numbers(ci, "auc_ci")[:2]],
+        })
+    reason = drift["reason"]
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError("drift: reason must be text or null")
+    return {"unit": drift["unit"], "periods": periods, "reason": reason}
+
+
+def _unit_interval(value: object, key: str) -> float:
+    number = _number(value, key)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"drift: {key} {number} is outside [0, 1]")
+    return number
 
 
 def encode_training(

@@ -6,7 +6,8 @@ validation rows exactly as the ServerApp chose it; the round of ``model.pt``): t
 ("global") test metrics, every site's test metrics with confidence intervals (each with
 ``per_patient``, the primary level, its ECE and reliability rows; the pooled one with the
 bound of its AUC's binning error), the decision threshold they were counted at and how it
-was chosen (``threshold``), and the bias verdict. A metric that could not be computed is
+was chosen (``threshold``), drift over time (``drift``: each site's per-period AUCs and
+their trend, fedir.strategies.drift_trend), and the bias verdict. A metric that could not be computed is
 null, and the site's ``reasons`` say why, so a reader never mistakes a missing number for
 a bad one.
 """
@@ -21,6 +22,7 @@ from fedir.config import MEAN_AGGREGATORS
 from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS, SCORE_SUMS, calibration
 from fedir.server.checklist import build_checklist, run_settings
 from fedir.server.runstore import GLOBAL_SITE, RunStore
+from fedir.strategies.drift_trend import pooled_trend, site_trend
 from fedir.strategies.privacy_budget import ACCOUNTANT
 from fedir.strategies.selection import EarlyStopped, Selection
 
@@ -60,6 +62,7 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "global": _entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: _entry(evaluated.get(site), last_eval) for site in sites},
         "threshold": threshold_entry(evaluated, sites),
+        "drift": drift_entry(evaluated, sites, run["config"]),
         "bias": _verdict(store, run_id, last_eval),
         "privacy": privacy_entry(store, run_id, run["config"]),
         "nodes": store.nodes(run_id),
@@ -204,6 +207,29 @@ def _calibration_and_binning(metrics: dict) -> dict[str, Any]:
     out["ece"] = metrics.get("ece")
     has_sums = all(metrics.get(key) is not None for key in ("hist_neg", "hist_pos", SCORE_SUMS))
     out["reliability"] = calibration(metrics["hist_neg"], metrics["hist_pos"], metrics[SCORE_SUMS])["bins"] if has_sums else None
+    return out
+
+
+def drift_entry(evaluated: dict[str, dict], sites: list[str], config: dict) -> dict:
+    """Drift over time at the selected round: ``{"setting", "per_site", "pooled", "reason"}``.
+    ``per_site`` holds, for each site that sent per-period metrics (fedir.client.drift), its
+    periods (label, patients, positives, per-patient AUC and CI, or why suppressed), its
+    ``reason`` when it formed none, and its ``trend`` (fedir.strategies.drift_trend); ``pooled``
+    the common within-site trend. ``reason`` says why there is nothing (the setting is off,
+    or no site has an `acquired` column)."""
+    setting = config.get("eval.drift-period", "year")
+    reported = {site: (evaluated.get(site) or {}).get("drift") for site in sites}
+    reported = {site: drift for site, drift in reported.items() if drift is not None}
+    out: dict[str, Any] = {"setting": setting, "per_site": {}, "pooled": None, "reason": None}
+    if setting == "off":
+        out["reason"] = "eval.drift-period = off"
+    elif not evaluated:
+        out["reason"] = NOT_COMPUTED
+    elif not reported:
+        out["reason"] = "no site's manifest has an acquired column"
+    else:
+        out["per_site"] = {site: {**drift, "trend": site_trend(drift)} for site, drift in reported.items()}
+        out["pooled"] = pooled_trend(reported)
     return out
 
 

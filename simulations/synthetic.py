@@ -49,6 +49,16 @@ background) for the frames it outlines: the cine's tree does not move, so every 
 the same map, and which frames carry it is what makes a run partly labelled. Without
 `mask_fraction` nothing changes: the same files and manifest, byte for byte, as before.
 
+Time (`fedir data synth --scanner-change SITE:YYYY-MM-DD`). Every patient has a study date
+in 2020-2024 (uniform; the DICOM StudyDate), written to the manifest's `acquired` column,
+so a site's test metrics can be reported per period (fedir.client.drift). A scanner
+change at one site from a date on gives that site's images acquired on or after it a
+different detector (`replaced_scanner`: SCANNER_CHANGE times the noise and blur, a lower
+vessel contrast, the model name marked), drawn from the same random numbers, so the
+pixels of the images before the date, of every other site's, and of every image without the
+option are those of version 4 (version 5 adds the `acquired` column; the UIDs, derived from
+the parameters, change with the version).
+
 Everything is deterministic given the seed, and the result is cached: `federation.json`
 records the parameters, and a second call with the same parameters returns it without
 rewriting anything. All identifiers are made up (PatientName "SYNTH^...").
@@ -63,7 +73,7 @@ import multiprocessing as mp
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -79,7 +89,7 @@ from fedir.client.split import split_of
 from fedir.errors import OutputExists
 from fedir.simulations.mask_files import write_png, write_seg
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5  # 5: the manifest's acquired column and the scanner change (images as version 4's)
 FEDERATION_FILE = "federation.json"
 XA_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.12.1"
 BASE_PREVALENCE = 0.4
@@ -96,6 +106,10 @@ TRUNK_WIDTH = 1.8
 # within LESION_EXTENT sigmas of the lesion's centre along the vessel.
 VESSEL_LABEL, STENOSIS_LABEL = 1, 2
 LESION_EXTENT = 2.0
+# A scanner change (replaced_scanner): factors on the site's noise, blur and vessel contrast,
+# a noisier, softer, lower-contrast detector on which a subtle stenosis is harder to see.
+SCANNER_CHANGE = {"noise": 3.0, "blur": 1.6, "contrast": 0.5}
+STUDY_START, STUDY_DAYS = dt.date(2020, 1, 1), 5 * 365  # the study dates: 2020-2024
 PARALLEL_MIN_PATIENTS = 24  # below this, starting workers costs more than it saves
 _FORK = "fork"  # workers inherit the imported modules; spawn would re-import the caller
 
@@ -151,6 +165,13 @@ def site_profile(site: int) -> SiteProfile:
         round_shutter=round_,
         marker_corner=site % 4,
     )
+
+
+def replaced_scanner(profile: SiteProfile) -> SiteProfile:
+    """The site's detector after a scanner change: SCANNER_CHANGE applied, the model renamed;
+    the DICOM encoding, shutters and burned-in marker stay the site's."""
+    return replace(profile, model=f"{profile.model} (replaced)", noise=profile.noise * SCANNER_CHANGE["noise"],
+                   blur=profile.blur * SCANNER_CHANGE["blur"], contrast=profile.contrast * SCANNER_CHANGE["contrast"])
 
 
 def site_prevalence(site: int, confound: float) -> float:
@@ -420,9 +441,10 @@ def render_image(rng: np.random.Generator, site: int, label: int, frames: int,
 
 
 def render_image_and_tree(rng: np.random.Generator, site: int, label: int, frames: int,
-                          size: int) -> tuple[np.ndarray, list[Vessel]]:
-    """`render_image` and the vessel tree it drew (for `vessel_labels`)."""
-    profile = site_profile(site)
+                          size: int, profile: SiteProfile | None = None) -> tuple[np.ndarray, list[Vessel]]:
+    """`render_image` and the vessel tree it drew (for `vessel_labels`); `profile` is the
+    scanner (default: the site's own, `site_profile`; a scanner change passes another)."""
+    profile = profile or site_profile(site)
     vessels = _vessel_tree(rng, size)
     _add_lesions(rng, vessels, label)
     iodine = _render_vessels(vessels, size)
@@ -535,7 +557,7 @@ def _patient(rng: np.random.Generator, site: int, index: int, confound: float,
     # 0.67), so the imaging model has room to show what the images add.
     age = int(np.clip(rng.normal(61 + 3 * label, 10), 30, 92))
     sex = int(rng.random() < 0.62 + 0.04 * label)
-    study = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5 * 365)))
+    study = STUDY_START + dt.timedelta(days=int(rng.integers(0, STUDY_DAYS)))
     birth = study - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
     split = split_of(patient_id)
     unlabelled = split == "train" and rng.random() < unlabelled_fraction
@@ -548,6 +570,7 @@ def _patient(rng: np.random.Generator, site: int, index: int, confound: float,
         "sex": sex,
         "split": split,
         "study_date": study.strftime("%Y%m%d"),
+        "acquired": study.isoformat(),
         "study_time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
         "birth_date": birth.strftime("%Y%m%d"),
         "accession": f"SYN{site}{index:06d}",
@@ -561,13 +584,16 @@ def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[
     rng = np.random.default_rng([params["seed"], site, index])
     patient = _patient(rng, site, index, params["confound"], params["unlabelled_fraction"])
     profile = site_profile(site)
+    change = params.get("scanner_change")
+    if change is not None and change["site"] == site and patient["acquired"] >= change["date"]:
+        profile = replaced_scanner(profile)
     key = f"{params['key']}/{patient['patient_id']}"
     study_uid = _uid(key, "study")
     rows = []
     for k in range(patient["images"]):
         cine = k == 0 or (k > 1 and rng.random() < 0.5)  # image 0 cine, image 1 single
         frames = int(rng.integers(4, 7)) if cine else 1
-        display, vessels = render_image_and_tree(rng, site, patient["label"], frames, params["image_size"])
+        display, vessels = render_image_and_tree(rng, site, patient["label"], frames, params["image_size"], profile)
         ds = _dicom(encode_pixels(display, profile), profile, patient, k + 1, study_uid,
                     f"{key}/{k}")
         rel = f"images/{patient['patient_id']}_{k}.dcm"
@@ -578,6 +604,7 @@ def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[
             "label": patient["manifest_label"],
             "clin_age": patient["age"],
             "clin_sex": patient["sex"],
+            "acquired": patient["acquired"],
         }
         if "mask_fraction" in params:
             row.update(_write_masks(site_dir, ds, display, vessels, profile, params["mask_fraction"],
@@ -696,10 +723,26 @@ def _clear(out: Path, force: bool) -> None:
     (out / FEDERATION_FILE).unlink(missing_ok=True)
 
 
+def check_scanner_change(change: tuple[int, str], sites: int) -> tuple[int, str]:
+    """(site, ISO date) of a scanner change, refused (ValueError) when the site does not exist or
+    the date is not YYYY-MM-DD."""
+    site, date = int(change[0]), str(change[1])
+    if not 0 <= site < sites:
+        raise ValueError(f"scanner change at site {site}: the federation has sites 0..{sites - 1}")
+    try:
+        parsed = dt.date.fromisoformat(date)
+    except ValueError:
+        raise ValueError(f"scanner change date {date!r} is not YYYY-MM-DD") from None
+    if parsed.isoformat() != date:
+        raise ValueError(f"scanner change date {date!r} is not YYYY-MM-DD")
+    return site, date
+
+
 def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, seed: int = 0,
                         confound: float = 0.0, unlabelled_fraction: float = 0.7,
                         image_size: int = 256, force: bool = False,
-                        progress: bool = True, mask_fraction: float | None = None) -> dict:
+                        progress: bool = True, mask_fraction: float | None = None,
+                        scanner_change: tuple[int, str] | None = None) -> dict:
     """Write (or reuse) a synthetic XA federation under `out`; return its federation.json.
 
     `patients` is per site. The returned dict holds the parameters and, per site, counts of
@@ -712,6 +755,9 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
     stenosis) as a DICOM SEG named in the manifest's `mask` column, with `mask_frames`
     naming the outlined frames (0-based), and as PNG files beside it (simulations/mask_files.py).
     Masks are drawn for every patient, labelled or not: segmentation labels are per frame.
+
+    `scanner_change` (site index, ISO date "YYYY-MM-DD"): that site's images acquired on or
+    after the date come from `replaced_scanner` (see the module docstring); None: none.
     """
     if sites < 1 or patients < 1:
         raise ValueError("sites and patients must be at least 1")
@@ -723,6 +769,8 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
         raise ValueError(f"image_size must be at least 16, got {image_size}")
     if mask_fraction is not None and not 0.0 <= mask_fraction <= 1.0:
         raise ValueError(f"mask_fraction must be in [0, 1], got {mask_fraction}")
+    if scanner_change is not None:
+        scanner_change = check_scanner_change(scanner_change, sites)
     out = Path(out)
     params = {
         "generator_version": GENERATOR_VERSION,
@@ -735,6 +783,8 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
     }
     if mask_fraction is not None:
         params["mask_fraction"] = float(mask_fraction)
+    if scanner_change is not None:
+        params["scanner_change"] = {"site": scanner_change[0], "date": scanner_change[1]}
     if not force and (cached := _cached(out, params)) is not None:
         return cached
     out.mkdir(parents=True, exist_ok=True)

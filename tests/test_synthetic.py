@@ -334,3 +334,59 @@ def test_cli_masks_flag(tmp_path: Path) -> None:
     assert main(["data", "synth", str(tmp_path), "--sites", "1", "--patients", "2", "--image-size", "16",
                  "--mask-fraction", "1"]) == 0
     assert json.loads((tmp_path / "federation.json").read_text())["parameters"]["mask_fraction"] == 1.0
+
+
+def test_every_row_is_dated_by_its_study_date(federation: tuple[Path, dict]) -> None:
+    root, content = federation
+    assert "scanner_change" not in content["parameters"]
+    for site in range(SITES):
+        for row in _rows(root, site):
+            ds = pydicom.dcmread(root / f"site-{site}" / row["path"])
+            assert row["acquired"].replace("-", "") == ds.StudyDate
+            assert "2020-01-01" <= row["acquired"] <= "2024-12-31"
+
+
+def test_a_scanner_change_alters_that_sites_later_images_only(federation: tuple[Path, dict], tmp_path: Path) -> None:
+    root, _ = federation
+    changed = tmp_path / "changed"
+    date = "2022-01-01"
+    content = generate_federation(changed, sites=SITES, patients=PATIENTS, seed=3, image_size=SIZE, progress=False,
+                                  scanner_change=(1, date))
+    assert content["parameters"]["scanner_change"] == {"site": 1, "date": date}
+    after = 0
+    for site in range(SITES):
+        for old, new in zip(_rows(root, site), _rows(changed, site)):
+            assert old == new  # the same rows, dates and labels
+            a = pydicom.dcmread(root / f"site-{site}" / old["path"])
+            b = pydicom.dcmread(changed / f"site-{site}" / new["path"])
+            is_after = site == 1 and new["acquired"] >= date
+            after += is_after
+            assert np.array_equal(a.pixel_array, b.pixel_array) is not is_after
+            assert b.ManufacturerModelName == (f"{a.ManufacturerModelName} (replaced)" if is_after
+                                               else a.ManufacturerModelName)
+            if is_after:  # the replaced detector is noisier: the background's pixel-to-pixel spread grows
+                def spread(ds: pydicom.Dataset) -> float:  # one frame, inside the collimated field
+                    frame = apply_modality_lut(ds.pixel_array, ds).astype(np.float64).reshape(-1, SIZE, SIZE)[0]
+                    return float(np.diff(frame[SIZE // 4:-SIZE // 4, SIZE // 4:-SIZE // 4], axis=-1).std())
+                assert spread(b) > 2 * spread(a)
+    assert after > 0
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("1-2022-01-01", "is not SITE:YYYY-MM-DD"),
+    ("x:2022-01-01", "is not SITE:YYYY-MM-DD"),
+    ("5:2022-01-01", "the federation has sites 0..0"),
+    ("site-0:2022-13-01", "is not YYYY-MM-DD"),
+])
+def test_cli_scanner_change_refuses_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture, value: str,
+                                               message: str) -> None:
+    from fedir.cli import main
+
+    try:  # argparse refuses the form (SystemExit), the command a site outside the federation (UserError)
+        code = main(["data", "synth", str(tmp_path), "--sites", "1", "--patients", "2", "--image-size", "16",
+                     "--scanner-change", value])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "site-0").exists()

@@ -5,10 +5,11 @@ the checklist of common errors with each item's status for this run, how each si
 moved over the rounds, the final per-site metrics with their confidence intervals, per
 patient first and per image beside, with the decision threshold and how it was chosen
 (and the clinical-only baseline beside them, when the run asked for one), each site's
-calibration (reliability counts, ECE), how scores and labels are spread over the sites,
-what each bias signal saw and the numbers behind each test, where the first model came
-from (random, or model.init's checkpoint), the training loss, the sites' data cards, and
-the notes (skipped files, metrics that could not be computed).
+calibration (reliability counts, ECE), the test AUC per acquisition period with its trend
+test (drift over time), how scores and labels are spread over the sites, what each bias
+signal saw and the numbers behind each test, where the first model came from (random, or
+model.init's checkpoint), the training loss, the sites' data cards, and the notes
+(skipped files, metrics that could not be computed).
 
 Each section is one Jinja2 template in templates/, rendered with autoescape
 (fedir.server.report.render): site names come from folder names, reasons and card
@@ -24,6 +25,7 @@ from pathlib import Path
 from fedir.server.report.baseline import baseline_section, with_clinical_baseline
 from fedir.server.report.bias import bias_section
 from fedir.server.report.cards import card_section
+from fedir.server.report.drift import drift_section
 from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
 from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
@@ -45,6 +47,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         calibration_section(summary),
         baseline_section(with_baseline),
         distributions_section(store, run_id, summary),
+        drift_section(summary["drift"]),
         bias_section(summary["bias"]),
         model_init_section(summary["model_init"]),
         training_section(rows, summary["sites"]),
