@@ -47,7 +47,7 @@ def build_checklist(config: dict[str, Any], summary: dict[str, Any]) -> list[dic
     return [
         _split(s), _selection(s, summary), _threshold(summary), _hyperparameters(),
         _external(s, summary), _imbalance(s, summary), _intervals(s, summary), _leakage(s),
-        _baseline(s, summary), _sensitivity(s), _censoring(s), _drift(), _confounding(summary),
+        _baseline(s, summary), _sensitivity(s), _censoring(s), _drift(summary), _confounding(summary),
     ]
 
 
@@ -186,8 +186,27 @@ def _censoring(s: dict) -> dict[str, str]:
     return _item("censoring", NOT_CHECKED, f"task.kind = {kind}: check how censored patients were handled")
 
 
-def _drift() -> dict[str, str]:
-    return _item("drift over time", NA, "no acquisition dates reach the coordinator, so no per-period metrics exist")
+def _drift(summary: dict) -> dict[str, str]:
+    """The trend test of the per-period AUCs (fedir.strategies.drift_trend): attention when the
+    pooled or a site's slope has a 95% CI that excludes 0."""
+    drift = summary.get("drift") or {}
+    if drift.get("reason") or not drift.get("per_site"):
+        reason = drift.get("reason") or "no per-period metrics"
+        status = NA if reason in ("eval.drift-period = off", "no site's manifest has an acquired column") else NOT_CHECKED
+        return _item("drift over time", status, reason)
+    trends = {"pooled": drift.get("pooled") or {}, **{site: d.get("trend") or {} for site, d in drift["per_site"].items()}}
+    tested = {name: t for name, t in trends.items() if t.get("slope") is not None and t.get("slope_ci")}
+    if not tested:
+        return _item("drift over time", NOT_CHECKED, "too few usable periods for a trend test ("
+                     + "; ".join(f"{name}: {t.get('reason')}" for name, t in trends.items() if t.get("reason")) + ")")
+    moving = {name: t for name, t in tested.items() if t["slope_ci"][0] > 0 or t["slope_ci"][1] < 0}
+    def said(name: str, t: dict) -> str:
+        return f"{name} {t['slope']:+.3f} [{t['slope_ci'][0]:+.3f}, {t['slope_ci'][1]:+.3f}] AUC per year"
+    if moving:
+        return _item("drift over time", ATTENTION, "the AUC moves with time: "
+                     + "; ".join(said(n, t) for n, t in moving.items()))
+    return _item("drift over time", OK, "no trend whose 95% CI excludes 0: "
+                 + "; ".join(said(n, t) for n, t in tested.items()))
 
 
 def _confounding(summary: dict) -> dict[str, str]:

@@ -45,6 +45,24 @@ def test_the_statuses_follow_the_settings(store: RunStore):
     assert default["site confounding"]["status"] == ATTENTION and "BIAS ALARM" in default["site confounding"]["detail"]
 
 
+def test_the_drift_item_reads_the_trend_test(store: RunStore):
+    """n/a without dates, attention when a slope's CI excludes 0 (naming it), ok otherwise."""
+    summary = build_summary(store, RUN)
+    assert _by_item(build_checklist({}, summary))["drift over time"]["status"] == NA
+
+    def with_trend(site_ci: list[float]) -> dict:
+        flat = {"slope": -0.01, "slope_ci": [-0.05, 0.03], "p_value": 0.6, "reason": None}
+        site = {"slope": -0.08, "slope_ci": site_ci, "p_value": 0.01, "reason": None}
+        drift = {"setting": "year", "reason": None, "pooled": flat,
+                 "per_site": {"north": {"periods": [], "trend": site}, "south": {"periods": [], "trend": flat}}}
+        return _by_item(build_checklist({}, {**summary, "drift": drift}))["drift over time"]
+
+    moving = with_trend([-0.12, -0.04])
+    assert moving["status"] == ATTENTION and "north -0.080 [-0.120, -0.040]" in moving["detail"]
+    assert "south" not in moving["detail"]
+    assert with_trend([-0.12, 0.01])["status"] == OK
+
+
 def _tabular_federation(root) -> str:
     """Three tabular sites, both classes at each, one informative feature and clin_* columns."""
     rng = np.random.default_rng(1)
