@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedir.client.split import SPLITS
 from fedir.errors import UserError
+from fedir.tasks import RowError, task_of
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("patient_id", "path")
@@ -44,28 +45,21 @@ class ManifestRow:
     label: int | None
     clinical: dict[str, float | None] = field(default_factory=dict)
     split: str | None = None  # the manifest's `split` cell; None = the patient-hash split
+    outcome: tuple[float, float] | None = None  # task.kind = survival: (time in days, event 0/1)
 
 
 def parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
     """A class index in 0..num_classes-1 (any non-negative one when num_classes is None)."""
-    raw = raw.strip()
-    if raw == "":
-        return None
+    return parse_target("classification", {"label": raw}, where, row, num_classes)
+
+
+def parse_target(kind: str, cells: dict[str, str], where: str, row: int, num_classes: int | None = None):
+    """One row's target as task kind `kind` reads it (fedir.tasks: a class index or None for
+    classification, (time, event) for survival); a refused cell is a ManifestError naming the row."""
     try:
-        value = float(raw)
-    except ValueError:
-        raise ManifestError(f"{where}: label {raw!r} is not a class index",
-                            f"row {row}: a label is not a class index") from None
-    if not value.is_integer() or value < 0:
-        raise ManifestError(f"{where}: label {raw!r} is not a non-negative class index",
-                            f"row {row}: a label is not a non-negative class index")
-    if num_classes is not None and value >= num_classes:
-        classes = f"0..{num_classes - 1}"
-        raise ManifestError(
-            f"{where}: label {raw!r} is outside the task's classes {classes} (empty = unlabelled)",
-            f"row {row}: a label is outside the task's classes {classes}",
-        )
-    return int(value)
+        return task_of(kind).parse_target(cells, num_classes)
+    except RowError as exc:
+        raise ManifestError(f"{where}: {exc}", f"row {row}: {exc.public}") from None
 
 
 def parse_split(raw: str, where: str, row: int) -> str | None:
@@ -156,16 +150,18 @@ def read_records(site_dir: str | Path, required: tuple[str, ...] = ()) -> tuple[
     return columns, records
 
 
-def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[ManifestRow]:
+def read_manifest(site_dir: str | Path, num_classes: int | None = None,
+                  kind: str = "classification") -> list[ManifestRow]:
     """Read and validate an imaging site's `site_dir/manifest.csv`.
 
     Raises ManifestError for what `read_records` refuses, an empty patient_id or path, a
     path listed twice, a label outside 0..num_classes-1 (when given), or a path that
     resolves outside the site folder (symlinks included), so that a site can never be
-    made to read files it did not export.
+    made to read files it did not export. Under `kind = "survival"` every row needs `time`
+    (days, >= 0) and `event` (0/1), refused with the row number otherwise (fedir.tasks.survival).
     """
     site = Path(site_dir).resolve()
-    columns, records = read_records(site, REQUIRED_COLUMNS)
+    columns, records = read_records(site, REQUIRED_COLUMNS + target_columns(kind))
     clin_columns = [c for c in columns if c.startswith("clin_")]
     rows: list[ManifestRow] = []
     seen: dict[Path, int] = {}
@@ -196,12 +192,20 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
                 row=number,
                 patient_id=patient_id,
                 path=path,
-                label=parse_label(record.get("label", ""), where, number, num_classes),
+                label=parse_label(record.get("label", ""), where, number, num_classes)
+                if kind == "classification" else None,
                 clinical={c: parse_float(record[c], c, where, number) for c in clin_columns},
                 split=parse_split(record.get(SPLIT_COLUMN, ""), where, number),
+                outcome=None if kind == "classification" else parse_target(kind, record, where, number),
             )
         )
     return rows
+
+
+def target_columns(kind: str) -> tuple[str, ...]:
+    """The columns a manifest must have for task kind `kind` (classification: none, an
+    absent `label` column is an unlabelled site; survival: `time` and `event`)."""
+    return () if kind == "classification" else tuple(task_of(kind).TARGET_COLUMNS)
 
 
 def write_manifest(site_dir: str | Path, rows: list[dict[str, object]]) -> Path:

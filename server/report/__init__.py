@@ -25,6 +25,7 @@ from fedir.server.report.cards import card_section
 from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
 from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
+from fedir.server.report.survival import survival_section
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary
 
@@ -34,6 +35,13 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     path = Path(path)
     summary = build_summary(store, run_id)
     rows = store.metric_rows(run_id)
+    if summary.get("task", "classification") != "classification":
+        sections = [summary_section(summary, store.verdict_history(run_id)), survival_section(rows, summary),
+                    bias_section(summary["bias"]), training_section(rows, summary["sites"]),
+                    notes_section(summary["notes"])]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render("report.html", run_id=run_id, sections=sections), encoding="utf-8")
+        return path
     sections = [
         summary_section(summary, store.verdict_history(run_id)),
         sites_section(store, run_id, rows, summary),
