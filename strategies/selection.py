@@ -112,21 +112,26 @@ class Selection:
         if not self.patience or not self.scored or self.since_best < self.patience or self.last_round is None:
             return None
         return EarlyStopped(self.last_round, (
-            f"stopped early after round {self.last_round}: the pooled validation AUC has not improved for "
+            f"stopped early after round {self.last_round}: the pooled validation {self.label} has not improved for "
             f"{self.since_best} evaluated round(s) (train.patience = {self.patience}); the best was round "
             f"{self.round}'s, {self.score:.4f}"))
 
     def describe(self) -> str:
         """The criterion as summary.json and the report state it."""
         if self.criterion == LAST:
-            return ('last: the last evaluated round (eval.select = "last"); its validation AUC is shown, '
+            return (f'last: the last evaluated round (eval.select = "last"); its validation {self.label} is shown, '
                     "not used to choose")
         if not self.scored:
-            return (f"val-auc: no evaluated round had a pooled validation AUC ({self.unscored_reason}), "
+            return (f"val-auc: no evaluated round had a pooled validation {self.label} ({self.unscored_reason}), "
                     "so the last evaluated round is kept")
         unit = ("per patient (mean score over a patient's images)" if self.unit == PER_PATIENT
                 else f"per image (no per-patient validation metrics: {self.unit_reason})")
-        return f"val-auc: the highest pooled validation AUC, {unit}; the earliest round on ties"
+        return f"val-auc: the highest pooled validation {self.label}, {unit}; the earliest round on ties"
+
+    @property
+    def label(self) -> str:
+        """How the criterion names its metric: AUC, or a survival study's C-index."""
+        return "AUC" if self.metric == "auc" else "C-index"
 
     def state(self) -> dict[str, Any]:
         return asdict(self)

@@ -104,11 +104,26 @@ def pooled_vs_stratified_c(per_site: Mapping[str, dict], *, time_bins: int, max_
 
 
 def c_index_heterogeneity(per_site: Mapping[str, dict], *, alpha: float, min_i2: float) -> dict:
-    """I^2 of the per-site C-indices (fedir.strategies.heterogeneity on C instead of AUC)."""
-    as_auc = {site: {"auc": m.get("c_index"), "auc_ci": m.get("c_index_ci")} for site, m in per_site.items()}
-    out = auc_heterogeneity(as_auc, alpha=alpha, min_i2=min_i2)
+    """I^2 of the per-site C-indices (fedir.strategies.heterogeneity on C instead of AUC).
+
+    A site whose bootstrap CI has zero width (every resample gave the same C: a small test
+    set whose few comparable pairs are all ordered right, Canada's 11 patients in
+    Fed-TCGA-BRCA) has no usable standard error: floored, it would outweigh every other
+    site and make Q large by itself. Such sites are left out and named (`excluded`)."""
+    usable, excluded = {}, []
+    for site, m in per_site.items():
+        ci = m.get("c_index_ci")
+        if m.get("c_index") is not None and ci is not None and ci[1] - ci[0] <= 0:
+            excluded.append(site)
+            continue
+        usable[site] = {"auc": m.get("c_index"), "auc_ci": ci}
+    out = auc_heterogeneity(usable, alpha=alpha, min_i2=min_i2)
     out["name"] = "c_index_heterogeneity"
     out["site_c_index"] = out.pop("site_auc")
     out["random_effects_c_index"] = out.pop("random_effects_auc")
-    out["reason"] = str(out["reason"]).replace("AUC", "C-index")
+    out["excluded"] = excluded
+    reason = str(out["reason"]).replace("AUCs", "C-indices").replace("AUC", "C-index")
+    if excluded:
+        reason += f" ({', '.join(excluded)} left out: a bootstrap CI of zero width gives no standard error)"
+    out["reason"] = reason
     return out

@@ -207,3 +207,38 @@ def test_the_task_contract_of_each_kind():
     assert task_of("survival").TARGET_COLUMNS == ("time", "event")
     with pytest.raises(ValueError, match="task.kind"):
         task_of("segmentation")
+
+
+def test_a_survival_study_selects_its_round_on_the_validation_c_index(tmp_path):
+    """A synthetic tabular survival federation with the hash split: the validation
+    patients choose the round by their pooled C-index (never the test patients')."""
+    from fedir.simulations.inprocess import run_inprocess
+
+    rng = np.random.default_rng(0)
+    sites = []
+    for s in range(3):
+        site = tmp_path / f"site-{s}"
+        site.mkdir()
+        x = rng.normal(size=(80, 2))
+        t = np.round(rng.exponential(900 * np.exp(-x[:, 0]))) + 1
+        c = np.round(rng.uniform(200, 3000, 80))
+        rows = [f"p{s}-{i},{min(t[i], c[i]):g},{int(t[i] <= c[i])},{x[i, 0]:.4f},{x[i, 1]:.4f}" for i in range(80)]
+        (site / "manifest.csv").write_text("patient_id,time,event,clin_a,clin_b\n" + "\n".join(rows) + "\n")
+        sites.append(str(site))
+    settings = Settings(task_kind="survival", federation_sites=";".join(sites), train_rounds=2,
+                        train_local_steps=20, train_batch_size=8, train_lr=0.05, eval_bootstrap=20,
+                        data_val_fraction=0.25, data_test_fraction=0.25)
+    summary = run_inprocess(settings, tmp_path / "run")
+    selection = summary["selection"]
+    assert selection["score"] is not None and "validation C-index" in selection["criterion"]
+    assert summary["global"]["c_index"] > 0.6  # the risk follows clin_a
+    assert all(entry["c_index_ci"] is not None for entry in summary["per_site"].values())
+
+
+def test_a_site_whose_bootstrap_ci_has_no_width_is_left_out_of_the_heterogeneity():
+    from fedir.strategies.survival_bias import c_index_heterogeneity
+
+    per_site = {"a": {"c_index": 0.70, "c_index_ci": [0.60, 0.80]}, "b": {"c_index": 0.72, "c_index_ci": [0.62, 0.82]},
+                "tiny": {"c_index": 1.0, "c_index_ci": [1.0, 1.0]}}
+    out = c_index_heterogeneity(per_site, alpha=0.01, min_i2=0.5)
+    assert out["excluded"] == ["tiny"] and set(out["site_c_index"]) == {"a", "b"} and not out["alarm"]
