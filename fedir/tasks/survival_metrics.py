@@ -179,7 +179,7 @@ def site_survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
     JOINT, KM_SURVIVAL, KM_AT_RISK and `reasons` (why a value is None).
     """
     t, e, r = np.asarray(time, float), np.asarray(event, int), np.asarray(risk, float)
-    reasons: dict[str, str] = {"ibs": IBS_REASON, "ibs_ci": IBS_REASON}
+    reasons: dict[str, str] = {"ibs": IBS_REASON}
     concordant, tied, comparable = pair_counts(t, e, r)
     out: dict = {"n": int(t.size), "n_patients": int(t.size), "events": int(e.sum()),
                  PAIR_COUNTS: [concordant, tied, comparable], "ibs": None, "ibs_ci": None}
@@ -295,7 +295,7 @@ def pooled_survival_metrics(per_site: Mapping[str, Mapping], *, time_bins: int) 
     pooled = pooled_c_index(per_site, time_bins=time_bins)
     reasons = {"c_index_ci": "no interval for the pooled C-index from aggregates (its binning bound is given)",
                "uno_c_index": "Uno's C is not pooled: the censoring weights need every patient's follow-up",
-               "uno_c_index_ci": "Uno's C is not pooled", "ibs": IBS_REASON, "ibs_ci": IBS_REASON}
+               "ibs": IBS_REASON}
     if pooled["c_index"] is None:
         reasons["c_index"] = "no comparable pair in the federation"
     out: dict[str, Any] = {key: sum(int(e[key]) for e in per_site.values()) for key in SURVIVAL_COUNTS}
