@@ -49,16 +49,15 @@ import hashlib
 import json
 import os
 import pickle
-import platform
 import subprocess
 import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import flwr
 import numpy as np
 import torch
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.config import Settings
 from fedir.metrics import site_metrics
@@ -408,9 +407,7 @@ def stability(args: argparse.Namespace) -> None:
             })
             print(f"confound {confound} seed {seed}: alarms per round {alarms}", flush=True)
     result = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "flwr": flwr.__version__,
-                    "loadavg_end": os.getloadavg(), "shared_machine": True},
+        "machine": describe(shared_machine=True),
         "protocol": {"sites": 4, "patients_per_site": args.patients, "rounds": args.rounds, "local_steps": args.steps,
                      "batch_size": 32, "model": "resnet_small", "image_size": 64, "eval_bootstrap": 200,
                      "thresholds": asdict(thresholds), "last_rounds": args.last},
@@ -459,7 +456,7 @@ def gap_null(args: argparse.Namespace) -> None:
         alarms["patient"] += pooled_vs_within_auc(per_site, seed=replicate)["alarm"]
         alarms["image"] += pooled_vs_within_auc(images_only, seed=replicate)["alarm"]
     result = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "shared_machine": True},
+        "machine": describe(with_torch=False, shared_machine=True),
         "protocol": {"federations": args.null, "sites": 4, "test_patients_per_site": args.null_patients,
                      "images_per_patient": "1-5", "prevalence": 0.4, "seed": args.null_seed,
                      "max_gap": Thresholds().max_auc_gap, "bootstrap": 200},
@@ -533,9 +530,7 @@ def main() -> None:
     clean = [r for r in reported if r["role"] == "clean"]
     heart = heart_case(args.work, chosen) if not args.families or "heart" in args.families else None
     result = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "flwr": flwr.__version__,
-                    "loadavg_end": os.getloadavg(), "shared_machine": True},
+        "machine": describe(shared_machine=True),
         "protocol": {"rounds": args.rounds, "local_steps": args.steps, "batch_size": 32, "model": "resnet_small",
                      "image_size": {"medmnist": 28, "synthetic": 64}, "eval_bootstrap": 200,
                      "tuning_federations": len(tuning), "reps": args.reps, "families": args.families or "all"},

@@ -21,13 +21,11 @@ import argparse
 import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import flwr
-import torch
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.config import Settings
 from fedir.server.report.baseline import baseline_text
@@ -44,8 +42,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "clinical_baseline.json")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "torch": torch.__version__, "flwr": flwr.__version__, "shared_machine": True},
+    result = {"machine": describe(shared_machine=True),
               "generator_version": GENERATOR_VERSION, "patients_per_site": args.patients,
               "settings": IMAGING, "loadavg_start": os.getloadavg()}
     start = time.time()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dashboard_harness import chromium, served  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/ is on sys.path)
 from run_factory import write_run  # noqa: E402
 
 from fedir.server.dashboard_state import run_detail  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
         "plots_drawn_s_median": round(statistics.median(plots_s), 3),
         "table_and_verdict_s_all": [round(s, 3) for s in table_s],
         "plots_drawn_s_all": [round(s, 3) for s in plots_s],
-        "machine": f"{platform.machine()}, Python {platform.python_version()}, {os.cpu_count()} cores",
+        "machine": describe(with_torch=False),
         "load_average_1min_at_end": round(os.getloadavg()[0], 1),  # other work on a shared machine
     }
     out = ROOT / "benchmarks" / "results" / "dashboard_load.json"

@@ -19,13 +19,12 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
-import flwr
 import torch
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.config import Settings
 from fedir.models import build_model, state_arrays
@@ -39,11 +38,11 @@ ROUNDS = 15
 
 def medmnist(rounds: int = 5, steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
     """float32 against float16 updates on a PneumoniaMNIST federation (see the docstring)."""
-    from semi_supervised import DATA, machine, score, split_tensors  # benchmarks/ is on sys.path
+    from semi_supervised import DATA, score, split_tensors  # benchmarks/ is on sys.path
 
     from fedir.simulations.medmnist import import_medmnist
 
-    result = {"machine": machine(), "loadavg_start": os.getloadavg(),
+    result = {"machine": describe(shared_machine=True), "loadavg_start": os.getloadavg(),
               "budget": {"sites": 4, "partition": "iid", "rounds": rounds, "local_steps": steps,
                          "batch_size": 32, "model": "resnet_small 28x28", "seeds": list(seeds)},
               "runs": {"float32": [], "float16": []}}
@@ -82,8 +81,7 @@ def main() -> None:
         return
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "torch": torch.__version__, "flwr": flwr.__version__, "shared_machine": True},
+    result = {"machine": describe(shared_machine=True),
               "loadavg_start": os.getloadavg(), "heart": {}, "imaging_update_bytes": {}}
     for name in ("resnet_small", "resnet10"):
         state = state_arrays(build_model(name))

@@ -27,14 +27,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import flwr
 import torch
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.config import Settings
 from fedir.simulations.inprocess import run_inprocess
@@ -60,12 +59,6 @@ FLAMBY = {  # published, mean over client tests / pooled test (Ogier du Terrail 
     "fedadam": (0.726, None), "fedyogi": (0.731, None),
 }
 T_975_DF4 = 2.776  # Student t for a 95% interval over 5 seeds
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "flwr": flwr.__version__,
-            "torch_threads": torch.get_num_threads(), "shared_machine": True}
 
 
 def summarise(values: list[float]) -> dict:
@@ -171,7 +164,7 @@ def main() -> None:
         return
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(1)  # a 13-feature model: threads only add contention
-    invocation = {"machine": machine(), "loadavg_start": os.getloadavg(), "arms": args.arms,
+    invocation = {"machine": describe(shared_machine=True), "loadavg_start": os.getloadavg(), "arms": args.arms,
                   "seeds": args.seeds}
     started = time.time()
     result = {"budget": "logreg, 15 rounds x 100 SGD steps (lr 0.01), batch 4; Flower defaults "

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import describe  # benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).parent / "results" / "message_import.json"
 CASES = {
@@ -56,8 +56,7 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in samples.items()}
     loads_monai = subprocess.run([sys.executable, "-c", PROBE], check=True, capture_output=True, text=True).stdout.strip()
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "loadavg": os.getloadavg()},
+        "machine": describe(with_torch=False),
         "repeats": args.repeats,
         "bare_interpreter_s": round(bare, 3),
         "median_s": {name: round(value, 3) for name, value in medians.items()},

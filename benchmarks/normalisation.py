@@ -31,16 +31,15 @@ import copy
 import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import flwr
 import numpy as np
 import torch
 from flwr.app import RecordDict
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.client.adapt_bn import recompute_bn
 from fedir.client.client_app import build_client_app
@@ -62,11 +61,6 @@ TRAINING = {  # run -> Settings overrides
 BASELINE = "fedavg"
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "flwr": flwr.__version__,
-            "torch_threads": torch.get_num_threads(), "device": str(pick_device()),
-            "shared_machine": "yes: 2 cores shared with 3 other jobs (tests, other benchmarks) throughout"}
 
 
 def auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -257,7 +251,8 @@ def main() -> None:
         return
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    result = {"machine": machine(), "loadavg_start": os.getloadavg(),
+    result = {"machine": describe(shared_machine="yes: 2 cores shared with 3 other jobs (tests, other benchmarks) throughout"),
+              "loadavg_start": os.getloadavg(),
               "budget": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("table", "merge")},
               "model": "resnet_small (MONAI ResNet, basic blocks 16-128), AdamW, batch 16, supervised, train.augment = weak",
               "runner": "in-process grid (fedir.simulations.inprocess), no Ray", "seeds": {}}

@@ -17,15 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import flwr
 import numpy as np
 import torch
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.config import Settings
 from fedir.simulations.inprocess import run_inprocess
@@ -51,8 +50,7 @@ def _run(settings: Settings, out: Path, seed: int, rounds: int) -> dict:
 def main() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "torch": torch.__version__, "flwr": flwr.__version__, "shared_machine": True},
+    result = {"machine": describe(shared_machine=True),
               "loadavg_start": os.getloadavg(), "clipping_norm": CLIP, "heart": {}, "imaging": {}}
     with tempfile.TemporaryDirectory() as tmp:
         import_heart(Path(tmp) / "heart")

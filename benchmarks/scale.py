@@ -25,14 +25,12 @@ import csv
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import flwr
 import numpy as np
 import psutil
 import torch
@@ -41,6 +39,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.config import Settings
 from fedir.simulations.simulate import backend_config, simulate
@@ -214,8 +213,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "torch": torch.__version__, "flwr": flwr.__version__, "shared_machine": True},
+    result = {"machine": describe(shared_machine=True),
               "loadavg_start": os.getloadavg(), "steps": STEPS, "rows_per_site": ROWS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 

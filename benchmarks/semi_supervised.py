@@ -44,15 +44,14 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import flwr
 import numpy as np
 import torch
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.client.arms import LOCAL_KEY
 from fedir.client.client_app import build_client_app
@@ -74,12 +73,6 @@ ARMS = {  # name -> (federation.arm, objective, labelled fraction of the federat
 }
 SEMI_ARMS = ("fixmatch", "mean_teacher")
 DATA = Path(os.environ.get("FEDIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist"
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "flwr": flwr.__version__,
-            "torch_threads": torch.get_num_threads(), "device": str(pick_device()), "shared_machine": True}
 
 
 def split_tensors(sites: list[Path], split: str, image_size: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -319,7 +312,7 @@ def sweep(args: argparse.Namespace, npz: Path, out_file: Path) -> None:
         result["budget"]["sweep_arms"] += [a for a in args.sweep_arms if a not in result["budget"]["sweep_arms"]]
         result.setdefault("invocations", [])
     else:
-        result = {"machine": machine(), "dataset": args.dataset, "budget": budget, "seeds": {}, "invocations": [],
+        result = {"machine": describe(shared_machine=True), "dataset": args.dataset, "budget": budget, "seeds": {}, "invocations": [],
                   "model": "resnet_small (MONAI ResNet, basic blocks 16-128, 7x7 stem) at 28x28, AdamW",
                   "runner": "in-process grid (fedir.simulations.inprocess), no Ray",
                   "selection": "eval.select = val-auc: the saved model is the round with the highest pooled val AUC "
@@ -331,7 +324,7 @@ def sweep(args: argparse.Namespace, npz: Path, out_file: Path) -> None:
     todo_arms = sweep_keys(args.fractions, args.sweep_arms)  # what this invocation runs
     invocation = {"seeds": args.seeds, "sweep_arms": args.sweep_arms,
                   "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  "loadavg_start": os.getloadavg(), "machine": machine()}
+                  "loadavg_start": os.getloadavg(), "machine": describe(shared_machine=True)}
     result["invocations"].append(invocation)
     result["planned_seeds"] = planned
     started = time.time()
@@ -432,7 +425,7 @@ def main() -> None:
         print(sweep_markdown(json.loads(out_file.read_text())))
         print(f"wrote {out_file}")
         return
-    result = {"machine": machine(), "loadavg_start": os.getloadavg(), "dataset": args.dataset,
+    result = {"machine": describe(shared_machine=True), "loadavg_start": os.getloadavg(), "dataset": args.dataset,
               "budget": {k: v for k, v in vars(args).items() if k not in ("out", "table")},
               "model": "resnet_small (MONAI ResNet, basic blocks 16-128, 7x7 stem) at 28x28, AdamW",
               "runner": "in-process grid (fedir.simulations.inprocess), no Ray", "partitions": {}}

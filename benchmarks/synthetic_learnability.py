@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe  # benchmarks/ is on sys.path
 from sklearn.metrics import roc_auc_score
 
 from fedir.client.objectives import build_objective
@@ -161,9 +160,7 @@ def main() -> None:
         "curve": curve,
         "runs": runs,
         "wall_seconds": round(time.time() - t0, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": str(device),
-                    "torch_threads": torch.get_num_threads(), "note": args.note},
+        "machine": describe(note=args.note),
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.client.imaging import to_model_input
 from fedir.client.objectives import build_objective
@@ -140,10 +140,7 @@ def main() -> None:
     ratios = [r["ratio"] for r in repeats]
     cpu_ratios = [r["cpu_ratio"] for r in repeats]
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": args.threads,
-                    "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
-                    "shared_machine": True},
+        "machine": describe(torch_threads=args.threads, shared_machine=True),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "repeats": repeats,

@@ -1,6 +1,7 @@
 """The `fedir` command line.
 
-    fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH]
+    fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH] [--masks | --mask-fraction F]
+                     [--scanner-change SITE:YYYY-MM-DD]
     fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir data import heart --out DIR [--source DIR]
     fedir data import tcga-brca --out DIR [--source DIR]
@@ -32,9 +33,24 @@ import sys
 from pathlib import Path
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from fedir.simulations.synthetic import generate_federation
+def _scanner_change(text: str) -> tuple[int, str]:
+    """`--scanner-change SITE:YYYY-MM-DD` (SITE an index or site-N) -> (index, date)."""
+    site, sep, date = text.partition(":")
+    site = site.removeprefix("site-")
+    if not sep or not site.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not SITE:YYYY-MM-DD (e.g. 1:2022-07-01 or site-1:2022-07-01)")
+    return int(site), date
 
+
+def _synth(args: argparse.Namespace) -> int:
+    from fedir.errors import UserError
+    from fedir.simulations.synthetic import check_scanner_change, generate_federation
+
+    if args.scanner_change is not None:
+        try:
+            check_scanner_change(args.scanner_change, args.sites)
+        except ValueError as exc:
+            raise UserError(f"--scanner-change: {exc}") from None
     info = generate_federation(
         args.out,
         sites=args.sites,
@@ -44,6 +60,8 @@ def _synth(args: argparse.Namespace) -> int:
         unlabelled_fraction=args.unlabelled,
         image_size=args.image_size,
         force=args.force,
+        mask_fraction=args.mask_fraction if args.mask_fraction is not None else (0.0 if args.masks else None),
+        scanner_change=args.scanner_change,
     )
     print(f"synthetic federation in {Path(args.out).resolve()}: {len(info.get('sites', []))} sites")
     return 0
@@ -240,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--unlabelled", type=float, default=0.7,
                        help="fraction of training-split patients without a label")
     synth.add_argument("--image-size", type=int, default=256)
+    synth.add_argument("--masks", action="store_true",
+                       help="write vessel/stenosis masks (DICOM SEG + PNG), one outlined frame per image")
+    synth.add_argument("--mask-fraction", type=float, default=None, metavar="F",
+                       help="write masks for this share of each image's frames (at least one; implies --masks)")
+    synth.add_argument("--scanner-change", type=_scanner_change, default=None, metavar="SITE:YYYY-MM-DD",
+                       help="from this date on, the site's images come from a noisier, lower-contrast detector "
+                            "(every row's acquired column dates it; the drift check has something to find)")
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
     synth.set_defaults(func=_synth)
 

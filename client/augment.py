@@ -79,16 +79,19 @@ class RandomAffine:
         self.degrees, self.translate, self.scale = degrees, translate, scale
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        grid = F.affine_grid(self.theta(x, generator), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+    def theta(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The (B, 2, 3) affine matrices of one call, drawn per image from `generator`."""
         angle = _uniform(x, -self.degrees, self.degrees, generator).view(-1) * (math.pi / 180)
         zoom = _uniform(x, 1 - self.scale, 1 + self.scale, generator).view(-1)
         shift = _uniform(x, -self.translate, self.translate, generator).view(-1, 1)
         shift = torch.cat([shift, _uniform(x, -self.translate, self.translate, generator).view(-1, 1)], 1)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack(
+        return torch.stack(
             [torch.stack([cos, -sin, 2 * shift[:, 0]], 1), torch.stack([sin, cos, 2 * shift[:, 1]], 1)], 1
         )
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
 class RandomFlip:
@@ -242,4 +245,58 @@ def strong_view() -> Transform:
             GaussianNoise(),
             Cutout(),
         ]
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Paired views for segmentation: image and mask move together
+
+
+def _warp_mask(mask: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """A mask through the image's affine: integer labels nearest-neighbour (exact labels),
+    float maps (a teacher's probabilities) bilinear; outside the image is background (0)."""
+    labels = not mask.is_floating_point()
+    source = mask.float() if labels else mask
+    grid = F.affine_grid(theta.to(source.dtype), list(source.shape), align_corners=False)
+    out = F.grid_sample(source, grid, mode="nearest" if labels else "bilinear", padding_mode="zeros",
+                        align_corners=False)
+    return out.to(mask.dtype)
+
+
+class PairedView:
+    """A view of an image batch and its masks: the geometric transform (RandomAffine) with
+    the same random parameters for both, then intensity transforms on the image only.
+
+    For the segmentation objectives of issue 16 (FixMatch-style consistency and mean
+    teacher on masks, the training path built on this data layer): the strong view of an
+    unlabelled frame must be compared with the weak view's prediction moved the same way,
+    and a labelled frame's mask must stay on its vessels. Batched on x's device with
+    randomness from the generator, like the classification views (the module docstring
+    says why not MONAI's per-image dictionary transforms).
+    """
+
+    def __init__(self, affine: RandomAffine, intensity: Sequence[Transform] = ()) -> None:
+        self.affine, self.intensity = affine, Compose(intensity)
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, 1, H, W) float; mask: (B, C, H, W), integer labels or float maps."""
+        theta = self.affine.theta(x, generator)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        image = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+        return self.intensity(image, generator), _warp_mask(mask, theta)
+
+
+def paired_weak_view() -> PairedView:
+    """The segmentation weak view: weak_view's affine on image and mask alike."""
+    return PairedView(RandomAffine())
+
+
+def paired_strong_view() -> PairedView:
+    """The segmentation strong view: strong_view's affine on image and mask, its physics,
+    intensity, blur, noise and cutout on the image only (a cut-out vessel is still vessel)."""
+    return PairedView(
+        RandomAffine(degrees=15.0, translate=0.1, scale=0.15),
+        [DetectorResponse(), Scatter(), QuantumNoise(), BiasField(), Contrast(), GaussianBlur(), GaussianNoise(),
+         Cutout()],
     )

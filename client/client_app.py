@@ -27,12 +27,14 @@ from fedir.client.arms import keep_local, start_weights
 from fedir.client.audit_log import audit_mod
 from fedir.client.datacard import card_once
 from fedir.client.dp_mods import dp_clipping_mod
+from fedir.client.drift import period_metrics
 from fedir.client.embedding import embedding_moments, predict_with_embedding
 from fedir.client.inputs import SiteView, scaled, scaler, view_of
 from fedir.client.kept_state import load_global, reply_arrays
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.manifest import ManifestError
 from fedir.client.personalise import personalised
+from fedir.client.secure_aggregation import secure_aggregation_mod
 from fedir.client.site import SiteUnusable
 from fedir.client.training import pick_device, predict, train
 from fedir.config import Settings
@@ -128,13 +130,16 @@ def scored_rows(settings: Settings, site: SiteView, config, split: str = "test")
     return x, y[labelled].numpy(), patients
 
 
-def _metrics(settings: Settings, config, labels, scores, patients) -> dict:
-    """The task kind's site metrics (fedir.tasks) of one split's scores."""
+def _metrics(settings: Settings, config, labels, scores, patients, *, intervals: bool = True) -> dict:
+    """The task kind's site metrics (fedir.tasks) of one split's scores; without `intervals`
+    no bootstrap runs (the validation split: only its point estimates and histograms choose
+    the round and the threshold, so its intervals would cost as much as the test's and
+    serve nothing)."""
     return task_of(settings.task_kind).site_metrics(
         labels,
         scores,
         patients,
-        n_boot=settings.eval_bootstrap,
+        n_boot=settings.eval_bootstrap if intervals else 0,
         seed=settings.round_seed(decode_round_config(config).server_round),
         threshold=settings.eval_threshold,
         bins=settings.eval_hist_bins,
@@ -148,15 +153,27 @@ def _scores(settings: Settings, model, x):
     return predict(model, x, pick_device(), score=task_of(settings.task_kind).score)
 
 
+def _drift(settings: Settings, config, site: SiteView, labels, scores, patients) -> dict | None:
+    """The test patients' metrics per acquisition period (fedir.client.drift); None when
+    eval.drift-period is off, the site's manifest has no `acquired` column, or the task is
+    not classification (the periods carry an AUC)."""
+    if settings.eval_drift_period == "off" or not site.acquired or settings.task_kind != "classification":
+        return None
+    return period_metrics(labels, scores, patients, site.acquired, settings.eval_drift_period,
+                          n_boot=settings.eval_bootstrap, bins=settings.eval_hist_bins,
+                          seed=settings.round_seed(decode_round_config(config).server_round))
+
+
 def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp. Settings come from the run config Flower delivers, unless given
     here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
     mods wrapped around every message handler (the wire audit test captures replies so);
     then the site's own audit log (fedir.client.audit_log), which records what leaves the
-    site after everything else, and innermost the client-side DP clipping the run may ask
-    for (fedir.client.dp_mods)."""
+    site after everything else (under secure aggregation: the masked vectors), then SecAgg+
+    when the run asks for it (fedir.client.secure_aggregation), and innermost the client-side
+    DP clipping the run may ask for (fedir.client.dp_mods)."""
     audit = audit_mod(lambda context: site_dir_of(context, settings or Settings.from_run_config(context.run_config)))
-    app = ClientApp(mods=[*mods, audit, dp_clipping_mod(settings)])
+    app = ClientApp(mods=[*mods, audit, secure_aggregation_mod(settings), dp_clipping_mod(settings)])
     fixed = settings
 
     @app.query()
@@ -211,8 +228,10 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         metrics = _metrics(settings, config, labels, scores, patients)
         # the validation patients' aggregates, from which the server chooses
         val_x, val_labels, val_patients = scored_rows(settings, site, config, "val")
-        val = _metrics(settings, config, val_labels, _scores(settings, model, val_x), val_patients)
-        return Message(content=encode_evaluation(site.name, metrics, moments, val, kind=settings.task_kind),
+        val = _metrics(settings, config, val_labels, _scores(settings, model, val_x), val_patients,
+                       intervals=False)
+        drift = _drift(settings, config, site, labels, scores, patients)
+        return Message(content=encode_evaluation(site.name, metrics, moments, val, drift, kind=settings.task_kind),
                        reply_to=msg)
 
     @app.evaluate("cross_site")

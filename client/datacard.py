@@ -3,12 +3,16 @@
 A card holds counts only: files listed, loaded and skipped (by reason), patients and
 images per split, labelled patients per class with the prevalence, and acquisition
 metadata as patient counts per value: Modality, Manufacturer, ManufacturerModelName,
-PhotometricInterpretation, BitsStored, a pixel-spacing bin and a frames-per-file bin.
+PhotometricInterpretation, BitsStored, a pixel-spacing bin and a frames-per-file bin; and
+the masks (client/masks.py): rows that list one, runs (files) and frames with a usable
+mask, patients with one, skipped masks by reason, all-background frames, and patients per
+foreground-fraction bin (the share of an outlined frame's pixels that are not background).
 
 Privacy rules, because the card leaves the hospital (sent in the first round, stored in
 runs.sqlite, shown in the report):
 - only the header tags named above are read, so no name, identifier, UID, date or free
-  text can enter a card, and no pixel is ever read here;
+  text can enter a card, and no pixel is ever read here but a mask's, which enters only as
+  a foreground-fraction bin;
 - every category cell counts patients (a patient with many images counts once) and a
   cell below k (default 5) is suppressed; when a table has exactly one suppressed cell,
   the next smallest is suppressed too, so the table's total cannot give it back;
@@ -31,12 +35,13 @@ from pydicom.dataset import Dataset
 
 from fedir.client.imaging import DICOM_SUFFIXES, NUMPY_SUFFIXES, PILLOW_SUFFIXES
 from fedir.client.manifest import ManifestRow, read_manifest
+from fedir.client.masks import MaskSummary
 from fedir.client.site import SiteData
 from fedir.client.split import SPLITS, split_of
 from fedir.config import Settings
 from fedir.models import NUM_CLASSES
 
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2: masks
 DEFAULT_K = 5
 HEADER_TAGS = ("Modality", "Manufacturer", "ManufacturerModelName", "PhotometricInterpretation",
                "BitsStored")
@@ -46,6 +51,8 @@ _READ_TAGS = [*HEADER_TAGS, "NumberOfFrames", "PixelSpacing", "ImagerPixelSpacin
 _SPACING_EDGES = (0.15, 0.3, 0.5, 1.0)
 _FRAME_BINS = ((1, "1"), (9, "2-9"), (49, "10-49"), (99, "50-99"))
 _MAX_VALUE_LENGTH = 64
+# Upper bounds of the foreground-fraction bins; a vessel tree covers about 5-20% of a frame.
+_FOREGROUND_EDGES = (0.01, 0.05, 0.1, 0.2, 0.5)
 UNKNOWN = "unknown"
 _SENT_KEY = "fedir-data-card-sent"
 
@@ -58,9 +65,12 @@ class ImageOutcome:
     row: ManifestRow
     skipped_reason: str | None = None
     acquisition: Mapping[str, str] = field(default_factory=dict)
+    mask: MaskSummary | None = None  # the row's usable mask
+    mask_reason: str | None = None  # a MaskSkipReason value when the row's mask was skipped
 
     @classmethod
-    def of(cls, row: ManifestRow, skipped_reason: str | None) -> ImageOutcome:
+    def of(cls, row: ManifestRow, skipped_reason: str | None, mask: MaskSummary | None = None,
+           mask_reason: str | None = None) -> ImageOutcome:
         """The outcome of a row, reading its header when it loaded."""
         if skipped_reason is not None:
             return cls(row, skipped_reason)
@@ -68,7 +78,7 @@ class ImageOutcome:
             acquisition = acquisition_of(row.path)
         except Exception:  # noqa: BLE001 - a card must never fail a round; pydicom raises many types
             acquisition = {**_non_dicom("unreadable header"), "frames per file": UNKNOWN}
-        return cls(row, None, acquisition)
+        return cls(row, None, acquisition, mask, mask_reason)
 
 
 def acquisition_of(path: Path) -> dict[str, str]:
@@ -139,6 +149,49 @@ def _frames_bin(frames: int) -> str:
     return "100+"
 
 
+def _foreground_bin(fraction: float) -> str:
+    if fraction == 0.0:
+        return "0 (all background)"
+    low = 0.0
+    for edge in _FOREGROUND_EDGES:
+        if fraction < edge:
+            return f"{low:g}-{edge:g}"
+        low = edge
+    return f">={low:g}"
+
+
+def _mask_table(outcomes: list[ImageOutcome], k: int) -> dict:
+    """The card's masks: totals (not suppressed, like the image counts per split) and the
+    foreground-fraction bins as patients per bin (suppressed like any category)."""
+    skipped: dict[str, int] = defaultdict(int)
+    bins: dict[str, set[str]] = defaultdict(set)
+    patients: set[str] = set()
+    runs = frames = empty = 0
+    for outcome in outcomes:
+        if outcome.skipped_reason is not None:
+            continue
+        if outcome.mask_reason is not None:
+            skipped[outcome.mask_reason] += 1
+        summary = outcome.mask
+        if summary is None or not summary.frames:
+            continue
+        runs += 1
+        frames += summary.frames
+        empty += summary.all_background
+        patients.add(outcome.row.patient_id)
+        for fraction in summary.foreground:
+            bins[_foreground_bin(fraction)].add(outcome.row.patient_id)
+    return {
+        "listed": sum(o.row.mask is not None for o in outcomes),
+        "runs_with_masks": runs,
+        "frames_with_masks": frames,
+        "patients_with_masks": len(patients),
+        "all_background_frames": empty,
+        "skipped": dict(sorted(skipped.items())),
+        "foreground_fraction": suppress({b: len(p) for b, p in bins.items()}, k),
+    }
+
+
 def suppress(cells: Mapping[str, int], k: int) -> dict[str, object]:
     """A table of counts with every cell below k removed (and, when exactly one is, the
     next smallest too): `{"values": {...}, "suppressed_cells": n}`."""
@@ -198,6 +251,7 @@ def build_card(
         },
         "acquisition": {name: suppress({v: len(p) for v, p in values.items()}, k)
                         for name, values in sorted(categories.items())},
+        "masks": _mask_table(outcomes, k),
     }
 
 
@@ -208,8 +262,13 @@ def card_once(context: Context, site: SiteData, settings: Settings, k: int = DEF
     if _SENT_KEY in context.state:
         return None
     skipped = {entry.path: entry.reason for entry in site.skipped}
+
+    def relative(path: Path | None) -> str | None:
+        return None if path is None else path.relative_to(site.root).as_posix()
+
     outcomes = [
-        ImageOutcome.of(row, skipped.get(row.path.relative_to(site.root).as_posix()))
+        ImageOutcome.of(row, skipped.get(relative(row.path) or ""), site.mask_summaries.get(relative(row.path) or ""),
+                        skipped.get(relative(row.mask) or "") if row.mask is not None else None)
         for row in read_manifest(site.root, NUM_CLASSES)
     ]
     card = build_card(outcomes, val_fraction=settings.data_val_fraction,

@@ -3,7 +3,8 @@
 It validates the manifest, decodes every listed image once (with a progress bar, the same
 reader the ClientApp uses, so what fails here fails in a round), and prints images
 loaded, skipped by reason with the first paths of each, patients, labelled and unlabelled
-patients, counts per split and per class. Local output is not suppressed: it never
+patients, counts per split and per class, and the masks: runs and frames with a usable
+mask, each skipped mask by reason with its row (client/masks.py), all-background frames. Local output is not suppressed: it never
 leaves the site. `--card OUT.json` writes the k-suppressed data card (client/datacard.py),
 the same one the ClientApp sends to the server in its first round.
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from fedir.client.datacard import DEFAULT_K, ImageOutcome, build_card
 from fedir.client.imaging import UnreadableImage, read_display_frames
 from fedir.client.manifest import read_manifest
+from fedir.client.masks import MaskSummary, UnusableMask, read_mask
 from fedir.models import NUM_CLASSES
 
 FIRST_PATHS = 3
@@ -35,6 +37,7 @@ class SiteCheck:
     root: Path
     outcomes: list[ImageOutcome]
     details: dict[str, list[str]]  # skip reason -> "path: detail" of the first few files
+    mask_problems: list[str]  # "row N, path: reason: detail" for every skipped mask
     seconds: float
 
     @property
@@ -48,18 +51,27 @@ def check_site(site_dir: str | Path, *, progress: bool = True) -> SiteCheck:
     rows = read_manifest(root, NUM_CLASSES)
     outcomes: list[ImageOutcome] = []
     details: dict[str, list[str]] = {}
+    problems: list[str] = []
     start = time.perf_counter()
     for row in tqdm(rows, desc=f"checking {root.name}", unit="image", disable=not progress):
         try:
-            read_display_frames(row.path)
+            frames = read_display_frames(row.path)
         except UnreadableImage as exc:
             outcomes.append(ImageOutcome.of(row, exc.reason.value))
             first = details.setdefault(exc.reason.value, [])
             if len(first) < FIRST_PATHS:
                 first.append(f"{row.path.relative_to(root).as_posix()}: {exc.detail}")
             continue
-        outcomes.append(ImageOutcome.of(row, None))
-    return SiteCheck(root, outcomes, details, time.perf_counter() - start)
+        summary, reason = None, None
+        if row.mask is not None:
+            try:
+                outlined = read_mask(row.mask, row.path, frames.shape, row.mask_frames)
+                summary = MaskSummary(len(outlined), [float((m > 0).mean()) for m in outlined.values()])
+            except UnusableMask as exc:
+                reason = exc.reason.value
+                problems.append(f"row {row.row}, {row.mask.relative_to(root).as_posix()}: {reason}: {exc.detail}")
+        outcomes.append(ImageOutcome.of(row, None, summary, reason))
+    return SiteCheck(root, outcomes, details, problems, time.perf_counter() - start)
 
 
 def format_check(check: SiteCheck, val_fraction: float, test_fraction: float) -> str:
@@ -85,6 +97,13 @@ def format_check(check: SiteCheck, val_fraction: float, test_fraction: float) ->
     per_class = labels["per_class"]["values"]
     lines.append("labelled patients per class: "
                  + (", ".join(f"{c}: {n}" for c, n in per_class.items()) or "none"))
+    masks = card["masks"]
+    if masks["listed"]:
+        lines.append(f"masks: {masks['listed']} listed, {masks['runs_with_masks']} files with a usable mask "
+                     f"({masks['frames_with_masks']} outlined frames, {masks['patients_with_masks']} patients), "
+                     f"{sum(masks['skipped'].values())} skipped, {masks['all_background_frames']} "
+                     "all-background frame(s) (kept)")
+        lines.extend(f"  mask skipped, {problem}" for problem in check.mask_problems)
     return "\n".join(lines)
 
 

@@ -354,17 +354,30 @@ def _finite_frames(frames: np.ndarray) -> np.ndarray:
 
 def apply_frame_policy(frames: np.ndarray, policy: str) -> np.ndarray:
     """(F, H, W) -> (K, H, W) under one of FRAME_POLICIES; K = F for "all", else 1."""
-    _check_policy(policy)
-    if policy in ("all", "volume"):
+    picked = selected_frames(frames, policy)
+    if policy == "volume":
         return frames
+    if picked is None:
+        return frames.max(axis=0, keepdims=True)
+    return frames[picked]
+
+
+def selected_frames(frames: np.ndarray, policy: str) -> list[int] | None:
+    """The indices of the frames that become model images under `policy`, in order; None
+    for "mip" and "volume", which combine every frame into one image. A mask follows its
+    image through this choice (client/masks.py)."""
+    _check_policy(policy)
+    count = len(frames)
+    if policy in ("mip", "volume"):
+        return None
+    if policy == "all":
+        return list(range(count))
     if policy.startswith("every-"):
-        return frames[:: int(policy.removeprefix("every-"))]
+        return list(range(0, count, int(policy.removeprefix("every-"))))
     if policy == "middle":
-        return frames[len(frames) // 2][None]
-    if policy == "peak":
-        contrast = frames.reshape(len(frames), -1).std(axis=1)
-        return frames[int(np.argmax(contrast))][None]
-    return frames.max(axis=0, keepdims=True)
+        return [count // 2]
+    contrast = frames.reshape(count, -1).std(axis=1)  # "peak"
+    return [int(np.argmax(contrast))]
 
 
 def spatial_dims_of(policy: str) -> int:

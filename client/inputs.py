@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
-from fedir.client.manifest import ManifestError, read_manifest
+from fedir.client.manifest import Acquired, ManifestError, acquired_by_patient, read_manifest
 from fedir.client.site import SiteData, load_site
 from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 from fedir.config import Inputs, Settings, allowed
@@ -49,6 +49,8 @@ class SiteView:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     features: list[str] = field(default_factory=list)
     imaging: SiteData | None = None  # the decoded imaging site (its data card is built from it)
+    # each patient's earliest `acquired` value (fedir.client.drift); never leaves the site
+    acquired: dict[str, Acquired] = field(default_factory=dict)
 
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(x, y, patients) of "val" or "test"."""
@@ -109,6 +111,7 @@ def _tabular_view(site_dir: str, val: float, test: float, kind: str = "classific
         label_counts=dict(sorted(counts.items())),
         skipped=Counter({"missing clinical value": site.dropped_missing} if site.dropped_missing else {}),
         features=site.features,
+        acquired=acquired_by_patient(site_dir),
     )
 
 
@@ -131,6 +134,7 @@ def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float,
         label_counts=site.patient_label_counts("train"),
         skipped=Counter(s.reason for s in site.skipped),
         imaging=site,
+        acquired=acquired_by_patient(site_dir),
     )
 
 
@@ -140,6 +144,7 @@ def check_manifest(site_dir: str, inputs: str, kind: str = "classification") -> 
     site so before starting Flower)."""
     if inputs == "clinical" or is_tabular_site(site_dir):
         read_tabular_site(site_dir, kind=kind)
+        acquired_by_patient(site_dir)
     else:
         read_manifest(site_dir, NUM_CLASSES, kind)
 

@@ -59,7 +59,9 @@ def lr_factor(schedule: str, server_round: int, rounds: int) -> float:
 def round_recipe(settings: Settings, seed: int, server_round: int,
                  proximal_mu: float = 0.0) -> tuple[Objective, TrainConfig]:
     """The local objective and budget of round `server_round` (local-epochs or local-steps),
-    its learning rate scaled by `train.lr-schedule` (lr_factor)."""
+    its learning rate scaled by `train.lr-schedule` (lr_factor), the encoder frozen in
+    rounds 1 to `train.freeze-rounds` under `train.freeze = "encoder"` (the round number
+    is the one Flower's strategy puts in every train message, fedir.protocol.RoundConfig)."""
     objective = build_objective(
         settings.train_objective,
         ObjectiveParams(
@@ -82,5 +84,6 @@ def round_recipe(settings: Settings, seed: int, server_round: int,
         optimizer=settings.train_optimizer,
         steps=settings.train_local_steps,
         proximal_mu=proximal_mu,
+        freeze_encoder=settings.train_freeze == "encoder" and server_round <= settings.train_freeze_rounds,
     )
     return objective, config

@@ -3,13 +3,20 @@
 Columns (docs/site-guide.md, "manifest.csv"): `patient_id` (required), `path` (required
 for imaging sites, relative to the site folder), `label` (class index, empty = unlabelled), `clin_*` (optional
 clinical covariates), `split` (optional: train / val / test; overrides the patient-hash
-split, so an imported benchmark keeps its published split). Errors name the file and the row, because the person reading them
+split, so an imported benchmark keeps its published split), `mask` (optional: a label
+image of the row's image, relative to the site folder; empty = no mask) and `mask_frames`
+(optional: the 0-based frames of the image that the mask's frames outline, separated by
+";"; client/masks.py) and `acquired` (optional: when the row's images were acquired, a date
+YYYY-MM-DD, a year YYYY or a quarter YYYY-Qn; it stays at the site, which reports its test
+metrics per period, client/drift.py). Errors name the file and the row, because the person reading them
 is a hospital IT team looking at a spreadsheet, not at a traceback.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +27,13 @@ from fedir.tasks import RowError, task_of
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("patient_id", "path")
 SPLIT_COLUMN = "split"
+MASK_COLUMN = "mask"
+MASK_FRAMES_COLUMN = "mask_frames"
+ACQUIRED_COLUMN = "acquired"
+_YEAR = re.compile(r"[0-9]{4}")
+_QUARTER = re.compile(r"([0-9]{4})-Q([1-4])")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+YEARS = (1900, 2199)  # an `acquired` year outside these is a typo, not a date
 
 
 class ManifestError(UserError, ValueError):
@@ -36,6 +50,70 @@ class ManifestError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
+class Acquired:
+    """When a row's images were acquired, at the precision the manifest gives: a year, a
+    quarter of a year, or a day (`quarter` is then the day's)."""
+
+    year: int
+    quarter: int | None = None  # 1..4; None for a bare year
+    day: dt.date | None = None
+
+    @property
+    def start(self) -> dt.date:
+        """The first day of the interval: what "earliest" compares."""
+        return self.day or dt.date(self.year, 3 * (self.quarter or 1) - 2, 1)
+
+    def period(self, unit: str) -> str | None:
+        """The period label of `unit` ("year": "2021"; "quarter": "2021-Q3"), or None when the
+        manifest gave less than the unit needs (a bare year under "quarter")."""
+        if unit == "year":
+            return f"{self.year:04d}"
+        if unit == "quarter":
+            return None if self.quarter is None else f"{self.year:04d}-Q{self.quarter}"
+        raise ValueError(f"no period unit {unit!r}: year or quarter")
+
+
+def parse_acquired(raw: str, where: str, row: int) -> Acquired | None:
+    """`acquired`: a date YYYY-MM-DD, a year YYYY or a quarter YYYY-Qn; None when empty."""
+    raw = raw.strip()
+    if raw == "":
+        return None
+    value = None
+    if _YEAR.fullmatch(raw):
+        value = Acquired(int(raw))
+    elif quarter := _QUARTER.fullmatch(raw):
+        value = Acquired(int(quarter.group(1)), int(quarter.group(2)))
+    elif _DATE.fullmatch(raw):
+        try:
+            day = dt.date.fromisoformat(raw)
+            value = Acquired(day.year, (day.month - 1) // 3 + 1, day)
+        except ValueError:
+            pass  # a day that does not exist (2021-02-30)
+    if value is not None and YEARS[0] <= value.year <= YEARS[1]:
+        return value
+    raise ManifestError(f"{where}: acquired {raw!r} is not a date (YYYY-MM-DD), a year (YYYY) or a quarter (YYYY-Qn) "
+                        f"in {YEARS[0]}-{YEARS[1]}",
+                        f"row {row}: an acquired value is not a date (YYYY-MM-DD), a year (YYYY) or a quarter (YYYY-Qn) "
+                        f"in {YEARS[0]}-{YEARS[1]}")
+
+
+def acquired_by_patient(site_dir: str | Path) -> dict[str, Acquired]:
+    """Each patient's earliest `acquired` value (imaging and tabular sites alike); patients
+    without one are absent, and so is everyone when the manifest has no such column.
+    ManifestError names the row of a value that is not a date, year or quarter."""
+    columns, records = read_records(site_dir)
+    out: dict[str, Acquired] = {}
+    if ACQUIRED_COLUMN not in columns:
+        return out
+    for rec in records:
+        value = parse_acquired(rec.cells.get(ACQUIRED_COLUMN, ""), rec.where, rec.row)
+        patient = rec.cells.get("patient_id", "").strip()
+        if value is not None and patient:
+            out[patient] = min(value, out.get(patient, value), key=lambda a: a.start)
+    return out
+
+
+@dataclass(frozen=True)
 class ManifestRow:
     """One manifest row, validated. `row` is the 1-based line number in the CSV file."""
 
@@ -46,6 +124,9 @@ class ManifestRow:
     clinical: dict[str, float | None] = field(default_factory=dict)
     split: str | None = None  # the manifest's `split` cell; None = the patient-hash split
     outcome: tuple[float, float] | None = None  # task.kind = survival: (time in days, event 0/1)
+    mask: Path | None = None  # absolute, inside the site folder; None = no mask
+    mask_frames: tuple[int, ...] | None = None  # image frames the mask outlines; None = as the mask says
+    acquired: Acquired | None = None  # the `acquired` cell; None = not given
 
 
 def parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
@@ -71,6 +152,31 @@ def parse_split(raw: str, where: str, row: int) -> str | None:
         raise ManifestError(f"{where}: split {raw!r} is not one of {', '.join(SPLITS)}",
                             f"row {row}: a split is not one of {', '.join(SPLITS)}")
     return raw
+
+
+def parse_frames(raw: str, where: str, row: int) -> tuple[int, ...] | None:
+    """`mask_frames`: distinct 0-based frame indices separated by ";", or None when empty."""
+    raw = raw.strip()
+    if raw == "":
+        return None
+    parts = [part.strip() for part in raw.split(";")]
+    if not all(part.isdigit() for part in parts) or len(set(parts)) != len(parts):
+        raise ManifestError(f"{where}: mask_frames {raw!r} is not a list of distinct frame numbers (0-based, ';'-separated)",
+                            f"row {row}: mask_frames is not a list of distinct frame numbers")
+    return tuple(int(part) for part in parts)
+
+
+def _site_path(site: Path, rel: str, column: str, where: str, row: int) -> Path:
+    """A manifest cell as a path inside the site folder (symlinks resolved), or ManifestError."""
+    try:
+        path = (site / rel).resolve()
+    except (ValueError, OSError) as exc:
+        raise ManifestError(f"{where}: {column} {rel!r} is not usable ({exc})",
+                            f"row {row}: a {column} is not usable") from None
+    if not path.is_relative_to(site):
+        raise ManifestError(f"{where}: {column} {rel!r} points outside the site folder",
+                            f"row {row}: a {column} points outside the site folder")
+    return path
 
 
 def parse_float(raw: str, column: str, where: str, row: int) -> float | None:
@@ -155,16 +261,23 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None,
     """Read and validate an imaging site's `site_dir/manifest.csv`.
 
     Raises ManifestError for what `read_records` refuses, an empty patient_id or path, a
-    path listed twice, a label outside 0..num_classes-1 (when given), or a path that
+    path listed twice, a label outside 0..num_classes-1 (when given), a path or mask that
     resolves outside the site folder (symlinks included), so that a site can never be
-    made to read files it did not export. Under `kind = "survival"` every row needs `time`
-    (days, >= 0) and `event` (0/1), refused with the row number otherwise (fedir.tasks.survival).
+    made to read files it did not export, `mask_frames` that are not distinct frame
+    numbers or come without a mask, an `acquired` value that is not a date (YYYY-MM-DD),
+    a year or a quarter (YYYY-Qn), or a patient whose rows name different splits (the
+    split is by patient: one patient's images in training and test would leak). Under
+    `kind = "survival"` every row needs `time` (days, >= 0) and `event` (0/1), refused
+    with the row number otherwise (fedir.tasks.survival). A mask file that is missing or
+    unusable is not a manifest error: the site reader skips that mask with its reason
+    (client/masks.py).
     """
     site = Path(site_dir).resolve()
     columns, records = read_records(site, REQUIRED_COLUMNS + target_columns(kind))
     clin_columns = [c for c in columns if c.startswith("clin_")]
     rows: list[ManifestRow] = []
     seen: dict[Path, int] = {}
+    split_of_patient: dict[str, tuple[str | None, int]] = {}  # the first row's split cell
     for rec in records:
         record, number, where = rec.cells, rec.row, rec.where
         patient_id = record["patient_id"].strip()
@@ -173,20 +286,26 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None,
             raise ManifestError(f"{where}: empty patient_id", f"row {number}: empty patient_id")
         if not rel:
             raise ManifestError(f"{where}: empty path", f"row {number}: empty path")
-        try:
-            path = (site / rel).resolve()
-        except (ValueError, OSError) as exc:
-            raise ManifestError(f"{where}: path {rel!r} is not usable ({exc})",
-                                f"row {number}: a path is not usable") from None
-        if not path.is_relative_to(site):
-            raise ManifestError(f"{where}: path {rel!r} points outside the site folder",
-                                f"row {number}: a path points outside the site folder")
+        path = _site_path(site, rel, "path", where, number)
+        mask_rel = record.get(MASK_COLUMN, "").strip()
+        mask = _site_path(site, mask_rel, "mask", where, number) if mask_rel else None
+        mask_frames = parse_frames(record.get(MASK_FRAMES_COLUMN, ""), where, number)
+        if mask_frames is not None and mask is None:
+            raise ManifestError(f"{where}: mask_frames without a mask", f"row {number}: mask_frames without a mask")
         if path in seen:
             raise ManifestError(
                 f"{where}: path {rel!r} is listed again (first at row {seen[path]})",
                 f"row {number}: a path is listed again (first at row {seen[path]})",
             )
         seen[path] = number
+        split = parse_split(record.get(SPLIT_COLUMN, ""), where, number)
+        first_split, first_row = split_of_patient.setdefault(patient_id, (split, number))
+        if split != first_split:
+            # a patient in two splits would put the same anatomy in training and test
+            named = f"{split or 'the patient-hash split'} here, {first_split or 'the patient-hash split'} at row {first_row}"
+            raise ManifestError(f"{where}: patient {patient_id!r} is in two splits ({named}); "
+                                "a patient's images must share one split",
+                                f"row {number}: a patient is in two splits ({named})")
         rows.append(
             ManifestRow(
                 row=number,
@@ -195,8 +314,11 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None,
                 label=parse_label(record.get("label", ""), where, number, num_classes)
                 if kind == "classification" else None,
                 clinical={c: parse_float(record[c], c, where, number) for c in clin_columns},
-                split=parse_split(record.get(SPLIT_COLUMN, ""), where, number),
+                split=split,
                 outcome=None if kind == "classification" else parse_target(kind, record, where, number),
+                mask=mask,
+                mask_frames=mask_frames,
+                acquired=parse_acquired(record.get(ACQUIRED_COLUMN, ""), where, number),
             )
         )
     return rows

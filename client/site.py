@@ -5,6 +5,8 @@ in deployment every Flower message runs in a fresh process, so the decoded site 
 cached as one file in the site folder and every round after the first reads that file.
 Unreadable images are skipped and listed with their reason: a bad file never stops a
 round. A broken manifest (ManifestError) does, because that is the site's configuration.
+A row's mask (client/masks.py) is decoded and cached with its image; an unusable mask is
+skipped and listed the same way (its reason starts with "mask:"), and its image stays, unlabelled.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +25,14 @@ from tqdm import tqdm
 
 from fedir.client.imaging import UnreadableImage, load_image, spatial_dims_of
 from fedir.client.manifest import MANIFEST_NAME, ManifestRow, read_manifest
+from fedir.client.masks import MaskSummary, load_labelled_image
 from fedir.client.split import SPLITS, split_of
 from fedir.models import NUM_CLASSES
 
 LOG = logging.getLogger(__name__)
 CACHE_DIR_NAME = ".fedir-cache"
 # Bump when decoding or preprocessing changes, so that old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: masks
 
 
 class SiteUnusable(RuntimeError):
@@ -45,14 +48,24 @@ class SplitTensors:
     images: torch.Tensor  # (N, 1, S, S) float32; (N, 1, S, S, S) under the "volume" policy
     labels: torch.Tensor  # (N,) int64
     patients: list[str]
+    # Segmentation labels (client/masks.py) of the M outlined images: (M, 1, S, S) uint8
+    # (or (M, 1, S, S, S)), and per image its row in `masks`, -1 when it has none. None
+    # when the split was built without them (a subset made by a caller).
+    masks: torch.Tensor | None = None
+    mask_of: torch.Tensor | None = None  # (N,) int64
 
     def __len__(self) -> int:
         return len(self.patients)
 
+    @property
+    def mask_count(self) -> int:
+        """Images of this split with a mask."""
+        return 0 if self.mask_of is None else int((self.mask_of >= 0).sum())
+
 
 @dataclass
 class SkippedFile:
-    """An image the site could not use; `path` is relative to the site folder."""
+    """An image, or a mask, the site could not use; `path` is relative to the site folder."""
 
     path: str
     reason: str  # a SkipReason value
@@ -70,6 +83,9 @@ class SiteData:
     test: SplitTensors
     skipped: list[SkippedFile]
     clinical_columns: list[str]
+    # Per image path (relative) with a usable mask: its outlined frames and their foreground
+    # fractions, for the data card (client/datacard.py).
+    mask_summaries: dict[str, MaskSummary] = field(default_factory=dict)
 
     def split(self, split: str) -> SplitTensors:
         """The tensors of "train", "val" or "test"."""
@@ -147,24 +163,41 @@ def _decode_site(
 ) -> dict:
     """Decode every listed image into per-split arrays; unreadable files are recorded."""
     parts: dict[str, dict[str, list]] = {
-        s: {"images": [], "labels": [], "patients": []} for s in SPLITS
+        s: {"images": [], "labels": [], "patients": [], "masks": [], "mask_of": []} for s in SPLITS
     }
     skipped: list[dict[str, str]] = []
+    summaries: dict[str, dict] = {}
     for row in tqdm(rows, desc=f"decoding {root.name}", unit="image", disable=not progress):
+        relative = _relative(row.path, root)
+        masks: list[np.ndarray | None]
         try:
-            images = load_image(row.path, image_size, frame_policy)
+            if row.mask is None:
+                images = load_image(row.path, image_size, frame_policy)
+                masks = [None] * len(images)
+            else:
+                labelled = load_labelled_image(row.path, row.mask, row.mask_frames, image_size, frame_policy)
+                images, masks = labelled.images, labelled.masks
+                if labelled.problem is not None:
+                    skipped.append({"path": _relative(row.mask, root), "reason": labelled.problem.reason.value,
+                                    "detail": labelled.problem.detail})
+                elif labelled.summary is not None:
+                    summaries[relative] = asdict(labelled.summary)
         except UnreadableImage as exc:
-            relative = _relative(row.path, root)
             skipped.append({"path": relative, "reason": exc.reason.value, "detail": exc.detail})
             continue
         part = parts[row.split or split_of(row.patient_id, *fractions)]
         part["images"].append(images)
         part["labels"].extend([-1 if row.label is None else row.label] * len(images))
         part["patients"].extend([row.patient_id] * len(images))
+        for mask in masks:
+            part["mask_of"].append(-1 if mask is None else len(part["masks"]))
+            if mask is not None:
+                part["masks"].append(mask)
     if skipped:
-        LOG.warning("%s: skipped %d of %d images", root.name, len(skipped), len(rows))
+        LOG.warning("%s: skipped %d files (images or masks) of %d rows", root.name, len(skipped), len(rows))
     dims = spatial_dims_of(frame_policy)
-    return {"splits": {s: _stack(parts[s], image_size, dims) for s in SPLITS}, "skipped": skipped}
+    return {"splits": {s: _stack(parts[s], image_size, dims) for s in SPLITS}, "skipped": skipped,
+            "mask_summaries": summaries}
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -179,10 +212,17 @@ def _stack(part: dict[str, list], image_size: int, dims: int = 2) -> dict:
         if part["images"]
         else torch.zeros((0, 1) + (image_size,) * dims, dtype=torch.float32)
     )
+    masks = (
+        torch.from_numpy(np.stack(part["masks"]))
+        if part["masks"]
+        else torch.zeros((0, 1) + (image_size,) * dims, dtype=torch.uint8)
+    )
     return {
         "images": images,
         "labels": torch.tensor(part["labels"], dtype=torch.int64),
         "patients": list(part["patients"]),
+        "masks": masks,
+        "mask_of": torch.tensor(part["mask_of"], dtype=torch.int64),
     }
 
 
@@ -193,6 +233,8 @@ def _site_from_payload(root: Path, payload: dict, clinical: list[str]) -> SiteDa
             images=part["images"],
             labels=part["labels"],
             patients=list(part["patients"]),
+            masks=part["masks"],
+            mask_of=part["mask_of"],
         )
         for s, part in payload["splits"].items()
     }
@@ -204,6 +246,7 @@ def _site_from_payload(root: Path, payload: dict, clinical: list[str]) -> SiteDa
         test=splits["test"],
         skipped=[SkippedFile(**entry) for entry in payload["skipped"]],
         clinical_columns=clinical,
+        mask_summaries={path: MaskSummary(**entry) for path, entry in payload["mask_summaries"].items()},
     )
 
 
@@ -219,7 +262,7 @@ def _cache_path(cache_dir: Path, settings: tuple[int, str, float, float]) -> Pat
 
 
 def _cache_key(root: Path, rows: list[ManifestRow], settings: tuple) -> str:
-    """SHA-256 of the cache version, settings, manifest bytes and each image's stat.
+    """SHA-256 of the cache version, settings, manifest bytes and each image's (and mask's) stat.
 
     Images are identified by size and mtime_ns rather than content: hashing every image
     would cost about as much as decoding it, which is what the cache exists to avoid.
@@ -228,6 +271,8 @@ def _cache_key(root: Path, rows: list[ManifestRow], settings: tuple) -> str:
     digest.update((root / MANIFEST_NAME).read_bytes())
     for row in rows:
         digest.update(f"\x00{_relative(row.path, root)}\x00{_stat_signature(row.path)}".encode())
+        if row.mask is not None:
+            digest.update(f"\x01{_relative(row.mask, root)}\x00{_stat_signature(row.mask)}".encode())
     return digest.hexdigest()
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedir.client.objectives import Objective
+from fedir.models import encoder_names, encoder_norm_layers
 
 
 def pick_device() -> torch.device:
@@ -53,6 +54,7 @@ class TrainConfig:
     steps: int = 0  # > 0: exactly this many steps (cycling over the data), epochs ignored
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to every step's loss
     unlabelled_ratio: int = 1  # unlabelled images per labelled image in a step (FixMatch's mu)
+    freeze_encoder: bool = False  # train.freeze: only the head trains; the encoder is left as received
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ def train(
     `unlabelled_ratio` x the batch size of unlabelled images for an objective that uses
     them, and calls the objective's `after_step` after the optimiser step. A site
     with no labelled image does not step and reports zero steps.
+
+    With `freeze_encoder` (train.freeze, fedir.client.local_training.round_recipe) the
+    encoder's parameters (fedir.models.encoder_names) get no gradient and are not in the
+    optimiser, and its normalisation layers run in eval mode: weights and BatchNorm
+    statistics both stay as received, so the encoder a site returns is the one it was sent.
     """
     if objective.uses_unlabelled and images.dim() == 5:
         raise ValueError(f"objective {getattr(objective, 'name', objective)!r}: its augmentations are 2D; "
@@ -96,6 +103,12 @@ def train(
     model.to(device).train()
     if n_lab == 0:
         return TrainResult(loss=float("nan"), steps=0, n_labelled=0, n_unlabelled=n_unl)
+    if config.freeze_encoder:
+        frozen = encoder_names(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        for layer in encoder_norm_layers(model):
+            layer.eval()
     opt = _optimizer(model, config)
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(config.seed)
@@ -125,7 +138,9 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    """Over the trainable parameters only: weight decay must not shrink a frozen encoder."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return OPTIMIZERS[config.optimizer](trainable, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _schedule(n: int, config: TrainConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:

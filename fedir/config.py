@@ -42,6 +42,7 @@ ThresholdRule = Literal["youden", "fixed"]
 Personalise = Literal["none", "intercept", "finetune"]
 Augment = Literal["weak", "none"]
 LrSchedule = Literal["constant", "cosine"]
+Freeze = Literal["none", "encoder"]
 # Strategies whose aggregate is the weighted mean of the updates (the FedOpt family and
 # FedAvgM then take a server step on it: post-processing). Only for these does the privacy
 # budget's sensitivity bound hold (fedir.strategies.privacy_budget); a median or Krum's
@@ -50,7 +51,15 @@ MEAN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fe
 # How the reported and saved round is chosen (fedir.strategies.selection): never on test.
 Select = Literal["val-auc", "last"]
 TaskKind = Literal["classification", "survival"]  # fedir.tasks.KINDS: one module per kind
+# Test metrics per acquisition period (manifest column `acquired`; fedir.client.drift).
+DriftPeriod = Literal["year", "quarter", "off"]
 DPMode = Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
+SecureAggregation = Literal["off", "secagg+"]
+# Strategies whose aggregate SecAgg+ can compute: a weighted sum of the sites' updates
+# divided by the summed weight (FedAvgM then takes a server step on that mean). The others
+# need each site's update (a median, Krum's choice) or Flower's Message-API server
+# optimisers, which the legacy workflow does not drive (fedir.strategies.secure_aggregation).
+SECURE_SUM_STRATEGIES = ("fedavg", "fedprox", "fedavgm")
 
 EVERY_K = re.compile(r"every-([1-9][0-9]*)")
 
@@ -140,6 +149,10 @@ class Settings:
         "score; 0 = off (needs eval.select = val-auc)", AT_LEAST_0)
     model_name: ModelName = setting(
         "auto", "the network; auto = logreg for tabular sites, resnet_small for imaging sites (fedir.models)")
+    model_init: str = setting(
+        "", "a PyTorch state dict (.pt/.pth; .safetensors when the safetensors package is installed) the "
+        "coordinator starts round 1 from; keys matched by name and shape, refused below 50% of the model's "
+        "parameters; relative to the scenario file; empty = random init (fedir.server.model_init)")
     model_image_size: int = setting(128, "side of the square image (or cube) the model sees, in pixels", AT_LEAST_1)
     data_frame_policy: str = setting(
         "mip", "how a multi-frame file becomes model images: mip | middle | all | peak | volume | "
@@ -175,6 +188,10 @@ class Settings:
     eval_adapt_bn: bool = setting(
         True, "AdaBN: before scoring, re-estimate every BatchNorm layer's statistics on the site's own "
         "training images, labels unused; always on under train.fedbn (fedir.client.adapt_bn)")
+    eval_drift_period: DriftPeriod = setting(
+        "year", "drift over time: each site with an `acquired` manifest column reports its test patients' "
+        "AUC per year | quarter of acquisition (small periods suppressed), and the summary tests for a trend; "
+        "a site without the column reports none; off = no site reports (fedir.client.drift)")
     bias_alpha: float = setting(0.01, "significance level of the bias tests", Bounds(0, 1, low_open=True, high_open=True))
     bias_min_cramers_v: float = setting(0.2, "site-label association: Cramer's V that raises the alarm", UNIT)
     bias_max_auc_gap: float = setting(0.05, "pooled minus within-site AUC (and its 95% CI above 0)", AT_LEAST_0)
@@ -209,6 +226,13 @@ class Settings:
     train_lr_schedule: LrSchedule = setting(
         "constant", "learning rate across rounds: constant | cosine (round r of train.rounds uses lr x a "
         "cosine factor from 1 down to 5%) (fedir.client.local_training)")
+    train_freeze: Freeze = setting(
+        "none", "none | encoder: for the first train.freeze-rounds rounds the sites train the final "
+        "classifier layer only, the encoder of model.init frozen with its BatchNorm statistics "
+        "(fedir.models.encoder_names); needs model.init")
+    train_freeze_rounds: int = setting(
+        0, "rounds with the encoder frozen (train.freeze = encoder), then every layer is fine-tuned; "
+        "below train.rounds", AT_LEAST_0)
     train_fedbn: bool = setting(
         False, "FedBN: normalisation layers stay at each site (fedir.client.kept_state)")
     train_personalise: Personalise = setting(
@@ -234,6 +258,21 @@ class Settings:
         "keep it below 1 / the number of sites", Bounds(0, 1, low_open=True, high_open=True))
     privacy_max_epsilon: float = setting(
         0.0, "stop the study before a round would spend more epsilon than this; 0 = no limit", AT_LEAST_0)
+    privacy_secure_aggregation: SecureAggregation = setting(
+        "off", "secagg+: the coordinator sees only the sum of the sites' weighted updates, never one site's "
+        "(Flower's SecAgg+; fedavg, fedprox, fedavgm only; fedir.strategies.secure_aggregation)")
+    privacy_secagg_clipping_range: float = setting(
+        8.0, "secagg+: every weight a site sends must lie in [-this, this] (a site refuses to send otherwise)",
+        POSITIVE)
+    privacy_secagg_quantization_range: int = setting(
+        4194304, "secagg+: integer levels each weighted value is quantised to (2^22); the sum of every site's "
+        "must stay below 2^32", Bounds(2, 2**31))
+    privacy_secagg_max_weight: float = setting(
+        1000.0, "secagg+: the largest weight (labelled training patients) a site may send; a larger site refuses",
+        POSITIVE)
+    privacy_secagg_reconstruction_threshold: float = setting(
+        0.67, "secagg+: share of the sampled sites (at least 2) whose key shares rebuild a dropped site's mask: "
+        "more sites must then collude to unmask one site, fewer may drop out in a round", SHARE)
 
     def __post_init__(self) -> None:
         # Values and the combinations that cannot work are refused when the settings are
@@ -245,6 +284,7 @@ class Settings:
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
         check_cross_site(self.bias_cross_site, self.privacy_dp)
+        check_secure_aggregation(self)
         check_budget(self.privacy_dp, self.privacy_max_epsilon, self.privacy_noise_multiplier,
                      self.strategy_name)
 
@@ -282,6 +322,11 @@ class Settings:
     def dp(self) -> bool:
         """Whether a differential-privacy mode is on (fedir.config)."""
         return self.privacy_dp != "off"
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """Whether the sites' updates are summed under SecAgg+ (privacy.secure-aggregation)."""
+        return self.privacy_secure_aggregation != "off"
 
     @property
     def spatial_dims(self) -> int:
@@ -349,6 +394,7 @@ def check_combinations(settings: Settings) -> None:
         raise SettingsError(
             f"train.patience = {settings.train_patience} stops when the validation AUC stops improving: "
             f"it needs eval.select = \"val-auc\", not {settings.eval_select!r}")
+    check_freeze(settings)
     n_sites = len(settings.sites)
     if n_sites and settings.federation_min_sites > n_sites:
         raise SettingsError(f"federation.min-sites = {settings.federation_min_sites} is more than the "
@@ -377,6 +423,24 @@ def check_task(settings: Settings) -> None:
     if settings.model_name not in ("auto", "logreg", "mlp"):
         raise SettingsError(f"{kind} trains tabular sites only for now (a linear Cox model, or an mlp risk model); "
                             f"model.name = {settings.model_name!r} is an image network: choose auto, logreg or mlp")
+
+
+def check_freeze(settings: Settings) -> None:
+    """`train.freeze = encoder` keeps a pretrained encoder while the new head learns: it
+    needs the checkpoint (`model.init`; a frozen random encoder would only ever give random
+    features), at least one frozen round, and a round after the frozen ones (the encoder is
+    then fine-tuned; `freeze-rounds >= rounds` would never fine-tune it)."""
+    rounds = settings.train_freeze_rounds
+    if settings.train_freeze == "none":
+        if rounds:
+            raise SettingsError(f"train.freeze-rounds = {rounds} needs train.freeze = \"encoder\"")
+        return
+    if not settings.model_init:
+        raise SettingsError("train.freeze = \"encoder\" freezes the encoder of a pretrained checkpoint: "
+                            "set model.init to its state dict (a frozen random encoder learns nothing)")
+    if not 1 <= rounds < settings.train_rounds:
+        raise SettingsError(f"train.freeze-rounds = {rounds} must be at least 1 and below train.rounds = "
+                            f"{settings.train_rounds} (the rounds after it fine-tune every layer)")
 
 
 def check_dp(mode: str, *, fedbn: bool, update_dtype: str, arm: str) -> None:
@@ -421,6 +485,39 @@ def check_cross_site(cross_site: bool, dp_mode: str) -> None:
             f"bias.cross-site = true sends each site's un-noised update to every other site: "
             f"it cannot be combined with privacy.dp = {dp_mode!r} (set bias.cross-site = false)"
         )
+
+
+def check_secure_aggregation(settings: Settings) -> None:
+    """Refuse what SecAgg+ cannot serve, naming both settings. The coordinator sees only
+    the sum of the sites' weighted updates: a strategy that needs each update (a median,
+    Krum), the cross-site matrix (each site's update sent to the others), Flower's DP
+    wrappers (they clip or check each site's reply) and the local and pooled arms (no
+    sum to hide) cannot work; float16 uploads would lose precision before the sites'
+    quantisation and save nothing (the masked values are integers); with two sites each
+    would learn the other's update from the sum."""
+    mode = settings.privacy_secure_aggregation
+    if mode == "off":
+        return
+    key = f"privacy.secure-aggregation = {mode!r}"
+    if settings.strategy_name not in SECURE_SUM_STRATEGIES:
+        raise SettingsError(f"{key} computes only a weighted sum of the sites' updates, which "
+                            f"strategy.name = {settings.strategy_name!r} cannot aggregate from; choose "
+                            f"{', '.join(SECURE_SUM_STRATEGIES)}")
+    if settings.bias_cross_site:
+        raise SettingsError(f"{key} hides each site's update, which bias.cross-site = true sends to every other "
+                            "site: set bias.cross-site = false")
+    if settings.privacy_dp != "off":
+        raise SettingsError(f"{key} cannot be combined with privacy.dp = {settings.privacy_dp!r}: Flower's DP "
+                            "wrappers clip or check each site's reply, which SecAgg+ hides")
+    if settings.train_update_dtype != "float32":
+        raise SettingsError(f"{key} needs train.update-dtype = \"float32\" (the masked values are integers: "
+                            f"{settings.train_update_dtype} would only lose precision)")
+    if settings.federation_arm != "federated":
+        raise SettingsError(f"{key} needs federation.arm = \"federated\", not {settings.federation_arm!r}: "
+                            "the other arms sum nothing")
+    if 0 < len(settings.sites) < 3:
+        raise SettingsError(f"{key} needs at least 3 sites, federation.sites lists {len(settings.sites)}: "
+                            "with two, each site learns the other's update from the sum")
 
 
 def check_personalise(mode: str, arm: str) -> None:

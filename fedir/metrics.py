@@ -50,6 +50,10 @@ _RESAMPLE_NEEDS = {
 }
 
 
+NO_BOOTSTRAP = ("not computed: no bootstrap (eval.bootstrap = 0, or the validation split, "
+                "whose point estimates alone are used)")
+
+
 def site_metrics(
     labels: np.ndarray,
     scores: np.ndarray,
@@ -248,7 +252,7 @@ def _pooled_image_metrics(per_site: Mapping[str, dict], *, n_boot: int, seed: in
         # replicates carry the exact point's offset from the binned one
         offset = auc - float(histogram_aucs(site_neg.sum(axis=0), site_pos.sum(axis=0)))
         if n_boot < 1:
-            reasons["auc_ci"] = "no bootstrap (eval.bootstrap = 0)"
+            reasons["auc_ci"] = NO_BOOTSTRAP
         else:
             neg, pos = resample_histograms(site_neg, site_pos, n_boot, np.random.default_rng(seed))
             replicates = histogram_aucs(neg.sum(axis=1), pos.sum(axis=1)) + offset
@@ -410,7 +414,7 @@ def _patient_bootstrap_cis(
     if all(points[name] is None for name in SCALAR_METRICS):
         return cis, ci_reasons
     if n_boot < 1:
-        off = "no bootstrap (eval.bootstrap = 0)"
+        off = NO_BOOTSTRAP
         ci_reasons.update({f"{name}_ci": off for name in SCALAR_METRICS if points[name] is not None})
         return cis, ci_reasons
     if n_patients < 2:

@@ -97,6 +97,36 @@ def build_tabular_model(name: str, n_features: int, n_outputs: int = NUM_CLASSES
     return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, n_outputs))
 
 
+# ---- the encoder and the head (train.freeze) -----------------------------------------------
+
+def head_name(model: nn.Module) -> str:
+    """The module name of the final classifier layer: the last `nn.Linear` (`fc` of MONAI's
+    ResNet, `class_layers.out` of its DenseNet121, `2` of the MLP, `""` for logistic
+    regression, which is all head). Its input is the embedding fedir.client.embedding hooks."""
+    heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier layer")
+    return heads[-1]
+
+
+def _in_head(name: str, head: str) -> bool:
+    return not head or name == head or name.startswith(head + ".")
+
+
+def encoder_names(model: nn.Module) -> set[str]:
+    """The parameter names of the encoder: every parameter but the head's (head_name), i.e.
+    everything that feeds the embedding. What `train.freeze = "encoder"` freezes."""
+    head = head_name(model)
+    return {name for name, _ in model.named_parameters() if not _in_head(name, head)}
+
+
+def encoder_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder's normalisation layers (NORM_LAYERS outside the head): under a frozen
+    encoder they stay in eval mode, so their running statistics are the checkpoint's too."""
+    head = head_name(model)
+    return [m for name, m in model.named_modules() if isinstance(m, NORM_LAYERS) and not _in_head(name, head)]
+
+
 # ---- what stays at a site (FedBN, a personal intercept) ----------------------------------
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
@@ -124,11 +154,15 @@ def intercept_key(model: nn.Module) -> str:
 
 
 def kept_keys(model: nn.Module, settings: Settings) -> set[str]:
-    """State-dict entries that stay at the site: FedBN's normalisation layers and, under
-    `personalise = intercept`, the output bias."""
+    """State-dict entries that stay at the site: FedBN's normalisation layers, under
+    `personalise = intercept` the output bias, and under secure aggregation the integer
+    counters (BatchNorm's `num_batches_tracked`): SecAgg+ sums values within its clipping
+    range, and a step count is no weight to average."""
     keys = norm_keys(model) if settings.train_fedbn else set()
     if settings.train_personalise == "intercept":
         keys.add(intercept_key(model))
+    if settings.secure_aggregation:
+        keys |= {name for name, value in model.state_dict().items() if not value.is_floating_point()}
     return keys
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Parameters, Status, bytes_to_ndarray, ndarray_to_bytes
+from flwr.compat.common import recorddict_compat as legacy
 
 from fedir.config import UpdateDtype, allowed
 from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS, SCORE_SUMS
@@ -37,6 +39,7 @@ ARRAYS_KEY = "arrays"  # the model's weights (Flower's strategies' `arrayrecord_
 CONFIG_KEY = "config"  # the round's settings (Flower's strategies' `configrecord_key`)
 WEIGHT_KEY = "num-examples"
 CARD_KEY = "data-card"
+DRIFT_KEY = "drift"  # a site's test metrics per acquisition period (fedir.client.drift), as JSON
 EMBEDDING_KEY = "embedding"
 
 MISSING = -1.0
@@ -48,6 +51,7 @@ MEAN_KEY = "feature-mean"  # the federation's standardisation, in each train/eva
 STD_KEY = "feature-std"
 ROUND_KEY = "server-round"  # set by Flower's strategies in every train/evaluate config
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx in its train config
+LEGACY_PROXIMAL_MU_KEY = "proximal_mu"  # set by Flower's legacy FedProx (secure aggregation)
 RUN_ID_KEY = "run-id"  # the study's run id, in each train/evaluate config: a site's saved state is keyed by it
 UPDATE_DTYPES = allowed(UpdateDtype)  # train.update-dtype: the precision of a site's upload
 
@@ -140,7 +144,7 @@ def decode_round_config(config: ConfigRecord) -> RoundConfig:
     has_stats = MEAN_KEY in config
     return RoundConfig(
         server_round=int(_number(config.get(ROUND_KEY, 0), ROUND_KEY)),
-        proximal_mu=_number(config.get(PROXIMAL_MU_KEY, 0.0), PROXIMAL_MU_KEY),
+        proximal_mu=_number(config.get(PROXIMAL_MU_KEY, config.get(LEGACY_PROXIMAL_MU_KEY, 0.0)), PROXIMAL_MU_KEY),
         mean=np.asarray(config[MEAN_KEY], dtype=np.float64) if has_stats else None,
         std=np.asarray(config[STD_KEY], dtype=np.float64) if has_stats else None,
         run_id=str(config[RUN_ID_KEY]) if RUN_ID_KEY in config else None,
@@ -288,7 +292,8 @@ def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, kind: str
 
 def encode_evaluation(
     site: str, metrics: Mapping[str, Any], embedding: EmbeddingMoments | None = None,
-    val: Mapping[str, Any] | None = None, kind: str = "classification",
+    val: Mapping[str, Any] | None = None, drift: Mapping[str, Any] | None = None,
+    kind: str = "classification",
 ) -> RecordDict:
     """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict (`kind` =
     "survival": fedir.tasks.survival_metrics' dicts; the kind travels in the ConfigRecord).
@@ -297,10 +302,14 @@ def encode_evaluation(
     `per_patient` set). `embedding` (fedir.client.embedding: counts, means and covariances
     of the model's features, small groups suppressed) travels as an ArrayRecord: Flower
     averages every MetricRecord key across sites, and only one MetricRecord may be in an
-    evaluation reply.
+    evaluation reply. `drift` (fedir.client.drift.period_metrics: period labels and their
+    aggregates, never a date) rides as JSON in the ConfigRecord, whose keys may differ
+    across sites, because each site has its own periods; absent under eval.drift-period = off.
     """
     rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
     site_rec = ConfigRecord({"name": site, TASK_KEY: kind})
+    if drift is not None:
+        site_rec[DRIFT_KEY] = json.dumps(check_drift(drift))
     _put_split(rec, site_rec, "", metrics, kind)
     rec[_VAL_PREFIX + "ok"] = 0 if val is None else 1
     if val is not None:
@@ -324,6 +333,8 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
     out = _get_split(rec, site_rec, "", kind)
     if rec.get(_VAL_PREFIX + "ok", 0):
         out[VAL_KEY] = _get_split(rec, site_rec, _VAL_PREFIX, kind)
+    if DRIFT_KEY in site_rec:
+        out[DRIFT_KEY] = check_drift(json.loads(str(site_rec[DRIFT_KEY])))
     if EMBEDDING_KEY in content.array_records:
         arrays = content.array_records[EMBEDDING_KEY]
         out["embedding"] = EmbeddingMoments(
@@ -332,6 +343,52 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
             covs=arrays["covs"].numpy().astype(np.float64),
         )
     return str(site_rec["name"]), out
+
+
+DRIFT_UNITS = ("year", "quarter")
+_PERIOD_LABEL = {"year": re.compile(r"[0-9]{4}"), "quarter": re.compile(r"[0-9]{4}-Q[1-4]")}
+_PERIOD_SHOWN = ("period", "n_patients", "positives", "auc", "auc_ci")
+
+
+def check_drift(drift: Mapping[str, Any]) -> dict[str, Any]:
+    """A site's per-period entry as it may cross: ``{"unit", "periods", "reason"}`` with each
+    period ``{"period": label, "suppressed": reason}`` or exactly ``_PERIOD_SHOWN``, labels of
+    the unit's form ("2021", "2021-Q3"), counts as integers, AUC and CI bounds in [0, 1] or
+    null. Both sides call it, so that a date, an identifier or a stray field cannot pass:
+    ValueError names what is wrong."""
+    if set(drift) != {"unit", "periods", "reason"} or drift["unit"] not in DRIFT_UNITS:
+        raise ValueError(f"drift: expected unit (one of {', '.join(DRIFT_UNITS)}), periods and reason")
+    periods: list[dict[str, Any]] = []
+    for period in drift["periods"]:
+        label = period.get("period") if isinstance(period, Mapping) else None
+        if not isinstance(label, str) or not _PERIOD_LABEL[drift["unit"]].fullmatch(label):
+            raise ValueError(f"drift: a period label is not a {drift['unit']} label")
+        if "suppressed" in period:
+            if set(period) != {"period", "suppressed"} or not isinstance(period["suppressed"], str):
+                raise ValueError(f"drift: suppressed period {label} carries more than its reason")
+            periods.append({"period": label, "suppressed": period["suppressed"]})
+            continue
+        if set(period) != set(_PERIOD_SHOWN):
+            raise ValueError(f"drift: period {label} must carry exactly {', '.join(_PERIOD_SHOWN)}")
+        auc, ci = period["auc"], period["auc_ci"]
+        periods.append({
+            "period": label,
+            "n_patients": int(_number(period["n_patients"], "n_patients")),
+            "positives": int(_number(period["positives"], "positives")),
+            "auc": None if auc is None else _unit_interval(auc, "auc"),
+            "auc_ci": None if ci is None else [_unit_interval(v, "auc_ci") for v in _numbers(ci, "auc_ci")[:2]],
+        })
+    reason = drift["reason"]
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError("drift: reason must be text or null")
+    return {"unit": drift["unit"], "periods": periods, "reason": reason}
+
+
+def _unit_interval(value: object, key: str) -> float:
+    number = _number(value, key)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"drift: {key} {number} is outside [0, 1]")
+    return number
 
 
 def encode_training(
@@ -387,6 +444,83 @@ def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
     if CARD_KEY in site_rec:
         out["card"] = json.loads(str(site_rec[CARD_KEY]))
     return str(site_rec["name"]), out
+
+
+# ---- secure aggregation: Flower's legacy fit layout (privacy.secure-aggregation) -------------
+#
+# Flower 1.41's SecAggPlusWorkflow drives the legacy strategy API. The train message of its
+# third stage carries a legacy FitIns ("fitins.parameters": the arrays by position, as .npy
+# bytes, no names; "fitins.config"), and `secaggplus_mod` at the site reads the reply as a
+# legacy FitRes ("fitres.parameters", "fitres.num_examples", "fitres.metrics",
+# "fitres.status"), then masks the parameters and empties every ArrayRecord before the reply
+# leaves. So the server names the positions in the config (SECURE_NAMES_KEY), the site
+# translates the FitIns into a plain train message for its handler and the handler's reply
+# into a FitRes, and the site's aggregates (encode_training's "metrics" and "site" records)
+# travel beside the FitRes records, where decode_training reads them as in any round.
+
+SECURE_NAMES_KEY = "array-names"
+_FITINS_ARRAYS = "fitins.parameters"
+_FITINS_CONFIG = "fitins.config"
+_FITRES_ARRAYS = "fitres.parameters"
+
+
+def encode_secure_config(config: ConfigRecord, server_round: int, names: Sequence[str]) -> dict[str, Any]:
+    """A round's config as a legacy FitIns config (Flower's legacy strategies take a dict):
+    the round config of every train message, its round number (which the Message-API
+    strategies add themselves) and the names of the model's arrays, in the order sent."""
+    return {**config, ROUND_KEY: int(server_round), SECURE_NAMES_KEY: [str(n) for n in names]}
+
+
+def is_secure_instruction(content: RecordDict) -> bool:
+    """Whether a train message is SecAgg+'s legacy FitIns rather than a plain instruction."""
+    return _FITINS_ARRAYS in content.array_records
+
+
+def _by_position(record: ArrayRecord) -> list[np.ndarray]:
+    """A legacy record's arrays in their positions (keys "0", "1", ...: sorted as numbers)."""
+    return [bytes_to_ndarray(record[key].data) for key in sorted(record, key=int)]
+
+
+def decode_secure_instruction(content: RecordDict) -> RecordDict:
+    """SecAgg+'s FitIns -> a plain train message's content (read by decode_instruction):
+    the global arrays under their names, and the round's config."""
+    config = content.config_records[_FITINS_CONFIG]
+    names = [str(n) for n in config[SECURE_NAMES_KEY]]  # type: ignore[union-attr]
+    values = _by_position(content.array_records[_FITINS_ARRAYS])
+    if len(values) != len(names):
+        raise ValueError(f"a secure-aggregation instruction with {len(values)} arrays names {len(names)}")
+    return RecordDict({ARRAYS_KEY: ArrayRecord({n: Array(v) for n, v in zip(names, values)}), CONFIG_KEY: config})
+
+
+def encode_secure_training(reply: RecordDict, names: Sequence[str]) -> RecordDict:
+    """A site's training reply (encode_training) as the legacy FitRes `secaggplus_mod`
+    masks: the update in the order of `names` (those the instruction carried), weighted by
+    the reply's `num-examples`, with the reply's aggregate records beside it."""
+    arrays = reply.array_records[ARRAYS_KEY]
+    if sorted(arrays) != sorted(names):
+        raise ValueError(f"the update's arrays {sorted(arrays)[:3]}... are not those the instruction named")
+    metrics = reply.metric_records[METRICS_KEY]
+    parameters = Parameters(tensors=[ndarray_to_bytes(arrays[n].numpy()) for n in names], tensor_type="numpy.ndarray")
+    fitres = FitRes(Status(Code.OK, ""), parameters, int(_number(metrics[WEIGHT_KEY], WEIGHT_KEY)), {})
+    content = legacy.fitres_to_recorddict(fitres, keep_input=False)
+    content[METRICS_KEY] = metrics
+    content[SITE_KEY] = reply.config_records[SITE_KEY]
+    return content
+
+
+def is_secure_training(content: RecordDict) -> bool:
+    """Whether a reply is a site's masked training reply (SecAgg+'s third stage)."""
+    return _FITRES_ARRAYS in content.array_records and METRICS_KEY in content.metric_records
+
+
+def decode_secure_aggregate(record: ArrayRecord, template: ArrayRecord) -> ArrayRecord:
+    """The workflow's aggregate (legacy positions, float64) -> the model's arrays under their
+    names, in the dtypes and shapes of `template` (the arrays sent)."""
+    values = _by_position(record)
+    if len(values) != len(template):
+        raise ValueError(f"secure aggregation returned {len(values)} arrays for a model of {len(template)}")
+    return ArrayRecord({name: Array(np.asarray(v, dtype=np.dtype(ref.dtype)).reshape(ref.shape))
+                        for (name, ref), v in zip(template.items(), values)})
 
 
 # ---- cross-site evaluation (after the last round) -------------------------------------------

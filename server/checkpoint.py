@@ -129,10 +129,12 @@ def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 def strategy_state(strategy: object) -> dict[str, Any]:
     """The strategy's public data attributes (FedAdam's m_t/v_t, FedAvg's settings, an
-    adaptive DP clipping norm...), not its callbacks nor the private working copies a
-    round rebuilds: what a Flower strategy carries from one round to the next."""
-    return {name: value for name, value in vars(strategy).items()
-            if not name.startswith("_") and encodable(value)}
+    adaptive DP clipping norm, the arrays a DP wrapper keeps...), not its callbacks nor the
+    private working copies a round rebuilds: what a Flower strategy carries from one round
+    to the next. An ArrayRecord is copied from numpy: one that arrived over the wire holds
+    memoryviews, which the checkpoint's dataclass copy cannot deep-copy."""
+    return {name: _to_record(_to_numpy(value)) if isinstance(value, ArrayRecord) else value
+            for name, value in vars(strategy).items() if not name.startswith("_") and encodable(value)}
 
 
 def restore_strategy_state(strategy: object, state: Mapping[str, Any]) -> None:

@@ -49,6 +49,10 @@ ci_low REAL, ci_high REAL)``
 ``cards(run_id TEXT, site TEXT, json TEXT)``
     Each site's data card (k-suppressed counts, fedir.client.datacard), sent once.
 
+``model_init(run_id TEXT PRIMARY KEY, json TEXT)``
+    What ``model.init`` loaded into the first global model (fedir.server.model_init);
+    no row for a run that started from random weights.
+
 Non-finite floats (NaN, inf) are stored as NULL: JSON consumers downstream refuse them.
 """
 
@@ -98,6 +102,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     run_id TEXT NOT NULL, site TEXT NOT NULL, node_id TEXT NOT NULL,
     first_round INTEGER NOT NULL, last_round INTEGER NOT NULL,
     PRIMARY KEY (run_id, site, node_id));
+CREATE TABLE IF NOT EXISTS model_init (
+    run_id TEXT PRIMARY KEY, json TEXT NOT NULL);
 """
 
 # Metrics that are counts: stored as REAL (the contract), handed back as int.
@@ -310,6 +316,22 @@ class RunStore:
         """Store a site's data card (a later one from the same site replaces it)."""
         with self._transaction() as cur:
             cur.execute("INSERT OR REPLACE INTO cards VALUES (?, ?, ?)", (run_id, site, _dumps(card)))
+
+    def record_model_init(self, run_id: str, report: dict) -> None:
+        """What `model.init` loaded into the first global model (fedir.server.model_init)."""
+        with self._transaction() as cur:
+            cur.execute("INSERT OR REPLACE INTO model_init VALUES (?, ?)", (run_id, _dumps(report)))
+
+    def model_init(self, run_id: str) -> dict | None:
+        """The run's `model.init` report; None for a run that started from random weights
+        (or a store, opened read-only, written before the table existed)."""
+        try:
+            row = self._conn.execute("SELECT json FROM model_init WHERE run_id = ?", (run_id,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return None
+        return None if row is None else json.loads(row["json"])
 
     def record_nodes(self, run_id: str, server_round: int, nodes: Mapping[str, int]) -> None:
         """Which Flower node answered as which site in `server_round`: what `flwr supernode ls`

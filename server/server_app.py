@@ -39,8 +39,10 @@ from fedir.server.checkpoint import (
 from fedir.server.cross_site_round import cross_site_matrix
 from fedir.server.export import RoundExport, evaluation_scalars, open_exports, training_scalars
 from fedir.server.feature_stats import gather_feature_sums
+from fedir.server.model_init import initialise
 from fedir.server.report import write_report
 from fedir.server.report.baseline import with_clinical_baseline
+from fedir.server.run_lock import serverapp_lock
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
 from fedir.strategies.differential_privacy import inner_strategy, sampled_sites
@@ -151,7 +153,7 @@ class StudyRecorder:
                 pooled = at(pooled, chosen.federation)
         else:  # a risk score has no decision threshold
             pooled = self._pooled(replies.per_site)
-        pooled_val = self._pooled(val)
+        pooled_val = self._pooled(val, intervals=False)  # point estimates choose; no CI is shown
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
         if val:
             self.store.record_evaluation(self.run_id, replies.server_round, val, pooled_val, split="val")
@@ -173,12 +175,12 @@ class StudyRecorder:
         )
         self.progress.update(1)
 
-    def _pooled(self, per_site: dict) -> dict | None:
+    def _pooled(self, per_site: dict, intervals: bool = True) -> dict | None:
         """The federation's metrics from the sites' aggregates (None when no site reported)."""
         if not per_site:
             return None
         return task_of(self.settings.task_kind).pooled_metrics(
-            per_site, n_boot=self.settings.eval_bootstrap, seed=self.settings.train_seed,
+            per_site, n_boot=self.settings.eval_bootstrap if intervals else 0, seed=self.settings.train_seed,
             time_bins=self.settings.eval_time_bins)
 
     def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None, final: bool = True) -> dict:
@@ -279,14 +281,16 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
     """Run every round, then write summary.json, report.html and model.pt into out_dir.
 
     With an unfinished run's checkpoint in out_dir (fedir.server.checkpoint), continue
-    that run after its last completed round instead of starting a new one. A study that
+    that run after its last completed round instead of starting a new one. The folder is
+    locked for the ServerApp's lifetime (fedir.server.run_lock): a second ServerApp on it,
+    such as one orphaned by a SuperLink restart, is refused. A study that
     cannot go on (fedir.errors.StudyFailed: no site answered, trained or was evaluated; a
     model that does not fit the sites' data) is recorded as failed, with its reason, in
     the run store, summary.json and report.html, and the error is raised.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     config = settings.to_run_config()
-    with RunStore(out_dir / "runs.sqlite") as store:
+    with serverapp_lock(out_dir), RunStore(out_dir / "runs.sqlite") as store:
         resumed = resume_point(out_dir / CHECKPOINT_NAME, lambda rid: store.run(rid)["status"], config)
         if resumed is None:
             run_id = new_run_id(settings)
@@ -331,6 +335,10 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
                         seed=settings.train_seed, n_features=len(features.names),
                         spatial_dims=settings.spatial_dims,
                         n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))
+    if resumed is None and settings.model_init:
+        # transfer learning: the checkpoint's weights are round 0's global model (a resumed
+        # run continues from its own checkpoint; the report stays in the store)
+        store.record_model_init(run_id, initialise(model, settings.model_init))
     # entries the sites keep (FedBN, a local intercept) are never sent, not even at the
     # start: server optimisers (FedAdam...) need the same keys every round
     start_arrays = shared_arrays(model, settings) if resumed is None else resumed.array_record()

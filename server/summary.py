@@ -6,7 +6,8 @@ validation rows exactly as the ServerApp chose it; the round of ``model.pt``): t
 ("global") test metrics, every site's test metrics with confidence intervals (each with
 ``per_patient``, the primary level, its ECE and reliability rows; the pooled one with the
 bound of its AUC's binning error), the decision threshold they were counted at and how it
-was chosen (``threshold``), and the bias verdict. A metric that could not be computed is
+was chosen (``threshold``), drift over time (``drift``: each site's per-period AUCs and
+their trend, fedir.strategies.drift_trend), and the bias verdict. A metric that could not be computed is
 null, and the site's ``reasons`` say why, so a reader never mistakes a missing number for
 a bad one.
 """
@@ -19,7 +20,9 @@ from typing import Any
 
 from fedir.config import MEAN_AGGREGATORS
 from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS, SCORE_SUMS, calibration
+from fedir.server.checklist import build_checklist, run_settings
 from fedir.server.runstore import GLOBAL_SITE, RunStore
+from fedir.strategies.drift_trend import pooled_trend, site_trend
 from fedir.strategies.privacy_budget import ACCOUNTANT
 from fedir.strategies.selection import EarlyStopped, Selection
 from fedir.tasks import task_of
@@ -56,7 +59,7 @@ def build_summary(store: RunStore, run_id: str) -> dict:
             return survival_entry(metrics, server_round, run["config"].get("eval.time-bin-days", 180.0))
     else:
         entry = _entry
-    return {
+    summary = {
         "run_id": run_id,
         "scenario": run["scenario"],
         "status": run["status"],
@@ -70,11 +73,25 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "global": entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: entry(evaluated.get(site), last_eval) for site in sites},
         "threshold": threshold_entry(evaluated, sites),
+        "drift": drift_entry(evaluated, sites, run["config"]),
         "bias": _verdict(store, run_id, last_eval),
         "privacy": privacy_entry(store, run_id, run["config"]),
         "nodes": store.nodes(run_id),
         "notes": store.notes(run_id),
+        "model_init": model_init_entry(store, run_id, run["config"]),
     }
+    summary["checklist"] = build_checklist(run["config"], summary)
+    return summary
+
+
+def model_init_entry(store: RunStore, run_id: str, config: dict) -> dict:
+    """Where the first global model came from: `{"from": "random", "seed"}`, or `{"from":
+    "checkpoint", ...}` with what `model.init` loaded, left new and dropped
+    (fedir.server.model_init); with the encoder freezing the sites applied."""
+    s = run_settings(config)
+    report = store.model_init(run_id)
+    start = {"from": "random", "seed": s["train.seed"]} if report is None else {"from": "checkpoint", **report}
+    return {**start, "freeze": s["train.freeze"], "freeze_rounds": s["train.freeze-rounds"]}
 
 
 def selection_entry(store: RunStore, run_id: str, config: dict) -> dict:
@@ -112,12 +129,15 @@ def selection_line(summary: dict) -> str:
 
 
 def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
-    """`{"mode": "off"}`, or under privacy.dp the epsilon spent by the rounds accounted at
-    `delta` (fedir.strategies.privacy_budget; null when no noise made it infinite), each
-    round's figure, and why the study stopped when the budget stopped it."""
+    """`{"mode": "off", "secure_aggregation": ...}`, or under privacy.dp the epsilon spent by
+    the rounds accounted at `delta` (fedir.strategies.privacy_budget; null when no noise made
+    it infinite), each round's figure, and why the study stopped when the budget stopped it.
+    `secure_aggregation` is `privacy.secure-aggregation`: "secagg+" when the coordinator saw
+    only the sum of the sites' updates (fedir.strategies.secure_aggregation)."""
     mode = config.get("privacy.dp", "off")
+    secure = config.get("privacy.secure-aggregation", "off")  # runs stored before the setting: off
     if mode == "off":
-        return {"mode": "off"}
+        return {"mode": "off", "secure_aggregation": secure}
     rounds = store.privacy_rounds(run_id)
     stopped = [n["message"] for n in store.notes(run_id) if n["kind"] == "privacy_budget"]
     accounted = config.get("strategy.name", "fedavg") in MEAN_AGGREGATORS
@@ -132,6 +152,7 @@ def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:
         f"none: strategy.name = {config.get('strategy.name')!r} is not a mean, so no epsilon is accounted",
         "per_round": [[r["round"], r["epsilon"]] for r in rounds],
         "stopped": stopped[-1] if stopped else None,
+        "secure_aggregation": secure,
     }
 
 
@@ -223,6 +244,29 @@ def _calibration_and_binning(metrics: dict) -> dict[str, Any]:
     out["ece"] = metrics.get("ece")
     has_sums = all(metrics.get(key) is not None for key in ("hist_neg", "hist_pos", SCORE_SUMS))
     out["reliability"] = calibration(metrics["hist_neg"], metrics["hist_pos"], metrics[SCORE_SUMS])["bins"] if has_sums else None
+    return out
+
+
+def drift_entry(evaluated: dict[str, dict], sites: list[str], config: dict) -> dict:
+    """Drift over time at the selected round: ``{"setting", "per_site", "pooled", "reason"}``.
+    ``per_site`` holds, for each site that sent per-period metrics (fedir.client.drift), its
+    periods (label, patients, positives, per-patient AUC and CI, or why suppressed), its
+    ``reason`` when it formed none, and its ``trend`` (fedir.strategies.drift_trend); ``pooled``
+    the common within-site trend. ``reason`` says why there is nothing (the setting is off,
+    or no site has an `acquired` column)."""
+    setting = config.get("eval.drift-period", "year")
+    reported = {site: (evaluated.get(site) or {}).get("drift") for site in sites}
+    reported = {site: drift for site, drift in reported.items() if drift is not None}
+    out: dict[str, Any] = {"setting": setting, "per_site": {}, "pooled": None, "reason": None}
+    if setting == "off":
+        out["reason"] = "eval.drift-period = off"
+    elif not evaluated:
+        out["reason"] = NOT_COMPUTED
+    elif not reported:
+        out["reason"] = "no site's manifest has an acquired column"
+    else:
+        out["per_site"] = {site: {**drift, "trend": site_trend(drift)} for site, drift in reported.items()}
+        out["pooled"] = pooled_trend(reported)
     return out
 
 

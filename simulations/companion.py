@@ -5,7 +5,8 @@ so each site tests both models on the same patients; only what is learnt from di
 the manifests' clin_* columns, one row per patient (`data.inputs = "clinical"`), with a
 logistic regression trained by local SGD (`baseline.clinical-steps`,
 `baseline.clinical-lr`). Image-only settings (semi-supervised objectives, FedBN,
-personalisation, monitoring exports) are switched off: they have no meaning for the
+personalisation, the imaging checkpoint of `model.init` and its freezing, monitoring
+exports) are switched off: they have no meaning for the
 clinical model, or would write into the imaging run's folders. The companion runs first,
 into OUT/clinical-baseline/, so that the imaging run's summary and report, written at its
 end, can show both (fedir.server.report.baseline).
@@ -37,6 +38,9 @@ def clinical_settings(settings: Settings) -> Settings:
         train_mixup_alpha=0.0,
         train_fedbn=False,
         train_personalise="none",
+        model_init="",
+        train_freeze="none",
+        train_freeze_rounds=0,
         monitor_tensorboard="",
         monitor_mlflow="",
         baseline_clinical=False,

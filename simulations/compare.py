@@ -80,10 +80,11 @@ def arm_settings(settings: Settings, arm: str, all_label_sites: list[Path] | Non
             raise ValueError("the all_labels arm needs a synthetic federation")
         return replace(settings, train_objective="supervised", federation_sites=";".join(map(str, all_label_sites)),
                        **quiet)
+    # the local and pooled arms sum nothing: secure aggregation has nothing to hide there
     if arm == "local":
-        return replace(settings, federation_arm="local", **quiet)
+        return replace(settings, federation_arm="local", privacy_secure_aggregation="off", **quiet)
     if arm == "pooled":
-        return replace(settings, federation_arm="pooled", **quiet)
+        return replace(settings, federation_arm="pooled", privacy_secure_aggregation="off", **quiet)
     if arm == "clinical":
         return clinical_settings(replace(settings, **quiet))
     raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
@@ -107,8 +108,10 @@ def all_labels_federation(settings: Settings, out: Path) -> list[Path] | None:
 
 def _evaluation_content(settings: Settings, grid: InProcessGrid, out: Path, summary: dict) -> RecordDict:
     """The evaluate message a site would get for the run's selected (saved) model."""
-    model = build_model(resolve_model(settings.model_name, tabular=settings.data_inputs == "clinical"),
-                        n_features=_n_features(settings), spatial_dims=settings.spatial_dims)
+    views = _views(settings)
+    tabular = bool(views) and views[0].tabular
+    model = build_model(resolve_model(settings.model_name, tabular=tabular),
+                        n_features=views[0].n_features if tabular else 0, spatial_dims=settings.spatial_dims)
     state = torch.load(out / "model.pt", weights_only=True)
     model.load_state_dict(state)
     arrays = encode_weights(state_arrays(model), kept=kept_keys(model, settings), dp=settings.dp)
@@ -116,11 +119,6 @@ def _evaluation_content(settings: Settings, grid: InProcessGrid, out: Path, summ
     config = encode_round_config(_standardisation(settings), server_round=int(server_round))
     config[RUN_ID_KEY] = summary["run_id"]
     return RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-
-
-def _n_features(settings: Settings) -> int:
-    views = _views(settings)
-    return views[0].n_features if views and views[0].tabular else 0
 
 
 def _views(settings: Settings) -> list[SiteView]:

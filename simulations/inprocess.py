@@ -5,7 +5,9 @@ Flower's simulation engine starts Ray (about 12 s) and polls every 0.1 s; a benc
 `Grid` that hands each message straight to the ClientApp (`client_app(message,
 context)`), with one persistent `Context` per node (its `state` survives rounds, as in
 Flower's engine), so the strategy, the per-site capture, the records and the client code
-are exactly those of a real run; only transport and scheduling differ.
+are exactly those of a real run; only transport and scheduling differ. Each message's
+content crosses as Flower serialises it (its objects deflated and inflated again), so a
+site never shares an object with the server or another site, and the bytes are counted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedir.client.client_app import build_client_app
@@ -45,6 +49,8 @@ class InProcessGrid(Grid):
         }
         self.replies: dict[str, Message] = {}
         self.upload_bytes = 0  # serialised weights the sites sent back (fedir.protocol)
+        self.sent_bytes = 0  # every message's serialised content, server to sites
+        self.received_bytes = 0  # and sites to server
         self._run = None
 
     def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run, unused here
@@ -67,7 +73,12 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             msg.metadata.__dict__["_src_node_id"] = SERVER_NODE_ID
             msg.metadata.__dict__["_created_at"] = time.time()
+            msg.content, size = _transported(msg.content)
+            self.sent_bytes += size
             reply = self._handle(msg)
+            if not reply.has_error():
+                reply.content, size = _transported(reply.content)
+                self.received_bytes += size
             if not reply.has_error() and ARRAYS_KEY in reply.content.array_records:
                 self.upload_bytes += payload_bytes(reply.content.array_records[ARRAYS_KEY])
             self.replies[msg.metadata.message_id] = reply
@@ -92,11 +103,21 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def _transported(content: RecordDict) -> tuple[RecordDict, int]:
+    """`content` as the receiving side gets it (a copy built from its serialised objects,
+    as Flower's push and pull move them) and the size of those objects in bytes."""
+    objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    copy = inflate_object_from_contents(content.object_id, dict(objects))
+    assert isinstance(copy, RecordDict)
+    return copy, sum(len(b) for b in objects.values())
+
+
 def run_inprocess(settings: Settings, out_dir: Path) -> dict:
     """A whole study (all rounds, run store, summary.json) without Ray; returns the summary
-    with `upload_bytes` added (the weights the sites sent, as serialised). A clinical
+    with `upload_bytes` (the weights the sites sent, as serialised) and `wire_bytes` (every
+    message's serialised content, both ways) added. A clinical
     companion study (`baseline.clinical`) runs first, in-process too."""
     run_companion(settings, Path(out_dir), run_inprocess)
     grid = InProcessGrid(build_client_app(settings), len(settings.sites), settings.to_run_config())
     summary = run_study(grid, settings, Path(out_dir), scenario="in-process")
-    return {**summary, "upload_bytes": grid.upload_bytes}
+    return {**summary, "upload_bytes": grid.upload_bytes, "wire_bytes": grid.sent_bytes + grid.received_bytes}

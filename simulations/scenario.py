@@ -3,6 +3,8 @@
 ```toml
 [federation]
 sites = ["federation/site-0", "federation/site-1"]   # relative to this file's folder
+[model]
+init = "pretrained.pt"    # optional; relative to this file's folder too
 [train]
 rounds = 3
 ```
@@ -70,6 +72,12 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
     if not isinstance(sites, list) or not sites:
         raise ScenarioError(f"{path}: [federation] sites must list at least one site folder")
     flat["federation.sites"] = SITE_SEPARATOR.join(str(p) for p in _resolve_sites(sites, path.parent))
+    init = flat.get("model.init")
+    if isinstance(init, str) and init:  # a checkpoint, like the sites, relative to this file
+        checkpoint = (path.parent / init).resolve()
+        if not checkpoint.is_file():  # read and matched by the coordinator (fedir.server.model_init)
+            raise ScenarioError(f"{path}: model.init = {init!r} ({checkpoint}): no such file")
+        flat["model.init"] = str(checkpoint)
     try:
         settings = Settings.from_run_config(flat)
     except SettingsError as exc:

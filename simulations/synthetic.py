@@ -42,6 +42,23 @@ Confounding. `confound` in [0, 1] makes label prevalence depend on the site: 0 g
 same prevalence (0.4) everywhere, 1 gives site-0 a prevalence of 0.95 and every other
 site 0.05; values in between interpolate linearly.
 
+Masks (`mask_fraction`, `fedir data synth --masks`). The generator knows the geometry it
+drew, so it writes the exact label map of an image (`vessel_labels`: 1 = contrast-filled
+vessel lumen, 2 = the segment of a trunk that a significant stenosis occupies, 0 =
+background) for the frames it outlines: the cine's tree does not move, so every frame has
+the same map, and which frames carry it is what makes a run partly labelled. Without
+`mask_fraction` nothing changes: the same files and manifest, byte for byte, as before.
+
+Time (`fedir data synth --scanner-change SITE:YYYY-MM-DD`). Every patient has a study date
+in 2020-2024 (uniform; the DICOM StudyDate), written to the manifest's `acquired` column,
+so a site's test metrics can be reported per period (fedir.client.drift). A scanner
+change at one site from a date on gives that site's images acquired on or after it a
+different detector (`replaced_scanner`: SCANNER_CHANGE times the noise and blur, a lower
+vessel contrast, the model name marked), drawn from the same random numbers, so the
+pixels of the images before the date, of every other site's, and of every image without the
+option are those of version 4 (version 5 adds the `acquired` column; the UIDs, derived from
+the parameters, change with the version).
+
 Everything is deterministic given the seed, and the result is cached: `federation.json`
 records the parameters, and a second call with the same parameters returns it without
 rewriting anything. All identifiers are made up (PatientName "SYNTH^...").
@@ -56,7 +73,7 @@ import multiprocessing as mp
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -70,8 +87,9 @@ from tqdm import tqdm
 from fedir.client.manifest import MANIFEST_NAME, write_manifest
 from fedir.client.split import split_of
 from fedir.errors import OutputExists
+from fedir.simulations.mask_files import write_png, write_seg
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5  # 5: the manifest's acquired column and the scanner change (images as version 4's)
 FEDERATION_FILE = "federation.json"
 XA_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.12.1"
 BASE_PREVALENCE = 0.4
@@ -83,6 +101,15 @@ MAX_WORKERS = 8
 # magnified view, so that at the reader's 64 px a trunk is 3-4 px wide and a lesion
 # spans several pixels instead of vanishing in the resize.
 TRUNK_WIDTH = 1.8
+# Mask labels (client/masks.py reads the same values): the contrast-filled lumen, and the
+# segment of a trunk that a significant stenosis occupies, at its calibre before the lesion,
+# within LESION_EXTENT sigmas of the lesion's centre along the vessel.
+VESSEL_LABEL, STENOSIS_LABEL = 1, 2
+LESION_EXTENT = 2.0
+# A scanner change (replaced_scanner): factors on the site's noise, blur and vessel contrast,
+# a noisier, softer, lower-contrast detector on which a subtle stenosis is harder to see.
+SCANNER_CHANGE = {"noise": 3.0, "blur": 1.6, "contrast": 0.5}
+STUDY_START, STUDY_DAYS = dt.date(2020, 1, 1), 5 * 365  # the study dates: 2020-2024
 PARALLEL_MIN_PATIENTS = 24  # below this, starting workers costs more than it saves
 _FORK = "fork"  # workers inherit the imported modules; spawn would re-import the caller
 
@@ -140,6 +167,13 @@ def site_profile(site: int) -> SiteProfile:
     )
 
 
+def replaced_scanner(profile: SiteProfile) -> SiteProfile:
+    """The site's detector after a scanner change: SCANNER_CHANGE applied, the model renamed;
+    the DICOM encoding, shutters and burned-in marker stay the site's."""
+    return replace(profile, model=f"{profile.model} (replaced)", noise=profile.noise * SCANNER_CHANGE["noise"],
+                   blur=profile.blur * SCANNER_CHANGE["blur"], contrast=profile.contrast * SCANNER_CHANGE["contrast"])
+
+
 def site_prevalence(site: int, confound: float) -> float:
     """Label prevalence of a site, interpolated between unconfounded and fully confounded."""
     target = CONFOUNDED_PREVALENCE[0] if site == 0 else CONFOUNDED_PREVALENCE[1]
@@ -159,6 +193,9 @@ class Vessel:
     opacity: np.ndarray | None = None  # iodine filling per point (1 = full)
     parent: Vessel | None = None  # the vessel this one branches from (None for a trunk)
     origin: int = 0  # index of the parent's point where this one leaves it
+    # Significant stenoses: (first point, last point, radius before the lesion) per lesion,
+    # the vessel segment that the mask labels STENOSIS_LABEL (vessel_labels).
+    lesions: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
 
 
 def _centreline(rng: np.random.Generator, start: np.ndarray, angle: float, length: float,
@@ -211,11 +248,12 @@ def _branches(rng: np.random.Generator, parent: Vessel, size: int, step: float, 
     return out
 
 
-def _narrow(vessel: Vessel, severity: float, where: float, length: float) -> None:
+def _narrow(vessel: Vessel, severity: float, where: float, length: float) -> tuple[float, float]:
     """Apply a focal narrowing (fraction `severity` of the diameter) at fraction `where`.
 
     `length` is the Gaussian sigma of the narrowing along the vessel, in multiples of the
     vessel's local radius, so a lesion has the same shape on a thick or a thin vessel.
+    Returns the lesion's centre and sigma along the vessel, in points.
     """
     arc = np.arange(len(vessel.points), dtype=float)
     centre = where * (len(arc) - 1)
@@ -223,6 +261,7 @@ def _narrow(vessel: Vessel, severity: float, where: float, length: float) -> Non
         np.linalg.norm(vessel.points[1] - vessel.points[0]), 1e-6
     )
     vessel.radius = vessel.radius * (1.0 - severity * np.exp(-0.5 * ((arc - centre) / width) ** 2))
+    return centre, width
 
 
 def _slow_distal_flow(vessel: Vessel, where: float, drop: float) -> None:
@@ -261,7 +300,11 @@ def _add_lesions(rng: np.random.Generator, vessels: list[Vessel], label: int) ->
         for i in rng.permutation(len(trunks))[:count]:
             where = rng.uniform(0.15, 0.45)
             severity = rng.uniform(0.6, 0.95)
-            _narrow(trunks[i], severity, where, rng.uniform(1.5, 3.0))
+            healthy = trunks[i].radius.copy()
+            centre, width = _narrow(trunks[i], severity, where, rng.uniform(1.5, 3.0))
+            first = max(int(np.floor(centre - LESION_EXTENT * width)), 0)
+            last = min(int(np.ceil(centre + LESION_EXTENT * width)), len(healthy) - 1)
+            trunks[i].lesions.append((first, last, healthy))
             _slow_distal_flow(trunks[i], where, drop=rng.uniform(0.3, 0.7) * (severity - 0.5) / 0.45)
         _inherit_filling(vessels)
 
@@ -306,6 +349,43 @@ def _draw_segments(out: np.ndarray, points: np.ndarray, amplitude: np.ndarray,
     value = (a0 + t * (a1 - a0)) * np.exp(-0.5 * dist2 / sigma**2)
     window = out[lo[0]:hi[0], lo[1]:hi[1]]
     np.maximum(window, value.max(axis=0), out=window)
+
+
+def vessel_labels(vessels: list[Vessel], size: int) -> np.ndarray:
+    """The exact label map of a tree, (size, size) uint8: VESSEL_LABEL where a pixel centre
+    lies within the local radius of a centreline segment (the radius interpolated along the
+    segment, as the renderer does), STENOSIS_LABEL over each significant lesion's segment at
+    its calibre before the lesion (overriding the vessel label), 0 elsewhere. A cine's frames
+    share the tree, so every frame of an image has this map."""
+    out = np.zeros((size, size), dtype=np.uint8)
+    for v in vessels:
+        for start in range(0, len(v.points) - 1, SEGMENTS_PER_CHUNK):
+            run = slice(start, min(start + SEGMENTS_PER_CHUNK, len(v.points) - 1) + 1)
+            _fill_segments(out, v.points[run], v.radius[run], VESSEL_LABEL)
+    for v in vessels:
+        for first, last, healthy in v.lesions:
+            run = slice(first, max(last, first + 1) + 1)
+            _fill_segments(out, v.points[run], healthy[run], STENOSIS_LABEL)
+    return out
+
+
+def _fill_segments(out: np.ndarray, points: np.ndarray, radius: np.ndarray, label: int) -> None:
+    """Set `label` on every pixel within the interpolated radius of a polyline run."""
+    size = out.shape[0]
+    reach = float(radius.max()) + 1.0
+    lo = np.clip(np.floor(points.min(axis=0) - reach), 0, size).astype(int)
+    hi = np.clip(np.ceil(points.max(axis=0) + reach), 0, size).astype(int)
+    if (hi <= lo).any():
+        return
+    p0 = points[:-1, :, None, None]
+    d = (points[1:] - points[:-1])[:, :, None, None]
+    rows = np.arange(lo[0], hi[0], dtype=float)[None, :, None] - p0[:, 0]
+    cols = np.arange(lo[1], hi[1], dtype=float)[None, None, :] - p0[:, 1]
+    t = np.clip((rows * d[:, 0] + cols * d[:, 1]) / np.maximum((d**2).sum(axis=1), 1e-12), 0.0, 1.0)
+    dist2 = (rows - t * d[:, 0]) ** 2 + (cols - t * d[:, 1]) ** 2
+    r = radius[:-1, None, None] + t * (radius[1:, None, None] - radius[:-1, None, None])
+    inside = (dist2 <= r**2).any(axis=0)
+    out[lo[0]:hi[0], lo[1]:hi[1]][inside] = label
 
 
 # ----------------------------------------------------------------------------- images
@@ -357,7 +437,14 @@ def _shutter_mask(profile: SiteProfile, size: int) -> np.ndarray:
 def render_image(rng: np.random.Generator, site: int, label: int, frames: int,
                  size: int) -> np.ndarray:
     """Display values in [0, 1] (vessels bright), shape (frames, size, size)."""
-    profile = site_profile(site)
+    return render_image_and_tree(rng, site, label, frames, size)[0]
+
+
+def render_image_and_tree(rng: np.random.Generator, site: int, label: int, frames: int,
+                          size: int, profile: SiteProfile | None = None) -> tuple[np.ndarray, list[Vessel]]:
+    """`render_image` and the vessel tree it drew (for `vessel_labels`); `profile` is the
+    scanner (default: the site's own, `site_profile`; a scanner change passes another)."""
+    profile = profile or site_profile(site)
     vessels = _vessel_tree(rng, size)
     _add_lesions(rng, vessels, label)
     iodine = _render_vessels(vessels, size)
@@ -371,7 +458,7 @@ def render_image(rng: np.random.Generator, site: int, label: int, frames: int,
     stack[:, _shutter_mask(profile, size)] = profile.shutter[1]
     pattern, rows, cols = _marker(site, size)
     stack[:, rows, cols] = np.maximum(stack[:, rows, cols], pattern)
-    return stack
+    return stack, vessels
 
 
 # ------------------------------------------------------------------------------ DICOM
@@ -470,7 +557,7 @@ def _patient(rng: np.random.Generator, site: int, index: int, confound: float,
     # 0.67), so the imaging model has room to show what the images add.
     age = int(np.clip(rng.normal(61 + 3 * label, 10), 30, 92))
     sex = int(rng.random() < 0.62 + 0.04 * label)
-    study = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5 * 365)))
+    study = STUDY_START + dt.timedelta(days=int(rng.integers(0, STUDY_DAYS)))
     birth = study - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
     split = split_of(patient_id)
     unlabelled = split == "train" and rng.random() < unlabelled_fraction
@@ -483,6 +570,7 @@ def _patient(rng: np.random.Generator, site: int, index: int, confound: float,
         "sex": sex,
         "split": split,
         "study_date": study.strftime("%Y%m%d"),
+        "acquired": study.isoformat(),
         "study_time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
         "birth_date": birth.strftime("%Y%m%d"),
         "accession": f"SYN{site}{index:06d}",
@@ -496,25 +584,59 @@ def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[
     rng = np.random.default_rng([params["seed"], site, index])
     patient = _patient(rng, site, index, params["confound"], params["unlabelled_fraction"])
     profile = site_profile(site)
+    change = params.get("scanner_change")
+    if change is not None and change["site"] == site and patient["acquired"] >= change["date"]:
+        profile = replaced_scanner(profile)
     key = f"{params['key']}/{patient['patient_id']}"
     study_uid = _uid(key, "study")
     rows = []
     for k in range(patient["images"]):
         cine = k == 0 or (k > 1 and rng.random() < 0.5)  # image 0 cine, image 1 single
         frames = int(rng.integers(4, 7)) if cine else 1
-        display = render_image(rng, site, patient["label"], frames, params["image_size"])
+        display, vessels = render_image_and_tree(rng, site, patient["label"], frames, params["image_size"], profile)
         ds = _dicom(encode_pixels(display, profile), profile, patient, k + 1, study_uid,
                     f"{key}/{k}")
         rel = f"images/{patient['patient_id']}_{k}.dcm"
         ds.save_as(site_dir / rel, enforce_file_format=True)
-        rows.append({
+        row = {
             "patient_id": patient["patient_id"],
             "path": rel,
             "label": patient["manifest_label"],
             "clin_age": patient["age"],
             "clin_sex": patient["sex"],
-        })
+            "acquired": patient["acquired"],
+        }
+        if "mask_fraction" in params:
+            row.update(_write_masks(site_dir, ds, display, vessels, profile, params["mask_fraction"],
+                                    f"{key}/{k}", f"{patient['patient_id']}_{k}"))
+        rows.append(row)
     return rows
+
+
+def outlined_frames(display: np.ndarray, fraction: float) -> list[int]:
+    """The frames of an image that carry a mask: round(fraction x frames), at least one, the
+    best-opacified first (largest standard deviation of the display frame, the frame the
+    reader's "peak" policy picks), returned in frame order. A radiologist outlines the
+    frame where the vessels show best."""
+    count = max(1, round(fraction * len(display)))
+    contrast = display.reshape(len(display), -1).std(axis=1)
+    return sorted(int(i) for i in np.argsort(-contrast, kind="stable")[:count])
+
+
+def _write_masks(site_dir: Path, ds: Dataset, display: np.ndarray, vessels: list[Vessel],
+                 profile: SiteProfile, fraction: float, uid_key: str, stem: str) -> dict[str, str]:
+    """Write the image's label map for its outlined frames as a DICOM SEG (the manifest's
+    `mask`) and one PNG per outlined frame beside it; the manifest cells of the row. Vessels
+    behind the collimator's shutters are not in the image, so not in the mask."""
+    frames = outlined_frames(display, fraction)
+    labels = vessel_labels(vessels, display.shape[-1])
+    labels[_shutter_mask(profile, display.shape[-1])] = 0
+    rel = f"masks/{stem}.seg.dcm"
+    write_seg(site_dir / rel, ds, np.repeat(labels[None], len(frames), axis=0), frames,
+              (_uid(uid_key, "seg-series"), _uid(uid_key, "seg-sop")), series_number=100 + int(ds.SeriesNumber))
+    for frame in frames:
+        write_png(site_dir / f"masks/{stem}_f{frame}.png", labels)
+    return {"mask": rel, "mask_frames": ";".join(str(f) for f in frames)}
 
 
 def _write_patient_job(out: Path, params: dict, job: tuple[int, int]) -> list[dict]:
@@ -530,6 +652,8 @@ def _write_patients(out: Path, params: dict, progress: bool) -> dict[int, list[d
     """
     for site in range(params["sites"]):
         (out / f"site-{site}" / "images").mkdir(parents=True)
+        if "mask_fraction" in params:
+            (out / f"site-{site}" / "masks").mkdir()
     jobs = [(s, i) for s in range(params["sites"]) for i in range(params["patients"])]
     work = partial(_write_patient_job, out, params)
     workers = min(os.cpu_count() or 1, MAX_WORKERS)
@@ -551,7 +675,7 @@ def _write_patients(out: Path, params: dict, progress: bool) -> dict[int, list[d
 
 def _site_summary(rows: list[dict], profile: SiteProfile) -> dict:
     patients = {r["patient_id"]: r["label"] for r in rows}
-    return {
+    summary = {
         "images": len(rows),
         "patients": len(patients),
         "labelled_patients": sum(v is not None for v in patients.values()),
@@ -564,6 +688,10 @@ def _site_summary(rows: list[dict], profile: SiteProfile) -> dict:
         "photometric": "MONOCHROME1" if profile.monochrome1 else "MONOCHROME2",
         "rescale": list(profile.rescale) if profile.rescale else None,
     }
+    if any("mask" in r for r in rows):
+        summary["masked_images"] = sum(bool(r["mask"]) for r in rows)
+        summary["masked_frames"] = sum(len(r["mask_frames"].split(";")) for r in rows if r["mask"])
+    return summary
 
 
 def _cached(out: Path, params: dict) -> dict | None:
@@ -595,14 +723,41 @@ def _clear(out: Path, force: bool) -> None:
     (out / FEDERATION_FILE).unlink(missing_ok=True)
 
 
+def check_scanner_change(change: tuple[int, str], sites: int) -> tuple[int, str]:
+    """(site, ISO date) of a scanner change, refused (ValueError) when the site does not exist or
+    the date is not YYYY-MM-DD."""
+    site, date = int(change[0]), str(change[1])
+    if not 0 <= site < sites:
+        raise ValueError(f"scanner change at site {site}: the federation has sites 0..{sites - 1}")
+    try:
+        parsed = dt.date.fromisoformat(date)
+    except ValueError:
+        raise ValueError(f"scanner change date {date!r} is not YYYY-MM-DD") from None
+    if parsed.isoformat() != date:
+        raise ValueError(f"scanner change date {date!r} is not YYYY-MM-DD")
+    return site, date
+
+
 def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, seed: int = 0,
                         confound: float = 0.0, unlabelled_fraction: float = 0.7,
                         image_size: int = 256, force: bool = False,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, mask_fraction: float | None = None,
+                        scanner_change: tuple[int, str] | None = None) -> dict:
     """Write (or reuse) a synthetic XA federation under `out`; return its federation.json.
 
     `patients` is per site. The returned dict holds the parameters and, per site, counts of
     images, patients, labelled and positive patients, and the scanner description.
+
+    `mask_fraction` None writes no masks (and the files of earlier versions, byte for byte).
+    A number in [0, 1] writes, for round(mask_fraction x frames) frames of every image and
+    at least one (`outlined_frames`; so 0 gives one outlined frame per image, a cine run
+    included, and 1 every frame), the exact label map (`vessel_labels`: 1 vessel, 2
+    stenosis) as a DICOM SEG named in the manifest's `mask` column, with `mask_frames`
+    naming the outlined frames (0-based), and as PNG files beside it (simulations/mask_files.py).
+    Masks are drawn for every patient, labelled or not: segmentation labels are per frame.
+
+    `scanner_change` (site index, ISO date "YYYY-MM-DD"): that site's images acquired on or
+    after the date come from `replaced_scanner` (see the module docstring); None: none.
     """
     if sites < 1 or patients < 1:
         raise ValueError("sites and patients must be at least 1")
@@ -612,6 +767,10 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
         raise ValueError(f"unlabelled_fraction must be in [0, 1], got {unlabelled_fraction}")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
+    if mask_fraction is not None and not 0.0 <= mask_fraction <= 1.0:
+        raise ValueError(f"mask_fraction must be in [0, 1], got {mask_fraction}")
+    if scanner_change is not None:
+        scanner_change = check_scanner_change(scanner_change, sites)
     out = Path(out)
     params = {
         "generator_version": GENERATOR_VERSION,
@@ -622,6 +781,10 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
         "unlabelled_fraction": float(unlabelled_fraction),
         "image_size": int(image_size),
     }
+    if mask_fraction is not None:
+        params["mask_fraction"] = float(mask_fraction)
+    if scanner_change is not None:
+        params["scanner_change"] = {"site": scanner_change[0], "date": scanner_change[1]}
     if not force and (cached := _cached(out, params)) is not None:
         return cached
     out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ class RoundReplies:
 Callback = Callable[[RoundReplies], None]
 
 
-def _collect(
+def collect_replies(
     server_round: int, replies: list[Message], decode: Callable[..., tuple[str, dict]],
     known: dict[int, str], sent: list[Message], arrays_key: str = "",
 ) -> RoundReplies:
@@ -106,7 +106,7 @@ class PerSiteCapture:
         for msg in replies:  # float16 uploads are averaged in float32 (fedir.protocol)
             if not msg.has_error() and key in msg.content.array_records:
                 msg.content[key] = widened(msg.content.array_records[key])
-        self.on_train(_collect(server_round, replies, decode_training, self._site_of_node,
+        self.on_train(collect_replies(server_round, replies, decode_training, self._site_of_node,
                                self._sent_messages, key))
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
@@ -114,7 +114,7 @@ class PerSiteCapture:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
-        collected = _collect(server_round, replies, decode_evaluation, self._site_of_node, self._sent_messages)
+        collected = collect_replies(server_round, replies, decode_evaluation, self._site_of_node, self._sent_messages)
         collected.model = self._evaluated
         self.on_evaluate(collected)
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]

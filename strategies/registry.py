@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 from fedir.config import Settings
 from fedir.strategies.differential_privacy import with_differential_privacy
 from fedir.strategies.per_site import Callback, with_per_site_capture
+from fedir.strategies.secure_aggregation import build_secure_strategy
 from fedir.strategies.validation import RejectCallback
 
 
@@ -88,8 +89,14 @@ def build_strategy(
 ) -> Strategy:
     """The scenario's Flower strategy for a federation of n_sites, with per-site capture
     and update validation against `template` (the model's own arrays); `outer` mixins and
-    their `extra` arguments go first (fedir.strategies.per_site.with_per_site_capture)."""
+    their `extra` arguments go first (fedir.strategies.per_site.with_per_site_capture).
+    Under `privacy.secure-aggregation`, the SecAgg+ path instead
+    (fedir.strategies.secure_aggregation)."""
     kwargs = strategy_kwargs(settings, n_sites)
+    if settings.secure_aggregation:
+        # the sum of the sites' updates only: no per-update validation, no DP wrapper (refused)
+        return build_secure_strategy(settings, kwargs, on_train=on_train, on_evaluate=on_evaluate,
+                                     on_reject=on_reject, template=template, outer=outer, **extra)
     name = settings.strategy_name
     if settings.federation_arm != "federated":
         # Local-only and pooled arms keep one model per site / one pooled model: a server

@@ -11,10 +11,13 @@ from fedir.client.augment import (
     DetectorResponse,
     GaussianBlur,
     GaussianNoise,
+    PairedView,
     QuantumNoise,
     RandomAffine,
     RandomFlip,
     Scatter,
+    paired_strong_view,
+    paired_weak_view,
     strong_view,
     weak_view,
 )
@@ -146,3 +149,41 @@ def test_detector_response_keeps_the_order_of_grey_levels():
     for xi, oi in zip(x.flatten(1), out.flatten(1)):
         order = xi.argsort()
         assert bool((oi[order][1:] >= oi[order][:-1] - 1e-6).all())
+
+
+def _bars(b: int = 4, size: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with a bright bar and, as the mask, exactly that bar (label 1, its end 2)."""
+    mask = torch.zeros(b, 1, size, size, dtype=torch.uint8)
+    mask[:, :, 4:10, 3:20] = 1
+    mask[:, :, 4:10, 3:6] = 2
+    x = torch.randn(b, 1, size, size, generator=_gen(0)) * 0.1 + 2.0 * (mask > 0)
+    return x, mask
+
+
+@pytest.mark.parametrize("view", [paired_weak_view(), paired_strong_view()])
+def test_paired_views_keep_image_and_mask_aligned(view) -> None:
+    """The warped image's bright pixels are the warped mask's vessel pixels; labels stay
+    labels; the same seed gives the same pair; the classification views are unchanged."""
+    x, mask = _bars()
+    image, warped = view(x, mask, _gen(3))
+    again = view(x, mask, _gen(3))
+    assert torch.equal(image, again[0]) and torch.equal(warped, again[1])
+    assert warped.dtype == torch.uint8 and set(warped.unique().tolist()) <= {0, 1, 2}
+    assert not torch.equal(warped, mask)
+    geometric, _ = PairedView(view.affine)(x, mask, _gen(3))  # the geometry alone, no intensity
+    vessel = warped > 0
+    assert vessel.any()
+    assert (geometric[vessel] > 1.0).float().mean() > 0.95 and (geometric[~vessel] < 1.0).float().mean() > 0.95
+
+
+def test_paired_affine_equals_the_classification_affine_on_the_image() -> None:
+    x, mask = _bars()
+    image, _ = PairedView(RandomAffine())(x, mask, _gen(5))
+    assert torch.equal(image, RandomAffine()(x, _gen(5)))
+
+
+def test_paired_view_warps_float_maps_bilinearly() -> None:
+    x, mask = _bars()
+    probs = mask.float() / 2
+    _, warped = paired_weak_view()(x, probs, _gen(1))
+    assert warped.dtype == torch.float32 and ((warped > 0) & (warped < 0.5)).any()

@@ -91,6 +91,27 @@ def test_two_rounds_over_tls_with_registered_nodes_write_the_summary(coordinator
     assert all(summary["per_site"][s]["n_test"] > 0 for s in SITES)
 
 
+def test_a_secure_aggregation_study_over_tls_sends_only_masked_updates(coordinator):
+    """privacy.secure-aggregation = "secagg+" through the real SuperLink and SuperNodes: the
+    four SecAgg+ stages of each round cross TLS, and the round's model is the unmasked sum."""
+    out = coordinator["tmp"] / "run-secagg"
+    logs = {site: coordinator["tmp"] / f"{site}.log" for site in SITES}
+    seen = {site: log.read_text().count("Receiving: train message") for site, log in logs.items()}
+    started = time.monotonic()
+    run = flwr(["run", ".", CONNECTION, "--run-config",
+                _run_config(out, 1) + ' privacy.secure-aggregation="secagg+"'], coordinator["env"], PROJECT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    wait_for_file(out / "summary.json", started_run(run), coordinator["env"], PROJECT)
+    print(f"\n1 SecAgg+ deployment round (TLS + node auth, 3 SuperNodes): {time.monotonic() - started:.1f}s")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["privacy"]["secure_aggregation"] == "secagg+"
+    assert set(summary["per_site"]) == set(SITES)
+    assert not [n for n in summary["notes"] if n["kind"] in ("missing", "rejected")], summary["notes"]
+    # each site answered the round's four SecAgg+ stages (setup, keys, masked update, unmask)
+    for site, log in logs.items():
+        assert log.read_text().count("Receiving: train message") - seen[site] == 4
+
+
 def test_a_supernode_whose_key_is_not_registered_is_refused(coordinator):
     c = coordinator
     proc = c["procs"].start("stranger", supernode_args(

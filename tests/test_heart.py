@@ -120,3 +120,17 @@ def test_float16_updates_halve_the_weights_bytes_and_still_learn(heart, tmp_path
     assert half["upload_bytes"] < 0.65 * full["upload_bytes"]
     assert _accuracy(half) > 0.7
     assert torch.load(tmp_path / "16" / "model.pt")["0.weight"].dtype == torch.float32
+
+
+def test_compare_scores_tabular_sites_with_the_model_they_trained(heart, tmp_path):
+    """`fedir compare` on tabular sites (data.inputs auto): the re-scored federated model is the
+    logistic model the sites trained, so the paired AUC equals what each site reported."""
+    from fedir.simulations.compare import compare
+
+    settings = _settings(heart, train_rounds=2)
+    result = compare(settings, tmp_path, seeds=[0], arms=["federated", "local"], progress=lambda _: None)
+    reported = json.loads((tmp_path / "seed-0" / "federated" / "summary.json").read_text())["per_site"]
+    pairs = result["questions"]["0"]["federated_vs_local"]
+    assert set(pairs) == set(CENTRES)
+    for site, pair in pairs.items():
+        assert pair["auc_a"] == pytest.approx(reported[site]["per_patient"]["auc"])

@@ -185,7 +185,7 @@ def test_the_summary_accounts_only_a_mean_and_says_so(tmp_path):
     assert mean["epsilon"] == 2.5 and mean["per_round"] == [[1, 1.5], [2, 2.5]]
     assert mean["rounds_accounted"] == 2 and mean["delta"] == DELTA and mean["max_epsilon"] is None
     assert median["epsilon"] is None and median["accountant"].startswith("none: strategy.name = 'fedmedian'")
-    assert off == {"mode": "off"}
+    assert off == {"mode": "off", "secure_aggregation": "off"}
 
 
 @heart_data

@@ -140,6 +140,10 @@ def test_the_selected_round_follows_validation_not_test(tmp_path):
     assert summary["selection"]["score"] == pytest.approx(val[1]) and summary["selection"]["unit"] == "patient"
     # summary.json's test metrics are the selected round's, not the best test round's
     assert summary["global"]["per_patient"]["auc"] == pytest.approx(test[1])
+    # the pooled validation entry is point estimates only: no bootstrap is spent on it
+    pooled_val = store.site_metrics("run", 2, "val")[GLOBAL_SITE]
+    assert pooled_val["auc_ci"] is None and "validation split" in pooled_val["reasons"]["auc_ci"]
+    assert store.site_metrics("run", 2, "test")[GLOBAL_SITE]["auc_ci"] is not None
     store.close()
 
 
@@ -222,6 +226,10 @@ def test_a_study_saves_the_validation_selected_model_not_the_last(sites, tmp_pat
     # the study's verdict is the selected round's, redone with a final round's analyses
     with RunStore(tmp_path / "selected" / "runs.sqlite") as store:
         assert summary["bias"] == store.bias(summary["run_id"], best)
+        # each site's validation aggregates are point estimates; its test ones carry CIs
+        val_site = store.site_metrics(summary["run_id"], best, "val")["a"]
+        assert val_site["auc"] is not None and val_site["auc_ci"] is None
+        assert store.site_metrics(summary["run_id"], best, "test")["a"]["auc_ci"] is not None
     assert summary["bias"]["sensitivity"].get("reason") != "computed on the study's final round only"
     # model.pt is the selected round's global model: a study of `best` rounds ends with it
     run_inprocess(_settings(sites, train_rounds=best, eval_select="last"), tmp_path / "short")

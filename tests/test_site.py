@@ -203,3 +203,24 @@ def test_a_read_only_site_folder_caches_in_the_nodes_cache_dir(tmp_path: Path) -
     finally:
         for path in (root, root / "img"):
             path.chmod(stat.S_IRWXU)
+
+
+def test_a_patient_whose_rows_name_two_splits_is_refused(tmp_path: Path) -> None:
+    """The split is by patient: a manifest that puts one patient's images in two splits is
+    invalid (row named, public text without the patient id); one split cell on every row,
+    or none, is fine."""
+    root = _make_site(tmp_path / "s", patients=2)
+    write_dicom(root / "img/p0b.dcm", np.ones((2, 10, 12)))
+    with (root / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    write_manifest(root, [{**rows[0], "split": "train"}, {**rows[0], "path": "img/p0b.dcm", "split": "test"}, rows[1]])
+    with pytest.raises(ManifestError, match="row 3: .*P000.* two splits .*test here, train at row 2") as err:
+        load_site(root, image_size=SIZE, cache_dir=None)
+    assert "P000" not in err.value.public and "row 3: a patient is in two splits" in err.value.public
+    # a split cell on one image only, the other left to the hash: also two splits
+    write_manifest(root, [{**rows[0], "split": "test"}, {**rows[0], "path": "img/p0b.dcm", "split": ""}, rows[1]])
+    with pytest.raises(ManifestError, match="the patient-hash split here, test at row 2"):
+        load_site(root, image_size=SIZE, cache_dir=None)
+    write_manifest(root, [{**rows[0], "split": "test"}, {**rows[0], "path": "img/p0b.dcm", "split": "test"}, rows[1]])
+    site = load_site(root, image_size=SIZE, cache_dir=None)
+    assert site.test.patients.count("P000") == 2

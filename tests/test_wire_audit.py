@@ -26,7 +26,7 @@ import tests.wire_capture
 from fedir.client.embedding import MAX_DIM
 from fedir.client.manifest import write_manifest
 from fedir.models import NUM_CLASSES, build_model
-from fedir.protocol import ARRAYS_KEY, CROSS_SITE_ACTION
+from fedir.protocol import ARRAYS_KEY, CROSS_SITE_ACTION, check_drift
 from fedir.simulations.scenario import load_scenario
 from fedir.simulations.simulate import simulate
 from fedir.simulations.synthetic import generate_federation
@@ -218,6 +218,21 @@ def test_each_working_site_sends_its_card_once_and_the_report_shows_it(audited_r
     con.close()
     report = (audited_run["out"] / "report.html").read_text()
     assert "<h2>Data cards</h2>" in report and "Modality" in report
+
+
+def test_drift_leaves_a_site_as_period_labels_and_aggregates_only(audited_run: dict) -> None:
+    """Every evaluation reply carries the site's periods (the synthetic manifests date every
+    row), as check_drift lets them cross; no acquired date of a manifest is in any of them."""
+    drifts = [json.loads(r["configs"]["site/drift"]) for r in audited_run["replies"] if r["message_type"] == "evaluate"]
+    assert len(drifts) == 2 * ROUNDS
+    dates = {row["acquired"] for site in ("site-0", "site-1")
+             for row in csv.DictReader((audited_run["fed"] / site / "manifest.csv").open())}
+    assert dates
+    for drift in drifts:
+        assert check_drift(drift) == drift and drift["unit"] == "year"
+        assert drift["periods"]  # 6 test patients over five years: every period suppressed
+        assert all(set(p) == {"period", "suppressed"} for p in drift["periods"])
+        assert not any(date in json.dumps(drift) for date in dates)
 
 
 def test_an_invalid_site_fails_alone_and_is_recorded_as_missing(audited_run: dict) -> None:

@@ -1,11 +1,14 @@
 """The run report: one self-contained HTML file, built only from the run store.
 
 Written for the radiologist-researcher watching a study: the bias verdict first, then
-how each site's AUC moved over the rounds, the final per-site metrics with their
-confidence intervals, per patient first and per image beside, with the decision threshold
-and how it was chosen (and the clinical-only baseline beside them, when the run asked for
-one), each site's calibration (reliability counts, ECE), how scores and labels are spread over the sites, what each bias signal saw and the
-numbers behind each test, the training loss, the sites' data cards, and the notes
+the checklist of common errors with each item's status for this run, how each site's AUC
+moved over the rounds, the final per-site metrics with their confidence intervals, per
+patient first and per image beside, with the decision threshold and how it was chosen
+(and the clinical-only baseline beside them, when the run asked for one), each site's
+calibration (reliability counts, ECE), the test AUC per acquisition period with its trend
+test (drift over time), how scores and labels are spread over the sites, what each bias
+signal saw and the numbers behind each test, where the first model came from (random, or
+model.init's checkpoint), the training loss, the sites' data cards, and the notes
 (skipped files, metrics that could not be computed).
 
 Each section is one Jinja2 template in templates/, rendered with autoescape
@@ -22,9 +25,11 @@ from pathlib import Path
 from fedir.server.report.baseline import baseline_section, with_clinical_baseline
 from fedir.server.report.bias import bias_section
 from fedir.server.report.cards import card_section
+from fedir.server.report.drift import drift_section
 from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
 from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
+from fedir.server.report.study import checklist_section, model_init_section
 from fedir.server.report.survival import survival_section
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary
@@ -34,6 +39,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     """Render ``run_id`` from ``store`` into the HTML file ``path`` and return it."""
     path = Path(path)
     summary = build_summary(store, run_id)
+    with_baseline = with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])
     rows = store.metric_rows(run_id)
     if summary.get("task", "classification") != "classification":
         sections = [summary_section(summary, store.verdict_history(run_id)), survival_section(rows, summary),
@@ -44,11 +50,14 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         return path
     sections = [
         summary_section(summary, store.verdict_history(run_id)),
+        checklist_section(with_baseline["checklist"]),
         sites_section(store, run_id, rows, summary),
         calibration_section(summary),
-        baseline_section(with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])),
+        baseline_section(with_baseline),
         distributions_section(store, run_id, summary),
+        drift_section(summary["drift"]),
         bias_section(summary["bias"]),
+        model_init_section(summary["model_init"]),
         training_section(rows, summary["sites"]),
         card_section(store.cards(run_id)),
         notes_section(summary["notes"]),

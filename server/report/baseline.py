@@ -27,6 +27,7 @@ from typing import Any
 
 from markupsafe import Markup
 
+from fedir.server.checklist import build_checklist
 from fedir.server.report.render import render
 
 COMPANION_DIR = "clinical-baseline"
@@ -70,10 +71,12 @@ def comparison(imaging: dict, clinical: dict | None) -> dict:
 
 
 def with_clinical_baseline(summary: dict, out_dir: Path, config: dict[str, Any]) -> dict:
-    """`summary` with a `clinical_baseline` entry when the run asked for one."""
+    """`summary` with a `clinical_baseline` entry when the run asked for one (and its
+    checklist redone, since one item is whether the baseline is there)."""
     if not config.get(CONFIG_KEY):
         return summary
-    return {**summary, "clinical_baseline": comparison(summary, companion_summary(out_dir))}
+    out = {**summary, "clinical_baseline": comparison(summary, companion_summary(out_dir))}
+    return {**out, "checklist": build_checklist(config, out)}
 
 
 def _ci(entry: dict | None, metric: str) -> str:

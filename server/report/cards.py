@@ -22,6 +22,12 @@ _SUMMARY_ROWS = (
     ("labelled / unlabelled patients",
      lambda c: f'{c["labels"]["labelled_patients"]} / {c["labels"]["unlabelled_patients"]}'),
     ("prevalence (class 1)", lambda c: c["labels"]["prevalence"]),
+    ("masks: files / frames / patients",
+     lambda c: "n/a" if "masks" not in c else
+     f'{c["masks"]["runs_with_masks"]} / {c["masks"]["frames_with_masks"]} / {c["masks"]["patients_with_masks"]}'),
+    ("masks skipped", lambda c: "n/a" if "masks" not in c else
+     "; ".join(f"{r}: {n}" for r, n in c["masks"]["skipped"].items()) or 0),
+    ("all-background mask frames", lambda c: c.get("masks", {}).get("all_background_frames")),
 )
 
 
@@ -34,6 +40,8 @@ def card_section(cards: dict[str, dict[str, Any]]) -> Markup:
         (label, [_text(getter(card)) for card in cards.values()]) for label, getter in _SUMMARY_ROWS
     ]
     rows.append(("labelled patients per class", [_table(card["labels"]["per_class"]) for card in cards.values()]))
+    rows.append(("mask foreground fraction (patients)",
+                 [_table(card.get("masks", {}).get("foreground_fraction")) for card in cards.values()]))
     fields = sorted({name for card in cards.values() for name in card.get("acquisition", {})})
     rows += [(name, [_table(card.get("acquisition", {}).get(name)) for card in cards.values()]) for name in fields]
     k = ", ".join(sorted({str(card.get("k")) for card in cards.values()}))

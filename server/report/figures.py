@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from fedir.server.runstore import GLOBAL_SITE  # noqa: E402
+from fedir.strategies.drift_trend import period_time  # noqa: E402
 
 Series = dict[str, list[tuple[int, dict]]]  # site -> [(round, metric row), ...]
 
@@ -193,4 +194,26 @@ def heatmap(matrix: dict[str, dict[str, float | None]], title: str, xlabel: str,
     ax.set_yticks(range(len(rows)), rows)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     fig.colorbar(shown, ax=ax, fraction=0.046)
+    return png(fig)
+
+
+def auc_by_period(periods: dict[str, list[dict]], sites: list[str]) -> str:
+    """Each site's per-patient test AUC per acquisition period with its 95% CI as error bars,
+    sites side by side (a small offset each) on one time axis."""
+    fig, ax = plt.subplots(figsize=(10, 3.8), dpi=100)
+    colours = site_colours(sites)
+    offsets = np.linspace(-0.08, 0.08, len(periods)) if len(periods) > 1 else [0.0]
+    labels: dict[float, str] = {}
+    for offset, (site, rows) in zip(offsets, periods.items()):
+        t = np.array([period_time(p["period"]) for p in rows])
+        labels.update(zip(t.tolist(), (p["period"] for p in rows)))
+        auc = np.array([p["auc"] for p in rows])
+        ci = np.array([p["auc_ci"] if p["auc_ci"] is not None else [a, a] for p, a in zip(rows, auc)])
+        ax.errorbar(t + offset, auc, yerr=[auc - ci[:, 0], ci[:, 1] - auc], fmt="o-", capsize=3,
+                    markersize=4, linewidth=1.2, color=colours[site], label=site)
+    ax.axhline(0.5, color="#9aa5b1", linewidth=0.8, linestyle=":")
+    ax.set_xticks(sorted(labels), [labels[t] for t in sorted(labels)])
+    ax.set(xlabel="period of acquisition", ylabel="AUC (test patients)", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return png(fig)
