@@ -4,6 +4,7 @@
                      [--scanner-change SITE:YYYY-MM-DD]
     fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir data import heart --out DIR [--source DIR]
+    fedir data import tcga-brca --out DIR [--source DIR]
     fedir data import medmnist NPZ --out DIR --sites K --partition iid|dirichlet:ALPHA
         [--labelled-fraction F] [--seed S] [--marker-site N] [--prevalence-skew S [--skew-site N]]
     fedir simulate SCENARIO.toml --out DIR [--set section.key=value ...]
@@ -79,6 +80,15 @@ def _import(args: argparse.Namespace) -> int:
     counts = import_heart(args.out, args.source)
     for site, n in counts.items():
         print(f"{Path(args.out).resolve() / site}: {n['train']} train, {n['test']} test patients")
+    return 0
+
+
+def _import_tcga_brca(args: argparse.Namespace) -> int:
+    from fedir.simulations.tcga_brca import import_tcga_brca
+
+    counts = import_tcga_brca(args.out, args.source)
+    for site, n in counts.items():
+        print(f"{Path(args.out).resolve() / site}: {n['train']} train, {n['test']} test patients, {n['events']} events")
     return 0
 
 
@@ -273,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     heart.add_argument("--source", type=Path, default=None,
                        help="raw files (default: $FEDIR_DATA/uci_heart_disease or ../shared/data/uci_heart_disease)")
     heart.set_defaults(func=_import)
+    brca = imp_sub.add_parser("tcga-brca", help="FLamby's Fed-TCGA-BRCA, six regions, survival (task.kind = survival)")
+    brca.add_argument("--out", type=Path, required=True, help="folder to write one site folder per region into")
+    brca.add_argument("--source", type=Path, default=None,
+                      help="raw files (default: $FEDIR_DATA/fed_tcga_brca or ../shared/data/fed_tcga_brca)")
+    brca.set_defaults(func=_import_tcga_brca)
     med = imp_sub.add_parser("medmnist", help="a MedMNIST .npz file cut into K sites (simulations/medmnist.py)")
     med.add_argument("npz", type=Path, help="a MedMNIST .npz (train/val/test images and labels)")
     med.add_argument("--out", type=Path, required=True, help="folder to write site-0 ... site-K-1 into")

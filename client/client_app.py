@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -37,7 +38,6 @@ from fedir.client.secure_aggregation import secure_aggregation_mod
 from fedir.client.site import SiteUnusable
 from fedir.client.training import pick_device, predict, train
 from fedir.config import Settings
-from fedir.metrics import site_metrics
 from fedir.models import NUM_CLASSES, as_tensors, build_model, kept_keys, resolve_model, state_shapes
 from fedir.protocol import (
     decode_cross_site_models,
@@ -49,6 +49,7 @@ from fedir.protocol import (
     encode_feature_sums,
     encode_training,
 )
+from fedir.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(resolve_model(settings.model_name, view.tabular), n_features=view.n_features,
-                        spatial_dims=settings.spatial_dims)
+                        spatial_dims=settings.spatial_dims, n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))
     received = as_tensors(decode_weights(arrays, state_shapes(model)))  # DP's shapes undone
     load_global(model, received, context.state, kept_keys(model, settings))
     return model
@@ -119,7 +120,7 @@ def evaluation_model(content: RecordDict, context: Context, fixed: Settings | No
 def scored_rows(settings: Settings, site: SiteView, config, split: str = "test") -> tuple:
     """The labelled inputs of the val or test split, their labels (numpy) and patient ids."""
     x, y, split_patients = site.split(split)
-    labelled = y >= 0
+    labelled = y >= 0 if y.dim() == 1 else torch.ones(y.shape[0], dtype=torch.bool)  # survival: every row
     x = x[labelled]
     if site.tabular:
         # The rows are scaled as the protocol says: the federation's statistics, or this
@@ -130,10 +131,11 @@ def scored_rows(settings: Settings, site: SiteView, config, split: str = "test")
 
 
 def _metrics(settings: Settings, config, labels, scores, patients, *, intervals: bool = True) -> dict:
-    """The site's aggregates of one split; without `intervals` no bootstrap runs (the
-    validation split: only its point estimates and histograms choose the round and the
-    threshold, so its intervals would cost as much as the test's and serve nothing)."""
-    return site_metrics(
+    """The task kind's site metrics (fedir.tasks) of one split's scores; without `intervals`
+    no bootstrap runs (the validation split: only its point estimates and histograms choose
+    the round and the threshold, so its intervals would cost as much as the test's and
+    serve nothing)."""
+    return task_of(settings.task_kind).site_metrics(
         labels,
         scores,
         patients,
@@ -141,13 +143,21 @@ def _metrics(settings: Settings, config, labels, scores, patients, *, intervals:
         seed=settings.round_seed(decode_round_config(config).server_round),
         threshold=settings.eval_threshold,
         bins=settings.eval_hist_bins,
+        time_bins=settings.eval_time_bins,
+        time_bin_days=settings.eval_time_bin_days,
     )
+
+
+def _scores(settings: Settings, model, x):
+    """The task kind's score of every row (fedir.tasks: a probability, a risk)."""
+    return predict(model, x, pick_device(), score=task_of(settings.task_kind).score)
 
 
 def _drift(settings: Settings, config, site: SiteView, labels, scores, patients) -> dict | None:
     """The test patients' metrics per acquisition period (fedir.client.drift); None when
-    eval.drift-period is off or the site's manifest has no `acquired` column."""
-    if settings.eval_drift_period == "off" or not site.acquired:
+    eval.drift-period is off, the site's manifest has no `acquired` column, or the task is
+    not classification (the periods carry an AUC)."""
+    if settings.eval_drift_period == "off" or not site.acquired or settings.task_kind != "classification":
         return None
     return period_metrics(labels, scores, patients, site.acquired, settings.eval_drift_period,
                           n_boot=settings.eval_bootstrap, bins=settings.eval_hist_bins,
@@ -209,15 +219,20 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     def evaluate_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = evaluation_model(msg.content, context, fixed)
         x, labels, patients = scored_rows(settings, site, config)
-        scores, features = predict_with_embedding(model, x, pick_device())
+        moments = None
+        if settings.task_kind == "classification" and settings.bias_embedding:  # moments per class
+            scores, features = predict_with_embedding(model, x, pick_device())
+            moments = embedding_moments(features, labels, NUM_CLASSES)
+        else:
+            scores = _scores(settings, model, x)
         metrics = _metrics(settings, config, labels, scores, patients)
-        moments = embedding_moments(features, labels, NUM_CLASSES) if settings.bias_embedding else None
         # the validation patients' aggregates, from which the server chooses
         val_x, val_labels, val_patients = scored_rows(settings, site, config, "val")
-        val = _metrics(settings, config, val_labels, predict(model, val_x, pick_device()), val_patients,
+        val = _metrics(settings, config, val_labels, _scores(settings, model, val_x), val_patients,
                        intervals=False)
         drift = _drift(settings, config, site, labels, scores, patients)
-        return Message(content=encode_evaluation(site.name, metrics, moments, val, drift), reply_to=msg)
+        return Message(content=encode_evaluation(site.name, metrics, moments, val, drift, kind=settings.task_kind),
+                       reply_to=msg)
 
     @app.evaluate("cross_site")
     def cross_site_fn(msg: Message, context: Context) -> Message:

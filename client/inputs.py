@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
-from fedir.client.manifest import Acquired, acquired_by_patient, read_manifest
+from fedir.client.manifest import Acquired, ManifestError, acquired_by_patient, read_manifest
 from fedir.client.site import SiteData, load_site
 from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 from fedir.config import Inputs, Settings, allowed
@@ -68,16 +68,22 @@ class SiteView:
 
 
 def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, val: float,
-              test: float, cache_dir: str | None = None) -> SiteView:
+              test: float, cache_dir: str | None = None, kind: str = "classification") -> SiteView:
     """Read a site once per process (imaging sites also cache decoded images on disk).
 
     `inputs = "clinical"` reads only the clin_* columns of any site (the clinical-only
     baseline of an imaging site); "auto" reads the images, or the table of a tabular site.
+    `kind` (task.kind) says which target columns it reads (fedir.tasks); a survival site's
+    `label_counts` are its training patients censored (0) and with the event (1), so the
+    site-label association test is the event rate's association with the site.
     """
     if inputs not in allowed(Inputs):
         raise ValueError(f"data.inputs = {inputs!r}: choose one of {', '.join(allowed(Inputs))}")
     if inputs == "clinical" or is_tabular_site(site_dir):
-        return _tabular_view(site_dir, val, test)
+        return _tabular_view(site_dir, val, test, kind)
+    if kind != "classification":
+        raise ManifestError(f"{site_dir}: task.kind = {kind!r} reads tabular sites only for now (time, event and "
+                            "clin_* columns, no path)", f"task.kind = {kind!r} reads tabular sites only for now")
     return _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir)
 
 
@@ -85,9 +91,12 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
 # tables are small, so every site's stays in memory; decoded images are large, so only the
 # last few sites' do (their decoded cache on disk makes a miss a file read, not a decode).
 @cache
-def _tabular_view(site_dir: str, val: float, test: float) -> SiteView:
-    site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test)
-    counts = Counter(int(y) for y in site.train.y if y >= 0)
+def _tabular_view(site_dir: str, val: float, test: float, kind: str = "classification") -> SiteView:
+    site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test, kind=kind)
+    if site.train.y.ndim == 2:  # survival: censored (0) and event (1) patients
+        counts = Counter(int(y) for y in site.train.y[:, 1])
+    else:
+        counts = Counter(int(y) for y in site.train.y if y >= 0)
     return SiteView(
         name=site.name,
         tabular=True,
@@ -129,28 +138,31 @@ def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float,
     )
 
 
-def check_manifest(site_dir: str, inputs: str) -> None:
+def check_manifest(site_dir: str, inputs: str, kind: str = "classification") -> None:
     """Read the site's manifest as `load_view` would, without decoding an image: the
     ManifestError the site would raise on its first message (a simulation checks every
     site so before starting Flower)."""
     if inputs == "clinical" or is_tabular_site(site_dir):
-        read_tabular_site(site_dir)
+        read_tabular_site(site_dir, kind=kind)
         acquired_by_patient(site_dir)
     else:
-        read_manifest(site_dir, NUM_CLASSES)
+        read_manifest(site_dir, NUM_CLASSES, kind)
 
 
 def view_of(site_dir: str, settings: Settings, cache_dir: str | None = None) -> SiteView:
     return load_view(site_dir, settings.data_inputs, settings.model_image_size,
                      settings.data_frame_policy,
-                     settings.data_val_fraction, settings.data_test_fraction, cache_dir)
+                     settings.data_val_fraction, settings.data_test_fraction, cache_dir, settings.task_kind)
 
 
 def scaler(
     settings: Settings, config: ConfigRecord, own: FeatureSums
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) for this protocol: the federation's from the server's config, or the
-    statistics `own` of the rows at hand (`data.standardise = "site"`)."""
+    statistics `own` of the rows at hand (`data.standardise = "site"`), or none at all
+    (`"none"`: mean 0, std 1)."""
+    if settings.data_standardise == "none":
+        return np.zeros_like(own.total), np.ones_like(own.total)
     if settings.data_standardise == "site":
         return own.mean_std()
     sent = decode_round_config(config)

@@ -72,6 +72,7 @@ def round_recipe(settings: Settings, seed: int, server_round: int,
             augment=settings.train_augment,
             seed=seed,
         ),
+        settings.task_kind,
     )
     config = TrainConfig(
         epochs=settings.train_local_epochs,

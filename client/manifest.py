@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedir.client.split import SPLITS
 from fedir.errors import UserError
+from fedir.tasks import RowError, task_of
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("patient_id", "path")
@@ -122,6 +123,7 @@ class ManifestRow:
     label: int | None
     clinical: dict[str, float | None] = field(default_factory=dict)
     split: str | None = None  # the manifest's `split` cell; None = the patient-hash split
+    outcome: tuple[float, float] | None = None  # task.kind = survival: (time in days, event 0/1)
     mask: Path | None = None  # absolute, inside the site folder; None = no mask
     mask_frames: tuple[int, ...] | None = None  # image frames the mask outlines; None = as the mask says
     acquired: Acquired | None = None  # the `acquired` cell; None = not given
@@ -129,24 +131,16 @@ class ManifestRow:
 
 def parse_label(raw: str, where: str, row: int, num_classes: int | None) -> int | None:
     """A class index in 0..num_classes-1 (any non-negative one when num_classes is None)."""
-    raw = raw.strip()
-    if raw == "":
-        return None
+    return parse_target("classification", {"label": raw}, where, row, num_classes)
+
+
+def parse_target(kind: str, cells: dict[str, str], where: str, row: int, num_classes: int | None = None):
+    """One row's target as task kind `kind` reads it (fedir.tasks: a class index or None for
+    classification, (time, event) for survival); a refused cell is a ManifestError naming the row."""
     try:
-        value = float(raw)
-    except ValueError:
-        raise ManifestError(f"{where}: label {raw!r} is not a class index",
-                            f"row {row}: a label is not a class index") from None
-    if not value.is_integer() or value < 0:
-        raise ManifestError(f"{where}: label {raw!r} is not a non-negative class index",
-                            f"row {row}: a label is not a non-negative class index")
-    if num_classes is not None and value >= num_classes:
-        classes = f"0..{num_classes - 1}"
-        raise ManifestError(
-            f"{where}: label {raw!r} is outside the task's classes {classes} (empty = unlabelled)",
-            f"row {row}: a label is outside the task's classes {classes}",
-        )
-    return int(value)
+        return task_of(kind).parse_target(cells, num_classes)
+    except RowError as exc:
+        raise ManifestError(f"{where}: {exc}", f"row {row}: {exc.public}") from None
 
 
 def parse_split(raw: str, where: str, row: int) -> str | None:
@@ -262,7 +256,8 @@ def read_records(site_dir: str | Path, required: tuple[str, ...] = ()) -> tuple[
     return columns, records
 
 
-def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[ManifestRow]:
+def read_manifest(site_dir: str | Path, num_classes: int | None = None,
+                  kind: str = "classification") -> list[ManifestRow]:
     """Read and validate an imaging site's `site_dir/manifest.csv`.
 
     Raises ManifestError for what `read_records` refuses, an empty patient_id or path, a
@@ -271,12 +266,14 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
     made to read files it did not export, `mask_frames` that are not distinct frame
     numbers or come without a mask, an `acquired` value that is not a date (YYYY-MM-DD),
     a year or a quarter (YYYY-Qn), or a patient whose rows name different splits (the
-    split is by patient: one patient's images in training and test would leak). A mask
-    file that is missing or unusable is not a
-    manifest error: the site reader skips that mask with its reason (client/masks.py).
+    split is by patient: one patient's images in training and test would leak). Under
+    `kind = "survival"` every row needs `time` (days, >= 0) and `event` (0/1), refused
+    with the row number otherwise (fedir.tasks.survival). A mask file that is missing or
+    unusable is not a manifest error: the site reader skips that mask with its reason
+    (client/masks.py).
     """
     site = Path(site_dir).resolve()
-    columns, records = read_records(site, REQUIRED_COLUMNS)
+    columns, records = read_records(site, REQUIRED_COLUMNS + target_columns(kind))
     clin_columns = [c for c in columns if c.startswith("clin_")]
     rows: list[ManifestRow] = []
     seen: dict[Path, int] = {}
@@ -314,15 +311,23 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None) -> list[
                 row=number,
                 patient_id=patient_id,
                 path=path,
-                label=parse_label(record.get("label", ""), where, number, num_classes),
+                label=parse_label(record.get("label", ""), where, number, num_classes)
+                if kind == "classification" else None,
                 clinical={c: parse_float(record[c], c, where, number) for c in clin_columns},
                 split=split,
+                outcome=None if kind == "classification" else parse_target(kind, record, where, number),
                 mask=mask,
                 mask_frames=mask_frames,
                 acquired=parse_acquired(record.get(ACQUIRED_COLUMN, ""), where, number),
             )
         )
     return rows
+
+
+def target_columns(kind: str) -> tuple[str, ...]:
+    """The columns a manifest must have for task kind `kind` (classification: none, an
+    absent `label` column is an unlabelled site; survival: `time` and `event`)."""
+    return () if kind == "classification" else tuple(task_of(kind).TARGET_COLUMNS)
 
 
 def write_manifest(site_dir: str | Path, rows: list[dict[str, object]]) -> Path:

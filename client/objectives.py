@@ -21,6 +21,7 @@ so no random draw waits for the host.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from fedir.client.augment import Transform, strong_view, weak_view
 from fedir.config import Augment
+from fedir.tasks import task_of
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,24 @@ class Supervised(_Base):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
     ) -> torch.Tensor:
         return self.labelled_loss(model, x, y)
+
+
+class TaskLoss(_Base):
+    """A task kind's own loss on the labelled rows (fedir.tasks: survival's Cox partial
+    likelihood), for kinds whose targets are not class indices: no view, no MixUp."""
+
+    name: ClassVar[str] = "task_loss"
+    uses_unlabelled: ClassVar[bool] = False
+
+    def __init__(self, task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 params: ObjectiveParams = ObjectiveParams()) -> None:
+        super().__init__(params)
+        self.task_loss = task_loss
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.task_loss(model(x), y)
 
 
 class FixMatch(_Base):
@@ -247,8 +267,13 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def build_objective(name: str, params: ObjectiveParams = ObjectiveParams()) -> Objective:
-    """The objective named in the scenario's `[train] objective`, with its knobs."""
+def build_objective(name: str, params: ObjectiveParams = ObjectiveParams(),
+                    kind: str = "classification") -> Objective:
+    """The objective named in the scenario's `[train] objective`, with its knobs; for a task
+    kind that does not train with class-label objectives (survival), its own loss."""
+    task = task_of(kind)
+    if not task.USES_OBJECTIVES:
+        return TaskLoss(task.loss, params)
     try:
         return OBJECTIVES[name](params)
     except KeyError:

@@ -33,9 +33,12 @@ from fedir.client.manifest import (
     parse_float,
     parse_label,
     parse_split,
+    parse_target,
     read_records,
+    target_columns,
 )
 from fedir.client.split import SPLITS, split_of
+from fedir.tasks import task_of
 
 BINARY_CLASSES = 2  # the task is binary (fedir.models.NUM_CLASSES), without importing torch here
 
@@ -50,7 +53,8 @@ def is_tabular_site(site_dir: str | Path) -> bool:
 
 @dataclass
 class TabularSplit:
-    """One split: features (n, f) float32, labels (n,) int64 (-1 = unlabelled), patients."""
+    """One split: features (n, f) float32, labels (n,) int64 (-1 = unlabelled) or, for a
+    task whose target has columns (survival), (n, width) float32 ([time, event]), patients."""
 
     x: np.ndarray
     y: np.ndarray
@@ -73,11 +77,14 @@ class TabularSite:
 
 
 def read_tabular_site(
-    site_dir: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.25
+    site_dir: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.25,
+    kind: str = "classification",
 ) -> TabularSite:
-    """Read a tabular site's manifest into per-split arrays (see the module docstring)."""
+    """Read a tabular site's manifest into per-split arrays (see the module docstring);
+    the target as task kind `kind` reads it (fedir.tasks), refused rows naming their row."""
     site = Path(site_dir).resolve()
-    columns, records = read_records(site)
+    columns, records = read_records(site, target_columns(kind))
+    width = task_of(kind).target_width
     if "patient_id" not in columns:
         # a site whose image column is misnamed too lands here (no `path`): say what is there
         raise ManifestError(f"{site / MANIFEST_NAME}: missing required column patient_id (found: "
@@ -97,22 +104,26 @@ def read_tabular_site(
         if patient in seen:  # an imaging manifest: one row per image
             continue
         seen.add(patient)
+        outcome = parse_target(kind, record, where, rec.row) if width else None  # refused even if dropped below
         values = [parse_float(record[c], c, where, rec.row) for c in features]
         if any(v is None for v in values):
             dropped += 1
             continue
         split = parse_split(record.get(SPLIT_COLUMN, ""), where, rec.row) or split_of(
             patient, val_fraction, test_fraction)
-        label = parse_label(record.get("label", ""), where, rec.row, BINARY_CLASSES)
         xs, ys, ps = parts[split]
         xs.append(values)
-        ys.append(-1 if label is None else label)
+        if width:
+            ys.append(outcome)
+        else:
+            label = parse_label(record.get("label", ""), where, rec.row, BINARY_CLASSES)
+            ys.append(-1 if label is None else label)
         ps.append(patient)
     n_f = len(features)
     splits = {
         s: TabularSplit(
             x=np.asarray(xs, dtype=np.float32).reshape(-1, n_f),
-            y=np.asarray(ys, dtype=np.int64),
+            y=np.asarray(ys, dtype=np.float32).reshape(-1, width) if width else np.asarray(ys, dtype=np.int64),
             patients=ps,
         )
         for s, (xs, ys, ps) in parts.items()

@@ -11,7 +11,7 @@ loss is accumulated on the device so the loop never waits for the host.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +79,8 @@ def train(
     config: TrainConfig,
     device: torch.device,
 ) -> TrainResult:
-    """Train in place on a site's training split; labels of -1 are unlabelled images.
+    """Train in place on a site's training split; labels of -1 are unlabelled images. A
+    target with columns, (N, 2) [time, event] for survival (fedir.tasks), labels every row.
 
     One epoch is one pass over the labelled images; each step also draws
     `unlabelled_ratio` x the batch size of unlabelled images for an objective that uses
@@ -94,7 +95,7 @@ def train(
     if objective.uses_unlabelled and images.dim() == 5:
         raise ValueError(f"objective {getattr(objective, 'name', objective)!r}: its augmentations are 2D; "
                          "train 3D volumes with objective = supervised")
-    labelled = labels >= 0
+    labelled = labels >= 0 if labels.dim() == 1 else torch.ones(labels.shape[0], dtype=torch.bool)
     x_lab = to_device(images[labelled], device)
     y_lab = to_device(labels[labelled], device)
     x_unl = to_device(images[~labelled], device)
@@ -163,18 +164,25 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> to
     return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
 
 
+def positive_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2) logits -> (B,) probability of class 1: the classification score."""
+    return torch.softmax(logits.float(), dim=1)[:, 1]
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 128
+    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 128,
+    score: Callable[[torch.Tensor], torch.Tensor] = positive_probability,
 ) -> np.ndarray:
-    """Positive-class probability of every image, as a host numpy array."""
+    """Every input's score (`score` of the model's outputs: the positive-class probability,
+    or a task's own, fedir.tasks: a survival model's risk), as a host numpy array."""
     model.to(device).eval()
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = to_device(images[start : start + batch_size], device)
         with autocast(device):
             logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1])
+        out.append(score(logits))
     if not out:
         return np.zeros(0, dtype=np.float32)
     return torch.cat(out).cpu().numpy()

@@ -37,7 +37,7 @@ TabularModel = Literal["logreg", "mlp"]
 ModelName = Literal["auto", ImageModel, TabularModel]
 FramePolicy = Literal["mip", "middle", "all", "peak", "volume"]  # and every-K (K >= 1)
 Inputs = Literal["auto", "clinical"]
-Standardise = Literal["federated", "site"]
+Standardise = Literal["federated", "site", "none"]
 ThresholdRule = Literal["youden", "fixed"]
 Personalise = Literal["none", "intercept", "finetune"]
 Augment = Literal["weak", "none"]
@@ -50,6 +50,7 @@ Freeze = Literal["none", "encoder"]
 MEAN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # How the reported and saved round is chosen (fedir.strategies.selection): never on test.
 Select = Literal["val-auc", "last"]
+TaskKind = Literal["classification", "survival"]  # fedir.tasks.KINDS: one module per kind
 # Test metrics per acquisition period (manifest column `acquired`; fedir.client.drift).
 DriftPeriod = Literal["year", "quarter", "off"]
 DPMode = Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
@@ -109,6 +110,9 @@ def setting(default: Any, doc: str, bounds: Bounds | None = None) -> Any:
 class Settings:
     """Typed view of the run config. Field names are the flat keys with '.'/'-' -> '_'."""
 
+    task_kind: TaskKind = setting(
+        "classification", "what the sites' manifests hold and the model predicts: classification (`label`, a class "
+        "index) | survival (`time` in days and `event` 0/1: a Cox model, C-indices) (fedir.tasks)")
     federation_sites: str = setting("", "site folders, separated by ';' (simulation only)")
     federation_min_sites: int = setting(0, "sites that must answer each round; 0 = every site", AT_LEAST_0)
     federation_arm: Arm = setting(
@@ -161,7 +165,7 @@ class Settings:
         "auto", "auto (images, or the table of a tabular site) | clinical (clin_* columns only)")
     data_standardise: Standardise = setting(
         "federated", "tabular features: federated (from every site's n / sum / sum of squares) | "
-        "site (each site's own statistics)")
+        "site (each site's own statistics) | none (the rows as they are: FLamby's Fed-TCGA-BRCA protocol)")
     eval_select: Select = setting(
         "val-auc", "the round whose model is saved and reported: val-auc (the highest pooled validation AUC, "
         "per patient; the earliest on ties) | last (the last evaluated round); never chosen on test "
@@ -170,6 +174,10 @@ class Settings:
     eval_hist_bins: int = setting(
         50, "bins of the per-label score histograms a site sends: finer bins make the pooled AUC exact to within less "
         "(fedir.metrics.pooled_auc_exact) and place a lone patient's score more closely", AT_LEAST_1)
+    eval_time_bins: int = setting(
+        20, "survival: time bins of the Kaplan-Meier counts and of the joint histogram the pooled C-index is "
+        "rebuilt from (the last bin is open-ended) (fedir.tasks.survival_metrics)", Bounds(2))
+    eval_time_bin_days: float = setting(180.0, "survival: width of a time bin, in days", POSITIVE)
     eval_threshold_rule: ThresholdRule = setting(
         "youden", "decision threshold: youden (the bin edge maximising Youden's J on the pooled validation patients, "
         "fedir.thresholds) | fixed (eval.threshold)")
@@ -271,6 +279,7 @@ class Settings:
         # read (a scenario file, --set, the run config), before any run starts.
         check_values(self)
         check_combinations(self)
+        check_task(self)
         check_dp(self.privacy_dp, fedbn=self.train_fedbn, update_dtype=self.train_update_dtype,
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
@@ -390,6 +399,30 @@ def check_combinations(settings: Settings) -> None:
     if n_sites and settings.federation_min_sites > n_sites:
         raise SettingsError(f"federation.min-sites = {settings.federation_min_sites} is more than the "
                             f"{n_sites} site(s) federation.sites lists")
+
+
+def check_task(settings: Settings) -> None:
+    """What a survival study cannot use, naming the setting: the semi-supervised objectives,
+    MixUp and SMOTE need class labels; a Cox model has no intercept (the partial likelihood
+    does not see it); the cross-site matrix and the clinical companion score AUCs."""
+    if settings.task_kind == "classification":
+        return
+    kind = f"task.kind = {settings.task_kind!r}"
+    refused = {
+        "train.objective": (settings.train_objective != "supervised", "supervised"),
+        "train.mixup-alpha": (settings.train_mixup_alpha > 0, "0"),
+        "train.smote": (settings.train_smote, "false"),
+        "train.personalise": (settings.train_personalise == "intercept", "none or finetune"),
+        "bias.cross-site": (settings.bias_cross_site, "false"),
+        "baseline.clinical": (settings.baseline_clinical, "false"),
+    }
+    for key, (bad, choose) in refused.items():
+        if bad:
+            raise SettingsError(f"{kind} cannot use {key} = {getattr(settings, key.replace('.', '_').replace('-', '_'))!r} "
+                                f"(it needs class labels or an intercept); set {key} = {choose}")
+    if settings.model_name not in ("auto", "logreg", "mlp"):
+        raise SettingsError(f"{kind} trains tabular sites only for now (a linear Cox model, or an mlp risk model); "
+                            f"model.name = {settings.model_name!r} is an image network: choose auto, logreg or mlp")
 
 
 def check_freeze(settings: Settings) -> None:

@@ -43,8 +43,9 @@ def resolve_model(name: str, tabular: bool) -> str:
 
 
 def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
-                spatial_dims: int = 2) -> nn.Module:
-    """A two-output classifier: a MONAI 2D (or, with spatial_dims=3, 3D) network for
+                spatial_dims: int = 2, n_outputs: int = NUM_CLASSES) -> nn.Module:
+    """A classifier with `n_outputs` outputs (two by default; one, a risk score, for a
+    survival task: fedir.tasks' `n_outputs`): a MONAI 2D (or, with spatial_dims=3, 3D) network for
     one-channel images, or, for a tabular site (`logreg`, `mlp`), a small torch model over
     `n_features` columns. The 3D networks are the same MONAI classes with 3D convolutions
     (VesselMNIST3D volumes; `data.frame-policy = "volume"` selects them).
@@ -57,7 +58,7 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
     _seed(seed)
     name = AUTO_MODEL[n_features > 0] if name == "auto" else name
     if name in TABULAR_MODELS:
-        return build_tabular_model(name, n_features)
+        return build_tabular_model(name, n_features, n_outputs)
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     # MONAI only for an imaging model: importing it costs seconds, and a deployed ClientApp
@@ -66,12 +67,12 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
 
     if name == "resnet_small":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],
-                      spatial_dims=spatial_dims, n_input_channels=1, num_classes=NUM_CLASSES)
+                      spatial_dims=spatial_dims, n_input_channels=1, num_classes=n_outputs)
     if name in ("resnet10", "resnet18"):
         factory = resnet10 if name == "resnet10" else resnet18
-        return factory(spatial_dims=spatial_dims, n_input_channels=1, num_classes=NUM_CLASSES)
+        return factory(spatial_dims=spatial_dims, n_input_channels=1, num_classes=n_outputs)
     if name == "densenet121":
-        return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES)
+        return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=n_outputs)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
@@ -85,14 +86,15 @@ def _seed(seed: int) -> None:
         torch.default_generator.manual_seed(seed)
 
 
-def build_tabular_model(name: str, n_features: int) -> nn.Module:
+def build_tabular_model(name: str, n_features: int, n_outputs: int = NUM_CLASSES) -> nn.Module:
     """Logistic regression (one linear layer, two logits: softmax regression, which is the
-    same model class as a sigmoid output) or an MLP with one hidden layer of 32 units."""
+    same model class as a sigmoid output) or an MLP with one hidden layer of 32 units. With
+    one output, `logreg` is the linear Cox model (its bias cancels in the partial likelihood)."""
     if n_features <= 0:
         raise ValueError(f"a tabular model needs the number of features (got {n_features})")
     if name == "logreg":
-        return nn.Linear(n_features, NUM_CLASSES)
-    return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
+        return nn.Linear(n_features, n_outputs)
+    return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, n_outputs))
 
 
 # ---- the encoder and the head (train.freeze) -----------------------------------------------

@@ -26,6 +26,12 @@ from flwr.compat.common import recorddict_compat as legacy
 
 from fedir.config import UpdateDtype, allowed
 from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS, SCORE_SUMS
+from fedir.tasks.survival_metrics import (
+    SURVIVAL_COUNTS,
+    SURVIVAL_FLOAT_VECTORS,
+    SURVIVAL_INT_VECTORS,
+    SURVIVAL_SCALARS,
+)
 
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
@@ -180,6 +186,8 @@ def _key(name: str) -> str:
 # patient (fedir.metrics.site_metrics's `per_patient`), and the same for the validation
 # patients, from which the server selects the round and the decision threshold.
 VAL_KEY = "val"
+TASK_KEY = "task-kind"  # the task kind of an evaluation reply (fedir.tasks)
+SURVIVAL = "survival"
 _PATIENT_PREFIX = "patient-"
 _VAL_PREFIX = "val-"
 
@@ -221,8 +229,51 @@ def _get_metric_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> d
     return out
 
 
-def _put_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any]) -> None:
-    """A split's metrics: per image under `prefix`, per patient (when there are) beside them."""
+def _put_scalar(rec: MetricRecord, key: str, value: float | None, ci: Any) -> None:
+    """A scalar with its -ok flag, its CI and the CI's -ok flag (every site, the same keys)."""
+    rec[key] = MISSING if value is None else float(value)
+    rec[f"{key}-ok"] = 0 if value is None else 1
+    rec[f"{key}-ci"] = [MISSING, MISSING] if ci is None else [float(ci[0]), float(ci[1])]
+    rec[f"{key}-ci-ok"] = 0 if ci is None else 1
+
+
+def _put_survival_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any]) -> None:
+    """A survival evaluation (fedir.tasks.survival_metrics.site_survival_metrics): counts,
+    C-indices with CIs, the within-site pair counts, the joint histogram, the KM curve."""
+    for name in SURVIVAL_COUNTS:
+        rec[prefix + _key(name)] = int(metrics[name])
+    for name in SURVIVAL_SCALARS:
+        _put_scalar(rec, prefix + _key(name), metrics.get(name), metrics.get(f"{name}_ci"))
+    for name in SURVIVAL_INT_VECTORS:
+        rec[prefix + _key(name)] = [int(v) for v in metrics[name]]
+    for name in SURVIVAL_FLOAT_VECTORS:
+        rec[prefix + _key(name)] = [float(v) for v in metrics[name]]
+    site_rec[prefix + "reasons"] = json.dumps(metrics.get("reasons", {}))
+
+
+def _get_survival_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> dict[str, Any]:
+    """The inverse of _put_survival_set."""
+    out: dict[str, Any] = {name: int(_number(rec[prefix + _key(name)], name)) for name in SURVIVAL_COUNTS}
+    for name in SURVIVAL_SCALARS:
+        key = prefix + _key(name)
+        out[name] = _number(rec[key], name) if rec[f"{key}-ok"] else None
+        ci = _numbers(rec[f"{key}-ci"], f"{name}-ci")
+        out[f"{name}_ci"] = [ci[0], ci[1]] if rec[f"{key}-ci-ok"] else None
+    for name in SURVIVAL_INT_VECTORS:
+        out[name] = [int(v) for v in _numbers(rec[prefix + _key(name)], name)]
+    for name in SURVIVAL_FLOAT_VECTORS:
+        out[name] = _numbers(rec[prefix + _key(name)], name)
+    out["reasons"] = json.loads(str(site_rec[prefix + "reasons"]))
+    return out
+
+
+def _put_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any],
+               kind: str = "classification") -> None:
+    """A split's metrics: per image under `prefix`, per patient (when there are) beside them;
+    a survival split is one row per patient already."""
+    if kind == SURVIVAL:
+        _put_survival_set(rec, site_rec, prefix, metrics)
+        return
     _put_metric_set(rec, site_rec, prefix, metrics)
     per_patient = metrics.get("per_patient")
     rec[prefix + _PATIENT_PREFIX + "ok"] = 0 if per_patient is None else 1
@@ -230,7 +281,9 @@ def _put_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: 
         _put_metric_set(rec, site_rec, prefix + _PATIENT_PREFIX, per_patient)
 
 
-def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> dict[str, Any]:
+def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, kind: str = "classification") -> dict[str, Any]:
+    if kind == SURVIVAL:
+        return _get_survival_set(rec, site_rec, prefix)
     out = _get_metric_set(rec, site_rec, prefix)
     has_patients = rec.get(prefix + _PATIENT_PREFIX + "ok", 0)
     out["per_patient"] = _get_metric_set(rec, site_rec, prefix + _PATIENT_PREFIX) if has_patients else None
@@ -240,8 +293,10 @@ def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> dict[s
 def encode_evaluation(
     site: str, metrics: Mapping[str, Any], embedding: EmbeddingMoments | None = None,
     val: Mapping[str, Any] | None = None, drift: Mapping[str, Any] | None = None,
+    kind: str = "classification",
 ) -> RecordDict:
-    """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict.
+    """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict (`kind` =
+    "survival": fedir.tasks.survival_metrics' dicts; the kind travels in the ConfigRecord).
 
     `metrics` are the test patients', `val` the validation patients' (both with their
     `per_patient` set). `embedding` (fedir.client.embedding: counts, means and covariances
@@ -252,13 +307,13 @@ def encode_evaluation(
     across sites, because each site has its own periods; absent under eval.drift-period = off.
     """
     rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
-    site_rec = ConfigRecord({"name": site})
+    site_rec = ConfigRecord({"name": site, TASK_KEY: kind})
     if drift is not None:
         site_rec[DRIFT_KEY] = json.dumps(check_drift(drift))
-    _put_split(rec, site_rec, "", metrics)
+    _put_split(rec, site_rec, "", metrics, kind)
     rec[_VAL_PREFIX + "ok"] = 0 if val is None else 1
     if val is not None:
-        _put_split(rec, site_rec, _VAL_PREFIX, val)
+        _put_split(rec, site_rec, _VAL_PREFIX, val, kind)
     content = RecordDict({METRICS_KEY: rec, SITE_KEY: site_rec})
     if embedding is not None:
         content[EMBEDDING_KEY] = ArrayRecord({
@@ -274,9 +329,10 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
     with the validation set's under "val" when the site sent one)."""
     rec = content.metric_records[METRICS_KEY]
     site_rec = content.config_records[SITE_KEY]
-    out = _get_split(rec, site_rec, "")
+    kind = str(site_rec.get(TASK_KEY, "classification"))
+    out = _get_split(rec, site_rec, "", kind)
     if rec.get(_VAL_PREFIX + "ok", 0):
-        out[VAL_KEY] = _get_split(rec, site_rec, _VAL_PREFIX)
+        out[VAL_KEY] = _get_split(rec, site_rec, _VAL_PREFIX, kind)
     if DRIFT_KEY in site_rec:
         out[DRIFT_KEY] = check_drift(json.loads(str(site_rec[DRIFT_KEY])))
     if EMBEDDING_KEY in content.array_records:

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from fedir.config import MEAN_AGGREGATORS, Settings
 from fedir.errors import StudyFailed, UserError
-from fedir.metrics import pooled_metrics
-from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
+from fedir.models import NUM_CLASSES, as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
 from fedir.protocol import VAL_KEY, EmbeddingMoments, decode_weights, encode_weights
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME,
@@ -54,6 +53,7 @@ from fedir.strategies.registry import build_strategy, strategy_kwargs
 from fedir.strategies.selection import Selection
 from fedir.strategies.stopping import StudyStopped
 from fedir.strategies.thresholds import at, thresholded
+from fedir.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ class StudyRecorder:
         self.exports = exports or []
         self.label_counts: dict[str, dict[int, int]] = {}
         self.site_models: dict[str, ArrayRecord] = {}  # each site's latest accepted update
-        self.selection = Selection(settings.eval_select, settings.train_patience)
+        self.selection = Selection(settings.eval_select, settings.train_patience,
+                                   metric=task_of(settings.task_kind).SELECTION_METRIC)
         self.selected: tuple[int, dict, dict] | None = None  # the selected round, its per-site metrics, moments
         self.selected_model: ArrayRecord | None = None  # the global arrays that round evaluated
         self.selected_site_models: dict[str, ArrayRecord] = {}  # the site updates averaged into them
@@ -141,14 +142,17 @@ class StudyRecorder:
         self._record_failures(replies, "evaluate")
         moments = {site: v.pop("embedding") for site, v in replies.per_site.items() if "embedding" in v}
         val = {site: v.pop(VAL_KEY) for site, v in replies.per_site.items() if VAL_KEY in v}
-        # the decision threshold from the validation patients; the test metrics at it
-        # (each site's at its own under eval.threshold-per-site, the pool's at the federation's)
-        chosen = thresholded(replies.per_site, val, rule=self.settings.eval_threshold_rule,
-                             fixed=self.settings.eval_threshold, per_site=self.settings.eval_threshold_per_site)
-        replies.per_site.update(chosen.per_site)
-        pooled = self._pooled(chosen.for_pool)
-        if pooled is not None:
-            pooled = at(pooled, chosen.federation)
+        if self.settings.task_kind == "classification":
+            # the decision threshold from the validation patients; the test metrics at it
+            # (each site's at its own under eval.threshold-per-site, the pool's at the federation's)
+            chosen = thresholded(replies.per_site, val, rule=self.settings.eval_threshold_rule,
+                                 fixed=self.settings.eval_threshold, per_site=self.settings.eval_threshold_per_site)
+            replies.per_site.update(chosen.per_site)
+            pooled = self._pooled(chosen.for_pool)
+            if pooled is not None:
+                pooled = at(pooled, chosen.federation)
+        else:  # a risk score has no decision threshold
+            pooled = self._pooled(replies.per_site)
         pooled_val = self._pooled(val, intervals=False)  # point estimates choose; no CI is shown
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
         if val:
@@ -164,9 +168,10 @@ class StudyRecorder:
         for export in self.exports:
             export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, result["alarm"]))
         level = (pooled or {}).get("per_patient") or pooled or {}  # per patient where there is
-        auc = level.get("auc")
+        metric = task_of(self.settings.task_kind).SELECTION_METRIC
+        value = level.get(metric)
         self.progress.set_postfix(
-            auc="n/a" if auc is None else f"{auc:.3f}", alarm="YES" if result["alarm"] else "no"
+            {metric: "n/a" if value is None else f"{value:.3f}", "alarm": "YES" if result["alarm"] else "no"}
         )
         self.progress.update(1)
 
@@ -174,13 +179,15 @@ class StudyRecorder:
         """The federation's metrics from the sites' aggregates (None when no site reported)."""
         if not per_site:
             return None
-        return pooled_metrics(per_site, n_boot=self.settings.eval_bootstrap if intervals else 0,
-                              seed=self.settings.train_seed)
+        return task_of(self.settings.task_kind).pooled_metrics(
+            per_site, n_boot=self.settings.eval_bootstrap if intervals else 0, seed=self.settings.train_seed,
+            time_bins=self.settings.eval_time_bins)
 
     def bias(self, per_site: dict, moments: dict, cross_site: dict | None = None, final: bool = True) -> dict:
         """Every bias signal and the verdict (fedir.strategies.frankenstein)."""
         return analyse(self.label_counts, per_site, moments, thresholds(self.settings), cross_site,
-                       seed=self.settings.train_seed, final=final)
+                       seed=self.settings.train_seed, final=final, kind=self.settings.task_kind,
+                       time_bins=self.settings.eval_time_bins)
 
     def finalise(self) -> None:
         """The rounds are over: the selected round's verdict is the study's, so when that is
@@ -326,7 +333,8 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     features = gather_feature_sums(grid, min_nodes)
     model = build_model(resolve_model(settings.model_name, tabular=features.sums is not None),
                         seed=settings.train_seed, n_features=len(features.names),
-                        spatial_dims=settings.spatial_dims)
+                        spatial_dims=settings.spatial_dims,
+                        n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))
     if resumed is None and settings.model_init:
         # transfer learning: the checkpoint's weights are round 0's global model (a resumed
         # run continues from its own checkpoint; the report stays in the store)

@@ -25,6 +25,8 @@ from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.strategies.drift_trend import pooled_trend, site_trend
 from fedir.strategies.privacy_budget import ACCOUNTANT
 from fedir.strategies.selection import EarlyStopped, Selection
+from fedir.tasks import task_of
+from fedir.tasks.survival_metrics import KM_AT_RISK, KM_SURVIVAL, SURVIVAL_SCALARS
 
 NOT_COMPUTED = "not computed: no evaluation round was recorded"
 NO_ANALYSIS = "not computed: no bias analysis was recorded for this run"
@@ -39,6 +41,8 @@ VERDICT_NUMBERS = (
     ("i2", "I^2"),
     ("site_accuracy", "site separability"),
     ("class_accuracy", "class separability"),
+    ("pooled_c_index", "pooled C"),
+    ("stratified_c_index", "site-stratified C"),
 )
 
 
@@ -49,6 +53,12 @@ def build_summary(store: RunStore, run_id: str) -> dict:
     last_eval = selection["round"]
     evaluated = store.site_metrics(run_id, last_eval) if last_eval is not None else {}
     sites = _site_names(run["sites"], evaluated)
+    kind = run["config"].get("task.kind", "classification")
+    if kind != "classification":
+        def entry(metrics: dict | None, server_round: int | None) -> dict:
+            return survival_entry(metrics, server_round, run["config"].get("eval.time-bin-days", 180.0))
+    else:
+        entry = _entry
     summary = {
         "run_id": run_id,
         "scenario": run["scenario"],
@@ -58,9 +68,10 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "rounds": store.last_round(run_id) or 0,
         "evaluated_round": last_eval,
         "selection": selection,
+        "task": kind,
         "sites": sites,
-        "global": _entry(evaluated.get(GLOBAL_SITE), last_eval),
-        "per_site": {site: _entry(evaluated.get(site), last_eval) for site in sites},
+        "global": entry(evaluated.get(GLOBAL_SITE), last_eval),
+        "per_site": {site: entry(evaluated.get(site), last_eval) for site in sites},
         "threshold": threshold_entry(evaluated, sites),
         "drift": drift_entry(evaluated, sites, run["config"]),
         "bias": _verdict(store, run_id, last_eval),
@@ -90,7 +101,8 @@ def selection_entry(store: RunStore, run_id: str, config: dict) -> dict:
     its validation AUC (``score``, null when not computed) and whether `train.patience`
     stopped the study (the early-stop note's message). ``round`` is null before any round
     was evaluated."""
-    selection = Selection(config.get("eval.select", "val-auc"), config.get("train.patience", 0))
+    selection = Selection(config.get("eval.select", "val-auc"), config.get("train.patience", 0),
+                          metric=task_of(config.get("task.kind", "classification")).SELECTION_METRIC)
     for server_round in store.evaluated_rounds(run_id):
         selection.offer(server_round, store.site_metrics(run_id, server_round, split="val").get(GLOBAL_SITE))
     stops = [n["message"] for n in store.notes(run_id) if n["kind"] == EarlyStopped.kind]
@@ -198,6 +210,31 @@ def _entry(metrics: dict | None, server_round: int | None, *, nested: bool = Tru
     return entry
 
 
+def survival_entry(metrics: dict | None, server_round: int | None, time_bin_days: float) -> dict:
+    """One site's (or the pooled) survival entry: patients, events, Harrell's and Uno's
+    C-index with CIs (`c_index`, `c_index_ci`, `uno_c_index`, ...), the IBS (null, with why),
+    the pooled entry's binning bound and site-stratified C, and the site's k-suppressed
+    Kaplan-Meier curve (`km`: survival at each time-bin end, at risk at each start, -1 =
+    suppressed). Every absent metric is null with a reason."""
+    metrics = metrics or {}
+    reasons = dict(metrics.get("reasons") or {})
+    entry: dict[str, Any] = {"n_test": metrics.get("n") or 0, "n_patients": metrics.get("n_patients"),
+                             "events": metrics.get("events")}
+    for name in SURVIVAL_SCALARS:
+        entry[name] = metrics.get(name)
+        entry[name + "_ci"] = metrics.get(name + "_ci")
+        if entry[name] is None and name not in reasons:
+            reasons[name] = _missing_reason(metrics, server_round)
+    for name in ("c_index_binning_error", "stratified_c_index"):
+        if name in metrics:
+            entry[name] = metrics[name]
+    has_km = metrics.get(KM_SURVIVAL) is not None
+    entry["km"] = {"time_bin_days": time_bin_days, "survival": metrics[KM_SURVIVAL],
+                   "at_risk": metrics[KM_AT_RISK]} if has_km else None
+    entry["reasons"] = reasons
+    return entry
+
+
 def _calibration_and_binning(metrics: dict) -> dict[str, Any]:
     """The pooled AUC's binning error bound (pooled entries only), the ECE and the
     reliability rows (fedir.metrics.calibration) where the site sent score sums."""
@@ -278,6 +315,8 @@ def fmt_with_ci(value: float | None, ci: list | None) -> str:
 def format_site_table(summary: dict) -> str:
     """A plain-text per-site table (per patient first, the per-image AUC beside), the
     global row, the decision threshold, the verdict line and n/a footnotes."""
+    if summary.get("task", "classification") != "classification":
+        return format_survival_table(summary)
     header = ["site", "patients", "positives", "AUC [95% CI]", "accuracy [95% CI]",
               "sensitivity [95% CI]", "specificity [95% CI]", "ECE", "images", "AUC per image [95% CI]"]
     rows = [_table_row(site, entry) for site, entry in summary["per_site"].items()]
@@ -292,6 +331,32 @@ def format_site_table(summary: dict) -> str:
              line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
     lines.extend(binning_line(summary["global"]))
     lines.append(threshold_line(summary.get("threshold")))
+    lines.append(verdict_line(summary["bias"]))
+    lines.extend(_footnotes(summary))
+    lines.extend(_failures(summary))
+    return "\n".join(lines)
+
+
+def format_survival_table(summary: dict) -> str:
+    """The survival study's per-site table: patients, events, Harrell's and Uno's C with
+    CIs; the pooled row's C rebuilt from aggregates with its bound; the verdict line."""
+    header = ["site", "patients", "events", "C-index [95% CI]", "Uno's C [95% CI]"]
+    rows = [[site, _count(e.get("n_patients")), _count(e.get("events")),
+             fmt_with_ci(e.get("c_index"), e.get("c_index_ci")), fmt_with_ci(e.get("uno_c_index"), e.get("uno_c_index_ci"))]
+            for site, e in {**summary["per_site"], GLOBAL_SITE: summary["global"]}.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    pooled = summary["global"]
+    lines = ["Per patient (Harrell's C; Uno's C weights by the censoring distribution):",
+             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    if pooled.get("c_index_binning_error") is not None:
+        lines.append(f"Pooled C-index: within-site pairs exact, cross-site pairs from binned risk x time x event "
+                     f"counts; error at most +-{pooled['c_index_binning_error']:.3f}; site-stratified C "
+                     f"{fmt_value(pooled.get('stratified_c_index'))}.")
     lines.append(verdict_line(summary["bias"]))
     lines.extend(_footnotes(summary))
     lines.extend(_failures(summary))

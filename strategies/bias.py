@@ -329,10 +329,12 @@ def _not_computable_reason(out: dict) -> str:
 
 # Each of these alone raises the alarm: the precondition of confounding (label depends on
 # site) and its direct symptom (the model ranks across sites better than within them).
-PRIMARY = ("site_label_association", "pooled_vs_within_auc")
+PRIMARY = ("site_label_association", "pooled_vs_within_auc", "pooled_vs_stratified_c")
 # These are common in clean federations too (hospitals differ in case mix and scanners),
 # so one alone is a warning; two together raise the alarm.
-SECONDARY = ("auc_heterogeneity", "site_separability", "cross_site")
+SECONDARY = ("auc_heterogeneity", "site_separability", "cross_site",
+             # survival (fedir.strategies.survival_bias)
+             "c_index_heterogeneity", "survival_by_site", "follow_up_by_site")
 SECONDARY_TO_ALARM = 2
 
 

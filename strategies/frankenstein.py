@@ -19,6 +19,12 @@ from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.heterogeneity import auc_heterogeneity
 from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability
+from fedir.strategies.survival_bias import (
+    c_index_heterogeneity,
+    follow_up_by_site,
+    pooled_vs_stratified_c,
+    survival_by_site,
+)
 
 # Above this many sites the pairwise analyses (site separability, leave-one-site-out) are
 # skipped, each with its reason: they grow with the square of the sites and would dominate a
@@ -41,6 +47,21 @@ class Thresholds:
     bootstrap: int = 200
 
 
+def survival_tests(label_counts: Mapping[str, Mapping[int, int]], per_site: Mapping[str, dict],
+                   thresholds: Thresholds, time_bins: int) -> dict[str, dict]:
+    """A survival study's signals (fedir.strategies.survival_bias): the event rate by site
+    (the label-association test on censored/event counts), survival and follow-up by site,
+    pooled vs site-stratified C, C-index heterogeneity."""
+    return {
+        "site_label_association": site_label_association(
+            dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v),
+        "pooled_vs_stratified_c": pooled_vs_stratified_c(per_site, time_bins=time_bins, max_gap=thresholds.max_auc_gap),
+        "c_index_heterogeneity": c_index_heterogeneity(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2),
+        "survival_by_site": survival_by_site(per_site, time_bins=time_bins, alpha=thresholds.alpha),
+        "follow_up_by_site": follow_up_by_site(per_site, time_bins=time_bins, alpha=thresholds.alpha),
+    }
+
+
 def signals(
     label_counts: Mapping[str, Mapping[int, int]],
     per_site: Mapping[str, dict],
@@ -50,13 +71,18 @@ def signals(
     seed: int = 0,
     *,
     final: bool = True,
+    kind: str = "classification",
+    time_bins: int = 20,
 ) -> dict:
-    """The verdict over every signal that has its inputs (no sensitivity analysis).
+    """The verdict over every signal that has its inputs (no sensitivity analysis); a
+    survival study (`kind`) has its own signals (survival_tests).
 
     ``final`` = False leaves out the separability interval (``site_accuracy_ci``), which
     no alarm depends on; see :func:`analyse`.
     """
     detailed = len(per_site) <= MAX_DETAILED_SITES
+    if kind == "survival":
+        return verdict(survival_tests(label_counts, per_site, thresholds, time_bins))
     tests = {
         "site_label_association": site_label_association(
             dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v
@@ -87,6 +113,8 @@ def analyse(
     seed: int = 0,
     *,
     final: bool = True,
+    kind: str = "classification",
+    time_bins: int = 20,
 ) -> dict:
     """`signals` plus the leave-one-site-out sensitivity of its conclusions (in `sensitivity`).
 
@@ -99,10 +127,12 @@ def analyse(
     nor the separability interval. The summary and the report read the last round's
     verdict, which has both; a round's own alarm never depends on them.
     """
-    full = signals(label_counts, per_site, moments, thresholds, cross_site, seed, final=final)
-    if not final:
-        full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [],
-                               "reason": "computed on the study's final round only"}
+    full = signals(label_counts, per_site, moments, thresholds, cross_site, seed, final=final, kind=kind,
+                   time_bins=time_bins)
+    if not final or kind != "classification":
+        reason = ("computed on the study's final round only" if kind == "classification" else
+                  "not computed for survival studies (leave-one-site-out reruns the classification signals)")
+        full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [], "reason": reason}
         return full
     if len(per_site) > MAX_DETAILED_SITES:
         full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [],

@@ -50,6 +50,7 @@ class Selection:
 
     criterion: str
     patience: int = 0
+    metric: str = "auc"  # the task kind's SELECTION_METRIC (fedir.tasks): auc, or survival's c_index
     round: int | None = None  # the selected round
     score: float | None = None  # its pooled validation AUC in `unit` (None: not computed)
     scored: bool = False  # chosen by a validation AUC (else: the last evaluated round)
@@ -63,6 +64,8 @@ class Selection:
         """Take one evaluated round's pooled validation entry (None when no site sent one);
         True when this round becomes the selected one."""
         self.last_round = server_round
+        if pooled_val is not None and self.unit is None and "per_patient" not in pooled_val:
+            self.unit = PER_PATIENT  # a task whose rows are patients (survival): no per-image level
         if pooled_val is not None and self.unit is None:
             per_patient = pooled_val.get("per_patient")
             self.unit = PER_PATIENT if per_patient else PER_IMAGE
@@ -88,35 +91,47 @@ class Selection:
     def _score(self, pooled_val: dict | None) -> float | None:
         if pooled_val is None:
             return None
-        entry = pooled_val.get("per_patient") if self.unit == PER_PATIENT else pooled_val
-        return None if not entry or entry.get("auc") is None else float(entry["auc"])
+        entry = self._entry(pooled_val)
+        return None if not entry or entry.get(self.metric) is None else float(entry[self.metric])
+
+    def _entry(self, pooled_val: dict) -> dict | None:
+        """The pooled validation entry at the unit: per patient (nested, or the entry itself
+        when the task has no per-image level), or per image."""
+        if self.unit == PER_PATIENT and "per_patient" in pooled_val:
+            return pooled_val.get("per_patient")
+        return pooled_val
 
     def _missing(self, pooled_val: dict | None) -> str:
         if pooled_val is None:
             return "no site reported validation metrics"
-        entry = (pooled_val.get("per_patient") if self.unit == PER_PATIENT else pooled_val) or {}
-        return str((entry.get("reasons") or {}).get("auc", "the pooled validation AUC was not computed"))
+        entry = self._entry(pooled_val) or {}
+        return str((entry.get("reasons") or {}).get(self.metric, f"the pooled validation {self.metric} was not computed"))
 
     def stop(self) -> EarlyStopped | None:
         """The early stop now due (`patience` evaluated rounds without improvement), or None."""
         if not self.patience or not self.scored or self.since_best < self.patience or self.last_round is None:
             return None
         return EarlyStopped(self.last_round, (
-            f"stopped early after round {self.last_round}: the pooled validation AUC has not improved for "
+            f"stopped early after round {self.last_round}: the pooled validation {self.label} has not improved for "
             f"{self.since_best} evaluated round(s) (train.patience = {self.patience}); the best was round "
             f"{self.round}'s, {self.score:.4f}"))
 
     def describe(self) -> str:
         """The criterion as summary.json and the report state it."""
         if self.criterion == LAST:
-            return ('last: the last evaluated round (eval.select = "last"); its validation AUC is shown, '
+            return (f'last: the last evaluated round (eval.select = "last"); its validation {self.label} is shown, '
                     "not used to choose")
         if not self.scored:
-            return (f"val-auc: no evaluated round had a pooled validation AUC ({self.unscored_reason}), "
+            return (f"val-auc: no evaluated round had a pooled validation {self.label} ({self.unscored_reason}), "
                     "so the last evaluated round is kept")
         unit = ("per patient (mean score over a patient's images)" if self.unit == PER_PATIENT
                 else f"per image (no per-patient validation metrics: {self.unit_reason})")
-        return f"val-auc: the highest pooled validation AUC, {unit}; the earliest round on ties"
+        return f"val-auc: the highest pooled validation {self.label}, {unit}; the earliest round on ties"
+
+    @property
+    def label(self) -> str:
+        """How the criterion names its metric: AUC, or a survival study's C-index."""
+        return "AUC" if self.metric == "auc" else "C-index"
 
     def state(self) -> dict[str, Any]:
         return asdict(self)

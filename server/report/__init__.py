@@ -30,6 +30,7 @@ from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
 from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
 from fedir.server.report.study import checklist_section, model_init_section
+from fedir.server.report.survival import survival_section
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary
 
@@ -40,6 +41,13 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     summary = build_summary(store, run_id)
     with_baseline = with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])
     rows = store.metric_rows(run_id)
+    if summary.get("task", "classification") != "classification":
+        sections = [summary_section(summary, store.verdict_history(run_id)), survival_section(rows, summary),
+                    bias_section(summary["bias"]), training_section(rows, summary["sites"]),
+                    notes_section(summary["notes"])]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render("report.html", run_id=run_id, sections=sections), encoding="utf-8")
+        return path
     sections = [
         summary_section(summary, store.verdict_history(run_id)),
         checklist_section(with_baseline["checklist"]),

@@ -38,15 +38,15 @@ def site_colours(sites: list[str]) -> dict[str, str]:
     return {**colours, GLOBAL_SITE: "#000000"}
 
 
-def auc_by_round(series: Series, sites: list[str]) -> str:
-    """Each site's test AUC per round with its CI band; the pooled AUC thick and black."""
+def auc_by_round(series: Series, sites: list[str], ylabel: str = "AUC (test patients)") -> str:
+    """Each site's test AUC (or `ylabel`'s metric) per round with its CI band; the pooled one thick and black."""
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=100)
     colours = site_colours(sites)
     for site in [*sites, GLOBAL_SITE]:
         if series.get(site):
             _plot_with_band(ax, site, colours[site], series[site])
     ax.axhline(0.5, color="#9aa5b1", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="round", ylabel="AUC (test patients)", ylim=(0, 1.02))
+    ax.set(xlabel="round", ylabel=ylabel, ylim=(0, 1.02))
     ax.set_xticks(sorted({r for points in series.values() for r, _ in points}))
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
@@ -62,6 +62,26 @@ def _plot_with_band(ax: Any, site: str, colour: str, points: list[tuple[int, dic
     if banded:
         r, lo, hi = zip(*banded)
         ax.fill_between(r, lo, hi, color=colour, alpha=0.12 if site == GLOBAL_SITE else 0.18)
+
+
+def kaplan_meier(curves: dict[str, dict], sites: list[str]) -> str:
+    """Each site's KM survival at its time-bin ends (a step curve from 1 at day 0), cut
+    where the site suppressed it (-1: fewer than k at risk)."""
+    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=100)
+    colours = site_colours(sites)
+    for site, km in curves.items():
+        width = float(km["time_bin_days"])
+        times, values = [0.0], [1.0]
+        for b, value in enumerate(km["survival"]):
+            if value < 0:
+                break
+            times.append((b + 1) * width)
+            values.append(value)
+        ax.step(times, values, where="post", label=site, color=colours.get(site))
+    ax.set(xlabel="days", ylabel="survival (Kaplan-Meier)", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return png(fig)
 
 
 def training_loss(series: Series, sites: list[str]) -> str:

@@ -1,0 +1,70 @@
+"""Task kind "classification": a class index per row (`label`), softmax outputs, AUC and friends.
+
+Wraps what fedir had before task kinds existed: fedir.metrics' per-site metrics and their
+pooling, cross-entropy (the objectives of fedir.client.objectives build on it, MixUp and
+the semi-supervised ones included), and the positive-class probability as the score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedir import metrics
+
+NAME = "classification"
+TARGET_COLUMNS = ("label",)
+target_width = 0  # one class index per row (int64, -1 = unlabelled)
+SUMMARY_METRICS = metrics.SCALAR_METRICS
+SELECTION_METRIC = "auc"
+USES_OBJECTIVES = True  # train.objective (supervised, fixmatch, mean_teacher) applies
+
+
+def parse_target(cells: Mapping[str, str], num_classes: int | None) -> int | None:
+    """A class index in 0..num_classes-1 (any non-negative one when None); empty = unlabelled."""
+    from fedir.tasks import RowError
+
+    raw = cells.get("label", "").strip()
+    if raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RowError(f"label {raw!r} is not a class index", "a label is not a class index") from None
+    if not value.is_integer() or value < 0:
+        raise RowError(f"label {raw!r} is not a non-negative class index",
+                       "a label is not a non-negative class index")
+    if num_classes is not None and value >= num_classes:
+        classes = f"0..{num_classes - 1}"
+        raise RowError(f"label {raw!r} is outside the task's classes {classes} (empty = unlabelled)",
+                       f"a label is outside the task's classes {classes}")
+    return int(value)
+
+
+def n_outputs(num_classes: int) -> int:
+    return num_classes
+
+
+def loss(output: Any, target: Any) -> Any:
+    """Cross-entropy of (B, C) logits against (B,) class indices."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(output, target)
+
+
+def score(output: Any) -> Any:
+    """The positive-class probability of (B, 2) logits."""
+    import torch
+
+    return torch.softmax(output.float(), dim=1)[:, 1]
+
+
+def site_metrics(target: np.ndarray, scores: np.ndarray, patients: Sequence[str], *, n_boot: int, seed: int,
+                 threshold: float, bins: int, **_: Any) -> dict:
+    return metrics.site_metrics(target, scores, patients, n_boot=n_boot, seed=seed, threshold=threshold, bins=bins)
+
+
+def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int, seed: int, **_: Any) -> dict:
+    return metrics.pooled_metrics(per_site, n_boot=n_boot, seed=seed)
