@@ -45,7 +45,8 @@ def test_a_two_round_survival_study_reports_every_site_and_the_verdict(brca, tmp
                         strategy_name="fedadam", train_rounds=2, train_local_steps=10, train_batch_size=8,
                         train_lr=0.1, train_weight_decay=0.0, eval_bootstrap=20, eval_select="last")
     summary = run_inprocess(settings, tmp_path)
-    assert summary == {**json.loads((tmp_path / "summary.json").read_text()), "upload_bytes": summary["upload_bytes"]}
+    in_process = {key: summary[key] for key in ("upload_bytes", "wire_bytes")}  # run_inprocess adds them
+    assert summary == {**json.loads((tmp_path / "summary.json").read_text()), **in_process}
     assert summary["status"] == "finished" and summary["task"] == "survival" and summary["evaluated_round"] == 2
     assert not [n for n in summary["notes"] if n["kind"] == "missing"]  # no site failed a round
     for region in REGIONS:
