@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from lifelines import CoxPHFitter  # noqa: E402
 from lifelines.utils import concordance_index  # noqa: E402
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.simulations.tcga_brca import REGIONS, import_tcga_brca  # noqa: E402
 from fedir.tasks.survival_metrics import pooled_c_index, site_survival_metrics  # noqa: E402
@@ -95,8 +95,7 @@ def main() -> None:
     result = {"exact_pooled_c": exact, "n_test": int(all_t.size), "events_test": int(all_e.sum()),
               "model": "lifelines CoxPHFitter(penalizer=0.1) on the pooled standardised training patients",
               "horizon_days": HORIZON_DAYS, "rows": rows,
-              "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpu_count": os.cpu_count(), "shared_machine": True},
+              "machine": describe(with_torch=False, shared_machine=True),
               "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "wall_s": time.time() - started}
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import flwr
 import torch
 from flwr.app import Message
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.client.client_app import build_client_app
 from fedir.config import Settings
@@ -96,8 +94,7 @@ def _compare(runs: dict[str, list[dict]]) -> dict:
 def main() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    result: dict = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                "torch": torch.__version__, "flwr": flwr.__version__, "shared_machine": True},
+    result: dict = {"machine": describe(shared_machine=True),
                     "uptime_start": _uptime()}
     with tempfile.TemporaryDirectory() as tmp:
         import_heart(Path(tmp) / "heart")

@@ -33,16 +33,15 @@ import csv
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import flwr
 import numpy as np
 import torch
 from lifelines.utils import concordance_index
+from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.config import Settings
 from fedir.simulations.inprocess import run_inprocess
@@ -57,10 +56,6 @@ PROTOCOLS = {"flamby": "none", "like_for_like": "federated"}
 T_975_DF4 = 2.776
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "flwr": flwr.__version__, "torch_threads": torch.get_num_threads(),
-            "shared_machine": True}
 
 
 def summarise(values: list[float]) -> dict:
@@ -230,7 +225,7 @@ def main() -> None:
                               "runs": runs}
                 print(f"{protocol:14s} {arm:16s} {table[arm]['mean_over_sites']['mean']:.3f} "
                       f"+- {table[arm]['mean_over_sites']['sd']:.3f}", flush=True)
-    result.update(machine=machine(), loadavg_start=load_start, loadavg_end=os.getloadavg(),
+    result.update(machine=describe(shared_machine=True), loadavg_start=load_start, loadavg_end=os.getloadavg(),
                   wall_s=time.time() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -48,7 +48,8 @@ from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.medmnist import import_medmnist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from semi_supervised import DATA, machine, score, split_tensors  # noqa: E402  (the sibling benchmark)
+from machine import describe  # noqa: E402  (benchmarks/ is on sys.path)
+from semi_supervised import DATA, score, split_tensors  # noqa: E402  (the sibling benchmark)
 
 ARMS = {"random": {}, "pretrained": {"init": True},
         "pretrained+freeze": {"init": True, "freeze": True}}
@@ -190,7 +191,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    result: dict = {"machine": machine(), "loadavg_start": os.getloadavg(),
+    result: dict = {"machine": describe(shared_machine=True), "loadavg_start": os.getloadavg(),
                     "budget": {k: v for k, v in vars(args).items() if k not in ("out", "table")},
                     "pretraining": "PneumoniaMNIST train split, central, resnet_small, AdamW, batch 64, weak augmentation; "
                                    "epoch chosen on PneumoniaMNIST val AUC",
