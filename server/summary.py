@@ -110,6 +110,7 @@ def selection_entry(store: RunStore, run_id: str, config: dict) -> dict:
         "round": selection.round,
         "criterion": selection.describe() if selection.round is not None else NOT_COMPUTED,
         "score": selection.score,
+        "metric": selection.metric,
         "unit": selection.unit,
         "stopped_early": bool(stops),
         "stop_reason": stops[-1] if stops else None,
@@ -123,9 +124,20 @@ def selection_line(summary: dict) -> str:
     selection = summary["selection"]
     if selection["round"] is None:
         return "Selected round: " + selection["criterion"]
-    score = "" if selection["score"] is None else f" (validation AUC {selection['score']:.3f})"
-    line = f"Selected round {selection['round']} of {summary['rounds']}: {selection['criterion']}{score}"
+    line = f"Selected round {selection['round']} of {summary['rounds']}: {selection['criterion']}{score_text(selection)}"
     return line + (f"\n{selection['stop_reason']}" if selection["stopped_early"] else "")
+
+
+METRIC_NAMES = {"auc": "AUC", "c_index": "C-index"}  # the task kinds' SELECTION_METRIC, as printed
+
+
+def score_text(selection: dict) -> str:
+    """" (validation AUC 0.812)": the selected round's score in the task kind's metric
+    (a survival study's C-index), or "" when none was computed."""
+    if selection.get("score") is None:
+        return ""
+    metric = selection.get("metric") or "auc"
+    return f" (validation {METRIC_NAMES.get(metric, metric)} {selection['score']:.3f})"
 
 
 def privacy_entry(store: RunStore, run_id: str, config: dict) -> dict:

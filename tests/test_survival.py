@@ -12,6 +12,7 @@ from fedir.client.manifest import ManifestError, read_manifest
 from fedir.client.tabular import read_tabular_site
 from fedir.config import Settings, SettingsError
 from fedir.protocol import decode_evaluation, encode_evaluation
+from fedir.server.summary import selection_line
 from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.tasks import task_of
 from fedir.tasks.survival import loss
@@ -231,6 +232,10 @@ def test_a_survival_study_selects_its_round_on_the_validation_c_index(tmp_path):
     summary = run_inprocess(settings, tmp_path / "run")
     selection = summary["selection"]
     assert selection["score"] is not None and "validation C-index" in selection["criterion"]
+    # the terminal and the report name the score by the kind's metric, not as an AUC
+    assert selection["metric"] == "c_index"
+    assert f"(validation C-index {selection['score']:.3f})" in selection_line(summary)
+    assert "validation AUC" not in (tmp_path / "run" / "report.html").read_text()
     assert summary["global"]["c_index"] > 0.6  # the risk follows clin_a
     assert all(entry["c_index_ci"] is not None for entry in summary["per_site"].values())
 

@@ -11,7 +11,7 @@ from markupsafe import Markup
 
 from fedir.server.report.render import render
 from fedir.server.runstore import verdict_changes, verdict_is_final
-from fedir.server.summary import key_numbers
+from fedir.server.summary import key_numbers, score_text
 
 _NOTE_KINDS = {"null_metric": "metric not computed", "rejected": "update rejected"}
 
@@ -31,8 +31,7 @@ def summary_section(summary: dict, history: list[dict]) -> Markup:
         ("sites", len(summary["sites"])), ("report generated", generated),
     ]
     selection = summary["selection"]
-    score = "" if selection["score"] is None else f" (validation AUC {selection['score']:.3f})"
-    facts.append(("selected by", selection["criterion"] + score))
+    facts.append(("selected by", selection["criterion"] + score_text(selection)))
     if selection["stopped_early"]:
         facts.append(("early stop", selection["stop_reason"]))
     privacy = summary.get("privacy") or {}
