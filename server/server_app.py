@@ -331,7 +331,8 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     # Tabular sites: the feature names and federated statistics come first (a query), and
     # with them the kind of data, which `model.name` must fit before round 1.
     features = gather_feature_sums(grid, min_nodes)
-    model = build_model(resolve_model(settings.model_name, tabular=features.sums is not None),
+    model = build_model(resolve_model(settings.model_name, tabular=features.sums is not None,
+                                      kind=settings.task_kind),
                         seed=settings.train_seed, n_features=len(features.names),
                         spatial_dims=settings.spatial_dims,
                         n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))
