@@ -166,12 +166,12 @@ class StudyRecorder:
         result = self.bias(replies.per_site, moments, final=replies.server_round >= self.settings.train_rounds)
         self.store.record_bias(self.run_id, replies.server_round, result)
         for export in self.exports:
-            export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, result["alarm"]))
+            export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, bool(result["alarm"])))
         level = (pooled or {}).get("per_patient") or pooled or {}  # per patient where there is
         metric = task_of(self.settings.task_kind).SELECTION_METRIC
         value = level.get(metric)
         self.progress.set_postfix(
-            {metric: "n/a" if value is None else f"{value:.3f}", "alarm": "YES" if result["alarm"] else "no"}
+            {metric: "n/a" if value is None else f"{value:.3f}", "alarm": {True: "YES", False: "no", None: "n/a"}[result["alarm"]]}
         )
         self.progress.update(1)
 

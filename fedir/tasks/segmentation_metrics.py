@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -62,8 +62,10 @@ def per_image_metrics(target: np.ndarray, predicted: np.ndarray) -> tuple[np.nda
     # MONAI warns of an empty class and numpy of an all-NaN mean: NaN is the intended answer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (RuntimeWarning, UserWarning, FutureWarning))
-        dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, y).numpy()
-        hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(p, y).numpy()
+        # (N, 2) per image and foreground class; both return a tensor for tensor inputs
+        dice = cast(torch.Tensor, DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, y)).numpy()
+        hd = cast(torch.Tensor, HausdorffDistanceMetric(include_background=False, percentile=95,
+                                                        reduction="none")(p, y)).numpy()
         hd = np.where(np.isfinite(hd), hd, np.nan)
         return np.nanmean(dice, axis=1), np.nanmean(hd, axis=1)
 
