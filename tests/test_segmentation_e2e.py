@@ -11,6 +11,7 @@ import pytest
 from fedir.client.inputs import view_of
 from fedir.client.training import pick_device, predict
 from fedir.models import build_model
+from fedir.server.summary import format_site_table
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.scenario import ScenarioError, load_scenario
 from fedir.simulations.synthetic import generate_federation
@@ -65,8 +66,11 @@ def test_a_segmentation_federation_reports_dice_hd95_and_a_verdict(federation) -
     assert bias["alarm"] is None and "segmentation" in bias["reasons"][0]
     assert bias["tests"]["dice_heterogeneity"]["computable"]
     report = (root / "run" / "report.html").read_text()
-    assert "Dice" in report and all(site in report for site in SITES)
+    assert "<h2>Dice by round</h2>" in report and all(site in report for site in SITES)
+    assert f"{pooled['dice']:.3f} [{pooled['dice_ci'][0]:.3f}, {pooled['dice_ci'][1]:.3f}]" in report
     assert "per_patient" not in json.dumps(summary["per_site"])
+    table = format_site_table(summary)
+    assert "Dice [95% CI]" in table and all(site in table for site in SITES)
 
 
 def test_a_segmentation_scenario_without_masks_is_refused_before_round_1(tmp_path) -> None:
