@@ -126,7 +126,8 @@ def selection_line(summary: dict) -> str:
     selection = summary["selection"]
     if selection["round"] is None:
         return "Selected round: " + selection["criterion"]
-    score = "" if selection["score"] is None else f" (validation AUC {selection['score']:.3f})"
+    label = {"survival": "C-index", "segmentation": "Dice"}.get(summary.get("task", "classification"), "AUC")
+    score = "" if selection["score"] is None else f" (validation {label} {selection['score']:.3f})"
     line = f"Selected round {selection['round']} of {summary['rounds']}: {selection['criterion']}{score}"
     return line + (f"\n{selection['stop_reason']}" if selection["stopped_early"] else "")
 

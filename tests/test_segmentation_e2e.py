@@ -11,7 +11,7 @@ import pytest
 from fedir.client.inputs import view_of
 from fedir.client.training import pick_device, predict
 from fedir.models import build_model
-from fedir.server.summary import format_site_table
+from fedir.server.summary import format_site_table, selection_line
 from fedir.simulations.inprocess import run_inprocess
 from fedir.simulations.scenario import ScenarioError, load_scenario
 from fedir.simulations.synthetic import generate_federation
@@ -69,6 +69,7 @@ def test_a_segmentation_federation_reports_dice_hd95_and_a_verdict(federation) -
     assert "<h2>Dice by round</h2>" in report and all(site in report for site in SITES)
     assert f"{pooled['dice']:.3f} [{pooled['dice_ci'][0]:.3f}, {pooled['dice_ci'][1]:.3f}]" in report
     assert "per_patient" not in json.dumps(summary["per_site"])
+    assert "(validation Dice " in selection_line(summary)
     table = format_site_table(summary)
     assert "Dice [95% CI]" in table and all(site in table for site in SITES)
 
