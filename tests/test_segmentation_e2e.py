@@ -81,3 +81,15 @@ def test_a_segmentation_scenario_without_masks_is_refused_before_round_1(tmp_pat
     with pytest.raises(ScenarioError, match="needs masks") as err:
         load_scenario(toml)
     assert "\n" not in str(err.value)
+
+
+def test_the_segmentation_scenario_file_loads(tmp_path) -> None:
+    import shutil
+    from pathlib import Path
+
+    generate_federation(tmp_path / "demo-data" / "segmentation", sites=4, patients=2, seed=0, image_size=32,
+                        progress=False, mask_fraction=0.0)
+    (tmp_path / "scenarios").mkdir()
+    shutil.copy(Path(__file__).parents[1] / "scenarios" / "segmentation.toml", tmp_path / "scenarios")
+    settings = load_scenario(tmp_path / "scenarios" / "segmentation.toml")
+    assert settings.task_kind == "segmentation" and len(settings.sites) == 4
