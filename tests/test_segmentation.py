@@ -117,3 +117,24 @@ def test_segmentation_refuses_what_it_cannot_use(key, value):
 def test_a_basic_unet_needs_the_segmentation_kind():
     with pytest.raises(SettingsError, match="segmentation"):
         Settings.from_run_config({"model.name": "basic_unet"})
+
+
+def test_a_segmentation_evaluation_crosses_as_fixed_length_aggregates_and_round_trips():
+    from fedir.protocol import METRICS_KEY, decode_evaluation, encode_evaluation
+
+    lengths = set()
+    for n in (5, 17):  # the reply's shape must not depend on the site's size
+        ref, pred = _masks(n, 32, seed=n)
+        patients = [f"p{i // 2}" for i in range(n)]
+        test = site_segmentation_metrics(ref[:, None], pred, patients, n_boot=50, seed=0)
+        val = site_segmentation_metrics(ref[:, None], pred, patients, n_boot=0, seed=0)
+        content = encode_evaluation("site-a", test, val=val, kind="segmentation")
+        rec = content.metric_records[METRICS_KEY]
+        lengths |= {len(v) for v in rec.values() if isinstance(v, list)}
+        keys = set(rec)
+        name, back = decode_evaluation(content)
+        assert name == "site-a" and back["dice"] == pytest.approx(test["dice"])
+        assert back["dice_ci"] == pytest.approx(test["dice_ci"]) and back["val"]["dice_ci"] is None
+        assert back[DICE_HIST] == test[DICE_HIST] and back["sums"] == pytest.approx(test["sums"])
+    assert lengths == {2, 4, DICE_BINS}  # CIs, the per-patient sums, the Dice histogram
+    assert not any("patient-" in k for k in keys)
