@@ -166,7 +166,7 @@ class StudyRecorder:
         result = self.bias(replies.per_site, moments, final=replies.server_round >= self.settings.train_rounds)
         self.store.record_bias(self.run_id, replies.server_round, result)
         for export in self.exports:
-            export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, bool(result["alarm"])))
+            export.write(replies.server_round, evaluation_scalars(replies.per_site, pooled, result["alarm"]))
         level = (pooled or {}).get("per_patient") or pooled or {}  # per patient where there is
         metric = task_of(self.settings.task_kind).SELECTION_METRIC
         value = level.get(metric)

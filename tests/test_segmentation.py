@@ -138,3 +138,13 @@ def test_a_segmentation_evaluation_crosses_as_fixed_length_aggregates_and_round_
         assert back[DICE_HIST] == test[DICE_HIST] and back["sums"] == pytest.approx(test["sums"])
     assert lengths == {2, 4, DICE_BINS}  # CIs, the per-patient sums, the Dice histogram
     assert not any("patient-" in k for k in keys)
+
+
+def test_a_segmentation_rounds_export_carries_dice_and_no_alarm_number():
+    from fedir.server.export import evaluation_scalars
+
+    ref, pred = _masks(6, 32, seed=4)
+    site = site_segmentation_metrics(ref[:, None], pred, [f"p{i}" for i in range(6)], n_boot=50, seed=0)
+    scalars = evaluation_scalars({"site-a": site}, pooled_segmentation_metrics({"site-a": site}), None)
+    assert scalars["dice/site-a"] == pytest.approx(site["dice"]) and "hd95/global" in scalars
+    assert "dice_ci_low/site-a" in scalars and "bias/alarm" not in scalars
