@@ -34,6 +34,7 @@ def federation(tmp_path_factory):
     return root, toml
 
 
+@pytest.mark.slow  # ~30 s on one core: in `make test`, not in test-fast
 def test_a_segmentation_federation_reports_dice_hd95_and_a_verdict(federation) -> None:
     root, toml = federation
     settings = load_scenario(toml)
