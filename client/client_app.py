@@ -88,7 +88,7 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
-    model = build_model(resolve_model(settings.model_name, view.tabular), n_features=view.n_features,
+    model = build_model(resolve_model(settings.model_name, view.tabular, settings.task_kind), n_features=view.n_features,
                         spatial_dims=settings.spatial_dims, n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))
     received = as_tensors(decode_weights(arrays, state_shapes(model)))  # DP's shapes undone
     load_global(model, received, context.state, kept_keys(model, settings))

@@ -81,6 +81,8 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
         raise ValueError(f"data.inputs = {inputs!r}: choose one of {', '.join(allowed(Inputs))}")
     if inputs == "clinical" or is_tabular_site(site_dir):
         return _tabular_view(site_dir, val, test, kind)
+    if kind == "segmentation":
+        return _segmentation_view(site_dir, image_size, frame_policy, val, test, cache_dir)
     if kind != "classification":
         raise ManifestError(f"{site_dir}: task.kind = {kind!r} reads tabular sites only for now (time, event and "
                             "clin_* columns, no path)", f"task.kind = {kind!r} reads tabular sites only for now")
@@ -138,6 +140,34 @@ def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float,
     )
 
 
+@lru_cache(maxsize=16)
+def _segmentation_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float,
+                       cache_dir: str | None = None) -> SiteView:
+    """An imaging site for task.kind = segmentation: in every split, the images with a usable
+    mask and their label maps, (N, 1, S, S) int64 targets (the patient split is the
+    classification one: fedir.client.split). The images without a mask are not trained on
+    (the supervised DiceCE objective; a semi-supervised one would use them) and not scored.
+    `label_counts` is empty: a segmentation site has no class per patient."""
+    view = _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir)
+    assert view.imaging is not None
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+    for split in ("train", "val", "test"):
+        part = view.imaging.split(split)
+        if part.mask_of is None or part.masks is None or part.mask_count == 0:
+            parts[split] = (part.images[:0], torch.zeros((0, 1, image_size, image_size), dtype=torch.int64), [])
+            continue
+        outlined = part.mask_of >= 0
+        parts[split] = (part.images[outlined], part.masks[part.mask_of[outlined]].to(torch.int64),
+                        [p for p, keep in zip(part.patients, outlined.tolist()) if keep])
+    return SiteView(
+        name=view.name, tabular=False,
+        train_x=parts["train"][0], train_y=parts["train"][1],
+        test_x=parts["test"][0], test_y=parts["test"][1], test_patients=parts["test"][2],
+        val_x=parts["val"][0], val_y=parts["val"][1], val_patients=parts["val"][2],
+        label_counts={}, skipped=view.skipped, imaging=view.imaging, acquired=view.acquired,
+    )
+
+
 def check_manifest(site_dir: str, inputs: str, kind: str = "classification") -> None:
     """Read the site's manifest as `load_view` would, without decoding an image: the
     ManifestError the site would raise on its first message (a simulation checks every
@@ -147,6 +177,14 @@ def check_manifest(site_dir: str, inputs: str, kind: str = "classification") -> 
         acquired_by_patient(site_dir)
     else:
         read_manifest(site_dir, NUM_CLASSES, kind)
+
+
+def masked_rows(site_dir: str) -> int:
+    """Rows of an imaging site's manifest that name a mask (the labelled set of a
+    segmentation site; whether each mask is usable is known only once it is read)."""
+    if is_tabular_site(site_dir):
+        return 0
+    return sum(row.mask is not None for row in read_manifest(site_dir, NUM_CLASSES, "segmentation"))
 
 
 def view_of(site_dir: str, settings: Settings, cache_dir: str | None = None) -> SiteView:

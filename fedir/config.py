@@ -32,7 +32,7 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", 
 ObjectiveName = Literal["supervised", "fixmatch", "mean_teacher"]
 Optimizer = Literal["adamw", "sgd"]
 UpdateDtype = Literal["float32", "float16"]
-ImageModel = Literal["resnet_small", "resnet10", "resnet18", "densenet121"]
+ImageModel = Literal["resnet_small", "resnet10", "resnet18", "densenet121", "basic_unet"]
 TabularModel = Literal["logreg", "mlp"]
 ModelName = Literal["auto", ImageModel, TabularModel]
 FramePolicy = Literal["mip", "middle", "all", "peak", "volume"]  # and every-K (K >= 1)
@@ -50,7 +50,7 @@ Freeze = Literal["none", "encoder"]
 MEAN_AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # How the reported and saved round is chosen (fedir.strategies.selection): never on test.
 Select = Literal["val-auc", "last"]
-TaskKind = Literal["classification", "survival"]  # fedir.tasks.KINDS: one module per kind
+TaskKind = Literal["classification", "survival", "segmentation"]  # fedir.tasks.KINDS: one module per kind
 # Test metrics per acquisition period (manifest column `acquired`; fedir.client.drift).
 DriftPeriod = Literal["year", "quarter", "off"]
 DPMode = Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"]
@@ -112,7 +112,8 @@ class Settings:
 
     task_kind: TaskKind = setting(
         "classification", "what the sites' manifests hold and the model predicts: classification (`label`, a class "
-        "index) | survival (`time` in days and `event` 0/1: a Cox model, C-indices) (fedir.tasks)")
+        "index) | survival (`time` in days and `event` 0/1: a Cox model, C-indices) | segmentation (the `mask` "
+        "column's label maps: a MONAI BasicUNet, DiceCE, Dice and HD95) (fedir.tasks)")
     federation_sites: str = setting("", "site folders, separated by ';' (simulation only)")
     federation_min_sites: int = setting(0, "sites that must answer each round; 0 = every site", AT_LEAST_0)
     federation_arm: Arm = setting(
@@ -402,10 +403,15 @@ def check_combinations(settings: Settings) -> None:
 
 
 def check_task(settings: Settings) -> None:
-    """What a survival study cannot use, naming the setting: the semi-supervised objectives,
-    MixUp and SMOTE need class labels; a Cox model has no intercept (the partial likelihood
-    does not see it); the cross-site matrix and the clinical companion score AUCs."""
+    """What a survival or segmentation study cannot use, naming the setting: the
+    semi-supervised objectives, MixUp and SMOTE need class labels (segmentation trains
+    supervised on its masked images only, for now); a Cox model has no intercept (the partial
+    likelihood does not see it); the cross-site matrix and the clinical companion score AUCs.
+    A segmentation model is a BasicUNet, and a BasicUNet segments only."""
     if settings.task_kind == "classification":
+        if settings.model_name == "basic_unet":
+            raise SettingsError("model.name = 'basic_unet' is a segmentation network: it needs "
+                                "task.kind = \"segmentation\"")
         return
     kind = f"task.kind = {settings.task_kind!r}"
     refused = {
@@ -416,10 +422,17 @@ def check_task(settings: Settings) -> None:
         "bias.cross-site": (settings.bias_cross_site, "false"),
         "baseline.clinical": (settings.baseline_clinical, "false"),
     }
+    if settings.task_kind == "segmentation":
+        refused["train.freeze"] = (settings.train_freeze != "none", "none")
     for key, (bad, choose) in refused.items():
         if bad:
             raise SettingsError(f"{kind} cannot use {key} = {getattr(settings, key.replace('.', '_').replace('-', '_'))!r} "
                                 f"(it needs class labels or an intercept); set {key} = {choose}")
+    if settings.task_kind == "segmentation":
+        if settings.model_name not in ("auto", "basic_unet"):
+            raise SettingsError(f"{kind} trains a MONAI BasicUNet: model.name = {settings.model_name!r} "
+                                "is not a segmentation network; choose auto or basic_unet")
+        return
     if settings.model_name not in ("auto", "logreg", "mlp"):
         raise SettingsError(f"{kind} trains tabular sites only for now (a linear Cox model, or an mlp risk model); "
                             f"model.name = {settings.model_name!r} is an image network: choose auto, logreg or mlp")

@@ -23,16 +23,18 @@ NUM_CLASSES = 2
 IMAGE_MODELS = allowed(ImageModel)
 TABULAR_MODELS = allowed(TabularModel)
 MODEL_NAMES = IMAGE_MODELS + TABULAR_MODELS
+# BasicUNet's channels per level (MONAI's default halved: 0.5 M parameters, CPU-trainable at 64 px)
+UNET_FEATURES = (16, 16, 32, 64, 128, 16)
 AUTO_MODEL = {True: "logreg", False: "resnet_small"}  # model.name = auto, by tabular or not
 
 
-def resolve_model(name: str, tabular: bool) -> str:
+def resolve_model(name: str, tabular: bool, kind: str = "classification") -> str:
     """The network `model.name` asks for on this federation's data: `auto` follows the data
     (logistic regression for tabular sites, as the heart benchmarks use; resnet_small for
-    images). An image network on tabular rows, or a tabular one on images, cannot train at
+    images; a BasicUNet for `kind` = segmentation). An image network on tabular rows, or a tabular one on images, cannot train at
     all, so it is refused before round 1 (server) or on the first message (site)."""
     if name == "auto":
-        return AUTO_MODEL[tabular]
+        return "basic_unet" if kind == "segmentation" else AUTO_MODEL[tabular]
     if tabular and name not in TABULAR_MODELS:
         raise SettingsError(f"model.name = {name!r} is an image model, but the sites hold tabular rows; "
                             f"choose auto or one of {', '.join(TABULAR_MODELS)}")
@@ -63,7 +65,11 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     # MONAI only for an imaging model: importing it costs seconds, and a deployed ClientApp
     # imports everything afresh for every message (a tabular site never needs it)
-    from monai.networks.nets import DenseNet121, ResNet, resnet10, resnet18
+    from monai.networks.nets import BasicUNet, DenseNet121, ResNet, resnet10, resnet18
+
+    if name == "basic_unet":  # task.kind = segmentation: one logit map per class
+        return BasicUNet(spatial_dims=spatial_dims, in_channels=1, out_channels=n_outputs,
+                         features=UNET_FEATURES)
 
     if name == "resnet_small":
         return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128],

@@ -26,6 +26,7 @@ from flwr.compat.common import recorddict_compat as legacy
 
 from fedir.config import UpdateDtype, allowed
 from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS, SCORE_SUMS
+from fedir.tasks.segmentation_metrics import SEG_COUNTS, SEG_FLOAT_VECTORS, SEG_INT_VECTORS, SEG_SCALARS
 from fedir.tasks.survival_metrics import (
     SURVIVAL_COUNTS,
     SURVIVAL_FLOAT_VECTORS,
@@ -188,6 +189,13 @@ def _key(name: str) -> str:
 VAL_KEY = "val"
 TASK_KEY = "task-kind"  # the task kind of an evaluation reply (fedir.tasks)
 SURVIVAL = "survival"
+SEGMENTATION = "segmentation"
+# The kinds whose evaluation is one flat set (no per-image / per-patient pair): its counts,
+# scalars with CIs, integer and float vectors (fedir.tasks.survival_metrics, segmentation_metrics)
+_FLAT_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    SURVIVAL: (SURVIVAL_COUNTS, SURVIVAL_SCALARS, SURVIVAL_INT_VECTORS, SURVIVAL_FLOAT_VECTORS),
+    SEGMENTATION: (SEG_COUNTS, SEG_SCALARS, SEG_INT_VECTORS, SEG_FLOAT_VECTORS),
+}
 _PATIENT_PREFIX = "patient-"
 _VAL_PREFIX = "val-"
 
@@ -237,31 +245,36 @@ def _put_scalar(rec: MetricRecord, key: str, value: float | None, ci: Any) -> No
     rec[f"{key}-ci-ok"] = 0 if ci is None else 1
 
 
-def _put_survival_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any]) -> None:
-    """A survival evaluation (fedir.tasks.survival_metrics.site_survival_metrics): counts,
-    C-indices with CIs, the within-site pair counts, the joint histogram, the KM curve."""
-    for name in SURVIVAL_COUNTS:
+def _put_flat_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any],
+                  kind: str) -> None:
+    """A survival (fedir.tasks.survival_metrics.site_survival_metrics: counts, C-indices with
+    CIs, the within-site pair counts, the joint histogram, the KM curve) or segmentation
+    evaluation (fedir.tasks.segmentation_metrics: counts, Dice and HD95 with CIs, the Dice
+    histogram, the per-patient sums)."""
+    counts, scalars, int_vectors, float_vectors = _FLAT_SETS[kind]
+    for name in counts:
         rec[prefix + _key(name)] = int(metrics[name])
-    for name in SURVIVAL_SCALARS:
+    for name in scalars:
         _put_scalar(rec, prefix + _key(name), metrics.get(name), metrics.get(f"{name}_ci"))
-    for name in SURVIVAL_INT_VECTORS:
+    for name in int_vectors:
         rec[prefix + _key(name)] = [int(v) for v in metrics[name]]
-    for name in SURVIVAL_FLOAT_VECTORS:
+    for name in float_vectors:
         rec[prefix + _key(name)] = [float(v) for v in metrics[name]]
     site_rec[prefix + "reasons"] = json.dumps(metrics.get("reasons", {}))
 
 
-def _get_survival_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> dict[str, Any]:
-    """The inverse of _put_survival_set."""
-    out: dict[str, Any] = {name: int(_number(rec[prefix + _key(name)], name)) for name in SURVIVAL_COUNTS}
-    for name in SURVIVAL_SCALARS:
+def _get_flat_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, kind: str) -> dict[str, Any]:
+    """The inverse of _put_flat_set."""
+    counts, scalars, int_vectors, float_vectors = _FLAT_SETS[kind]
+    out: dict[str, Any] = {name: int(_number(rec[prefix + _key(name)], name)) for name in counts}
+    for name in scalars:
         key = prefix + _key(name)
         out[name] = _number(rec[key], name) if rec[f"{key}-ok"] else None
         ci = _numbers(rec[f"{key}-ci"], f"{name}-ci")
         out[f"{name}_ci"] = [ci[0], ci[1]] if rec[f"{key}-ci-ok"] else None
-    for name in SURVIVAL_INT_VECTORS:
+    for name in int_vectors:
         out[name] = [int(v) for v in _numbers(rec[prefix + _key(name)], name)]
-    for name in SURVIVAL_FLOAT_VECTORS:
+    for name in float_vectors:
         out[name] = _numbers(rec[prefix + _key(name)], name)
     out["reasons"] = json.loads(str(site_rec[prefix + "reasons"]))
     return out
@@ -270,9 +283,10 @@ def _get_survival_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) ->
 def _put_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any],
                kind: str = "classification") -> None:
     """A split's metrics: per image under `prefix`, per patient (when there are) beside them;
-    a survival split is one row per patient already."""
-    if kind == SURVIVAL:
-        _put_survival_set(rec, site_rec, prefix, metrics)
+    a survival split is one row per patient already, a segmentation split aggregated per
+    patient at the site."""
+    if kind in _FLAT_SETS:
+        _put_flat_set(rec, site_rec, prefix, metrics, kind)
         return
     _put_metric_set(rec, site_rec, prefix, metrics)
     per_patient = metrics.get("per_patient")
@@ -282,8 +296,8 @@ def _put_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: 
 
 
 def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, kind: str = "classification") -> dict[str, Any]:
-    if kind == SURVIVAL:
-        return _get_survival_set(rec, site_rec, prefix)
+    if kind in _FLAT_SETS:
+        return _get_flat_set(rec, site_rec, prefix, kind)
     out = _get_metric_set(rec, site_rec, prefix)
     has_patients = rec.get(prefix + _PATIENT_PREFIX + "ok", 0)
     out["per_patient"] = _get_metric_set(rec, site_rec, prefix + _PATIENT_PREFIX) if has_patients else None
@@ -296,7 +310,8 @@ def encode_evaluation(
     kind: str = "classification",
 ) -> RecordDict:
     """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict (`kind` =
-    "survival": fedir.tasks.survival_metrics' dicts; the kind travels in the ConfigRecord).
+    "survival" / "segmentation": fedir.tasks' survival_metrics / segmentation_metrics dicts;
+    the kind travels in the ConfigRecord).
 
     `metrics` are the test patients', `val` the validation patients' (both with their
     `per_patient` set). `embedding` (fedir.client.embedding: counts, means and covariances

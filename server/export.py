@@ -4,7 +4,9 @@ runs.sqlite stays the source of truth; this is a one-way copy written as each ro
 recorded. Both exports use the same names, grouped by metric so each tool draws one chart
 per metric with a line per site: ``auc/site-0`` ... ``auc/global``, their 95% CIs as
 ``auc_ci_low/<site>`` and ``auc_ci_high/<site>``, ``train_loss/<site>``, and ``bias/alarm``
-(1 when the verdict alarms). The step is the round. A metric that could not be computed
+(1 when the verdict alarms; left out when it is null, as a segmentation study's is). A
+survival or segmentation study exports its own metrics the same way (``c_index/<site>``,
+``dice/<site>``, ``hd95/<site>``: fedir.tasks' SUMMARY_METRICS). The step is the round. A metric that could not be computed
 is left out (its reason is in runs.sqlite), never exported as a number.
 
 ``[monitor] tensorboard = "DIR"`` writes event files under ``DIR/<run id>/``; ``[monitor]
@@ -22,8 +24,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fedir.config import Settings, SettingsError
-from fedir.metrics import SCALAR_METRICS
 from fedir.server.runstore import GLOBAL_SITE
+from fedir.tasks import KINDS
 
 MLFLOW_EXPERIMENT = "fedir"
 
@@ -42,12 +44,16 @@ def training_scalars(per_site: Mapping[str, dict]) -> dict[str, float]:
             if isinstance(values.get("train_loss"), (int, float))}
 
 
-def evaluation_scalars(per_site: Mapping[str, dict], pooled: dict | None, alarm: bool) -> dict[str, float]:
+# every task kind's scalar metrics, in order: a site's entry holds only its own kind's
+EXPORTED_METRICS = tuple(dict.fromkeys(m for task in KINDS.values() for m in task.SUMMARY_METRICS))
+
+
+def evaluation_scalars(per_site: Mapping[str, dict], pooled: dict | None, alarm: bool | None) -> dict[str, float]:
     """Every site's and the pooled rate metrics with CI bounds, and the alarm (see the module docstring)."""
     scalars: dict[str, float] = {}
     entries = {**per_site, **({GLOBAL_SITE: pooled} if pooled else {})}
     for site, values in entries.items():
-        for metric in SCALAR_METRICS:
+        for metric in EXPORTED_METRICS:
             if values.get(metric) is None:
                 continue
             scalars[f"{metric}/{site}"] = float(values[metric])
@@ -55,7 +61,8 @@ def evaluation_scalars(per_site: Mapping[str, dict], pooled: dict | None, alarm:
             if ci and None not in ci:
                 scalars[f"{metric}_ci_low/{site}"] = float(ci[0])
                 scalars[f"{metric}_ci_high/{site}"] = float(ci[1])
-    scalars["bias/alarm"] = float(alarm)
+    if alarm is not None:
+        scalars["bias/alarm"] = float(alarm)
     return scalars
 
 

@@ -171,7 +171,7 @@ class StudyRecorder:
         metric = task_of(self.settings.task_kind).SELECTION_METRIC
         value = level.get(metric)
         self.progress.set_postfix(
-            {metric: "n/a" if value is None else f"{value:.3f}", "alarm": "YES" if result["alarm"] else "no"}
+            {metric: "n/a" if value is None else f"{value:.3f}", "alarm": {True: "YES", False: "no", None: "n/a"}[result["alarm"]]}
         )
         self.progress.update(1)
 
@@ -331,7 +331,8 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     # Tabular sites: the feature names and federated statistics come first (a query), and
     # with them the kind of data, which `model.name` must fit before round 1.
     features = gather_feature_sums(grid, min_nodes)
-    model = build_model(resolve_model(settings.model_name, tabular=features.sums is not None),
+    model = build_model(resolve_model(settings.model_name, tabular=features.sums is not None,
+                                      kind=settings.task_kind),
                         seed=settings.train_seed, n_features=len(features.names),
                         spatial_dims=settings.spatial_dims,
                         n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))

@@ -26,6 +26,7 @@ from fedir.strategies.drift_trend import pooled_trend, site_trend
 from fedir.strategies.privacy_budget import ACCOUNTANT
 from fedir.strategies.selection import EarlyStopped, Selection
 from fedir.tasks import task_of
+from fedir.tasks.segmentation_metrics import DICE_HIST, SEG_SCALARS
 from fedir.tasks.survival_metrics import KM_AT_RISK, KM_SURVIVAL, SURVIVAL_SCALARS
 
 NOT_COMPUTED = "not computed: no evaluation round was recorded"
@@ -54,7 +55,9 @@ def build_summary(store: RunStore, run_id: str) -> dict:
     evaluated = store.site_metrics(run_id, last_eval) if last_eval is not None else {}
     sites = _site_names(run["sites"], evaluated)
     kind = run["config"].get("task.kind", "classification")
-    if kind != "classification":
+    if kind == "segmentation":
+        entry = segmentation_entry
+    elif kind != "classification":
         def entry(metrics: dict | None, server_round: int | None) -> dict:
             return survival_entry(metrics, server_round, run["config"].get("eval.time-bin-days", 180.0))
     else:
@@ -128,7 +131,7 @@ def selection_line(summary: dict) -> str:
     return line + (f"\n{selection['stop_reason']}" if selection["stopped_early"] else "")
 
 
-METRIC_NAMES = {"auc": "AUC", "c_index": "C-index"}  # the task kinds' SELECTION_METRIC, as printed
+METRIC_NAMES = {"auc": "AUC", "c_index": "C-index", "dice": "Dice"}  # the task kinds' SELECTION_METRIC, as printed
 
 
 def score_text(selection: dict) -> str:
@@ -247,6 +250,26 @@ def survival_entry(metrics: dict | None, server_round: int | None, time_bin_days
     return entry
 
 
+def segmentation_entry(metrics: dict | None, server_round: int | None) -> dict:
+    """One site's (or the pooled) segmentation entry (fedir.tasks.segmentation_metrics): the
+    masked test images and patients, Dice and HD95 (pixels at the model's input size) with
+    CIs (`dice`, `dice_ci`, `hd95`, `hd95_ci`), the images without foreground or without an
+    HD95, the histogram of per-image Dice. Every absent metric is null with a reason."""
+    metrics = metrics or {}
+    reasons = dict(metrics.get("reasons") or {})
+    entry: dict[str, Any] = {"n_test": metrics.get("n") or 0, "n_patients": metrics.get("n_patients")}
+    for name in SEG_SCALARS:
+        entry[name] = metrics.get(name)
+        entry[name + "_ci"] = metrics.get(name + "_ci")
+        if entry[name] is None and name not in reasons:
+            reasons[name] = _missing_reason(metrics, server_round)
+    for name in ("n_no_foreground", "n_no_hd95"):
+        entry[name] = metrics.get(name)
+    entry["dice_hist"] = metrics.get(DICE_HIST)
+    entry["reasons"] = reasons
+    return entry
+
+
 def _calibration_and_binning(metrics: dict) -> dict[str, Any]:
     """The pooled AUC's binning error bound (pooled entries only), the ECE and the
     reliability rows (fedir.metrics.calibration) where the site sent score sums."""
@@ -327,6 +350,8 @@ def fmt_with_ci(value: float | None, ci: list | None) -> str:
 def format_site_table(summary: dict) -> str:
     """A plain-text per-site table (per patient first, the per-image AUC beside), the
     global row, the decision threshold, the verdict line and n/a footnotes."""
+    if summary.get("task", "classification") == "segmentation":
+        return format_segmentation_table(summary)
     if summary.get("task", "classification") != "classification":
         return format_survival_table(summary)
     header = ["site", "patients", "positives", "AUC [95% CI]", "accuracy [95% CI]",
@@ -346,6 +371,26 @@ def format_site_table(summary: dict) -> str:
     lines.append(verdict_line(summary["bias"]))
     lines.extend(_footnotes(summary))
     lines.extend(_failures(summary))
+    return "\n".join(lines)
+
+
+def format_segmentation_table(summary: dict) -> str:
+    """The segmentation study's per-site table: masked test patients and images, Dice and
+    HD95 with patient-bootstrap CIs (the pooled row's from the sites' sums); the verdict line."""
+    header = ["site", "patients", "images", "Dice [95% CI]", "HD95 px [95% CI]"]
+    rows = [[site, _count(e.get("n_patients")), _count(e.get("n_test")), fmt_with_ci(e.get("dice"), e.get("dice_ci")),
+             fmt_with_ci(e.get("hd95"), e.get("hd95_ci"))]
+            for site, e in {**summary["per_site"], GLOBAL_SITE: summary["global"]}.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = ["Per patient (mean over a patient's masked images; foreground classes vessel and stenosis):",
+             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), "",
+             "Pooled: patient-weighted mean of the sites' per-patient sums, normal 95% CI from their sums of squares.",
+             verdict_line(summary["bias"])]
     return "\n".join(lines)
 
 

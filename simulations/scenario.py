@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedir.client.inputs import check_manifest
+from fedir.client.inputs import check_manifest, masked_rows
 from fedir.client.manifest import MANIFEST_NAME
 from fedir.config import SITE_SEPARATOR, Settings, SettingsError
 from fedir.errors import UserError
@@ -84,6 +84,9 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
         raise ScenarioError(f"{path}: {exc}") from None
     for site in settings.sites:  # each site's manifest error now, not after Flower starts
         check_manifest(site, settings.data_inputs, settings.task_kind)
+    if settings.task_kind == "segmentation" and not any(masked_rows(site) for site in settings.sites):
+        raise ScenarioError(f"{path}: task.kind = \"segmentation\" needs masks, and no site's manifest names one "
+                            "(a `mask` column; `fedir data synth --masks` writes them)")
     return settings
 
 

@@ -17,6 +17,7 @@ from functools import partial
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
 from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.heterogeneity import auc_heterogeneity
+from fedir.strategies.segmentation_bias import segmentation_verdict
 from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability
 from fedir.strategies.survival_bias import (
@@ -83,6 +84,8 @@ def signals(
     detailed = len(per_site) <= MAX_DETAILED_SITES
     if kind == "survival":
         return verdict(survival_tests(label_counts, per_site, thresholds, time_bins))
+    if kind == "segmentation":
+        return segmentation_verdict(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2)
     tests = {
         "site_label_association": site_label_association(
             dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v
@@ -131,7 +134,7 @@ def analyse(
                    time_bins=time_bins)
     if not final or kind != "classification":
         reason = ("computed on the study's final round only" if kind == "classification" else
-                  "not computed for survival studies (leave-one-site-out reruns the classification signals)")
+                  f"not computed for {kind} studies (leave-one-site-out reruns the classification signals)")
         full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [], "reason": reason}
         return full
     if len(per_site) > MAX_DETAILED_SITES:

@@ -50,7 +50,7 @@ class Selection:
 
     criterion: str
     patience: int = 0
-    metric: str = "auc"  # the task kind's SELECTION_METRIC (fedir.tasks): auc, or survival's c_index
+    metric: str = "auc"  # the task kind's SELECTION_METRIC (fedir.tasks): auc, survival's c_index, dice
     round: int | None = None  # the selected round
     score: float | None = None  # its pooled validation AUC in `unit` (None: not computed)
     scored: bool = False  # chosen by a validation AUC (else: the last evaluated round)
@@ -130,8 +130,8 @@ class Selection:
 
     @property
     def label(self) -> str:
-        """How the criterion names its metric: AUC, or a survival study's C-index."""
-        return "AUC" if self.metric == "auc" else "C-index"
+        """How the criterion names its metric: AUC, a survival study's C-index, a segmentation's Dice."""
+        return {"auc": "AUC", "c_index": "C-index", "dice": "Dice"}.get(self.metric, self.metric)
 
     def state(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,6 @@
 """The task contract: what the rest of fedir asks a task kind (`[task] kind`) for, in one place.
 
-A kind is one module here (classification.py, survival.py) exposing the same names; the
+A kind is one module here (classification.py, survival.py, segmentation.py) exposing the same names; the
 client, the server and the strategies ask `task_of(settings.task_kind)` instead of
 branching on the kind, so a new kind (segmentation, multi-class) is a new module and a
 line in KINDS. What a kind module defines (docs/design.md, "Adding a task kind"):
@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from fedir.tasks import classification, survival
+from fedir.tasks import classification, segmentation, survival
 
-KINDS: dict[str, ModuleType] = {classification.NAME: classification, survival.NAME: survival}
+KINDS: dict[str, ModuleType] = {classification.NAME: classification, survival.NAME: survival,
+                                segmentation.NAME: segmentation}
 
 
 class RowError(ValueError):

@@ -28,6 +28,7 @@ from fedir.server.report.cards import card_section
 from fedir.server.report.drift import drift_section
 from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
+from fedir.server.report.segmentation import segmentation_section
 from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
 from fedir.server.report.study import checklist_section, model_init_section
 from fedir.server.report.survival import survival_section
@@ -41,8 +42,10 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     summary = build_summary(store, run_id)
     with_baseline = with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])
     rows = store.metric_rows(run_id)
-    if summary.get("task", "classification") != "classification":
-        sections = [summary_section(summary, store.verdict_history(run_id)), survival_section(rows, summary),
+    kind = summary.get("task", "classification")
+    if kind != "classification":
+        results = segmentation_section(rows, summary) if kind == "segmentation" else survival_section(rows, summary)
+        sections = [summary_section(summary, store.verdict_history(run_id)), results,
                     bias_section(summary["bias"]), training_section(rows, summary["sites"]),
                     notes_section(summary["notes"])]
         path.parent.mkdir(parents=True, exist_ok=True)
