@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
@@ -87,6 +88,7 @@ def test_the_log_rotates_and_reads_back_oldest_first(tmp_path, monkeypatch):
     assert [e["direction"] for e in entries] == ["received", "sent"] * (len(entries) // 2)
     times = [e["time"] for e in entries]
     assert times == sorted(times)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", t) for t in times)  # UTC, to the ms
     assert all(json.dumps(e) for e in entries)
 
 
