@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fedir.config import MEAN_AGGREGATORS, Settings
 from fedir.errors import StudyFailed, UserError
-from fedir.models import NUM_CLASSES, as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
+from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
 from fedir.protocol import VAL_KEY, EmbeddingMoments, decode_weights, encode_weights
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME,
@@ -334,7 +334,7 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     model = build_model(resolve_model(settings.model_name, tabular=features.sums is not None),
                         seed=settings.train_seed, n_features=len(features.names),
                         spatial_dims=settings.spatial_dims,
-                        n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))
+                        n_outputs=task_of(settings.task_kind).n_outputs(settings.task_classes))
     if resumed is None and settings.model_init:
         # transfer learning: the checkpoint's weights are round 0's global model (a resumed
         # run continues from its own checkpoint; the report stays in the store)

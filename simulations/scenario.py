@@ -83,7 +83,7 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
     except SettingsError as exc:
         raise ScenarioError(f"{path}: {exc}") from None
     for site in settings.sites:  # each site's manifest error now, not after Flower starts
-        check_manifest(site, settings.data_inputs, settings.task_kind)
+        check_manifest(site, settings.data_inputs, settings.task_kind, settings.task_classes)
     return settings
 
 

@@ -55,10 +55,12 @@ def loss(output: Any, target: Any) -> Any:
 
 
 def score(output: Any) -> Any:
-    """The positive-class probability of (B, 2) logits."""
+    """The positive-class probability (B,) of (B, 2) logits; the (B, K) class probabilities
+    of (B, K > 2) logits (task.classes = K: the metrics rank each class one-vs-rest)."""
     import torch
 
-    return torch.softmax(output.float(), dim=1)[:, 1]
+    probabilities = torch.softmax(output.float(), dim=1)
+    return probabilities[:, 1] if output.shape[1] == 2 else probabilities
 
 
 def site_metrics(target: np.ndarray, scores: np.ndarray, patients: Sequence[str], *, n_boot: int, seed: int,
