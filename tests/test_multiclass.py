@@ -2,14 +2,17 @@
 
 import csv
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, recall_score, roc_auc_score
 
 from fedir.client.manifest import ManifestError
 from fedir.client.tabular import read_tabular_site
 from fedir.config import Settings, SettingsError
 from fedir.models import build_model
 from fedir.tasks import task_of
+from fedir.tasks.multiclass_metrics import pooled_multiclass_metrics, site_multiclass_metrics
 
 
 def _write(site, rows):
@@ -52,3 +55,75 @@ def test_the_model_has_k_outputs_and_the_score_is_the_probability_vector():
     torch.testing.assert_close(scores.sum(dim=1), torch.ones(5))
     binary = task.score(torch.tensor([[0.0, 1.0]]))
     assert binary.shape == (1,)  # K = 2: the positive-class probability, as before
+
+
+def _case(seed=0, n_patients=60, k=3, images=2, skill=1.5):
+    """A small hand-made federation site: patients with `images` images each, labels per patient."""
+    rng = np.random.default_rng(seed)
+    y_patient = np.arange(n_patients) % k
+    y = np.repeat(y_patient, images)
+    logits = rng.normal(size=(y.size, k))
+    logits[np.arange(y.size), y] += skill
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    patients = [f"{seed}-p{i}" for i in np.repeat(np.arange(n_patients), images)]
+    return y, p, patients
+
+
+def test_site_metrics_match_sklearn_on_a_hand_made_case():
+    # three patients per class, one image each, probabilities written out by hand
+    y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    p = np.array([[.7, .2, .1], [.5, .4, .1], [.2, .3, .5],
+                  [.3, .6, .1], [.4, .5, .1], [.6, .3, .1],
+                  [.1, .1, .8], [.2, .5, .3], [.3, .3, .4]])
+    out = site_multiclass_metrics(y, p, [f"p{i}" for i in range(9)], n_boot=200, seed=1, bins=20)
+    assert out["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert out["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+    assert out["confusion"] == confusion_matrix(y, p.argmax(1)).tolist()
+    assert out["sensitivity_per_class"] == pytest.approx(recall_score(y, p.argmax(1), average=None).tolist())
+    for c in range(3):
+        assert out["auc_per_class"][c] == pytest.approx(roc_auc_score(y == c, p[:, c]))
+        assert sum(out["hist_class"][c]) == 3 and sum(out["hist_rest"][c]) == 6
+    for name in ("auc", "balanced_accuracy", "accuracy"):
+        lo, hi = out[f"{name}_ci"]
+        assert lo <= out[name] <= hi
+    # one row per patient already: the per-patient set equals the image set
+    assert out["per_patient"]["auc"] == pytest.approx(out["auc"])
+
+
+def test_per_patient_metrics_use_the_mean_probability_vector():
+    y, p, patients = _case(images=3)
+    out = site_multiclass_metrics(y, p, patients, n_boot=100, bins=20)
+    mean = p.reshape(-1, 3, 3).mean(axis=1)
+    y_patient = y[::3]
+    per = out["per_patient"]
+    assert per["n"] == per["n_patients"] == 60
+    assert per["auc"] == pytest.approx(roc_auc_score(y_patient, mean, multi_class="ovr"))
+    assert per["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_patient, mean.argmax(1)))
+    assert per["auc_ci"][0] < per["auc"] < per["auc_ci"][1]
+    mixed = site_multiclass_metrics(np.array([0, 1, 2, 2]), p[:4], ["a", "a", "b", "c"], n_boot=0)
+    assert mixed["per_patient"] is None and "different labels" in mixed["reasons"]["per_patient"]
+
+
+def test_a_missing_class_gives_no_macro_auc_with_a_reason():
+    y, p, patients = _case()
+    keep = y != 2
+    out = site_multiclass_metrics(y[keep], p[keep], [q for q, k in zip(patients, keep) if k], n_boot=50)
+    assert out["auc"] is None and "class(es) 2 absent" in out["reasons"]["auc"]
+    assert out["balanced_accuracy"] is not None and out["sensitivity_per_class"][2] is None
+
+
+def test_pooled_balanced_accuracy_is_exact_and_the_macro_auc_within_its_bound():
+    sites = {f"s{i}": _case(seed=i, n_patients=40 + 10 * i, skill=1.0 + i) for i in range(3)}
+    per_site = {name: site_multiclass_metrics(*case, n_boot=0, bins=20) for name, case in sites.items()}
+    pooled = pooled_multiclass_metrics(per_site, n_boot=200)
+    y = np.concatenate([c[0] for c in sites.values()])
+    p = np.concatenate([c[1] for c in sites.values()])
+    assert pooled["balanced_accuracy"] == balanced_accuracy_score(y, p.argmax(1))  # exact, not approximate
+    assert pooled["confusion"] == confusion_matrix(y, p.argmax(1)).tolist()
+    exact = roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert 0 < pooled["auc_binning_error"] < 0.05
+    assert abs(pooled["auc"] - exact) <= pooled["auc_binning_error"]
+    for name in ("auc", "balanced_accuracy", "accuracy"):
+        lo, hi = pooled[f"{name}_ci"]
+        assert lo < pooled[name] < hi
+    assert pooled["per_patient"]["n"] == sum(c[0].size for c in sites.values()) // 2
