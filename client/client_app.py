@@ -143,6 +143,7 @@ def _metrics(settings: Settings, config, labels, scores, patients, *, intervals:
         seed=settings.round_seed(decode_round_config(config).server_round),
         threshold=settings.eval_threshold,
         bins=settings.eval_hist_bins,
+        classes=settings.task_classes,
         time_bins=settings.eval_time_bins,
         time_bin_days=settings.eval_time_bin_days,
     )
@@ -222,7 +223,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         x, labels, patients = scored_rows(settings, site, config)
         moments = None
         if settings.task_kind == "classification" and settings.bias_embedding:  # moments per class
-            scores, features = predict_with_embedding(model, x, pick_device())
+            scores, features = predict_with_embedding(model, x, pick_device(), score=task_of(settings.task_kind).score)
             moments = embedding_moments(features, labels, settings.task_classes)
         else:
             scores = _scores(settings, model, x)

@@ -142,7 +142,7 @@ class StudyRecorder:
         self._record_failures(replies, "evaluate")
         moments = {site: v.pop("embedding") for site, v in replies.per_site.items() if "embedding" in v}
         val = {site: v.pop(VAL_KEY) for site, v in replies.per_site.items() if VAL_KEY in v}
-        if self.settings.task_kind == "classification":
+        if self.settings.task_kind == "classification" and self.settings.task_classes == 2:
             # the decision threshold from the validation patients; the test metrics at it
             # (each site's at its own under eval.threshold-per-site, the pool's at the federation's)
             chosen = thresholded(replies.per_site, val, rule=self.settings.eval_threshold_rule,
@@ -151,7 +151,7 @@ class StudyRecorder:
             pooled = self._pooled(chosen.for_pool)
             if pooled is not None:
                 pooled = at(pooled, chosen.federation)
-        else:  # a risk score has no decision threshold
+        else:  # a risk score, or K > 2 classes (the argmax predicts), has no decision threshold
             pooled = self._pooled(replies.per_site)
         pooled_val = self._pooled(val, intervals=False)  # point estimates choose; no CI is shown
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)

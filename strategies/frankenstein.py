@@ -47,6 +47,11 @@ class Thresholds:
     bootstrap: int = 200
 
 
+# K > 2 classes: the pooled-vs-within gap reads the binary score histograms; not built yet
+MULTICLASS_GAP = {"name": "pooled_vs_within_auc", "computable": False, "alarm": False, "sites": [],
+                  "reason": "not computed for task.classes > 2 (the gap is built on the binary score histograms)"}
+
+
 def survival_tests(label_counts: Mapping[str, Mapping[int, int]], per_site: Mapping[str, dict],
                    thresholds: Thresholds, time_bins: int) -> dict[str, dict]:
     """A survival study's signals (fedir.strategies.survival_bias): the event rate by site
@@ -83,13 +88,15 @@ def signals(
     detailed = len(per_site) <= MAX_DETAILED_SITES
     if kind == "survival":
         return verdict(survival_tests(label_counts, per_site, thresholds, time_bins))
+    multiclass = any("classes" in entry for entry in per_site.values())  # task.classes > 2
     tests = {
         "site_label_association": site_label_association(
             dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v
         ),
-        "pooled_vs_within_auc": pooled_vs_within_auc(
+        "pooled_vs_within_auc": MULTICLASS_GAP if multiclass else pooled_vs_within_auc(
             per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap, seed=seed
         ),
+        # the macro one-vs-rest AUC and its CI for K > 2
         "auc_heterogeneity": auc_heterogeneity(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2),
     }
     if moments and not detailed:
@@ -129,8 +136,11 @@ def analyse(
     """
     full = signals(label_counts, per_site, moments, thresholds, cross_site, seed, final=final, kind=kind,
                    time_bins=time_bins)
-    if not final or kind != "classification":
-        reason = ("computed on the study's final round only" if kind == "classification" else
+    multiclass = any("classes" in entry for entry in per_site.values())  # task.classes > 2
+    if not final or kind != "classification" or multiclass:
+        reason = ("computed on the study's final round only" if kind == "classification" and not multiclass else
+                  "not computed for task.classes > 2 (leave-one-site-out reads the binary score histograms)"
+                  if multiclass else
                   "not computed for survival studies (leave-one-site-out reruns the classification signals)")
         full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [], "reason": reason}
         return full

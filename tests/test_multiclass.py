@@ -11,6 +11,7 @@ from fedir.client.manifest import ManifestError
 from fedir.client.tabular import read_tabular_site
 from fedir.config import Settings, SettingsError
 from fedir.models import build_model
+from fedir.protocol import decode_evaluation, encode_evaluation
 from fedir.tasks import task_of
 from fedir.tasks.multiclass_metrics import pooled_multiclass_metrics, site_multiclass_metrics
 
@@ -127,3 +128,55 @@ def test_pooled_balanced_accuracy_is_exact_and_the_macro_auc_within_its_bound():
         lo, hi = pooled[f"{name}_ci"]
         assert lo < pooled[name] < hi
     assert pooled["per_patient"]["n"] == sum(c[0].size for c in sites.values()) // 2
+
+
+def test_a_multiclass_evaluation_crosses_the_protocol_unchanged():
+    y, p, patients = _case(images=2)
+    m = site_multiclass_metrics(y, p, patients, n_boot=50, bins=20)
+    name, back = decode_evaluation(encode_evaluation("siteA", m, None, m))
+    assert name == "siteA"
+    for key in ("n", "classes", "auc", "auc_ci", "balanced_accuracy_ci", "confusion", "hist_rest", "hist_class",
+                "auc_per_class", "sensitivity_per_class", "reasons"):
+        assert back[key] == m[key] and back["per_patient"][key] == m["per_patient"][key]
+        assert back["val"][key] == m[key]
+
+
+def _federation(tmp_path, k=3, sites=3, n=90):
+    """Tabular sites whose label (0..k-1) follows clin_a, with site-dependent prevalence."""
+    rng = np.random.default_rng(0)
+    out = []
+    for s in range(sites):
+        site = tmp_path / f"site-{s}"
+        site.mkdir()
+        x = rng.normal(size=(n, 2))
+        y = np.digitize(x[:, 0] + 0.5 * rng.normal(size=n) + 0.3 * s, [-0.5, 0.5])  # 0..2
+        rows = [f"p{s}-{i},{y[i]},{x[i, 0]:.4f},{x[i, 1]:.4f}" for i in range(n)]
+        (site / "manifest.csv").write_text("patient_id,label,clin_a,clin_b\n" + "\n".join(rows) + "\n")
+        out.append(str(site))
+    return out
+
+
+def test_a_three_class_study_runs_end_to_end_with_every_metric_per_site(tmp_path):
+    from fedir.simulations.inprocess import run_inprocess
+
+    settings = Settings(task_classes=3, federation_sites=";".join(_federation(tmp_path)), train_rounds=2,
+                        train_local_steps=20, train_batch_size=8, train_lr=0.1, eval_bootstrap=50,
+                        data_val_fraction=0.25, data_test_fraction=0.3)
+    summary = run_inprocess(settings, tmp_path / "run")
+    assert summary["selection"]["score"] is not None
+    for entry in [summary["global"], *summary["per_site"].values()]:
+        for name in ("auc", "balanced_accuracy"):
+            assert entry[name] is not None and entry[f"{name}_ci"] is not None, (name, entry["reasons"])
+        assert entry["classes"] == 3 and len(entry["confusion"]) == 3 and len(entry["sensitivity_per_class"]) == 3
+        assert entry["per_patient"]["balanced_accuracy"] is not None
+    assert summary["global"]["auc"] > 0.7  # the label follows clin_a
+    assert summary["threshold"]["value"] is None and "argmax" in summary["threshold"]["reason"]
+    bias = summary["bias"]
+    assert bias["alarm"] in (True, False)  # the verdict was computed
+    association = bias["tests"]["site_label_association"]
+    assert association["computable"] and association["dof"] == 2 * 2  # (3 classes - 1) x (3 sites - 1)
+    assert all(len(row) == 3 for row in association["table"].values())
+    assert not bias["tests"]["pooled_vs_within_auc"]["computable"]
+    assert bias["tests"]["auc_heterogeneity"]["computable"]
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "balanced accuracy" in report and "predicted 2" in report
