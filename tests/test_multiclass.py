@@ -180,3 +180,15 @@ def test_a_three_class_study_runs_end_to_end_with_every_metric_per_site(tmp_path
     assert bias["tests"]["auc_heterogeneity"]["computable"]
     report = (tmp_path / "run" / "report.html").read_text()
     assert "balanced accuracy" in report and "predicted 2" in report
+
+
+def test_the_label_by_site_association_reads_a_k_by_sites_table_and_names_the_driving_class():
+    from fedir.strategies.bias import site_label_association
+
+    balanced = {f"s{i}": {0: 30, 1: 30, 2: 30} for i in range(3)}
+    assert not site_label_association(balanced)["alarm"]
+    confounded = {**balanced, "s2": {0: 30, 1: 30, 2: 200}}  # class 2 is over-represented at s2
+    out = site_label_association(confounded)
+    assert out["alarm"] and out["dof"] == 4 and out["class"] == 2 and out["sites"][0] == "s2"
+    assert "class 2 prevalence" in out["reason"] and set(out["residuals_per_class"]["s2"]) == {"0", "1", "2"}
+    assert "class" not in site_label_association({"a": {0: 50, 1: 5}, "b": {0: 5, 1: 50}})  # binary: as before
