@@ -71,7 +71,7 @@ def _check(args: argparse.Namespace) -> int:
     from fedir.client.datacheck import run_check
 
     return run_check(args.site_dir, args.card, k=args.k, val_fraction=args.val_fraction,
-                     test_fraction=args.test_fraction)
+                     test_fraction=args.test_fraction, num_classes=args.classes)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("site_dir", type=Path, help="site folder with manifest.csv")
     check.add_argument("--card", type=Path, help="write the site's data card (JSON) here")
     check.add_argument("--k", type=int, default=5, help="suppress data-card cells below k patients")
+    check.add_argument("--classes", type=int, default=2,
+                       help="the study's task.classes: labels must be 0..classes-1")
     check.add_argument("--val-fraction", type=float, default=0.15)
     check.add_argument("--test-fraction", type=float, default=0.25)
     check.set_defaults(func=_check)

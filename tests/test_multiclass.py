@@ -1,6 +1,7 @@
 """Multi-class classification (task.classes = K > 2): the setting, the labels, the model."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -192,3 +193,22 @@ def test_the_label_by_site_association_reads_a_k_by_sites_table_and_names_the_dr
     assert out["alarm"] and out["dof"] == 4 and out["class"] == 2 and out["sites"][0] == "s2"
     assert "class 2 prevalence" in out["reason"] and set(out["residuals_per_class"]["s2"]) == {"0", "1", "2"}
     assert "class" not in site_label_association({"a": {0: 50, 1: 5}, "b": {0: 5, 1: 50}})  # binary: as before
+
+
+def test_data_check_reads_k_classes_and_the_data_card_counts_each_class(tmp_path, capsys):
+    from fedir.cli import main
+    from fedir.client.manifest import write_manifest
+    from tests.dicom_factory import write_dicom
+
+    rows = []
+    for i in range(9):
+        write_dicom(tmp_path / f"img/{i}.dcm", np.full((2, 8, 8), i + 1))
+        rows.append({"patient_id": f"P{i}", "path": f"img/{i}.dcm", "label": i % 3})
+    write_manifest(tmp_path, rows)
+    assert main(["data", "check", str(tmp_path)]) == 2  # binary by default: label 2 refused with its row
+    assert "row 4" in capsys.readouterr().err
+    card_path = tmp_path / "card.json"
+    assert main(["data", "check", str(tmp_path), "--classes", "3", "--card", str(card_path), "--k", "1"]) == 0
+    assert "labelled patients per class: 0: 3, 1: 3, 2: 3" in capsys.readouterr().out
+    labels = json.loads(card_path.read_text())["labels"]
+    assert labels["per_class"]["values"] == {"0": 3, "1": 3, "2": 3} and labels["prevalence"] is None
