@@ -212,3 +212,38 @@ def test_data_check_reads_k_classes_and_the_data_card_counts_each_class(tmp_path
     assert "labelled patients per class: 0: 3, 1: 3, 2: 3" in capsys.readouterr().out
     labels = json.loads(card_path.read_text())["labels"]
     assert labels["per_class"]["values"] == {"0": 3, "1": 3, "2": 3} and labels["prevalence"] is None
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "mean_teacher"])
+def test_the_semi_supervised_objectives_train_a_three_class_model(name):
+    """FixMatch's pseudo-labels and the mean teacher's consistency are over the K-class
+    softmax: with 3 classes the loss falls over a few steps and FixMatch's unlabelled term
+    is the cross-entropy of the 3 logits against their argmax."""
+    from torch import nn
+
+    from fedir.client.objectives import FixMatch, ObjectiveParams, build_objective
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(24) % 3
+    x = torch.randn(24, 1, 8, 8, generator=g) + 3 * y.float().view(-1, 1, 1, 1)  # the class shifts the mean
+    u = torch.randn(24, 1, 8, 8, generator=g) + 3 * (torch.arange(24) % 3).float().view(-1, 1, 1, 1)
+    objective = build_objective(name, ObjectiveParams(threshold=0.0))
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(80):
+        optimiser.zero_grad()
+        loss = objective.loss(model, x, y, u)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    if name == "fixmatch":
+        same = lambda t, g: t  # noqa: E731
+        model.eval()
+        _, unlabelled, mask = FixMatch(ObjectiveParams(threshold=0.0), weak=same, strong=same).terms(model, x, y, u)
+        logits = model(u)
+        assert mask.all() and logits.shape == (24, 3)
+        torch.testing.assert_close(unlabelled, nn.functional.cross_entropy(logits, logits.argmax(1)))
