@@ -62,6 +62,7 @@ def _synth(args: argparse.Namespace) -> int:
         force=args.force,
         mask_fraction=args.mask_fraction if args.mask_fraction is not None else (0.0 if args.masks else None),
         scanner_change=args.scanner_change,
+        grades=args.grades,
     )
     print(f"synthetic federation in {Path(args.out).resolve()}: {len(info.get('sites', []))} sites")
     return 0
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--scanner-change", type=_scanner_change, default=None, metavar="SITE:YYYY-MM-DD",
                        help="from this date on, the site's images come from a noisier, lower-contrast detector "
                             "(every row's acquired column dates it; the drift check has something to find)")
+    synth.add_argument("--grades", action="store_true",
+                       help="label = stenosis grade: 0 none, 1 moderate, 2 severe (a task.classes = 3 study)")
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
     synth.set_defaults(func=_synth)
 

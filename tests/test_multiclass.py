@@ -247,3 +247,35 @@ def test_the_semi_supervised_objectives_train_a_three_class_model(name):
         logits = model(u)
         assert mask.all() and logits.shape == (24, 3)
         torch.testing.assert_close(unlabelled, nn.functional.cross_entropy(logits, logits.argmax(1)))
+
+
+def test_the_synthetic_stenosis_grades_narrow_the_trunk_in_their_range():
+    from fedir.simulations.synthetic import GRADE_SEVERITY, _add_lesions, _vessel_tree
+
+    tightest = {}
+    for grade in (0, 1, 2):
+        values = []
+        for seed in range(40):
+            rng = np.random.default_rng(seed)
+            vessels = _vessel_tree(rng, 128)
+            before = [v.radius.copy() for v in vessels]
+            _add_lesions(rng, vessels, grade, graded=True)
+            values.append(max(float(1 - (v.radius / r0).min()) for v, r0 in zip(vessels, before) if v.level == 0))
+        tightest[grade] = np.array(values)
+    assert tightest[0].max() < 0.55  # mild irregularities only
+    for grade, (low, high) in GRADE_SEVERITY.items():
+        assert (tightest[grade] >= low - 1e-6).all() and (tightest[grade] <= high + 0.02).all()
+    assert np.median(tightest[2]) > np.median(tightest[1]) + 0.15
+
+
+def test_data_synth_grades_writes_three_class_labels(tmp_path):
+    from fedir.cli import main
+
+    assert main(["data", "synth", str(tmp_path), "--sites", "1", "--patients", "12", "--image-size", "16",
+                 "--unlabelled", "0", "--grades"]) == 0
+    with (tmp_path / "site-0" / "manifest.csv").open() as fh:
+        labels = {row["patient_id"]: int(row["label"]) for row in csv.DictReader(fh)}
+    assert set(labels.values()) <= {0, 1, 2} and 2 in labels.values() and 0 in labels.values()
+    info = json.loads((tmp_path / "federation.json").read_text())
+    assert info["parameters"]["grades"] is True
+    assert info["sites"]["site-0"]["positive_patients"] == sum(v > 0 for v in labels.values())
