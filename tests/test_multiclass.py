@@ -279,3 +279,26 @@ def test_data_synth_grades_writes_three_class_labels(tmp_path):
     info = json.loads((tmp_path / "federation.json").read_text())
     assert info["parameters"]["grades"] is True
     assert info["sites"]["site-0"]["positive_patients"] == sum(v > 0 for v in labels.values())
+
+
+@pytest.mark.slow
+def test_a_three_class_imaging_study_on_the_synthetic_grades(tmp_path):
+    """The imaging path with K = 3: the synthetic stenosis grades, the image network with
+    3 outputs, per-patient metrics (patients have 2-4 images), the embedding moments per
+    class and the data card's per-class counts."""
+    from fedir.simulations.inprocess import run_inprocess
+    from fedir.simulations.synthetic import generate_federation
+
+    fed = tmp_path / "fed"
+    generate_federation(fed, sites=2, patients=60, seed=3, image_size=32, unlabelled_fraction=0.0, grades=True,
+                        progress=False)
+    settings = Settings(task_classes=3, federation_sites=f"{fed}/site-0;{fed}/site-1", train_rounds=2,
+                        train_local_steps=4, train_batch_size=8, model_image_size=32, eval_bootstrap=30,
+                        data_val_fraction=0.2, data_test_fraction=0.4)
+    summary = run_inprocess(settings, tmp_path / "run")
+    for entry in [summary["global"], *summary["per_site"].values()]:
+        patient = entry["per_patient"]
+        assert patient is not None and patient["n_test"] < entry["n_test"]  # one row per patient
+        assert patient["auc"] is not None and patient["balanced_accuracy"] is not None
+        assert np.array(patient["confusion"]).shape == (3, 3)
+    assert summary["bias"]["tests"]["site_separability"]["computable"] in (True, False)
