@@ -404,7 +404,7 @@ def format_multiclass_table(summary: dict) -> str:
         lines.append(f"Pooled macro AUC: each class's within-site pairs exact, cross-site pairs ordered by score bins; "
                      f"error at most +-{bound:.3f} (eval.hist-bins). Pooled balanced accuracy: exact (summed confusion "
                      "counts).")
-    lines.append(f"No decision threshold: {summary['threshold']['reason']}")
+    lines.append(threshold_line(summary["threshold"]))
     lines.append(verdict_line(summary["bias"]))
     lines.extend(_footnotes(summary))
     lines.extend(_failures(summary))
@@ -477,6 +477,8 @@ def threshold_line(threshold: dict | None) -> str:
     """How the decision threshold behind accuracy, sensitivity and specificity was chosen."""
     if threshold is None:
         return "Decision threshold: not recorded"
+    if threshold["rule"] == "argmax":  # task.classes > 2
+        return f"No decision threshold: {threshold['reason']}"
     if threshold["rule"] == "youden":
         text = (f"Decision threshold {threshold['value']:.3f}: Youden's J on the pooled validation patients "
                 f"({(threshold.get('level') or 'per_patient').replace('_', ' ')}, J = {threshold['youden_j']:.3f}); "

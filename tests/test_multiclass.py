@@ -181,6 +181,15 @@ def test_a_three_class_study_runs_end_to_end_with_every_metric_per_site(tmp_path
     assert bias["tests"]["auc_heterogeneity"]["computable"]
     report = (tmp_path / "run" / "report.html").read_text()
     assert "balanced accuracy" in report and "predicted 2" in report
+    from fedir.server.dashboard_state import overview, run_detail
+    from fedir.server.summary import format_site_table
+
+    table = format_site_table(summary)
+    assert "balanced accuracy" in table and "No decision threshold" in table
+    source = overview(tmp_path / "run")["runs"][0]
+    detail = run_detail(tmp_path / "run", source["source"], source["run_id"])
+    assert detail["threshold"].startswith("No decision threshold")
+    assert all(row["patient_balanced_accuracy"] != "n/a" for row in detail["table"])
 
 
 def test_the_label_by_site_association_reads_a_k_by_sites_table_and_names_the_driving_class():
