@@ -17,6 +17,7 @@ from functools import partial
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
 from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.heterogeneity import auc_heterogeneity
+from fedir.strategies.multiclass_bias import multiclass_pooled_vs_within_auc
 from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability
 from fedir.strategies.survival_bias import (
@@ -45,11 +46,6 @@ class Thresholds:
     min_separability_excess: float = 0.1
     max_cross_site_gap: float = 0.1
     bootstrap: int = 200
-
-
-# K > 2 classes: the pooled-vs-within gap reads the binary score histograms; not built yet
-MULTICLASS_GAP = {"name": "pooled_vs_within_auc", "computable": False, "alarm": False, "sites": [],
-                  "reason": "not computed for task.classes > 2 (the gap is built on the binary score histograms)"}
 
 
 def survival_tests(label_counts: Mapping[str, Mapping[int, int]], per_site: Mapping[str, dict],
@@ -93,7 +89,7 @@ def signals(
         "site_label_association": site_label_association(
             dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v
         ),
-        "pooled_vs_within_auc": MULTICLASS_GAP if multiclass else pooled_vs_within_auc(
+        "pooled_vs_within_auc": (multiclass_pooled_vs_within_auc if multiclass else pooled_vs_within_auc)(
             per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap, seed=seed
         ),
         # the macro one-vs-rest AUC and its CI for K > 2

@@ -177,7 +177,8 @@ def test_a_three_class_study_runs_end_to_end_with_every_metric_per_site(tmp_path
     association = bias["tests"]["site_label_association"]
     assert association["computable"] and association["dof"] == 2 * 2  # (3 classes - 1) x (3 sites - 1)
     assert all(len(row) == 3 for row in association["table"].values())
-    assert not bias["tests"]["pooled_vs_within_auc"]["computable"]
+    assert bias["tests"]["pooled_vs_within_auc"]["computable"]
+    assert set(bias["tests"]["pooled_vs_within_auc"]["per_class"]) == {"0", "1", "2"}
     assert bias["tests"]["auc_heterogeneity"]["computable"]
     report = (tmp_path / "run" / "report.html").read_text()
     assert "balanced accuracy" in report and "predicted 2" in report
@@ -311,3 +312,31 @@ def test_a_three_class_imaging_study_on_the_synthetic_grades(tmp_path):
         assert patient["auc"] is not None and patient["balanced_accuracy"] is not None
         assert np.array(patient["confusion"]).shape == (3, 3)
     assert summary["bias"]["tests"]["site_separability"]["computable"] in (True, False)
+
+
+def _site_of(rng, labels, shift, informative=True):
+    """One site's probabilities: informative (the true class favoured) or noise, with
+    every patient's class-2 logit shifted by `shift` (what a site marker would do)."""
+    logits = rng.normal(size=(labels.size, 3))
+    if informative:
+        logits[np.arange(labels.size), labels] += 1.5
+    logits[:, 2] += shift
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return site_multiclass_metrics(labels, p, [f"{shift}-{i}" for i in range(labels.size)], n_boot=0, bins=20)
+
+
+def test_the_per_class_gap_alarms_when_the_model_ranks_a_hospital_for_one_class():
+    from fedir.strategies.multiclass_bias import multiclass_pooled_vs_within_auc
+
+    rng = np.random.default_rng(0)
+    clean = {f"s{i}": _site_of(rng, np.arange(150) % 3, 0.0) for i in range(3)}
+    out = multiclass_pooled_vs_within_auc(clean, n_boot=200)
+    assert out["computable"] and not out["alarm"] and abs(out["gap"]) < 0.05
+    # site "marked" holds most of class 2 and its every patient scores high on class 2,
+    # within each site p_2 ranks nothing
+    confounded = {"marked": _site_of(rng, np.array([2] * 120 + [0, 1] * 15), 3.0, informative=False),
+                  **{f"s{i}": _site_of(rng, np.array([2] * 10 + [0, 1] * 70), 0.0, informative=False)
+                     for i in range(2)}}
+    out = multiclass_pooled_vs_within_auc(confounded, n_boot=200)
+    assert out["alarm"] and "2" in out["classes"] and out["sites"][0] == "marked"
+    assert out["per_class"]["2"]["gap"] > 0.2 and "class 2 (one-vs-rest)" in out["reason"]
