@@ -340,3 +340,15 @@ def test_the_per_class_gap_alarms_when_the_model_ranks_a_hospital_for_one_class(
     out = multiclass_pooled_vs_within_auc(confounded, n_boot=200)
     assert out["alarm"] and "2" in out["classes"] and out["sites"][0] == "marked"
     assert out["per_class"]["2"]["gap"] > 0.2 and "class 2 (one-vs-rest)" in out["reason"]
+
+
+def test_smote_balances_three_classes():
+    from fedir.client.smote import oversampled
+
+    rng = np.random.default_rng(0)
+    y = torch.tensor([0] * 30 + [1] * 10 + [2] * 5 + [-1] * 4)
+    x = torch.from_numpy(rng.normal(size=(y.numel(), 2)).astype(np.float32)) + y.view(-1, 1).float()
+    new_x, new_y, added = oversampled(x, y, seed=0)
+    assert added == (30 - 10) + (30 - 5)
+    assert torch.bincount(new_y[new_y >= 0]).tolist() == [30, 30, 30] and int((new_y == -1).sum()) == 4
+    assert torch.equal(new_x[: x.shape[0]], x)  # the real rows first, unchanged
