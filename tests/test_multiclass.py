@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +353,18 @@ def test_smote_balances_three_classes():
     assert added == (30 - 10) + (30 - 5)
     assert torch.bincount(new_y[new_y >= 0]).tolist() == [30, 30, 30] and int((new_y == -1).sum()) == 4
     assert torch.equal(new_x[: x.shape[0]], x)  # the real rows first, unchanged
+
+
+def test_a_scenario_file_sets_the_classes(tmp_path):
+    from fedir.simulations.scenario import ScenarioError, load_scenario
+
+    sites = ", ".join(f'"{Path(s).name}"' for s in _federation(tmp_path, sites=2, n=20))
+    toml = tmp_path / "s.toml"
+    toml.write_text(f'[task]\nclasses = 3\n[federation]\nsites = [{sites}]\n')
+    assert load_scenario(toml).task_classes == 3
+    toml.write_text(f'[federation]\nsites = [{sites}]\n')  # binary: a label 2 is refused before any run
+    with pytest.raises(ManifestError, match="outside the task's classes 0..1"):
+        load_scenario(toml)
+    toml.write_text(f'[task]\nclasses = 3\n[federation]\nsites = [{sites}]\n[bias]\ncross-site = true\n')
+    with pytest.raises(ScenarioError, match="task.classes = 3 cannot use bias.cross-site"):
+        load_scenario(toml)
