@@ -62,6 +62,7 @@ def _synth(args: argparse.Namespace) -> int:
         force=args.force,
         mask_fraction=args.mask_fraction if args.mask_fraction is not None else (0.0 if args.masks else None),
         scanner_change=args.scanner_change,
+        grades=args.grades,
     )
     print(f"synthetic federation in {Path(args.out).resolve()}: {len(info.get('sites', []))} sites")
     return 0
@@ -71,7 +72,7 @@ def _check(args: argparse.Namespace) -> int:
     from fedir.client.datacheck import run_check
 
     return run_check(args.site_dir, args.card, k=args.k, val_fraction=args.val_fraction,
-                     test_fraction=args.test_fraction)
+                     test_fraction=args.test_fraction, num_classes=args.classes)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--scanner-change", type=_scanner_change, default=None, metavar="SITE:YYYY-MM-DD",
                        help="from this date on, the site's images come from a noisier, lower-contrast detector "
                             "(every row's acquired column dates it; the drift check has something to find)")
+    synth.add_argument("--grades", action="store_true",
+                       help="label = stenosis grade: 0 none, 1 moderate, 2 severe (a task.classes = 3 study)")
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
     synth.set_defaults(func=_synth)
 
@@ -272,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("site_dir", type=Path, help="site folder with manifest.csv")
     check.add_argument("--card", type=Path, help="write the site's data card (JSON) here")
     check.add_argument("--k", type=int, default=5, help="suppress data-card cells below k patients")
+    check.add_argument("--classes", type=int, default=2,
+                       help="the study's task.classes: labels must be 0..classes-1")
     check.add_argument("--val-fraction", type=float, default=0.15)
     check.add_argument("--test-fraction", type=float, default=0.25)
     check.set_defaults(func=_check)

@@ -38,7 +38,7 @@ from fedir.client.secure_aggregation import secure_aggregation_mod
 from fedir.client.site import SiteUnusable
 from fedir.client.training import pick_device, predict, train
 from fedir.config import Settings
-from fedir.models import NUM_CLASSES, as_tensors, build_model, kept_keys, resolve_model, state_shapes
+from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_shapes
 from fedir.protocol import (
     decode_cross_site_models,
     decode_instruction,
@@ -89,7 +89,7 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(resolve_model(settings.model_name, view.tabular, settings.task_kind), n_features=view.n_features,
-                        spatial_dims=settings.spatial_dims, n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))
+                        spatial_dims=settings.spatial_dims, n_outputs=task_of(settings.task_kind).n_outputs(settings.task_classes))
     received = as_tensors(decode_weights(arrays, state_shapes(model)))  # DP's shapes undone
     load_global(model, received, context.state, kept_keys(model, settings))
     return model
@@ -143,6 +143,7 @@ def _metrics(settings: Settings, config, labels, scores, patients, *, intervals:
         seed=settings.round_seed(decode_round_config(config).server_round),
         threshold=settings.eval_threshold,
         bins=settings.eval_hist_bins,
+        classes=settings.task_classes,
         time_bins=settings.eval_time_bins,
         time_bin_days=settings.eval_time_bin_days,
     )
@@ -156,8 +157,9 @@ def _scores(settings: Settings, model, x):
 def _drift(settings: Settings, config, site: SiteView, labels, scores, patients) -> dict | None:
     """The test patients' metrics per acquisition period (fedir.client.drift); None when
     eval.drift-period is off, the site's manifest has no `acquired` column, or the task is
-    not classification (the periods carry an AUC)."""
-    if settings.eval_drift_period == "off" or not site.acquired or settings.task_kind != "classification":
+    not binary classification (the periods carry a binary AUC; task.classes > 2 has none yet)."""
+    if (settings.eval_drift_period == "off" or not site.acquired or settings.task_kind != "classification"
+            or settings.task_classes != 2):
         return None
     return period_metrics(labels, scores, patients, site.acquired, settings.eval_drift_period,
                           n_boot=settings.eval_bootstrap, bins=settings.eval_hist_bins,
@@ -208,7 +210,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             n_labelled=result.n_labelled - synthetic,  # real patients only (fedir.client.smote)
             n_unlabelled=result.n_unlabelled,
             label_counts=site.label_counts,
-            num_classes=NUM_CLASSES,
+            num_classes=settings.task_classes,
             skipped=site.skipped,
             card=None if site.imaging is None else card_once(context, site.imaging, settings),
         )
@@ -221,8 +223,8 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         x, labels, patients = scored_rows(settings, site, config)
         moments = None
         if settings.task_kind == "classification" and settings.bias_embedding:  # moments per class
-            scores, features = predict_with_embedding(model, x, pick_device())
-            moments = embedding_moments(features, labels, NUM_CLASSES)
+            scores, features = predict_with_embedding(model, x, pick_device(), score=task_of(settings.task_kind).score)
+            moments = embedding_moments(features, labels, settings.task_classes)
         else:
             scores = _scores(settings, model, x)
         metrics = _metrics(settings, config, labels, scores, patients)

@@ -269,9 +269,9 @@ def card_once(context: Context, site: SiteData, settings: Settings, k: int = DEF
     outcomes = [
         ImageOutcome.of(row, skipped.get(relative(row.path) or ""), site.mask_summaries.get(relative(row.path) or ""),
                         skipped.get(relative(row.mask) or "") if row.mask is not None else None)
-        for row in read_manifest(site.root, NUM_CLASSES)
+        for row in read_manifest(site.root, settings.task_classes)
     ]
     card = build_card(outcomes, val_fraction=settings.data_val_fraction,
-                      test_fraction=settings.data_test_fraction, k=k, num_classes=NUM_CLASSES)
+                      test_fraction=settings.data_test_fraction, k=k, num_classes=settings.task_classes)
     context.state[_SENT_KEY] = ConfigRecord({"sent": 1})
     return card

@@ -45,10 +45,11 @@ class SiteCheck:
         return sum(o.skipped_reason is None for o in self.outcomes)
 
 
-def check_site(site_dir: str | Path, *, progress: bool = True) -> SiteCheck:
-    """Validate the manifest (ManifestError if invalid) and try to read every image."""
+def check_site(site_dir: str | Path, *, progress: bool = True, num_classes: int = NUM_CLASSES) -> SiteCheck:
+    """Validate the manifest (ManifestError if invalid: a label outside 0..num_classes-1,
+    task.classes, among others) and try to read every image."""
     root = Path(site_dir).resolve()
-    rows = read_manifest(root, NUM_CLASSES)
+    rows = read_manifest(root, num_classes)
     outcomes: list[ImageOutcome] = []
     details: dict[str, list[str]] = {}
     problems: list[str] = []
@@ -74,10 +75,11 @@ def check_site(site_dir: str | Path, *, progress: bool = True) -> SiteCheck:
     return SiteCheck(root, outcomes, details, problems, time.perf_counter() - start)
 
 
-def format_check(check: SiteCheck, val_fraction: float, test_fraction: float) -> str:
+def format_check(check: SiteCheck, val_fraction: float, test_fraction: float,
+                 num_classes: int = NUM_CLASSES) -> str:
     """The printed report: the site's own, unsuppressed counts (k = 1)."""
     card = build_card(check.outcomes, val_fraction=val_fraction, test_fraction=test_fraction,
-                      k=1, num_classes=NUM_CLASSES)
+                      k=1, num_classes=num_classes)
     files, labels = card["files"], card["labels"]
     per_1000 = 1000 * check.seconds / max(len(check.outcomes), 1)
     lines = [
@@ -108,13 +110,13 @@ def format_check(check: SiteCheck, val_fraction: float, test_fraction: float) ->
 
 
 def run_check(site_dir: Path, card_path: Path | None, *, k: int = DEFAULT_K,
-              val_fraction: float = 0.15, test_fraction: float = 0.25) -> int:
+              val_fraction: float = 0.15, test_fraction: float = 0.25, num_classes: int = NUM_CLASSES) -> int:
     """The command: print the report, write the card if asked; the exit status."""
-    check = check_site(site_dir)
-    print(format_check(check, val_fraction, test_fraction))
+    check = check_site(site_dir, num_classes=num_classes)
+    print(format_check(check, val_fraction, test_fraction, num_classes))
     if card_path is not None:
         card = build_card(check.outcomes, val_fraction=val_fraction, test_fraction=test_fraction,
-                          k=k, num_classes=NUM_CLASSES)
+                          k=k, num_classes=num_classes)
         card_path.parent.mkdir(parents=True, exist_ok=True)
         card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         print(f"data card (cells below {k} suppressed): {card_path}")

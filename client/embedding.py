@@ -19,11 +19,13 @@ d = min(D, MAX_DIM); row c is class c, the last row is all labelled images toget
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
-from fedir.client.training import autocast, to_device
+from fedir.client.training import autocast, positive_probability, to_device
 from fedir.protocol import EmbeddingMoments
 
 MAX_DIM = 64
@@ -41,9 +43,11 @@ def last_linear(model: nn.Module) -> nn.Linear:
 
 @torch.no_grad()
 def predict_with_embedding(
-    model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 128
+    model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 128,
+    score: Callable[[torch.Tensor], torch.Tensor] = positive_probability,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Positive-class probability and penultimate features of every input, in one pass.
+    """`score` of the outputs (the positive-class probability; a task's own, fedir.tasks: the
+    (N, K) probabilities for K > 2) and penultimate features of every input, in one pass.
 
     The features are what the last linear layer receives (a forward pre-hook), so this
     works for MONAI's ResNet and DenseNet, an MLP, and logistic regression (whose
@@ -58,7 +62,7 @@ def predict_with_embedding(
             batch = to_device(x[start : start + batch_size], device)
             with autocast(device):
                 logits = model(batch)
-            scores.append(torch.softmax(logits.float(), dim=1)[:, 1])
+            scores.append(score(logits))
     finally:
         hook.remove()
     if not scores:

@@ -68,7 +68,8 @@ class SiteView:
 
 
 def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, val: float,
-              test: float, cache_dir: str | None = None, kind: str = "classification") -> SiteView:
+              test: float, cache_dir: str | None = None, kind: str = "classification",
+              num_classes: int = NUM_CLASSES) -> SiteView:
     """Read a site once per process (imaging sites also cache decoded images on disk).
 
     `inputs = "clinical"` reads only the clin_* columns of any site (the clinical-only
@@ -76,25 +77,27 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
     `kind` (task.kind) says which target columns it reads (fedir.tasks); a survival site's
     `label_counts` are its training patients censored (0) and with the event (1), so the
     site-label association test is the event rate's association with the site.
+    `num_classes` (task.classes): a classification label outside 0..num_classes-1 is refused.
     """
     if inputs not in allowed(Inputs):
         raise ValueError(f"data.inputs = {inputs!r}: choose one of {', '.join(allowed(Inputs))}")
     if inputs == "clinical" or is_tabular_site(site_dir):
-        return _tabular_view(site_dir, val, test, kind)
+        return _tabular_view(site_dir, val, test, kind, num_classes)
     if kind == "segmentation":
         return _segmentation_view(site_dir, image_size, frame_policy, val, test, cache_dir)
     if kind != "classification":
         raise ManifestError(f"{site_dir}: task.kind = {kind!r} reads tabular sites only for now (time, event and "
                             "clin_* columns, no path)", f"task.kind = {kind!r} reads tabular sites only for now")
-    return _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir)
+    return _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir, num_classes)
 
 
 # A simulation worker serves many sites in turn (500 each for 1,000 sites on two cores):
 # tables are small, so every site's stays in memory; decoded images are large, so only the
 # last few sites' do (their decoded cache on disk makes a miss a file read, not a decode).
 @cache
-def _tabular_view(site_dir: str, val: float, test: float, kind: str = "classification") -> SiteView:
-    site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test, kind=kind)
+def _tabular_view(site_dir: str, val: float, test: float, kind: str = "classification",
+                  num_classes: int = NUM_CLASSES) -> SiteView:
+    site = read_tabular_site(site_dir, val_fraction=val, test_fraction=test, kind=kind, num_classes=num_classes)
     if site.train.y.ndim == 2:  # survival: censored (0) and event (1) patients
         counts = Counter(int(y) for y in site.train.y[:, 1])
     else:
@@ -119,9 +122,10 @@ def _tabular_view(site_dir: str, val: float, test: float, kind: str = "classific
 
 @lru_cache(maxsize=16)
 def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float,
-                  cache_dir: str | None = None) -> SiteView:
+                  cache_dir: str | None = None, num_classes: int = NUM_CLASSES) -> SiteView:
     site = load_site(site_dir, image_size=image_size, frame_policy=frame_policy,
-                     val_fraction=val, test_fraction=test, cache_dir=None if cache_dir is None else Path(cache_dir))
+                     val_fraction=val, test_fraction=test, cache_dir=None if cache_dir is None else Path(cache_dir),
+                     num_classes=num_classes)
     return SiteView(
         name=site.name,
         tabular=False,
@@ -168,15 +172,15 @@ def _segmentation_view(site_dir: str, image_size: int, frame_policy: str, val: f
     )
 
 
-def check_manifest(site_dir: str, inputs: str, kind: str = "classification") -> None:
+def check_manifest(site_dir: str, inputs: str, kind: str = "classification", num_classes: int = NUM_CLASSES) -> None:
     """Read the site's manifest as `load_view` would, without decoding an image: the
     ManifestError the site would raise on its first message (a simulation checks every
     site so before starting Flower)."""
     if inputs == "clinical" or is_tabular_site(site_dir):
-        read_tabular_site(site_dir, kind=kind)
+        read_tabular_site(site_dir, kind=kind, num_classes=num_classes)
         acquired_by_patient(site_dir)
     else:
-        read_manifest(site_dir, NUM_CLASSES, kind)
+        read_manifest(site_dir, num_classes, kind)
 
 
 def masked_rows(site_dir: str) -> int:
@@ -190,7 +194,8 @@ def masked_rows(site_dir: str) -> int:
 def view_of(site_dir: str, settings: Settings, cache_dir: str | None = None) -> SiteView:
     return load_view(site_dir, settings.data_inputs, settings.model_image_size,
                      settings.data_frame_policy,
-                     settings.data_val_fraction, settings.data_test_fraction, cache_dir, settings.task_kind)
+                     settings.data_val_fraction, settings.data_test_fraction, cache_dir, settings.task_kind,
+                     settings.task_classes)
 
 
 def scaler(

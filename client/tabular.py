@@ -40,7 +40,7 @@ from fedir.client.manifest import (
 from fedir.client.split import SPLITS, split_of
 from fedir.tasks import task_of
 
-BINARY_CLASSES = 2  # the task is binary (fedir.models.NUM_CLASSES), without importing torch here
+BINARY_CLASSES = 2  # task.classes' default (fedir.models.NUM_CLASSES), without importing torch here
 
 CLINICAL_PREFIX = "clin_"
 
@@ -78,10 +78,11 @@ class TabularSite:
 
 def read_tabular_site(
     site_dir: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.25,
-    kind: str = "classification",
+    kind: str = "classification", num_classes: int = BINARY_CLASSES,
 ) -> TabularSite:
     """Read a tabular site's manifest into per-split arrays (see the module docstring);
-    the target as task kind `kind` reads it (fedir.tasks), refused rows naming their row."""
+    the target as task kind `kind` reads it (fedir.tasks), refused rows naming their row;
+    a classification label outside 0..num_classes-1 (task.classes) is refused so too."""
     site = Path(site_dir).resolve()
     columns, records = read_records(site, target_columns(kind))
     width = task_of(kind).target_width
@@ -116,7 +117,7 @@ def read_tabular_site(
         if width:
             ys.append(outcome)
         else:
-            label = parse_label(record.get("label", ""), where, rec.row, BINARY_CLASSES)
+            label = parse_label(record.get("label", ""), where, rec.row, num_classes)
             ys.append(-1 if label is None else label)
         ps.append(patient)
     n_f = len(features)

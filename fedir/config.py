@@ -114,6 +114,10 @@ class Settings:
         "classification", "what the sites' manifests hold and the model predicts: classification (`label`, a class "
         "index) | survival (`time` in days and `event` 0/1: a Cox model, C-indices) | segmentation (the `mask` "
         "column's label maps: a MONAI BasicUNet, DiceCE, Dice and HD95) (fedir.tasks)")
+    task_classes: int = setting(
+        2, "classification: K, the classes; labels are 0..K-1 (a label outside is refused with its row) and the "
+        "model has K outputs; K > 2 reports the macro one-vs-rest AUC, balanced accuracy and the K x K confusion "
+        "counts, predicting the argmax (no decision threshold) (fedir.tasks.multiclass_metrics)", Bounds(2))
     federation_sites: str = setting("", "site folders, separated by ';' (simulation only)")
     federation_min_sites: int = setting(0, "sites that must answer each round; 0 = every site", AT_LEAST_0)
     federation_arm: Arm = setting(
@@ -412,8 +416,12 @@ def check_task(settings: Settings) -> None:
         if settings.model_name == "basic_unet":
             raise SettingsError("model.name = 'basic_unet' is a segmentation network: it needs "
                                 "task.kind = \"segmentation\"")
+        check_classes(settings)
         return
     kind = f"task.kind = {settings.task_kind!r}"
+    if settings.task_classes != 2:
+        raise SettingsError(f"{kind} has no classes: task.classes = {settings.task_classes} applies to "
+                            "task.kind = \"classification\" only; leave it at 2")
     refused = {
         "train.objective": (settings.train_objective != "supervised", "supervised"),
         "train.mixup-alpha": (settings.train_mixup_alpha > 0, "0"),
@@ -436,6 +444,25 @@ def check_task(settings: Settings) -> None:
     if settings.model_name not in ("auto", "logreg", "mlp"):
         raise SettingsError(f"{kind} trains tabular sites only for now (a linear Cox model, or an mlp risk model); "
                             f"model.name = {settings.model_name!r} is an image network: choose auto, logreg or mlp")
+
+
+def check_classes(settings: Settings) -> None:
+    """What a K > 2 classification study cannot use yet, naming the setting: each reads a
+    binary score (the positive-class probability) or a decision threshold, where K > 2
+    predicts the argmax of K probabilities. (eval.drift-period, on by default, reports
+    nothing for K > 2: fedir.client.client_app's _drift.)"""
+    if settings.task_classes == 2:
+        return
+    refused = {
+        "eval.threshold-per-site": (settings.eval_threshold_per_site, "false"),
+        "bias.cross-site": (settings.bias_cross_site, "false"),
+        "baseline.clinical": (settings.baseline_clinical, "false"),
+    }
+    for key, (bad, choose) in refused.items():
+        if bad:
+            raise SettingsError(f"task.classes = {settings.task_classes} cannot use {key} = "
+                                f"{getattr(settings, key.replace('.', '_').replace('-', '_'))!r} (it scores a binary "
+                                f"positive-class probability); set {key} = {choose}")
 
 
 def check_freeze(settings: Settings) -> None:

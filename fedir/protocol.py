@@ -26,6 +26,15 @@ from flwr.compat.common import recorddict_compat as legacy
 
 from fedir.config import UpdateDtype, allowed
 from fedir.metrics import COUNTS, HISTOGRAMS, SCALAR_METRICS, SCORE_SUMS
+from fedir.tasks.multiclass_metrics import (
+    CLASS_AUCS,
+    CONFUSION,
+    HIST_CLASS,
+    HIST_REST,
+    MULTICLASS_COUNTS,
+    MULTICLASS_SCALARS,
+    SENSITIVITY,
+)
 from fedir.tasks.segmentation_metrics import SEG_COUNTS, SEG_FLOAT_VECTORS, SEG_INT_VECTORS, SEG_SCALARS
 from fedir.tasks.survival_metrics import (
     SURVIVAL_COUNTS,
@@ -196,6 +205,7 @@ _FLAT_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], t
     SURVIVAL: (SURVIVAL_COUNTS, SURVIVAL_SCALARS, SURVIVAL_INT_VECTORS, SURVIVAL_FLOAT_VECTORS),
     SEGMENTATION: (SEG_COUNTS, SEG_SCALARS, SEG_INT_VECTORS, SEG_FLOAT_VECTORS),
 }
+MULTICLASS = "multiclass"  # the wire kind of a classification reply with task.classes > 2
 _PATIENT_PREFIX = "patient-"
 _VAL_PREFIX = "val-"
 
@@ -280,6 +290,46 @@ def _get_flat_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, kind: 
     return out
 
 
+def _put_multiclass_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any]) -> None:
+    """A K > 2 evaluation (fedir.tasks.multiclass_metrics._metric_set): counts, the scalars
+    with CIs, the (K, K) confusion counts and the (K, bins) histograms flattened row-major,
+    the per-class AUCs and sensitivities with an ok flag each."""
+    for name in MULTICLASS_COUNTS:
+        rec[prefix + _key(name)] = int(metrics[name])
+    for name in MULTICLASS_SCALARS:
+        _put_scalar(rec, prefix + _key(name), metrics.get(name), metrics.get(f"{name}_ci"))
+    for name in (CONFUSION, HIST_REST, HIST_CLASS):
+        rec[prefix + _key(name)] = [int(v) for row in metrics[name] for v in row]
+    for name in (CLASS_AUCS, SENSITIVITY):
+        values = metrics[name]
+        rec[prefix + _key(name)] = [MISSING if v is None else float(v) for v in values]
+        rec[prefix + _key(name) + "-ok"] = [0 if v is None else 1 for v in values]
+    site_rec[prefix + "reasons"] = json.dumps(metrics.get("reasons", {}))
+
+
+def _get_multiclass_set(rec: MetricRecord, site_rec: ConfigRecord, prefix: str) -> dict[str, Any]:
+    """The inverse of _put_multiclass_set."""
+    out: dict[str, Any] = {name: int(_number(rec[prefix + _key(name)], name)) for name in MULTICLASS_COUNTS}
+    k = out["classes"]
+    for name in MULTICLASS_SCALARS:
+        key = prefix + _key(name)
+        out[name] = _number(rec[key], name) if rec[f"{key}-ok"] else None
+        ci = _numbers(rec[f"{key}-ci"], f"{name}-ci")
+        out[f"{name}_ci"] = [ci[0], ci[1]] if rec[f"{key}-ci-ok"] else None
+    for name in (CONFUSION, HIST_REST, HIST_CLASS):
+        flat = [int(v) for v in _numbers(rec[prefix + _key(name)], name)]
+        if k < 1 or len(flat) % k:
+            raise ValueError(f"{name}: {len(flat)} values do not make {k} rows")
+        width = len(flat) // k
+        out[name] = [flat[c * width:(c + 1) * width] for c in range(k)]
+    for name in (CLASS_AUCS, SENSITIVITY):
+        values = _numbers(rec[prefix + _key(name)], name)
+        ok = _numbers(rec[prefix + _key(name) + "-ok"], name)
+        out[name] = [v if flag else None for v, flag in zip(values, ok)]
+    out["reasons"] = json.loads(str(site_rec[prefix + "reasons"]))
+    return out
+
+
 def _put_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: Mapping[str, Any],
                kind: str = "classification") -> None:
     """A split's metrics: per image under `prefix`, per patient (when there are) beside them;
@@ -288,19 +338,21 @@ def _put_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, metrics: 
     if kind in _FLAT_SETS:
         _put_flat_set(rec, site_rec, prefix, metrics, kind)
         return
-    _put_metric_set(rec, site_rec, prefix, metrics)
+    put = _put_multiclass_set if kind == MULTICLASS else _put_metric_set
+    put(rec, site_rec, prefix, metrics)
     per_patient = metrics.get("per_patient")
     rec[prefix + _PATIENT_PREFIX + "ok"] = 0 if per_patient is None else 1
     if per_patient is not None:
-        _put_metric_set(rec, site_rec, prefix + _PATIENT_PREFIX, per_patient)
+        put(rec, site_rec, prefix + _PATIENT_PREFIX, per_patient)
 
 
 def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, kind: str = "classification") -> dict[str, Any]:
     if kind in _FLAT_SETS:
         return _get_flat_set(rec, site_rec, prefix, kind)
-    out = _get_metric_set(rec, site_rec, prefix)
+    get = _get_multiclass_set if kind == MULTICLASS else _get_metric_set
+    out = get(rec, site_rec, prefix)
     has_patients = rec.get(prefix + _PATIENT_PREFIX + "ok", 0)
-    out["per_patient"] = _get_metric_set(rec, site_rec, prefix + _PATIENT_PREFIX) if has_patients else None
+    out["per_patient"] = get(rec, site_rec, prefix + _PATIENT_PREFIX) if has_patients else None
     return out
 
 
@@ -310,8 +362,9 @@ def encode_evaluation(
     kind: str = "classification",
 ) -> RecordDict:
     """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict (`kind` =
-    "survival" / "segmentation": fedir.tasks' survival_metrics / segmentation_metrics dicts;
-    the kind travels in the ConfigRecord).
+    "survival" / "segmentation": fedir.tasks' survival_metrics / segmentation_metrics dicts; a
+    classification's with K > 2 classes: fedir.tasks.multiclass_metrics' dicts, kind
+    "multiclass" on the wire; the kind travels in the ConfigRecord).
 
     `metrics` are the test patients', `val` the validation patients' (both with their
     `per_patient` set). `embedding` (fedir.client.embedding: counts, means and covariances
@@ -321,6 +374,8 @@ def encode_evaluation(
     aggregates, never a date) rides as JSON in the ConfigRecord, whose keys may differ
     across sites, because each site has its own periods; absent under eval.drift-period = off.
     """
+    if kind == "classification" and "classes" in metrics:  # task.classes > 2: its own metric set
+        kind = MULTICLASS
     rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
     site_rec = ConfigRecord({"name": site, TASK_KEY: kind})
     if drift is not None:

@@ -80,6 +80,8 @@ def _threshold(summary: dict) -> dict[str, str]:
     item = "decision threshold"
     if threshold is None:
         return _item(item, NA, "no evaluation was recorded, so no threshold was applied")
+    if threshold.get("rule") == "argmax":  # task.classes > 2
+        return _item(item, NA, threshold["reason"])
     if threshold.get("rule") == "youden":
         return _item(item, OK, (
             f"{threshold['value']:.3f}, Youden's J on the pooled validation patients (eval.threshold-rule = youden); "

@@ -190,7 +190,9 @@ def _table(summary: dict) -> list[dict[str, Any]]:
             "patient_positives": "n/a" if patient.get("positives") is None else str(patient["positives"]),
             "ece": fmt_value(patient.get("ece")),
         }
-        for metric in SCALAR_METRICS:
+        # K > 2 classes (task.classes): balanced accuracy beside the macro AUC and accuracy
+        shown = (*SCALAR_METRICS, "balanced_accuracy") if entry.get("classes") else SCALAR_METRICS
+        for metric in shown:
             row[metric] = fmt_with_ci(entry.get(metric), entry.get(metric + "_ci"))
             row[f"patient_{metric}"] = fmt_with_ci(patient.get(metric), patient.get(metric + "_ci"))
             why = (patient.get("reasons") or {}).get(metric) if patient else reasons.get("per_patient")

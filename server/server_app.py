@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fedir.config import MEAN_AGGREGATORS, Settings
 from fedir.errors import StudyFailed, UserError
-from fedir.models import NUM_CLASSES, as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
+from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
 from fedir.protocol import VAL_KEY, EmbeddingMoments, decode_weights, encode_weights
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME,
@@ -142,7 +142,7 @@ class StudyRecorder:
         self._record_failures(replies, "evaluate")
         moments = {site: v.pop("embedding") for site, v in replies.per_site.items() if "embedding" in v}
         val = {site: v.pop(VAL_KEY) for site, v in replies.per_site.items() if VAL_KEY in v}
-        if self.settings.task_kind == "classification":
+        if self.settings.task_kind == "classification" and self.settings.task_classes == 2:
             # the decision threshold from the validation patients; the test metrics at it
             # (each site's at its own under eval.threshold-per-site, the pool's at the federation's)
             chosen = thresholded(replies.per_site, val, rule=self.settings.eval_threshold_rule,
@@ -151,7 +151,7 @@ class StudyRecorder:
             pooled = self._pooled(chosen.for_pool)
             if pooled is not None:
                 pooled = at(pooled, chosen.federation)
-        else:  # a risk score has no decision threshold
+        else:  # a risk score, or K > 2 classes (the argmax predicts), has no decision threshold
             pooled = self._pooled(replies.per_site)
         pooled_val = self._pooled(val, intervals=False)  # point estimates choose; no CI is shown
         self.store.record_evaluation(self.run_id, replies.server_round, replies.per_site, pooled)
@@ -335,7 +335,7 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
                                       kind=settings.task_kind),
                         seed=settings.train_seed, n_features=len(features.names),
                         spatial_dims=settings.spatial_dims,
-                        n_outputs=task_of(settings.task_kind).n_outputs(NUM_CLASSES))
+                        n_outputs=task_of(settings.task_kind).n_outputs(settings.task_classes))
     if resumed is None and settings.model_init:
         # transfer learning: the checkpoint's weights are round 0's global model (a resumed
         # run continues from its own checkpoint; the report stays in the store)

@@ -26,6 +26,7 @@ from fedir.strategies.drift_trend import pooled_trend, site_trend
 from fedir.strategies.privacy_budget import ACCOUNTANT
 from fedir.strategies.selection import EarlyStopped, Selection
 from fedir.tasks import task_of
+from fedir.tasks.multiclass_metrics import CLASS_AUCS, CONFUSION, MULTICLASS_SCALARS, SENSITIVITY
 from fedir.tasks.segmentation_metrics import DICE_HIST, SEG_SCALARS
 from fedir.tasks.survival_metrics import KM_AT_RISK, KM_SURVIVAL, SURVIVAL_SCALARS
 
@@ -55,11 +56,14 @@ def build_summary(store: RunStore, run_id: str) -> dict:
     evaluated = store.site_metrics(run_id, last_eval) if last_eval is not None else {}
     sites = _site_names(run["sites"], evaluated)
     kind = run["config"].get("task.kind", "classification")
+    classes = int(run["config"].get("task.classes", 2))
     if kind == "segmentation":
         entry = segmentation_entry
     elif kind != "classification":
         def entry(metrics: dict | None, server_round: int | None) -> dict:
             return survival_entry(metrics, server_round, run["config"].get("eval.time-bin-days", 180.0))
+    elif classes > 2:
+        entry = multiclass_entry
     else:
         entry = _entry
     summary = {
@@ -72,10 +76,11 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "evaluated_round": last_eval,
         "selection": selection,
         "task": kind,
+        "classes": classes,
         "sites": sites,
         "global": entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: entry(evaluated.get(site), last_eval) for site in sites},
-        "threshold": threshold_entry(evaluated, sites),
+        "threshold": threshold_entry(evaluated, sites) if classes == 2 else argmax_entry(classes),
         "drift": drift_entry(evaluated, sites, run["config"]),
         "bias": _verdict(store, run_id, last_eval),
         "privacy": privacy_entry(store, run_id, run["config"]),
@@ -225,6 +230,41 @@ def _entry(metrics: dict | None, server_round: int | None, *, nested: bool = Tru
     return entry
 
 
+def multiclass_entry(metrics: dict | None, server_round: int | None, *, nested: bool = True) -> dict:
+    """One site's (or the pooled) entry of a K > 2 classification (task.classes): `auc` is
+    the macro one-vs-rest AUC, `balanced_accuracy` beside it, each with `_ci`, `accuracy`
+    too; `confusion` (K x K counts, rows = true class), `sensitivity_per_class` and
+    `auc_per_class`; the pooled entry's `auc_binning_error`; `per_patient` nested (the
+    patient's mean probability vector). Every absent metric is null with a reason."""
+    metrics = metrics or {}
+    reasons = dict(metrics.get("reasons") or {})
+    entry: dict[str, Any] = {"n_test": metrics.get("n") or 0, "n_patients": metrics.get("n_patients"),
+                             "classes": None if metrics.get("classes") is None else int(metrics["classes"])}
+    for name in MULTICLASS_SCALARS:
+        entry[name] = metrics.get(name)
+        entry[name + "_ci"] = metrics.get(name + "_ci")
+        if entry[name] is None and name not in reasons:
+            reasons[name] = _missing_reason(metrics, server_round)
+    for name in (CONFUSION, SENSITIVITY, CLASS_AUCS, "auc_binning_error"):
+        entry[name] = metrics.get(name)
+    if nested:
+        per_patient = metrics.get("per_patient")
+        if per_patient is None and "per_patient" not in reasons:
+            reasons["per_patient"] = _missing_reason(metrics, server_round) if not metrics else \
+                "not computed (no reason was reported)"
+        entry["per_patient"] = None if per_patient is None else multiclass_entry(per_patient, server_round,
+                                                                                 nested=False)
+    entry["reasons"] = reasons
+    return entry
+
+
+def argmax_entry(classes: int) -> dict:
+    """The threshold entry of a K > 2 study: there is none (the prediction is the argmax)."""
+    return {"rule": "argmax", "value": None, "per_site": {}, "per_site_reasons": {},
+            "reason": f"task.classes = {classes}: the prediction is the argmax of the {classes} class probabilities; "
+                      "a decision threshold (Youden's J) is a binary rule and does not apply"}
+
+
 def survival_entry(metrics: dict | None, server_round: int | None, time_bin_days: float) -> dict:
     """One site's (or the pooled) survival entry: patients, events, Harrell's and Uno's
     C-index with CIs (`c_index`, `c_index_ci`, `uno_c_index`, ...), the IBS (null, with why),
@@ -354,6 +394,8 @@ def format_site_table(summary: dict) -> str:
         return format_segmentation_table(summary)
     if summary.get("task", "classification") != "classification":
         return format_survival_table(summary)
+    if summary.get("classes", 2) > 2:
+        return format_multiclass_table(summary)
     header = ["site", "patients", "positives", "AUC [95% CI]", "accuracy [95% CI]",
               "sensitivity [95% CI]", "specificity [95% CI]", "ECE", "images", "AUC per image [95% CI]"]
     rows = [_table_row(site, entry) for site, entry in summary["per_site"].items()]
@@ -391,6 +433,38 @@ def format_segmentation_table(summary: dict) -> str:
              line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), "",
              "Pooled: patient-weighted mean of the sites' per-patient sums, normal 95% CI from their sums of squares.",
              verdict_line(summary["bias"])]
+    return "\n".join(lines)
+
+
+def format_multiclass_table(summary: dict) -> str:
+    """A K > 2 study's per-site table, per patient (the per-image set where labels are per
+    image): macro one-vs-rest AUC, balanced accuracy, accuracy with CIs, the per-class
+    sensitivity; the pooled AUC's binning bound, the argmax rule, the verdict line."""
+    header = ["site", "patients", "macro AUC [95% CI]", "balanced accuracy [95% CI]", "accuracy [95% CI]",
+              "sensitivity per class"]
+    rows = []
+    for site, e in {**summary["per_site"], GLOBAL_SITE: summary["global"]}.items():
+        level = e.get("per_patient") or e
+        rows.append([site if e.get("per_patient") else f"{site} (per image)", _count(level.get("n_test")),
+                     *(fmt_with_ci(level.get(m), level.get(m + "_ci")) for m in MULTICLASS_SCALARS),
+                     " / ".join(fmt_value(v) for v in level.get(SENSITIVITY) or [])])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [f"Per patient (a patient's {summary['classes']} class probabilities: the mean over their images):",
+             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    bound = (summary["global"].get("per_patient") or summary["global"]).get("auc_binning_error")
+    if bound is not None:
+        lines.append(f"Pooled macro AUC: each class's within-site pairs exact, cross-site pairs ordered by score bins; "
+                     f"error at most +-{bound:.3f} (eval.hist-bins). Pooled balanced accuracy: exact (summed confusion "
+                     "counts).")
+    lines.append(threshold_line(summary["threshold"]))
+    lines.append(verdict_line(summary["bias"]))
+    lines.extend(_footnotes(summary))
+    lines.extend(_failures(summary))
     return "\n".join(lines)
 
 
@@ -460,6 +534,8 @@ def threshold_line(threshold: dict | None) -> str:
     """How the decision threshold behind accuracy, sensitivity and specificity was chosen."""
     if threshold is None:
         return "Decision threshold: not recorded"
+    if threshold["rule"] == "argmax":  # task.classes > 2
+        return f"No decision threshold: {threshold['reason']}"
     if threshold["rule"] == "youden":
         text = (f"Decision threshold {threshold['value']:.3f}: Youden's J on the pooled validation patients "
                 f"({(threshold.get('level') or 'per_patient').replace('_', ' ')}, J = {threshold['youden_j']:.3f}); "

@@ -83,7 +83,7 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
     except SettingsError as exc:
         raise ScenarioError(f"{path}: {exc}") from None
     for site in settings.sites:  # each site's manifest error now, not after Flower starts
-        check_manifest(site, settings.data_inputs, settings.task_kind)
+        check_manifest(site, settings.data_inputs, settings.task_kind, settings.task_classes)
     if settings.task_kind == "segmentation" and not any(masked_rows(site) for site in settings.sites):
         raise ScenarioError(f"{path}: task.kind = \"segmentation\" needs masks, and no site's manifest names one "
                             "(a `mask` column; `fedir data synth --masks` writes them)")

@@ -281,7 +281,15 @@ def _inherit_filling(vessels: list[Vessel]) -> None:
         v.opacity = inflow * (np.ones(len(v.points)) if v.opacity is None else v.opacity)
 
 
-def _add_lesions(rng: np.random.Generator, vessels: list[Vessel], label: int) -> None:
+# Stenosis grade labels (generate_federation's `grades`): 0 none, 1 moderate, 2 severe, with
+# the lesion's diameter reduction drawn in the grade's range; the binary label's range is
+# that of _add_lesions' positives.
+GRADES = ("none", "moderate", "severe")
+GRADE_SEVERITY = {1: (0.5, 0.7), 2: (0.7, 0.95)}
+BINARY_SEVERITY = (0.6, 0.95)
+
+
+def _add_lesions(rng: np.random.Generator, vessels: list[Vessel], label: int, graded: bool = False) -> None:
     """Mild irregularities in every image; a graded significant stenosis on a trunk if label 1.
 
     The stenosis is a local "waist": the trunk is bright on both sides of it and keeps
@@ -290,16 +298,18 @@ def _add_lesions(rng: np.random.Generator, vessels: list[Vessel], label: int) ->
     near-occlusion with 70-90% distal fading made a positive look like a tree with one
     trunk fewer). Severity is graded (50-90% of the diameter, uniform): the mildest
     positives are 50-60% against the negatives' at most 30%, so some are subtle.
+    `graded`: `label` is a stenosis grade (GRADES), its narrowing in GRADE_SEVERITY's range.
     """
     for _ in range(int(rng.integers(1, 4))):
         v = vessels[int(rng.integers(len(vessels)))]
         _narrow(v, rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.8), rng.uniform(1.2, 2.5))
-    if label == 1:
+    if label >= 1:
+        low, high = GRADE_SEVERITY[label] if graded else BINARY_SEVERITY
         trunks = [v for v in vessels if v.level == 0]
         count = 1 + int(len(trunks) > 1 and rng.random() < 0.5)
         for i in rng.permutation(len(trunks))[:count]:
             where = rng.uniform(0.15, 0.45)
-            severity = rng.uniform(0.6, 0.95)
+            severity = rng.uniform(low, high)
             healthy = trunks[i].radius.copy()
             centre, width = _narrow(trunks[i], severity, where, rng.uniform(1.5, 3.0))
             first = max(int(np.floor(centre - LESION_EXTENT * width)), 0)
@@ -441,12 +451,14 @@ def render_image(rng: np.random.Generator, site: int, label: int, frames: int,
 
 
 def render_image_and_tree(rng: np.random.Generator, site: int, label: int, frames: int,
-                          size: int, profile: SiteProfile | None = None) -> tuple[np.ndarray, list[Vessel]]:
+                          size: int, profile: SiteProfile | None = None,
+                          graded: bool = False) -> tuple[np.ndarray, list[Vessel]]:
     """`render_image` and the vessel tree it drew (for `vessel_labels`); `profile` is the
-    scanner (default: the site's own, `site_profile`; a scanner change passes another)."""
+    scanner (default: the site's own, `site_profile`; a scanner change passes another);
+    `graded`: `label` is a stenosis grade (GRADES)."""
     profile = profile or site_profile(site)
     vessels = _vessel_tree(rng, size)
-    _add_lesions(rng, vessels, label)
+    _add_lesions(rng, vessels, label, graded)
     iodine = _render_vessels(vessels, size)
     iodine = ndimage.gaussian_filter(iodine, profile.blur * size / 256.0)
     background = _background(rng, size)
@@ -548,15 +560,19 @@ def _dicom(pixels: np.ndarray, profile: SiteProfile, patient: dict, series: int,
 
 
 def _patient(rng: np.random.Generator, site: int, index: int, confound: float,
-             unlabelled_fraction: float) -> dict:
-    """Label, clinical covariates and made-up demographics of one patient."""
+             unlabelled_fraction: float, grades: bool = False) -> dict:
+    """Label, clinical covariates and made-up demographics of one patient; with `grades`
+    a diseased patient's label is its stenosis grade, moderate (1) or severe (2) alike."""
     patient_id = f"S{site}-P{index:04d}"
     label = int(rng.random() < site_prevalence(site, confound))
+    if grades and label:
+        label = 1 + int(rng.random() < 0.5)
+    diseased = int(label > 0)
     # Mildly predictive, as in the clinic: with these effects a logistic regression on age
     # and sex reaches a population AUC of about 0.59 (version 2's 6 years and 0.08 gave
     # 0.67), so the imaging model has room to show what the images add.
-    age = int(np.clip(rng.normal(61 + 3 * label, 10), 30, 92))
-    sex = int(rng.random() < 0.62 + 0.04 * label)
+    age = int(np.clip(rng.normal(61 + 3 * diseased, 10), 30, 92))
+    sex = int(rng.random() < 0.62 + 0.04 * diseased)
     study = STUDY_START + dt.timedelta(days=int(rng.integers(0, STUDY_DAYS)))
     birth = study - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
     split = split_of(patient_id)
@@ -582,7 +598,8 @@ def _patient(rng: np.random.Generator, site: int, index: int, confound: float,
 def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[dict]:
     """Generate and write one patient's images; return its manifest rows."""
     rng = np.random.default_rng([params["seed"], site, index])
-    patient = _patient(rng, site, index, params["confound"], params["unlabelled_fraction"])
+    patient = _patient(rng, site, index, params["confound"], params["unlabelled_fraction"],
+                       params.get("grades", False))
     profile = site_profile(site)
     change = params.get("scanner_change")
     if change is not None and change["site"] == site and patient["acquired"] >= change["date"]:
@@ -593,7 +610,8 @@ def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[
     for k in range(patient["images"]):
         cine = k == 0 or (k > 1 and rng.random() < 0.5)  # image 0 cine, image 1 single
         frames = int(rng.integers(4, 7)) if cine else 1
-        display, vessels = render_image_and_tree(rng, site, patient["label"], frames, params["image_size"], profile)
+        display, vessels = render_image_and_tree(rng, site, patient["label"], frames, params["image_size"], profile,
+                                                 params.get("grades", False))
         ds = _dicom(encode_pixels(display, profile), profile, patient, k + 1, study_uid,
                     f"{key}/{k}")
         rel = f"images/{patient['patient_id']}_{k}.dcm"
@@ -679,9 +697,9 @@ def _site_summary(rows: list[dict], profile: SiteProfile) -> dict:
         "images": len(rows),
         "patients": len(patients),
         "labelled_patients": sum(v is not None for v in patients.values()),
-        "positive_patients": sum(v == 1 for v in patients.values()),
+        "positive_patients": sum(v is not None and v >= 1 for v in patients.values()),
         "labelled_images": sum(r["label"] is not None for r in rows),
-        "positive_images": sum(r["label"] == 1 for r in rows),
+        "positive_images": sum(r["label"] is not None and r["label"] >= 1 for r in rows),
         "manufacturer": profile.manufacturer,
         "model": profile.model,
         "bits_stored": profile.bits_stored,
@@ -742,7 +760,7 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
                         confound: float = 0.0, unlabelled_fraction: float = 0.7,
                         image_size: int = 256, force: bool = False,
                         progress: bool = True, mask_fraction: float | None = None,
-                        scanner_change: tuple[int, str] | None = None) -> dict:
+                        scanner_change: tuple[int, str] | None = None, grades: bool = False) -> dict:
     """Write (or reuse) a synthetic XA federation under `out`; return its federation.json.
 
     `patients` is per site. The returned dict holds the parameters and, per site, counts of
@@ -758,6 +776,10 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
 
     `scanner_change` (site index, ISO date "YYYY-MM-DD"): that site's images acquired on or
     after the date come from `replaced_scanner` (see the module docstring); None: none.
+
+    `grades`: the label is the stenosis grade, 0 none, 1 moderate (a 50-70% narrowing), 2
+    severe (70-95%), for a `task.classes = 3` study; False writes the binary label (and the
+    files of earlier versions, byte for byte). Positive counts then count either grade.
     """
     if sites < 1 or patients < 1:
         raise ValueError("sites and patients must be at least 1")
@@ -785,6 +807,8 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
         params["mask_fraction"] = float(mask_fraction)
     if scanner_change is not None:
         params["scanner_change"] = {"site": scanner_change[0], "date": scanner_change[1]}
+    if grades:
+        params["grades"] = True
     if not force and (cached := _cached(out, params)) is not None:
         return cached
     out.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,10 @@ def site_label_association(
     classes without images are dropped first (they carry no information and make the
     expected counts zero). The sites named are those whose positive-class count has an
     adjusted standardized residual beyond +-3 (the cells that drive the statistic),
-    most extreme first. Class keys may be ints or their strings (as after JSON).
+    most extreme first. With K > 2 classes (task.classes) the table is K x sites and the
+    class shown (`class`, its prevalence and residuals) is the one with the most extreme
+    cell; `residuals_per_class` holds every cell's. Class keys may be ints or their
+    strings (as after JSON).
     """
     table, sites, classes = _table(label_counts)
     thresholds = {"alpha": alpha, "min_cramers_v": min_cramers_v}
@@ -80,7 +83,15 @@ def site_label_association(
     positive = 1 if 1 in classes else max(classes)
     column = classes.index(positive)
     result = chi2_contingency(table)
-    residuals = _adjusted_residuals(table)[:, column]
+    cells = _adjusted_residuals(table)
+    if len(classes) > 2:
+        # K > 2 classes (a K x sites table): the prevalence and residuals shown are those of
+        # the class with the most extreme cell, the one that drives the statistic most
+        column = int(np.argmax(np.abs(cells).max(axis=0)))
+        out["class"] = classes[column]
+        out["residuals_per_class"] = {site: {str(c): float(r) for c, r in zip(classes, row)}
+                                      for site, row in zip(sites, cells)}
+    residuals = cells[:, column]
     out.update(
         computable=True,
         statistic=float(result.statistic),
@@ -136,12 +147,13 @@ def _sites_by_residual(sites: list[str], residuals: np.ndarray) -> list[str]:
 
 def _association_reason(out: dict, table: np.ndarray, sites: list[str], column: int) -> str:
     parts = []
+    which = f"class {out['class']} " if "class" in out else ""  # K > 2: the class shown
     for site in out["sites"]:
         i = sites.index(site)
         rest = np.delete(table, i, axis=0)
         rest_prev = rest[:, column].sum() / rest.sum()
         parts.append(
-            f"{site} has prevalence {out['prevalence'][site]:.0%} ({table[i, column]}/{table[i].sum()}) "
+            f"{site} has {which}prevalence {out['prevalence'][site]:.0%} ({table[i, column]}/{table[i].sum()}) "
             f"vs {rest_prev:.0%} in the other sites ({rest[:, column].sum()}/{rest.sum()})"
         )
     return (

@@ -17,6 +17,7 @@ from functools import partial
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
 from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.heterogeneity import auc_heterogeneity
+from fedir.strategies.multiclass_bias import multiclass_pooled_vs_within_auc
 from fedir.strategies.segmentation_bias import segmentation_verdict
 from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability
@@ -86,13 +87,15 @@ def signals(
         return verdict(survival_tests(label_counts, per_site, thresholds, time_bins))
     if kind == "segmentation":
         return segmentation_verdict(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2)
+    multiclass = any("classes" in entry for entry in per_site.values())  # task.classes > 2
     tests = {
         "site_label_association": site_label_association(
             dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v
         ),
-        "pooled_vs_within_auc": pooled_vs_within_auc(
+        "pooled_vs_within_auc": (multiclass_pooled_vs_within_auc if multiclass else pooled_vs_within_auc)(
             per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap, seed=seed
         ),
+        # the macro one-vs-rest AUC and its CI for K > 2
         "auc_heterogeneity": auc_heterogeneity(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2),
     }
     if moments and not detailed:
@@ -132,8 +135,11 @@ def analyse(
     """
     full = signals(label_counts, per_site, moments, thresholds, cross_site, seed, final=final, kind=kind,
                    time_bins=time_bins)
-    if not final or kind != "classification":
-        reason = ("computed on the study's final round only" if kind == "classification" else
+    multiclass = any("classes" in entry for entry in per_site.values())  # task.classes > 2
+    if not final or kind != "classification" or multiclass:
+        reason = ("computed on the study's final round only" if kind == "classification" and not multiclass else
+                  "not computed for task.classes > 2 (leave-one-site-out reads the binary score histograms)"
+                  if multiclass else
                   f"not computed for {kind} studies (leave-one-site-out reruns the classification signals)")
         full["sensitivity"] = {"by_site": {}, "flags": [], "sites": [], "reason": reason}
         return full

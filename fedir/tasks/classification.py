@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fedir import metrics
+from fedir.tasks import multiclass_metrics
 
 NAME = "classification"
 TARGET_COLUMNS = ("label",)
@@ -55,16 +56,28 @@ def loss(output: Any, target: Any) -> Any:
 
 
 def score(output: Any) -> Any:
-    """The positive-class probability of (B, 2) logits."""
+    """The positive-class probability (B,) of (B, 2) logits; the (B, K) class probabilities
+    of (B, K > 2) logits (task.classes = K: the metrics rank each class one-vs-rest)."""
     import torch
 
-    return torch.softmax(output.float(), dim=1)[:, 1]
+    probabilities = torch.softmax(output.float(), dim=1)
+    return probabilities[:, 1] if output.shape[1] == 2 else probabilities
 
 
 def site_metrics(target: np.ndarray, scores: np.ndarray, patients: Sequence[str], *, n_boot: int, seed: int,
-                 threshold: float, bins: int, **_: Any) -> dict:
+                 threshold: float, bins: int, classes: int = 2, **_: Any) -> dict:
+    """fedir.metrics.site_metrics of (N,) positive-class probabilities; with `classes` = K > 2
+    (task.classes), fedir.tasks.multiclass_metrics' of the (N, K) class probabilities (argmax,
+    no threshold)."""
+    if classes > 2:
+        return multiclass_metrics.site_multiclass_metrics(
+            target, np.asarray(scores, dtype=float).reshape(-1, classes), patients, n_boot=n_boot, seed=seed,
+            bins=bins)
     return metrics.site_metrics(target, scores, patients, n_boot=n_boot, seed=seed, threshold=threshold, bins=bins)
 
 
 def pooled_metrics(per_site: Mapping[str, dict], *, n_boot: int, seed: int, **_: Any) -> dict:
+    """The pool of the sites' binary aggregates, or of their K > 2 ones (they carry `classes`)."""
+    if any("classes" in entry for entry in per_site.values()):
+        return multiclass_metrics.pooled_multiclass_metrics(per_site, n_boot=n_boot, seed=seed)
     return metrics.pooled_metrics(per_site, n_boot=n_boot, seed=seed)

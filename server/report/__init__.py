@@ -26,6 +26,7 @@ from fedir.server.report.baseline import baseline_section, with_clinical_baselin
 from fedir.server.report.bias import bias_section
 from fedir.server.report.cards import card_section
 from fedir.server.report.drift import drift_section
+from fedir.server.report.multiclass import multiclass_section
 from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
 from fedir.server.report.segmentation import segmentation_section
@@ -47,6 +48,15 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         results = segmentation_section(rows, summary) if kind == "segmentation" else survival_section(rows, summary)
         sections = [summary_section(summary, store.verdict_history(run_id)), results,
                     bias_section(summary["bias"]), training_section(rows, summary["sites"]),
+                    notes_section(summary["notes"])]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render("report.html", run_id=run_id, sections=sections), encoding="utf-8")
+        return path
+    if summary.get("classes", 2) > 2:  # K probabilities, an argmax: no threshold, calibration or 2-class histograms
+        sections = [summary_section(summary, store.verdict_history(run_id)),
+                    checklist_section(with_baseline["checklist"]), multiclass_section(rows, summary),
+                    bias_section(summary["bias"]), model_init_section(summary["model_init"]),
+                    training_section(rows, summary["sites"]), card_section(store.cards(run_id)),
                     notes_section(summary["notes"])]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render("report.html", run_id=run_id, sections=sections), encoding="utf-8")
