@@ -97,7 +97,7 @@ def test_clientapp_under_fedbn_sends_no_norm_entry_and_keeps_its_own_across_roun
     scored = []
     real = client_app.predict_with_embedding
     monkeypatch.setattr(client_app, "predict_with_embedding",
-                        lambda model, x, device: scored.append(model) or real(model, x, device))
+                        lambda model, x, device, **kw: scored.append(model) or real(model, x, device, **kw))
 
     def bn_weight(ctx: Context) -> torch.Tensor:
         reply = app(_message("evaluate", sent1, 2), ctx)
@@ -161,7 +161,7 @@ def test_fedbn_site_scores_with_statistics_of_the_weights_it_received(tmp_path, 
     scored = []
     real = client_app.predict_with_embedding
     monkeypatch.setattr(client_app, "predict_with_embedding",
-                        lambda model, x, device: scored.append(model) or real(model, x, device))
+                        lambda model, x, device, **kw: scored.append(model) or real(model, x, device, **kw))
     assert not app(_message("evaluate", aggregated, 1), context).has_error()
     model = scored[0]
     train_x = view_of(str(site_dir), settings).train_x
