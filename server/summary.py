@@ -400,14 +400,7 @@ def format_site_table(summary: dict) -> str:
               "sensitivity [95% CI]", "specificity [95% CI]", "ECE", "images", "AUC per image [95% CI]"]
     rows = [_table_row(site, entry) for site, entry in summary["per_site"].items()]
     rows.append(_table_row(GLOBAL_SITE, summary["global"]))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    lines = ["Per patient (a patient's score: the mean over their images); the per-image AUC beside:",
-             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    lines = site_table("Per patient (a patient's score: the mean over their images); the per-image AUC beside:", header, rows)
     lines.extend(binning_line(summary["global"]))
     lines.append(threshold_line(summary.get("threshold")))
     lines.append(verdict_line(summary["bias"]))
@@ -423,14 +416,7 @@ def format_segmentation_table(summary: dict) -> str:
     rows = [[site, _count(e.get("n_patients")), _count(e.get("n_test")), fmt_with_ci(e.get("dice"), e.get("dice_ci")),
              fmt_with_ci(e.get("hd95"), e.get("hd95_ci"))]
             for site, e in {**summary["per_site"], GLOBAL_SITE: summary["global"]}.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    lines = ["Per patient (mean over a patient's masked images; foreground classes vessel and stenosis):",
-             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), "",
+    lines = [*site_table("Per patient (mean over a patient's masked images; foreground classes vessel and stenosis):", header, rows),
              "Pooled: patient-weighted mean of the sites' per-patient sums, normal 95% CI from their sums of squares.",
              verdict_line(summary["bias"])]
     return "\n".join(lines)
@@ -448,14 +434,7 @@ def format_multiclass_table(summary: dict) -> str:
         rows.append([site if e.get("per_patient") else f"{site} (per image)", _count(level.get("n_test")),
                      *(fmt_with_ci(level.get(m), level.get(m + "_ci")) for m in MULTICLASS_SCALARS),
                      " / ".join(fmt_value(v) for v in level.get(SENSITIVITY) or [])])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    lines = [f"Per patient (a patient's {summary['classes']} class probabilities: the mean over their images):",
-             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    lines = site_table(f"Per patient (a patient's {summary['classes']} class probabilities: the mean over their images):", header, rows)
     bound = (summary["global"].get("per_patient") or summary["global"]).get("auc_binning_error")
     if bound is not None:
         lines.append(f"Pooled macro AUC: each class's within-site pairs exact, cross-site pairs ordered by score bins; "
@@ -475,15 +454,8 @@ def format_survival_table(summary: dict) -> str:
     rows = [[site, _count(e.get("n_patients")), _count(e.get("events")),
              fmt_with_ci(e.get("c_index"), e.get("c_index_ci")), fmt_with_ci(e.get("uno_c_index"), e.get("uno_c_index_ci"))]
             for site, e in {**summary["per_site"], GLOBAL_SITE: summary["global"]}.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
     pooled = summary["global"]
-    lines = ["Per patient (Harrell's C; Uno's C weights by the censoring distribution):",
-             line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
+    lines = site_table("Per patient (Harrell's C; Uno's C weights by the censoring distribution):", header, rows)
     if pooled.get("c_index_binning_error") is not None:
         lines.append(f"Pooled C-index: within-site pairs exact, cross-site pairs from binned risk x time x event "
                      f"counts; error at most +-{pooled['c_index_binning_error']:.3f}; site-stratified C "
@@ -492,6 +464,18 @@ def format_survival_table(summary: dict) -> str:
     lines.extend(_footnotes(summary))
     lines.extend(_failures(summary))
     return "\n".join(lines)
+
+
+def site_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """The terminal's per-site table: the title, the header, the sites' rows and, below a
+    rule, the last row (the pooled one), columns padded to their widest cell."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return [title, line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ""]
 
 
 def _table_row(site: str, entry: dict) -> list[str]:
