@@ -25,6 +25,10 @@ class OutputExists(UserError, FileExistsError):
     """The output folder holds something this command will not overwrite."""
 
 
+class BadParameter(UserError, ValueError):
+    """A command's parameter outside the range it can take (a ValueError to Python callers)."""
+
+
 class StudyFailed(UserError):
     """The study cannot go on: no site could take part, or no evaluation was recorded.
 

@@ -86,7 +86,7 @@ from tqdm import tqdm
 
 from fedir.client.manifest import MANIFEST_NAME, write_manifest
 from fedir.client.split import split_of
-from fedir.errors import OutputExists
+from fedir.errors import BadParameter, OutputExists
 from fedir.simulations.mask_files import write_png, write_seg
 
 GENERATOR_VERSION = 5  # 5: the manifest's acquired column and the scanner change (images as version 4's)
@@ -782,15 +782,15 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
     files of earlier versions, byte for byte). Positive counts then count either grade.
     """
     if sites < 1 or patients < 1:
-        raise ValueError("sites and patients must be at least 1")
+        raise BadParameter(f"sites and patients (--sites, --patients) must be at least 1, got {sites} and {patients}")
     if not 0.0 <= confound <= 1.0:
-        raise ValueError(f"confound must be in [0, 1], got {confound}")
+        raise BadParameter(f"confound (--confound) must be in [0, 1], got {confound}")
     if not 0.0 <= unlabelled_fraction <= 1.0:
-        raise ValueError(f"unlabelled_fraction must be in [0, 1], got {unlabelled_fraction}")
+        raise BadParameter(f"unlabelled_fraction (--unlabelled) must be in [0, 1], got {unlabelled_fraction}")
     if image_size < 16:
-        raise ValueError(f"image_size must be at least 16, got {image_size}")
+        raise BadParameter(f"image_size (--image-size) must be at least 16, got {image_size}")
     if mask_fraction is not None and not 0.0 <= mask_fraction <= 1.0:
-        raise ValueError(f"mask_fraction must be in [0, 1], got {mask_fraction}")
+        raise BadParameter(f"mask_fraction (--mask-fraction) must be in [0, 1], got {mask_fraction}")
     if scanner_change is not None:
         scanner_change = check_scanner_change(scanner_change, sites)
     out = Path(out)

@@ -390,3 +390,26 @@ def test_cli_scanner_change_refuses_bad_values(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "site-0").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sites", "0"], "(--sites, --patients) must be at least 1, got 0 and 2"),
+    (["--patients", "0"], "(--sites, --patients) must be at least 1, got 1 and 0"),
+    (["--confound", "1.5"], "(--confound) must be in [0, 1]"),
+    (["--unlabelled", "-0.1"], "(--unlabelled) must be in [0, 1]"),
+    (["--image-size", "8"], "(--image-size) must be at least 16"),
+    (["--masks", "--mask-fraction", "2"], "(--mask-fraction) must be in [0, 1]"),
+])
+def test_cli_synth_refuses_out_of_range_parameters(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   args: list[str], message: str) -> None:
+    """A parameter outside its range is one line naming the option, exit 2, nothing written."""
+    from fedir.cli import main
+
+    base = {"--sites": "1", "--patients": "2", "--image-size": "16"}
+    for key in args[::2]:
+        base.pop(key, None)
+    argv = ["data", "synth", str(tmp_path / "fed")] + [x for kv in base.items() for x in kv] + args
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fed").exists()
