@@ -13,6 +13,8 @@ one process (fedir.simulations.inprocess), each with the same data, rounds and s
   every label: its ``federation.json`` says how);
 - ``local``: each site alone (``federation.arm = "local"``), the floor;
 - ``pooled``: every site's training data in one place (``federation.arm = "pooled"``);
+  these two run without the scenario's secure aggregation and differential privacy
+  (NO_AGGREGATE_PRIVACY);
 - ``clinical``: the clinical-only model of the scenario's companion (fedir.simulations.companion).
 
 Each arm's model is then scored on every site's test patients by the ClientApp's own
@@ -56,6 +58,11 @@ from fedir.simulations.synthetic import FEDERATION_FILE, generate_federation
 log = logging.getLogger(__name__)
 
 ARMS = ("federated", "supervised", "all_labels", "local", "pooled", "clinical")
+
+# The local and pooled arms average nothing across sites, so a scenario's secure aggregation
+# and differential privacy (and its epsilon budget) have nothing to act on there: they run
+# without them, and what privacy costs the federated arm is part of what the comparison shows.
+NO_AGGREGATE_PRIVACY = {"privacy_secure_aggregation": "off", "privacy_dp": "off", "privacy_max_epsilon": 0.0}
 N_BOOT = 1000
 
 
@@ -80,11 +87,8 @@ def arm_settings(settings: Settings, arm: str, all_label_sites: list[Path] | Non
             raise ValueError("the all_labels arm needs a synthetic federation")
         return replace(settings, train_objective="supervised", federation_sites=";".join(map(str, all_label_sites)),
                        **quiet)
-    # the local and pooled arms sum nothing: secure aggregation has nothing to hide there
-    if arm == "local":
-        return replace(settings, federation_arm="local", privacy_secure_aggregation="off", **quiet)
-    if arm == "pooled":
-        return replace(settings, federation_arm="pooled", privacy_secure_aggregation="off", **quiet)
+    if arm in ("local", "pooled"):
+        return replace(settings, federation_arm=arm, **NO_AGGREGATE_PRIVACY, **quiet)
     if arm == "clinical":
         return clinical_settings(replace(settings, **quiet))
     raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")

@@ -65,3 +65,19 @@ def test_compare_cli_refuses_an_unknown_arm(scenario: Path, tmp_path: Path, caps
     assert main(["compare", str(scenario), "--out", str(tmp_path), "--arms", "federated", "bogus"]) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and ", ".join(ARMS) in err
+
+
+@pytest.mark.parametrize("arm", ["local", "pooled"])
+def test_local_and_pooled_arms_of_a_dp_scenario_run_without_aggregate_privacy(tmp_path: Path, arm: str) -> None:
+    """A DP + budget scenario's local and pooled arms are valid settings (DP needs federation.arm =
+    federated), without DP, its budget or secure aggregation; the federated arm keeps them."""
+    from fedir.config import Settings
+    from fedir.simulations.compare import arm_settings
+
+    dp = Settings(federation_sites="a;b;c", privacy_dp="server-fixed", privacy_noise_multiplier=1.0,
+                  privacy_max_epsilon=20.0)
+    out = arm_settings(dp, arm, None)
+    assert (out.federation_arm, out.privacy_dp, out.privacy_max_epsilon) == (arm, "off", 0.0)
+    assert out.privacy_secure_aggregation == "off"
+    kept = arm_settings(dp, "federated", None)
+    assert (kept.privacy_dp, kept.privacy_max_epsilon) == ("server-fixed", 20.0)
