@@ -12,9 +12,8 @@ from markupsafe import Markup
 
 from fedir.server.report import figures
 from fedir.server.report.render import render
-from fedir.server.report.sites import _cell, _count, _series
-from fedir.server.runstore import GLOBAL_SITE
-from fedir.server.summary import fmt_value, fmt_with_ci
+from fedir.server.report.sites import _cell, _count, _series, metric_cell, table_entries
+from fedir.server.summary import fmt_value
 from fedir.tasks.multiclass_metrics import CONFUSION, MULTICLASS_SCALARS, SENSITIVITY
 
 _NAMES = {"auc": "macro AUC [95% CI]", "balanced_accuracy": "balanced accuracy [95% CI]",
@@ -25,21 +24,11 @@ def multiclass_section(rows: list[dict], summary: dict) -> Markup:
     """The K > 2 study's per-site results (see the module docstring)."""
     footnotes: list[str] = []
     table, confusions = [], []
-    for site, entry, css in [*((s, e, "") for s, e in summary["per_site"].items()),
-                             (GLOBAL_SITE + " (pooled)", summary["global"], "global")]:
+    for site, entry, css in table_entries(summary):
         level = entry.get("per_patient") or entry  # per image where labels are per image
         label = site if entry.get("per_patient") else f"{site} (per image)"
         cells = [_cell(_count(level.get("n_test")))]
-        for metric in MULTICLASS_SCALARS:
-            if level.get(metric) is None:
-                reason = str((level.get("reasons") or {}).get(metric, "not computed"))
-                footnotes.append(f"{label}, {metric}: {reason}")
-                cells.append(_cell("n/a", reason, len(footnotes)))
-            else:
-                text = fmt_with_ci(level[metric], level.get(metric + "_ci"))
-                if metric == "auc" and level.get("auc_binning_error") is not None:
-                    text += f" \u00b1{level['auc_binning_error']:.3f} binning"
-                cells.append(_cell(text))
+        cells += [metric_cell(level, metric, f"{label},", footnotes) for metric in MULTICLASS_SCALARS]
         cells.append(_cell(" / ".join(fmt_value(v) for v in level.get(SENSITIVITY) or [])))
         table.append({"site": label, "css": css, "cells": cells})
         if level.get(CONFUSION):

@@ -11,9 +11,7 @@ from markupsafe import Markup
 
 from fedir.server.report import figures
 from fedir.server.report.render import render
-from fedir.server.report.sites import _cell, _count, _series
-from fedir.server.runstore import GLOBAL_SITE
-from fedir.server.summary import fmt_with_ci
+from fedir.server.report.sites import _cell, _count, _series, metric_cell, table_entries
 
 _METRICS = (("dice", "Dice [95% CI]"), ("hd95", "HD95, pixels [95% CI]"))
 
@@ -22,16 +20,9 @@ def segmentation_section(rows: list[dict], summary: dict) -> Markup:
     """The segmentation study's per-site results (see the module docstring)."""
     footnotes: list[str] = []
     table = []
-    for site, entry, css in [*((s, e, "") for s, e in summary["per_site"].items()),
-                             (GLOBAL_SITE + " (pooled)", summary["global"], "global")]:
+    for site, entry, css in table_entries(summary):
         cells = [_cell(_count(entry.get("n_patients"))), _cell(_count(entry.get("n_test")))]
-        for metric, _ in _METRICS:
-            if entry.get(metric) is None:
-                reason = str(entry["reasons"].get(metric, "not computed"))
-                footnotes.append(f"{site}, {metric}: {reason}")
-                cells.append(_cell("n/a", reason, len(footnotes)))
-            else:
-                cells.append(_cell(fmt_with_ci(entry[metric], entry.get(metric + "_ci"))))
+        cells += [metric_cell(entry, metric, f"{site},", footnotes) for metric, _ in _METRICS]
         table.append({"site": site, "css": css, "cells": cells})
     series = _series(rows, "test", "dice")
     return render(

@@ -29,8 +29,7 @@ def sites_section(store: RunStore, run_id: str, rows: list[dict], summary: dict)
     first, per image beside."""
     series = _patient_series(store, run_id) or _series(rows, "test", "auc")
     footnotes: list[str] = []
-    entries = [*((site, entry, "") for site, entry in summary["per_site"].items()),
-               (GLOBAL_SITE + " (pooled)", summary["global"], "global")]
+    entries = table_entries(summary)
     patient_rows = [_patient_row(site, entry, footnotes, css) for site, entry, css in entries]
     image_rows = [_site_row(site, entry, footnotes, css) for site, entry, css in entries]
     return render(
@@ -59,11 +58,7 @@ def _patient_row(site: str, entry: dict, footnotes: list[str], css: str) -> dict
         footnotes.append(f"{site}, per patient: {reason}")
         cells = [_cell("n/a", reason, len(footnotes)) for _ in range(3 + len(SCALAR_METRICS))]
         return {"site": site, "css": css, "cells": [*cells, _cell(fmt_with_ci(entry.get("auc"), entry.get("auc_ci")))]}
-    row = _site_row(site, {**patient, "reasons": patient.get("reasons") or {}}, footnotes, css,
-                    counts=("n_test", "positives"), level=" per patient")
-    if patient.get("auc") is not None and patient.get("auc_binning_error") is not None:
-        auc = row["cells"][2]
-        auc["text"] += f" \u00b1{patient['auc_binning_error']:.3f} binning"
+    row = _site_row(site, patient, footnotes, css, counts=("n_test", "positives"), level=" per patient")
     row["cells"].append(_cell(fmt_value(patient.get("ece"))))
     row["cells"].append(_cell(fmt_with_ci(entry.get("auc"), entry.get("auc_ci"))))
     return row
@@ -72,15 +67,31 @@ def _patient_row(site: str, entry: dict, footnotes: list[str], css: str) -> dict
 def _site_row(site: str, entry: dict, footnotes: list[str], css: str,
               counts: tuple[str, ...] = ("n_test", "n_patients", "positives"), level: str = "") -> dict:
     cells = [_cell(_count(entry.get(k))) for k in counts]
-    for metric in SCALAR_METRICS:
-        value = entry.get(metric)
-        if value is None:
-            reason = str(entry["reasons"].get(metric, "not computed"))
-            footnotes.append(f"{site},{level} {metric}: {reason}")
-            cells.append(_cell("n/a", reason, len(footnotes)))
-        else:
-            cells.append(_cell(fmt_with_ci(value, entry.get(metric + "_ci"))))
+    cells += [metric_cell(entry, metric, f"{site},{level}", footnotes) for metric in SCALAR_METRICS]
     return {"site": site, "css": css, "cells": cells}
+
+
+def table_entries(summary: dict) -> list[tuple[str, dict, str]]:
+    """(row name, summary entry, css class) of every site, then of the pooled row: the rows of
+    each task kind's per-site table."""
+    return [*((site, entry, "") for site, entry in summary["per_site"].items()),
+            (GLOBAL_SITE + " (pooled)", summary["global"], "global")]
+
+
+def metric_cell(entry: dict, metric: str, where: str, footnotes: list[str]) -> dict:
+    """One metric of a summary entry as a table cell: the value with its 95% CI (and the bound
+    of its binning error where the entry carries `<metric>_binning_error`: a pooled value
+    rebuilt from histograms), or "n/a" with the entry's reason appended to `footnotes` as
+    "`where` `metric`: reason"."""
+    value = entry.get(metric)
+    if value is None:
+        reason = str((entry.get("reasons") or {}).get(metric, "not computed"))
+        footnotes.append(f"{where} {metric}: {reason}")
+        return _cell("n/a", reason, len(footnotes))
+    text = fmt_with_ci(value, entry.get(metric + "_ci"))
+    if (error := entry.get(metric + "_binning_error")) is not None:
+        text += f" \u00b1{error:.3f} binning"
+    return _cell(text)
 
 
 def calibration_section(summary: dict) -> Markup:

@@ -11,9 +11,8 @@ from markupsafe import Markup
 
 from fedir.server.report import figures
 from fedir.server.report.render import render
-from fedir.server.report.sites import _cell, _count, _series
-from fedir.server.runstore import GLOBAL_SITE
-from fedir.server.summary import fmt_value, fmt_with_ci
+from fedir.server.report.sites import _cell, _count, _series, metric_cell, table_entries
+from fedir.server.summary import fmt_value
 
 _METRICS = (("c_index", "Harrell's C [95% CI]"), ("uno_c_index", "Uno's C [95% CI]"))
 
@@ -22,19 +21,9 @@ def survival_section(rows: list[dict], summary: dict) -> Markup:
     """The survival study's per-site results (see the module docstring)."""
     footnotes: list[str] = []
     table = []
-    for site, entry, css in [*((s, e, "") for s, e in summary["per_site"].items()),
-                             (GLOBAL_SITE + " (pooled)", summary["global"], "global")]:
+    for site, entry, css in table_entries(summary):
         cells = [_cell(_count(entry.get("n_patients"))), _cell(_count(entry.get("events")))]
-        for metric, _ in _METRICS:
-            if entry.get(metric) is None:
-                reason = str(entry["reasons"].get(metric, "not computed"))
-                footnotes.append(f"{site}, {metric}: {reason}")
-                cells.append(_cell("n/a", reason, len(footnotes)))
-            else:
-                text = fmt_with_ci(entry[metric], entry.get(metric + "_ci"))
-                if entry.get("c_index_binning_error") is not None and metric == "c_index":
-                    text += f" \u00b1{entry['c_index_binning_error']:.3f} binning"
-                cells.append(_cell(text))
+        cells += [metric_cell(entry, metric, f"{site},", footnotes) for metric, _ in _METRICS]
         table.append({"site": site, "css": css, "cells": cells})
     curves = {site: entry["km"] for site, entry in summary["per_site"].items() if entry.get("km")}
     series = _series(rows, "test", "c_index")
