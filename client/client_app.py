@@ -50,6 +50,7 @@ from fedir.protocol import (
     encode_training,
 )
 from fedir.tasks import task_of
+from fedir.tasks.multiclass_metrics import class_priors
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,13 @@ def scored_rows(settings: Settings, site: SiteView, config, split: str = "test")
     return x, y[labelled].numpy(), patients
 
 
-def _metrics(settings: Settings, config, labels, scores, patients, *, intervals: bool = True) -> dict:
+def _metrics(settings: Settings, config, site: SiteView, labels, scores, patients, *, intervals: bool = True) -> dict:
     """The task kind's site metrics (fedir.tasks) of one split's scores; without `intervals`
     no bootstrap runs (the validation split: only its point estimates and histograms choose
     the round and the threshold, so its intervals would cost as much as the test's and
-    serve nothing)."""
+    serve nothing). A K > 2 study with task.decision = balanced decides with the class
+    prevalence of the site's labelled training patients (site.label_counts)."""
+    balanced = settings.task_classes > 2 and settings.task_decision == "balanced"
     return task_of(settings.task_kind).site_metrics(
         labels,
         scores,
@@ -144,6 +147,7 @@ def _metrics(settings: Settings, config, labels, scores, patients, *, intervals:
         threshold=settings.eval_threshold,
         bins=settings.eval_hist_bins,
         classes=settings.task_classes,
+        priors=class_priors(site.label_counts, settings.task_classes) if balanced else None,
         time_bins=settings.eval_time_bins,
         time_bin_days=settings.eval_time_bin_days,
     )
@@ -227,10 +231,10 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             moments = embedding_moments(features, labels, settings.task_classes)
         else:
             scores = _scores(settings, model, x)
-        metrics = _metrics(settings, config, labels, scores, patients)
+        metrics = _metrics(settings, config, site, labels, scores, patients)
         # the validation patients' aggregates, from which the server chooses
         val_x, val_labels, val_patients = scored_rows(settings, site, config, "val")
-        val = _metrics(settings, config, val_labels, _scores(settings, model, val_x), val_patients,
+        val = _metrics(settings, config, site, val_labels, _scores(settings, model, val_x), val_patients,
                        intervals=False)
         drift = _drift(settings, config, site, labels, scores, patients)
         return Message(content=encode_evaluation(site.name, metrics, moments, val, drift, kind=settings.task_kind),
@@ -246,7 +250,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         row = {}
         for model_site, arrays in models.items():
             model = adapted(_model_from(arrays, context, settings, site), settings, site)
-            row[model_site] = _metrics(settings, config, labels, predict(model, x, pick_device()), patients)
+            row[model_site] = _metrics(settings, config, site, labels, predict(model, x, pick_device()), patients)
         return Message(content=encode_cross_site(site.name, row), reply_to=msg)
 
     return app

@@ -43,6 +43,7 @@ Personalise = Literal["none", "intercept", "finetune"]
 Augment = Literal["weak", "none"]
 LrSchedule = Literal["constant", "cosine"]
 Freeze = Literal["none", "encoder"]
+Decision = Literal["argmax", "balanced"]
 # Strategies whose aggregate is the weighted mean of the updates (the FedOpt family and
 # FedAvgM then take a server step on it: post-processing). Only for these does the privacy
 # budget's sensitivity bound hold (fedir.strategies.privacy_budget); a median or Krum's
@@ -117,7 +118,12 @@ class Settings:
     task_classes: int = setting(
         2, "classification: K, the classes; labels are 0..K-1 (a label outside is refused with its row) and the "
         "model has K outputs; K > 2 reports the macro one-vs-rest AUC, balanced accuracy and the K x K confusion "
-        "counts, predicting the argmax (no decision threshold) (fedir.tasks.multiclass_metrics)", Bounds(2))
+        "counts, predicting by task.decision (no decision threshold) (fedir.tasks.multiclass_metrics)", Bounds(2))
+    task_decision: Decision = setting(
+        "argmax", "task.classes > 2: the predicted class, argmax (the most probable: the highest accuracy) | balanced "
+        "(the most probable relative to its prevalence among the site's labelled training patients: the highest "
+        "balanced accuracy for calibrated probabilities, a rare class not swallowed by the common one) "
+        "(fedir.tasks.multiclass_metrics)")
     federation_sites: str = setting("", "site folders, separated by ';' (simulation only)")
     federation_min_sites: int = setting(0, "sites that must answer each round; 0 = every site", AT_LEAST_0)
     federation_arm: Arm = setting(
@@ -452,6 +458,9 @@ def check_classes(settings: Settings) -> None:
     predicts the argmax of K probabilities. (eval.drift-period, on by default, reports
     nothing for K > 2: fedir.client.client_app's _drift.)"""
     if settings.task_classes == 2:
+        if settings.task_decision != "argmax":
+            raise SettingsError(f"task.decision = {settings.task_decision!r} needs task.classes > 2 (a binary study "
+                                "decides by eval.threshold-rule)")
         return
     refused = {
         "eval.threshold-per-site": (settings.eval_threshold_per_site, "false"),

@@ -80,7 +80,8 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "sites": sites,
         "global": entry(evaluated.get(GLOBAL_SITE), last_eval),
         "per_site": {site: entry(evaluated.get(site), last_eval) for site in sites},
-        "threshold": threshold_entry(evaluated, sites) if classes == 2 else argmax_entry(classes),
+        "threshold": (threshold_entry(evaluated, sites) if classes == 2
+                      else decision_entry(classes, run["config"].get("task.decision", "argmax"))),
         "drift": drift_entry(evaluated, sites, run["config"]),
         "bias": _verdict(store, run_id, last_eval),
         "privacy": privacy_entry(store, run_id, run["config"]),
@@ -258,10 +259,15 @@ def multiclass_entry(metrics: dict | None, server_round: int | None, *, nested: 
     return entry
 
 
-def argmax_entry(classes: int) -> dict:
-    """The threshold entry of a K > 2 study: there is none (the prediction is the argmax)."""
-    return {"rule": "argmax", "value": None, "per_site": {}, "per_site_reasons": {},
-            "reason": f"task.classes = {classes}: the prediction is the argmax of the {classes} class probabilities; "
+def decision_entry(classes: int, decision: str) -> dict:
+    """The threshold entry of a K > 2 study: there is none (`rule` argmax); the prediction is
+    the argmax of the class probabilities, or of each over its training prevalence at the
+    site (`decision`: task.decision = balanced, fedir.tasks.multiclass_metrics)."""
+    rule = (f"the argmax of the {classes} class probabilities" if decision == "argmax" else
+            f"the argmax of the {classes} class probabilities each divided by its prevalence among the site's "
+            "labelled training patients (task.decision = balanced)")
+    return {"rule": "argmax", "decision": decision, "value": None, "per_site": {}, "per_site_reasons": {},
+            "reason": f"task.classes = {classes}: the prediction is {rule}; "
                       "a decision threshold (Youden's J) is a binary rule and does not apply"}
 
 

@@ -368,3 +368,47 @@ def test_a_scenario_file_sets_the_classes(tmp_path):
     toml.write_text(f'[task]\nclasses = 3\n[federation]\nsites = [{sites}]\n[bias]\ncross-site = true\n')
     with pytest.raises(ScenarioError, match="task.classes = 3 cannot use bias.cross-site"):
         load_scenario(toml)
+
+
+def test_the_balanced_decision_divides_by_the_training_prevalence_and_raises_balanced_accuracy():
+    """Calibrated probabilities of an imbalanced population (prevalence 0.8 / 0.1 / 0.1): the
+    argmax calls almost everyone class 0; dividing by the prevalence recovers the rare classes,
+    as the Bayes rule for balanced accuracy should, while the AUCs do not move."""
+    from fedir.tasks.multiclass_metrics import class_priors, decide
+
+    rng = np.random.default_rng(3)
+    prior = np.array([0.8, 0.1, 0.1])
+    y = rng.choice(3, size=3000, p=prior)
+    x = y * 1.0 + rng.normal(scale=0.8, size=3000)  # one feature, class means 0, 1, 2
+    likelihood = np.exp(-0.5 * ((x[:, None] - np.arange(3)[None, :]) / 0.8) ** 2)
+    p = likelihood * prior
+    p /= p.sum(axis=1, keepdims=True)
+    counts = {c: int((y == c).sum()) for c in range(3)}
+    priors = class_priors(counts, 3)
+    assert np.allclose(priors, (np.bincount(y, minlength=3) + 1) / (3000 + 3))
+    assert np.array_equal(decide(p), p.argmax(axis=1))
+    argmax = balanced_accuracy_score(y, decide(p))
+    balanced = balanced_accuracy_score(y, decide(p, priors))
+    assert balanced > argmax + 0.1
+    ids = [str(i) for i in range(3000)]
+    plain = site_multiclass_metrics(y, p, ids, n_boot=0)
+    ruled = site_multiclass_metrics(y, p, ids, n_boot=0, priors=priors)
+    assert ruled["balanced_accuracy"] == pytest.approx(balanced) and plain["balanced_accuracy"] == pytest.approx(argmax)
+    assert ruled["auc"] == plain["auc"]
+    assert np.array_equal(np.asarray(ruled["confusion"]), confusion_matrix(y, decide(p, priors), labels=[0, 1, 2]))
+    # a class the site has not seen keeps a finite, small weight
+    assert np.isfinite(class_priors({0: 5}, 3)).all() and class_priors({0: 5}, 3)[1] == pytest.approx(1 / 8)
+
+
+def test_task_decision_balanced_needs_more_than_two_classes_and_reaches_the_summary(tmp_path):
+    from fedir.simulations.inprocess import run_inprocess
+
+    with pytest.raises(SettingsError, match="task.decision = 'balanced' needs task.classes > 2"):
+        Settings(task_decision="balanced")
+    settings = Settings(task_classes=3, task_decision="balanced", federation_sites=";".join(_federation(tmp_path)),
+                        train_rounds=1, train_local_steps=10, train_batch_size=8, train_lr=0.1, eval_bootstrap=0,
+                        data_val_fraction=0.25, data_test_fraction=0.3)
+    summary = run_inprocess(settings, tmp_path / "run")
+    assert summary["threshold"]["rule"] == "argmax" and summary["threshold"]["decision"] == "balanced"
+    assert "prevalence" in summary["threshold"]["reason"]
+    assert summary["global"]["balanced_accuracy"] is not None

@@ -65,14 +65,15 @@ def score(output: Any) -> Any:
 
 
 def site_metrics(target: np.ndarray, scores: np.ndarray, patients: Sequence[str], *, n_boot: int, seed: int,
-                 threshold: float, bins: int, classes: int = 2, **_: Any) -> dict:
+                 threshold: float, bins: int, classes: int = 2, priors: np.ndarray | None = None,
+                 **_: Any) -> dict:
     """fedir.metrics.site_metrics of (N,) positive-class probabilities; with `classes` = K > 2
-    (task.classes), fedir.tasks.multiclass_metrics' of the (N, K) class probabilities (argmax,
-    no threshold)."""
+    (task.classes), fedir.tasks.multiclass_metrics' of the (N, K) class probabilities (the
+    argmax, or the balanced decision with the site's training `priors`; no threshold)."""
     if classes > 2:
         return multiclass_metrics.site_multiclass_metrics(
             target, np.asarray(scores, dtype=float).reshape(-1, classes), patients, n_boot=n_boot, seed=seed,
-            bins=bins)
+            bins=bins, priors=priors)
     return metrics.site_metrics(target, scores, patients, n_boot=n_boot, seed=seed, threshold=threshold, bins=bins)
 
 

@@ -1,7 +1,12 @@
 """Multi-class evaluation aggregates (task.classes = K > 2): computed at a site, pooled at the server.
 
-A site scores each image with the K class probabilities (softmax) and predicts the argmax:
-there is no decision threshold for K > 2 (Youden's J is a binary rule). What leaves the
+A site scores each image with the K class probabilities (softmax) and predicts the argmax
+(`task.decision = "argmax"`, the rule of the highest accuracy) or, with `task.decision =
+"balanced"`, the argmax of p_c / pi_c, where pi is the class prevalence among the site's
+own labelled training patients (:func:`class_priors`): for calibrated probabilities that is
+the rule of the highest expected balanced accuracy (every class's recall counts alike), so a
+rare grade is not swallowed by the common one. There is no decision threshold for K > 2
+(Youden's J is a binary rule). The AUCs and histograms do not depend on the rule. What leaves the
 site is :func:`site_multiclass_metrics`, per image and, where labels are per patient, per
 patient (the patient's mean probability vector, the patient's label):
 
@@ -82,23 +87,42 @@ def patient_probabilities(labels, probabilities, patients) -> tuple[list[str], n
     return ids, first, np.clip(mean / np.maximum(count, 1)[:, None], 0.0, 1.0)
 
 
+def class_priors(label_counts: Mapping[int, int], classes: int) -> np.ndarray:
+    """(K,) class prevalence of a site's labelled training patients, add-one smoothed so that a
+    class the site has not seen keeps a finite weight in the balanced decision."""
+    counts = np.array([label_counts.get(c, 0) for c in range(classes)], dtype=float)
+    return (counts + 1.0) / (counts.sum() + classes)
+
+
+def decide(probabilities: np.ndarray, priors: np.ndarray | None = None) -> np.ndarray:
+    """(N,) predicted classes of (N, K) probabilities: the argmax, or with (K,) `priors` the
+    argmax of p_c / pi_c (the balanced rule; module docstring)."""
+    p = np.asarray(probabilities, dtype=float)
+    if p.shape[0] == 0:
+        return np.zeros(0, dtype=int)
+    return (p if priors is None else p / np.asarray(priors, dtype=float)).argmax(axis=1)
+
+
 def site_multiclass_metrics(labels, probabilities, patients: Sequence[str], *, n_boot: int = 500, seed: int = 0,
-                            bins: int = 50) -> dict:
+                            bins: int = 50, priors: np.ndarray | None = None) -> dict:
     """Test-set aggregates of one site (see the module docstring); `per_patient` holds the
-    same set with one row per patient, None (with a reason) when labels are per image."""
-    out = _metric_set(labels, probabilities, patients, n_boot=n_boot, seed=seed, bins=bins)
+    same set with one row per patient, None (with a reason) when labels are per image.
+    `priors`: the balanced decision's class prevalence (:func:`class_priors`); None: argmax."""
+    out = _metric_set(labels, probabilities, patients, n_boot=n_boot, seed=seed, bins=bins, priors=priors)
     try:
         ids, patient_y, patient_p = patient_probabilities(labels, probabilities, patients)
     except ValueError as exc:
         out["reasons"]["per_patient"] = str(exc)
         return {**out, "per_patient": None}
-    return {**out, "per_patient": _metric_set(patient_y, patient_p, ids, n_boot=n_boot, seed=seed, bins=bins)}
+    return {**out, "per_patient": _metric_set(patient_y, patient_p, ids, n_boot=n_boot, seed=seed, bins=bins,
+                                              priors=priors)}
 
 
-def _metric_set(labels, probabilities, patients, *, n_boot: int, seed: int, bins: int) -> dict:
+def _metric_set(labels, probabilities, patients, *, n_boot: int, seed: int, bins: int,
+                priors: np.ndarray | None) -> dict:
     y, p, index, n_patients = validate(labels, probabilities, patients)
     k = p.shape[1]
-    pred = p.argmax(axis=1) if y.size else np.zeros(0, dtype=int)
+    pred = decide(p, priors)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (y, pred), 1)
     edges = bin_edges(bins)
