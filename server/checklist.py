@@ -115,8 +115,17 @@ def _external(s: dict, summary: dict) -> dict[str, str]:
 
 
 def _imbalance(s: dict, summary: dict) -> dict[str, str]:
+    kind = s.get("task.kind", "classification")
+    if kind == "segmentation":
+        return _item("class imbalance", NA, "task.kind = segmentation: no class per patient (the Dice term of the "
+                     "DiceCE loss and the Dice metric do not count the background pixels)")
+    if kind != "classification":
+        return _item("class imbalance", NA, f"task.kind = {kind}: no class label (events and censored patients: "
+                     "see censoring)")
     pooled = summary.get("global") or {}
     level = pooled.get("per_patient") or pooled
+    if int(s.get("task.classes", 2)) > 2:
+        return _imbalance_classes(s, level)
     n, positives = level.get("n_test") or 0, level.get("positives")
     if not n or positives is None:
         return _item("class imbalance", NA, "no test patients were evaluated")
@@ -130,6 +139,25 @@ def _imbalance(s: dict, summary: dict) -> dict[str, str]:
     if min(prevalence, 1 - prevalence) < IMBALANCED and s["eval.threshold-rule"] != "youden":
         return _item("class imbalance", ATTENTION, text + "; with a fixed threshold accuracy mostly counts the "
                      "majority class: use eval.threshold-rule = youden")
+    return _item("class imbalance", OK, text)
+
+
+def _imbalance_classes(s: dict, level: dict) -> dict[str, str]:
+    """K > 2: the test class counts from the pooled confusion counts; the argmax decision
+    with a class below IMBALANCED of the patients is a warning sign (it favours the common class)."""
+    confusion = level.get("confusion")
+    if not confusion or not sum(map(sum, confusion)):
+        return _item("class imbalance", NA, "no test patients were evaluated")
+    counts = [int(sum(row)) for row in confusion]
+    n = sum(counts)
+    text = (f"test classes {' / '.join(map(str, counts))} of {n}; handled by the macro one-vs-rest AUC and balanced "
+            "accuracy (every class counts alike)")
+    if s["task.decision"] == "balanced":
+        return _item("class imbalance", OK, text + ", and the balanced decision (each class's probability over its "
+                     "training prevalence, task.decision = balanced)")
+    if min(counts) / n < IMBALANCED:
+        return _item("class imbalance", ATTENTION, text + "; the argmax decision favours the common class, so "
+                     "per-class sensitivity suffers: use task.decision = balanced")
     return _item("class imbalance", OK, text)
 
 
@@ -183,9 +211,12 @@ def _sensitivity(s: dict) -> dict[str, str]:
 
 def _censoring(s: dict) -> dict[str, str]:
     kind = s.get("task.kind", "classification")
-    if kind == "classification":
-        return _item("censoring", NA, "binary classification: no time-to-event outcome to censor")
-    return _item("censoring", NOT_CHECKED, f"task.kind = {kind}: check how censored patients were handled")
+    if kind != "survival":
+        return _item("censoring", NA, f"task.kind = {kind}: no time-to-event outcome to censor")
+    return _item("censoring", OK, (
+        "a censored patient stays in the Cox partial likelihood's risk sets until its last follow-up (Efron's "
+        "ties); Harrell's C counts only the pairs the follow-up can order, Uno's C weighs them by the inverse "
+        "probability of censoring; the Kaplan-Meier counts keep the censored at risk until they leave"))
 
 
 def _drift(summary: dict) -> dict[str, str]:

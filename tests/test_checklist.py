@@ -10,7 +10,7 @@ import json
 import numpy as np
 
 from fedir.config import Settings
-from fedir.server.checklist import ATTENTION, NA, NOT_CHECKED, OK, STATUSES, build_checklist
+from fedir.server.checklist import ATTENTION, NA, OK, STATUSES, build_checklist
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary
 from fedir.simulations.inprocess import run_inprocess
@@ -40,7 +40,8 @@ def test_the_statuses_follow_the_settings(store: RunStore):
     assert default["clinical baseline"]["status"] == ATTENTION and changed["clinical baseline"]["status"] == NA
     assert "validation" in default["model selection"]["detail"] and "eval.select = last" in changed["model selection"]["detail"]
     assert "pooled arm" in changed["external validation"]["detail"]
-    assert default["censoring"]["status"] == NA and changed["censoring"]["status"] == NOT_CHECKED
+    assert default["censoring"]["status"] == NA and changed["censoring"]["status"] == OK
+    assert "risk sets" in changed["censoring"]["detail"] and changed["class imbalance"]["status"] == NA
     # the verdict of the fabricated run: an alarm (site-label association)
     assert default["site confounding"]["status"] == ATTENTION and "BIAS ALARM" in default["site confounding"]["detail"]
 
@@ -96,3 +97,20 @@ def test_two_runs_with_different_settings_report_different_statuses(tmp_path):
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["checklist"] == second["checklist"]
     html = (tmp_path / "b" / "report.html").read_text()
     assert "Checklist of common errors" in html and "cross-site matrix: every site&#39;s model" in html
+
+
+def test_the_class_imbalance_item_of_a_three_class_study_reads_the_confusion_counts(store: RunStore):
+    """K > 2: the test class counts come from the pooled confusion counts; a rare class under
+    the argmax decision is a warning, the balanced decision handles it."""
+    summary = build_summary(store, RUN)
+    confusion = [[70, 2, 1], [8, 1, 1], [9, 0, 3]]  # 73 / 10 / 12 patients
+    three = {**summary, "global": {"per_patient": {"n_test": 95, "confusion": confusion}}}
+    argmax = _by_item(build_checklist({"task.classes": 3}, three))["class imbalance"]
+    assert argmax["status"] == ATTENTION and "73 / 10 / 12 of 95" in argmax["detail"]
+    assert "task.decision = balanced" in argmax["detail"]
+    balanced = _by_item(build_checklist({"task.classes": 3, "task.decision": "balanced"}, three))["class imbalance"]
+    assert balanced["status"] == OK
+    even = {**three, "global": {"per_patient": {"n_test": 90, "confusion": [[30, 0, 0], [0, 30, 0], [0, 0, 30]]}}}
+    assert _by_item(build_checklist({"task.classes": 3}, even))["class imbalance"]["status"] == OK
+    segmentation = _by_item(build_checklist({"task.kind": "segmentation"}, summary))
+    assert segmentation["class imbalance"]["status"] == NA and segmentation["censoring"]["status"] == NA
