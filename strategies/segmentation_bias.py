@@ -51,9 +51,12 @@ def foreground_by_site(tables: Mapping[str, Mapping[str, Any]], *, alpha: float 
                        min_cramers_v: float = 0.2) -> dict:
     """Whether the sites' training patients differ in foreground fraction (module docstring).
 
-    `tables`: site -> fedir.protocol.ForegroundCounts.as_dict(). Returns the test's dict
-    (name, computable, alarm, sites, reason, and per class the association test under
-    `per_class`)."""
+    `tables`: site -> fedir.protocol.ForegroundCounts.as_dict(); a site whose entry is no
+    such table (a fedir before foreground tables sent none) is left out and named
+    (`missing`). Returns the test's dict (name, computable, alarm, sites, reason, and per
+    class the association test under `per_class`)."""
+    missing = sorted(site for site, table in tables.items() if "counts" not in table)
+    tables = {site: table for site, table in tables.items() if site not in missing}
     per_class: dict[str, dict] = {}
     filled: dict[str, int] = {}
     corrected = alpha / len(FOREGROUND_NAMES)
@@ -77,6 +80,7 @@ def foreground_by_site(tables: Mapping[str, Mapping[str, Any]], *, alpha: float 
         "thresholds": {"alpha": alpha, "alpha_per_class": corrected, "min_cramers_v": min_cramers_v},
         "patients": {site: int(table["patients"]) for site, table in sorted(tables.items())},
         "filled_cells": filled,
+        "missing": missing,
         "per_class": per_class,
     }
     if fired:
@@ -89,4 +93,6 @@ def foreground_by_site(tables: Mapping[str, Mapping[str, Any]], *, alpha: float 
         out["reason"] = ("not computable: needs at least 2 sites whose training patients fall in 2 or more "
                          "foreground-fraction bins" if tables else
                          "not computable: no site sent foreground counts")
+    if missing:
+        out["reason"] += f" ({', '.join(missing)}: no foreground counts sent)"
     return out

@@ -128,9 +128,10 @@ def test_a_balanced_foreground_table_does_not_alarm():
     assert out["computable"] and not out["alarm"] and "does not differ" in out["reason"]
 
 
-def test_a_site_without_masks_leaves_the_test_not_computable():
-    out = foreground_by_site({"a": _table({3: 10}, {0: 10})})
+def test_one_site_leaves_the_test_not_computable_and_a_site_without_a_table_is_named():
+    out = foreground_by_site({"a": _table({3: 10}, {0: 10}), "old": {}})
     assert not out["computable"] and not out["alarm"] and "not computable" in out["reason"]
+    assert out["missing"] == ["old"] and "old: no foreground counts sent" in out["reason"]
 
 
 # ---- the verdict -------------------------------------------------------------------------------
