@@ -13,9 +13,11 @@ fedir.strategies.bias.verdict's, unchanged):
   on that table). Alarm when any class's table is associated with the site at
   alpha / (number of classes) (Bonferroni over the classes) with Cramer's V >= the
   threshold. A cell a site suppressed (below k) is filled with the row's suppressed patients
-  (its total minus its shown cells, known exactly) spread evenly over its suppressed cells:
-  each cell's error is below k, the cost of suppression; the table says how many cells
-  were filled (`filled_cells`).
+  (its total minus its shown cells, known exactly) spread evenly over its suppressed cells
+  (`filled_cells` counts them). The fill cannot know which suppressed cell was the small
+  one (under the data card's rule a lone small cell is withheld with the next smallest), so
+  a small site's row is flattened: the cost of suppression in power, and the site named may
+  be the wrong one (benchmarks/README.md, "The segmentation verdict").
 - `dice_heterogeneity` (secondary): I^2 of the per-site Dice (fedir.strategies.heterogeneity).
 - `site_separability` (secondary): the BasicUNet bottleneck's moments, per site, among
   images with and without a stenosis in the reference (fedir.client.embedding), through
