@@ -28,7 +28,7 @@ from fedir.client.audit_log import audit_mod
 from fedir.client.datacard import card_once
 from fedir.client.dp_mods import dp_clipping_mod
 from fedir.client.drift import period_metrics
-from fedir.client.embedding import embedding_moments, predict_with_embedding
+from fedir.client.embedding import embedding_groups, embedding_moments, predict_with_embedding
 from fedir.client.inputs import SiteView, scaled, scaler, view_of
 from fedir.client.kept_state import load_global, reply_arrays
 from fedir.client.local_training import local_rows, round_recipe
@@ -217,6 +217,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             num_classes=settings.task_classes,
             skipped=site.skipped,
             card=None if site.imaging is None else card_once(context, site.imaging, settings),
+            foreground=site.foreground,
         )
         site_state.persist(context, site_dir_of(context, settings).resolve(), config, cache_dir_of(context))
         return Message(content=content, reply_to=msg)
@@ -226,9 +227,9 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         settings, site, config, model = evaluation_model(msg.content, context, fixed)
         x, labels, patients = scored_rows(settings, site, config)
         moments = None
-        if settings.task_kind == "classification" and settings.bias_embedding:  # moments per class
+        if settings.task_kind != "survival" and settings.bias_embedding:  # moments per class
             scores, features = predict_with_embedding(model, x, pick_device(), score=task_of(settings.task_kind).score)
-            moments = embedding_moments(features, labels, settings.task_classes)
+            moments = embedding_moments(features, *embedding_groups(settings.task_kind, labels, settings.task_classes))
         else:
             scores = _scores(settings, model, x)
         metrics = _metrics(settings, config, site, labels, scores, patients)

@@ -7,6 +7,8 @@ PhotometricInterpretation, BitsStored, a pixel-spacing bin and a frames-per-file
 the masks (client/masks.py): rows that list one, runs (files) and frames with a usable
 mask, patients with one, skipped masks by reason, all-background frames, and patients per
 foreground-fraction bin (the share of an outlined frame's pixels that are not background).
+`foreground_counts` is the same kind of table per foreground class, over a segmentation
+site's training patients, for the server's foreground-by-site test (fedir.protocol.ForegroundCounts).
 
 Privacy rules, because the card leaves the hospital (sent in the first round, stored in
 runs.sqlite, shown in the report):
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
+import numpy as np
 import pydicom
 from flwr.app import ConfigRecord, Context
 from pydicom.dataset import Dataset
@@ -40,6 +44,8 @@ from fedir.client.site import SiteData
 from fedir.client.split import SPLITS, split_of
 from fedir.config import Settings
 from fedir.models import NUM_CLASSES
+from fedir.protocol import SUPPRESSED, ForegroundCounts
+from fedir.tasks.segmentation_metrics import FOREGROUND, FOREGROUND_BIN_NAMES, foreground_bin
 
 CARD_VERSION = 2  # 2: masks
 DEFAULT_K = 5
@@ -51,8 +57,6 @@ _READ_TAGS = [*HEADER_TAGS, "NumberOfFrames", "PixelSpacing", "ImagerPixelSpacin
 _SPACING_EDGES = (0.15, 0.3, 0.5, 1.0)
 _FRAME_BINS = ((1, "1"), (9, "2-9"), (49, "10-49"), (99, "50-99"))
 _MAX_VALUE_LENGTH = 64
-# Upper bounds of the foreground-fraction bins; a vessel tree covers about 5-20% of a frame.
-_FOREGROUND_EDGES = (0.01, 0.05, 0.1, 0.2, 0.5)
 UNKNOWN = "unknown"
 _SENT_KEY = "fedir-data-card-sent"
 
@@ -150,14 +154,9 @@ def _frames_bin(frames: int) -> str:
 
 
 def _foreground_bin(fraction: float) -> str:
-    if fraction == 0.0:
-        return "0 (all background)"
-    low = 0.0
-    for edge in _FOREGROUND_EDGES:
-        if fraction < edge:
-            return f"{low:g}-{edge:g}"
-        low = edge
-    return f">={low:g}"
+    """The card's name of a foreground-fraction bin (fedir.tasks.segmentation_metrics' bins)."""
+    index = foreground_bin(fraction)
+    return "0 (all background)" if index == 0 else FOREGROUND_BIN_NAMES[index]
 
 
 def _mask_table(outcomes: list[ImageOutcome], k: int) -> dict:
@@ -201,6 +200,32 @@ def suppress(cells: Mapping[str, int], k: int) -> dict[str, object]:
         small.add(rest[0][1])
     values = {name: int(count) for name, count in sorted(cells.items()) if name not in small}
     return {"values": values, "suppressed_cells": len(small)}
+
+
+def foreground_counts(labels: np.ndarray, patients: Sequence[str], k: int = DEFAULT_K) -> ForegroundCounts:
+    """A segmentation site's training patients per foreground-fraction bin, per foreground
+    class, small cells suppressed (fedir.protocol.ForegroundCounts).
+
+    Args:
+        labels: (N, ...) label maps of the masked training images (0 background, then the
+            classes of FOREGROUND, in the model's input size).
+        patients: (N,) the patient of each image; a patient counts once per class, in the
+            bin of the mean fraction of that class's pixels over their images.
+        k: cells below k are sent as SUPPRESSED (the card's `suppress` rule).
+    """
+    labels = np.asarray(labels)
+    if len(labels) != len(patients):
+        raise ValueError(f"{len(labels)} label maps for {len(patients)} patients")
+    who = np.asarray(list(patients), dtype=object)
+    people = sorted(set(patients))
+    rows = []
+    for cls in FOREGROUND:
+        share = (labels == cls).reshape(len(labels), -1).mean(axis=1) if len(labels) else np.zeros(0)
+        bins = Counter(foreground_bin(float(share[who == p].mean())) for p in people)
+        shown = cast(dict[str, int], suppress({FOREGROUND_BIN_NAMES[b]: n for b, n in bins.items()}, k)["values"])
+        rows.append(tuple(0 if b not in bins else shown.get(name, SUPPRESSED)
+                          for b, name in enumerate(FOREGROUND_BIN_NAMES)))
+    return ForegroundCounts(len(people), k, tuple(rows))
 
 
 def build_card(

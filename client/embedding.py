@@ -1,7 +1,9 @@
 """Summary statistics of a model's embedding at a site: the input to the site-identifiability check.
 
-The server wants to know whether the model's penultimate-layer features separate the
-hospitals better than they separate the classes. No embedding of any patient may leave a
+The server wants to know whether the model's penultimate-layer features (a segmentation
+network's: its encoder bottleneck, global-average-pooled) separate the hospitals better
+than they separate the classes (a segmentation image's class: whether its reference mask
+holds a stenosis, `embedding_groups`). No embedding of any patient may leave a
 site, so each site sends, per class and overall, only the count, the mean and the
 covariance of its test images' features: a few summary matrices. A group with fewer than
 `min_count` images sends nothing (count 0 and zeros), as the data card suppresses small
@@ -27,6 +29,7 @@ from torch import nn
 
 from fedir.client.training import autocast, positive_probability, to_device
 from fedir.protocol import EmbeddingMoments
+from fedir.tasks.segmentation_metrics import FOREGROUND
 
 MAX_DIM = 64
 PROJECTION_SEED = 20_240_101  # fixed: every site must draw the same basis
@@ -41,6 +44,31 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def _capture(model: nn.Module, captured: list[torch.Tensor]):
+    """Hook where the embedding is read: a MONAI BasicUNet's bottleneck (the output of
+    `down_4`, the encoder's deepest level, averaged over space: (B, C, H, W) -> (B, C)), else
+    the input of the last linear layer. Returns the hook's handle and the embedding's width."""
+    from monai.networks.nets import BasicUNet
+
+    if isinstance(model, BasicUNet):
+        width = int(model.down_4.convs.conv_1.conv.out_channels)
+        return model.down_4.register_forward_hook(
+            lambda _m, _args, out: captured.append(out.float().flatten(2).mean(dim=2))), width
+    head = last_linear(model)
+    return head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].float())), head.in_features
+
+
+def embedding_groups(kind: str, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, int]:
+    """The class of each scored image for the moments, and the number of classes: a
+    classification's labels; for segmentation ((N, 1, H, W) reference label maps) 1 where
+    the reference outlines a stenosis (fedir.tasks.segmentation_metrics.FOREGROUND's last
+    class) and 0 where it does not, so that sites are compared among images of the same kind."""
+    if kind == "segmentation":
+        stenosis = max(FOREGROUND)
+        return (np.asarray(labels).reshape(len(labels), -1) == stenosis).any(axis=1).astype(np.int64), 2
+    return np.asarray(labels), num_classes
+
+
 @torch.no_grad()
 def predict_with_embedding(
     model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 128,
@@ -51,10 +79,11 @@ def predict_with_embedding(
 
     The features are what the last linear layer receives (a forward pre-hook), so this
     works for MONAI's ResNet and DenseNet, an MLP, and logistic regression (whose
-    "embedding" is its standardised input). Returns host arrays (N,) and (N, D).
+    "embedding" is its standardised input); for a BasicUNet, its pooled bottleneck
+    (`_capture`). Returns host arrays: the scores ((N,), or the task's shape) and (N, D).
     """
     captured: list[torch.Tensor] = []
-    hook = last_linear(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].float()))
+    hook, width = _capture(model, captured)
     model.to(device).eval()
     scores = []
     try:
@@ -66,7 +95,6 @@ def predict_with_embedding(
     finally:
         hook.remove()
     if not scores:
-        width = last_linear(model).in_features
         return np.zeros(0, dtype=np.float32), np.zeros((0, width), dtype=np.float32)
     return torch.cat(scores).cpu().numpy(), torch.cat(captured).flatten(1).cpu().numpy()
 

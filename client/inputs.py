@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
+from fedir.client.datacard import foreground_counts
 from fedir.client.manifest import Acquired, ManifestError, acquired_by_patient, read_manifest
 from fedir.client.site import SiteData, load_site
 from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 from fedir.config import Inputs, Settings, allowed
 from fedir.models import NUM_CLASSES
-from fedir.protocol import FeatureSums, decode_round_config
+from fedir.protocol import FeatureSums, ForegroundCounts, decode_round_config
 
 
 @dataclass
@@ -51,6 +52,8 @@ class SiteView:
     imaging: SiteData | None = None  # the decoded imaging site (its data card is built from it)
     # each patient's earliest `acquired` value (fedir.client.drift); never leaves the site
     acquired: dict[str, Acquired] = field(default_factory=dict)
+    # a segmentation site's training patients per foreground-fraction bin (fedir.client.datacard)
+    foreground: ForegroundCounts | None = None
 
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(x, y, patients) of "val" or "test"."""
@@ -151,7 +154,8 @@ def _segmentation_view(site_dir: str, image_size: int, frame_policy: str, val: f
     mask and their label maps, (N, 1, S, S) int64 targets (the patient split is the
     classification one: fedir.client.split). The images without a mask are not trained on
     (the supervised DiceCE objective; a semi-supervised one would use them) and not scored.
-    `label_counts` is empty: a segmentation site has no class per patient."""
+    `label_counts` is empty: a segmentation site has no class per patient; `foreground`
+    counts its training patients by foreground fraction instead."""
     view = _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir)
     assert view.imaging is not None
     parts: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
@@ -169,6 +173,7 @@ def _segmentation_view(site_dir: str, image_size: int, frame_policy: str, val: f
         test_x=parts["test"][0], test_y=parts["test"][1], test_patients=parts["test"][2],
         val_x=parts["val"][0], val_y=parts["val"][1], val_patients=parts["val"][2],
         label_counts={}, skipped=view.skipped, imaging=view.imaging, acquired=view.acquired,
+        foreground=foreground_counts(parts["train"][1].numpy(), parts["train"][2]),
     )
 
 

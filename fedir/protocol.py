@@ -35,7 +35,14 @@ from fedir.tasks.multiclass_metrics import (
     MULTICLASS_SCALARS,
     SENSITIVITY,
 )
-from fedir.tasks.segmentation_metrics import SEG_COUNTS, SEG_FLOAT_VECTORS, SEG_INT_VECTORS, SEG_SCALARS
+from fedir.tasks.segmentation_metrics import (
+    FOREGROUND_BIN_NAMES,
+    FOREGROUND_NAMES,
+    SEG_COUNTS,
+    SEG_FLOAT_VECTORS,
+    SEG_INT_VECTORS,
+    SEG_SCALARS,
+)
 from fedir.tasks.survival_metrics import (
     SURVIVAL_COUNTS,
     SURVIVAL_FLOAT_VECTORS,
@@ -78,6 +85,48 @@ class EmbeddingMoments:
     def dim(self) -> int:
         return int(self.means.shape[1])
 
+
+
+SUPPRESSED = -1  # a count cell below k, withheld by the site (fedir.client.datacard.suppress's rule)
+
+
+@dataclass(frozen=True)
+class ForegroundCounts:
+    """A segmentation site's training patients per foreground-fraction bin, for each
+    foreground class: the input of the foreground-by-site test
+    (fedir.strategies.segmentation_bias), as a classification site's label counts are of
+    the site-label association.
+
+    `counts[c][b]`: the patients whose mean fraction of class FOREGROUND_NAMES[c]'s pixels
+    over their masked training images falls in bin FOREGROUND_BIN_NAMES[b] (each patient in
+    one bin per class), or SUPPRESSED for a cell below `k` (and, when a row has exactly one
+    such cell, its next smallest too: the data card's rule). `patients` is every row's
+    total, not suppressed (like the data card's patient counts): the server knows how many
+    patients a row's suppressed cells hold together, never how they divide. Counts only:
+    no fraction, no patient.
+    """
+
+    patients: int
+    k: int
+    counts: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        shape = (len(FOREGROUND_NAMES), len(FOREGROUND_BIN_NAMES))
+        if len(self.counts) != shape[0] or any(len(row) != shape[1] for row in self.counts):
+            raise ValueError(f"foreground counts: expected {shape[0]} rows of {shape[1]} bins")
+        if self.patients < 0 or self.k < 1:
+            raise ValueError("foreground counts: patients must be >= 0 and k >= 1")
+        for row in self.counts:
+            shown = [c for c in row if c != SUPPRESSED]
+            if any(c < 0 for c in shown) or any(0 < c < self.k for c in shown) or sum(shown) > self.patients:
+                raise ValueError("foreground counts: a cell is negative, below k unsuppressed, or the shown "
+                                 "cells exceed the patients")
+            if sum(shown) < self.patients and SUPPRESSED not in row:
+                raise ValueError("foreground counts: a row's cells do not add up to its patients")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form the server keeps (the run's checkpoint, the bias tests' input)."""
+        return {"patients": self.patients, "k": self.k, "counts": [list(row) for row in self.counts]}
 
 
 @dataclass(frozen=True)
@@ -473,6 +522,7 @@ def encode_training(
     num_classes: int,
     skipped: Mapping[str, int],
     card: Mapping[str, Any] | None = None,
+    foreground: ForegroundCounts | None = None,
 ) -> RecordDict:
     """A site's training reply: its update (`arrays`, from encode_weights), the weight of
     the update, its loss, and its data counts.
@@ -481,6 +531,8 @@ def encode_training(
     site-label association test needs; `skipped` counts unreadable files by reason (never paths).
     `card`, the site's k-suppressed data card (fedir.client.datacard), rides along as JSON
     in the ConfigRecord in a node's first reply only (ConfigRecords may differ across sites).
+    `foreground` (a segmentation site's, every round, so every site sends the same keys) is
+    what the server's foreground-by-site test needs (ForegroundCounts).
     """
     rec = MetricRecord(
         {
@@ -493,10 +545,19 @@ def encode_training(
             "label-counts": [int(label_counts.get(c, 0)) for c in range(num_classes)],
         }
     )
+    if foreground is not None:
+        rec[_FOREGROUND_PATIENTS] = int(foreground.patients)
+        rec[_FOREGROUND_K] = int(foreground.k)
+        rec[_FOREGROUND_COUNTS] = [int(c) for row in foreground.counts for c in row]
     site_rec = ConfigRecord({"name": site, "skipped": json.dumps(dict(skipped))})
     if card is not None:
         site_rec[CARD_KEY] = json.dumps(card)
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: rec, SITE_KEY: site_rec})
+
+
+_FOREGROUND_PATIENTS = "foreground-patients"
+_FOREGROUND_K = "foreground-k"
+_FOREGROUND_COUNTS = "foreground-counts"  # rows FOREGROUND_NAMES, columns FOREGROUND_BIN_NAMES, row-major
 
 
 def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
@@ -513,6 +574,12 @@ def decode_training(content: RecordDict) -> tuple[str, dict[str, Any]]:
     }
     if CARD_KEY in site_rec:
         out["card"] = json.loads(str(site_rec[CARD_KEY]))
+    if _FOREGROUND_COUNTS in rec:
+        flat = [int(v) for v in _numbers(rec[_FOREGROUND_COUNTS], _FOREGROUND_COUNTS)]
+        width = len(FOREGROUND_BIN_NAMES)
+        out["foreground"] = ForegroundCounts(
+            int(_number(rec[_FOREGROUND_PATIENTS], _FOREGROUND_PATIENTS)), int(_number(rec[_FOREGROUND_K], _FOREGROUND_K)),
+            tuple(tuple(flat[i:i + width]) for i in range(0, len(flat), width))).as_dict()
     return str(site_rec["name"]), out
 
 

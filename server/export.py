@@ -4,7 +4,7 @@ runs.sqlite stays the source of truth; this is a one-way copy written as each ro
 recorded. Both exports use the same names, grouped by metric so each tool draws one chart
 per metric with a line per site: ``auc/site-0`` ... ``auc/global``, their 95% CIs as
 ``auc_ci_low/<site>`` and ``auc_ci_high/<site>``, ``train_loss/<site>``, and ``bias/alarm``
-(1 when the verdict alarms; left out when it is null, as a segmentation study's is). A
+(1 when the verdict alarms; left out when it is null, as when no round was analysed). A
 survival or segmentation study exports its own metrics the same way (``c_index/<site>``,
 ``dice/<site>``, ``hd95/<site>``: fedir.tasks' SUMMARY_METRICS). The step is the round. A metric that could not be computed
 is left out (its reason is in runs.sqlite), never exported as a number.

@@ -77,7 +77,8 @@ class StudyRecorder:
         self.run_id = run_id
         self.settings = settings
         self.exports = exports or []
-        self.label_counts: dict[str, dict[int, int]] = {}
+        # what the site-label test reads: class counts, or foreground tables (segmentation)
+        self.label_counts: dict[str, dict] = {}
         self.site_models: dict[str, ArrayRecord] = {}  # each site's latest accepted update
         self.selection = Selection(settings.eval_select, settings.train_patience,
                                    metric=task_of(settings.task_kind).SELECTION_METRIC)
@@ -116,7 +117,8 @@ class StudyRecorder:
         if self.settings.bias_cross_site and len(replies.arrays) <= self.settings.bias_cross_site_max_sites:
             self.site_models = dict(replies.arrays)
         for site, values in replies.per_site.items():
-            self.label_counts[site] = values["label_counts"]
+            # what the site-label test reads: class counts, or a segmentation site's foreground table
+            self.label_counts[site] = values.get("foreground", values["label_counts"])
             for reason, count in values["skipped"].items():
                 self.store.record_note(
                     self.run_id, replies.server_round, site, "skipped", f"{count} file(s): {reason}"

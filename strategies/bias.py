@@ -42,6 +42,8 @@ def site_label_association(
     *,
     alpha: float = 0.01,
     min_cramers_v: float = 0.2,
+    subject: str = "label",
+    categories: Mapping[int, str] | None = None,
 ) -> dict:
     """Chi-square test of independence of site and label on the training label counts.
 
@@ -56,6 +58,10 @@ def site_label_association(
     class shown (`class`, its prevalence and residuals) is the one with the most extreme
     cell; `residuals_per_class` holds every cell's. Class keys may be ints or their
     strings (as after JSON).
+
+    `subject` and `categories` name what the table counts in the reason (the same test
+    on a segmentation site's patients per foreground-fraction bin:
+    fedir.strategies.segmentation_bias): "label" and "class c" by default.
     """
     table, sites, classes = _table(label_counts)
     thresholds = {"alpha": alpha, "min_cramers_v": min_cramers_v}
@@ -104,7 +110,10 @@ def site_label_association(
     out["alarm"] = bool(out["p_value"] < alpha and out["cramers_v"] >= min_cramers_v)
     if out["alarm"]:
         out["sites"] = _sites_by_residual(sites, residuals)
-        out["reason"] = _association_reason(out, table, sites, column)
+        named = f"class {out['class']} " if "class" in out else ""  # K > 2: the class shown
+        if categories is not None:
+            named = f"{categories[classes[column]]} "
+        out["reason"] = _association_reason(out, table, sites, column, subject, named)
     return out
 
 
@@ -145,9 +154,9 @@ def _sites_by_residual(sites: list[str], residuals: np.ndarray) -> list[str]:
     return named or [sites[order[0]]]
 
 
-def _association_reason(out: dict, table: np.ndarray, sites: list[str], column: int) -> str:
+def _association_reason(out: dict, table: np.ndarray, sites: list[str], column: int, subject: str,
+                        which: str) -> str:
     parts = []
-    which = f"class {out['class']} " if "class" in out else ""  # K > 2: the class shown
     for site in out["sites"]:
         i = sites.index(site)
         rest = np.delete(table, i, axis=0)
@@ -157,7 +166,7 @@ def _association_reason(out: dict, table: np.ndarray, sites: list[str], column: 
             f"vs {rest_prev:.0%} in the other sites ({rest[:, column].sum()}/{rest.sum()})"
         )
     return (
-        f"label is associated with site (chi-square {out['statistic']:.1f}, dof {out['dof']}, "
+        f"{subject} is associated with site (chi-square {out['statistic']:.1f}, dof {out['dof']}, "
         f"p={out['p_value']:.2g} < {out['thresholds']['alpha']}, Cramer's V {out['cramers_v']:.2f} "
         f">= {out['thresholds']['min_cramers_v']}): " + "; ".join(parts)
     )
@@ -341,12 +350,14 @@ def _not_computable_reason(out: dict) -> str:
 
 # Each of these alone raises the alarm: the precondition of confounding (label depends on
 # site) and its direct symptom (the model ranks across sites better than within them).
-PRIMARY = ("site_label_association", "pooled_vs_within_auc", "pooled_vs_stratified_c")
+PRIMARY = ("site_label_association", "pooled_vs_within_auc", "pooled_vs_stratified_c",
+           "foreground_by_site")  # segmentation (fedir.strategies.segmentation_bias)
 # These are common in clean federations too (hospitals differ in case mix and scanners),
 # so one alone is a warning; two together raise the alarm.
 SECONDARY = ("auc_heterogeneity", "site_separability", "cross_site",
              # survival (fedir.strategies.survival_bias)
-             "c_index_heterogeneity", "survival_by_site", "follow_up_by_site")
+             "c_index_heterogeneity", "survival_by_site", "follow_up_by_site",
+             "dice_heterogeneity")  # segmentation
 SECONDARY_TO_ALARM = 2
 
 

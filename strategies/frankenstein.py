@@ -2,7 +2,8 @@
 
 One entry point, `analyse`, so the ServerApp, the calibration benchmark and the tests
 compute the verdict the same way. Inputs are aggregates only: labelled training patients
-per class per site (data counts), each site's evaluation aggregates (AUC with CI, score
+per class per site (data counts; a segmentation site's patients per foreground-fraction
+bin, fedir.protocol.ForegroundCounts), each site's evaluation aggregates (AUC with CI, score
 histograms), each site's embedding moments (fedir.client.embedding), and, after the last round,
 the cross-site AUC matrix. Thresholds are those chosen on the calibration federations
 (benchmarks/bias_calibration.py); they are scenario settings (`[bias]`).
@@ -16,13 +17,12 @@ from functools import partial
 
 from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
 from fedir.strategies.cross_site_gap import cross_site_gap
-from fedir.strategies.heterogeneity import auc_heterogeneity
+from fedir.strategies.heterogeneity import heterogeneity
 from fedir.strategies.multiclass_bias import multiclass_pooled_vs_within_auc
-from fedir.strategies.segmentation_bias import segmentation_verdict
+from fedir.strategies.segmentation_bias import foreground_by_site
 from fedir.strategies.sensitivity import leave_one_site_out
 from fedir.strategies.separability import site_separability
 from fedir.strategies.survival_bias import (
-    c_index_heterogeneity,
     follow_up_by_site,
     pooled_vs_stratified_c,
     survival_by_site,
@@ -58,10 +58,37 @@ def survival_tests(label_counts: Mapping[str, Mapping[int, int]], per_site: Mapp
         "site_label_association": site_label_association(
             dict(sorted(label_counts.items())), alpha=thresholds.alpha, min_cramers_v=thresholds.min_cramers_v),
         "pooled_vs_stratified_c": pooled_vs_stratified_c(per_site, time_bins=time_bins, max_gap=thresholds.max_auc_gap),
-        "c_index_heterogeneity": c_index_heterogeneity(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2),
+        "c_index_heterogeneity": heterogeneity(per_site, "c_index", alpha=thresholds.alpha, min_i2=thresholds.min_i2),
         "survival_by_site": survival_by_site(per_site, time_bins=time_bins, alpha=thresholds.alpha),
         "follow_up_by_site": follow_up_by_site(per_site, time_bins=time_bins, alpha=thresholds.alpha),
     }
+
+
+def segmentation_tests(foreground: Mapping[str, Mapping], per_site: Mapping[str, dict],
+                       moments: Mapping[str, object], thresholds: Thresholds, *, final: bool, seed: int) -> dict[str, dict]:
+    """A segmentation study's signals (fedir.strategies.segmentation_bias): foreground
+    fraction by site (from the training replies' foreground tables), the Dice
+    heterogeneity, and the bottleneck embedding's site separability."""
+    tests = {
+        "foreground_by_site": foreground_by_site(foreground, alpha=thresholds.alpha,
+                                                 min_cramers_v=thresholds.min_cramers_v),
+        "dice_heterogeneity": heterogeneity(per_site, "dice", alpha=thresholds.alpha, min_i2=thresholds.min_i2),
+    }
+    tests.update(_separability(per_site, moments, thresholds, final=final, seed=seed))
+    return tests
+
+
+def _separability(per_site: Mapping[str, dict], moments: Mapping[str, object], thresholds: Thresholds, *,
+                  final: bool, seed: int) -> dict[str, dict]:
+    """The site-separability test where sites sent moments (skipped above MAX_DETAILED_SITES)."""
+    if not moments:
+        return {}
+    if len(per_site) > MAX_DETAILED_SITES:
+        return {"site_separability": _skipped("site_separability", len(per_site))}
+    return {"site_separability": site_separability(
+        moments, min_accuracy=thresholds.min_site_accuracy,
+        min_excess=thresholds.min_separability_excess, seed=seed, n_boot=thresholds.bootstrap if final else 0,
+    )}
 
 
 def signals(
@@ -82,11 +109,10 @@ def signals(
     ``final`` = False leaves out the separability interval (``site_accuracy_ci``), which
     no alarm depends on; see :func:`analyse`.
     """
-    detailed = len(per_site) <= MAX_DETAILED_SITES
     if kind == "survival":
         return verdict(survival_tests(label_counts, per_site, thresholds, time_bins))
     if kind == "segmentation":
-        return segmentation_verdict(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2)
+        return verdict(segmentation_tests(label_counts, per_site, moments, thresholds, final=final, seed=seed))
     multiclass = any("classes" in entry for entry in per_site.values())  # task.classes > 2
     tests = {
         "site_label_association": site_label_association(
@@ -96,15 +122,9 @@ def signals(
             per_site, max_gap=thresholds.max_auc_gap, n_boot=thresholds.bootstrap, seed=seed
         ),
         # the macro one-vs-rest AUC and its CI for K > 2
-        "auc_heterogeneity": auc_heterogeneity(per_site, alpha=thresholds.alpha, min_i2=thresholds.min_i2),
+        "auc_heterogeneity": heterogeneity(per_site, "auc", alpha=thresholds.alpha, min_i2=thresholds.min_i2),
     }
-    if moments and not detailed:
-        tests["site_separability"] = _skipped("site_separability", len(per_site))
-    elif moments:
-        tests["site_separability"] = site_separability(
-            moments, min_accuracy=thresholds.min_site_accuracy,
-            min_excess=thresholds.min_separability_excess, seed=seed, n_boot=thresholds.bootstrap if final else 0,
-        )
+    tests.update(_separability(per_site, moments, thresholds, final=final, seed=seed))
     if cross_site:
         tests["cross_site"] = cross_site_gap(cross_site, max_gap=thresholds.max_cross_site_gap)
     return verdict(tests)
@@ -136,8 +156,8 @@ def analyse(
     full = signals(label_counts, per_site, moments, thresholds, cross_site, seed, final=final, kind=kind,
                    time_bins=time_bins)
     multiclass = any("classes" in entry for entry in per_site.values())  # task.classes > 2
-    if not final or kind != "classification" or multiclass:
-        reason = ("computed on the study's final round only" if kind == "classification" and not multiclass else
+    if not final or kind == "survival" or multiclass:
+        reason = ("computed on the study's final round only" if kind != "survival" and not multiclass else
                   "not computed for task.classes > 2 (leave-one-site-out reads the binary score histograms)"
                   if multiclass else
                   f"not computed for {kind} studies (leave-one-site-out reruns the classification signals)")
@@ -149,7 +169,8 @@ def analyse(
         return full
     quick = Thresholds(**{**thresholds.__dict__, "bootstrap": 0})
     full["sensitivity"] = leave_one_site_out(
-        label_counts, per_site, moments, partial(_subset, thresholds=quick, seed=seed), full
+        label_counts, per_site, moments, partial(_subset, thresholds=quick, seed=seed, kind=kind), full,
+        metric="dice" if kind == "segmentation" else "auc",
     )
     return full
 
@@ -159,5 +180,5 @@ def _skipped(name: str, sites: int) -> dict:
             "reason": f"skipped: {sites} sites, more than {MAX_DETAILED_SITES} (pairwise analysis)"}
 
 
-def _subset(label_counts, per_site, moments, *, thresholds: Thresholds, seed: int) -> dict:
-    return signals(label_counts, per_site, moments, thresholds, None, seed)
+def _subset(label_counts, per_site, moments, *, thresholds: Thresholds, seed: int, kind: str) -> dict:
+    return signals(label_counts, per_site, moments, thresholds, None, seed, kind=kind)

@@ -16,7 +16,8 @@ Pure statistics over the sites' aggregates (fedir.tasks.survival_metrics):
   stays above 0 after the pooled C's binning bound is taken off (the gap is then positive
   whatever the raw scores; no sampling interval, unlike the AUC gap's bootstrap). Primary.
 - `c_index_heterogeneity`: Cochran's Q and I^2 of the per-site C-indices, SE from their
-  patient-bootstrap CIs (fedir.strategies.heterogeneity). Secondary.
+  patient-bootstrap CIs (fedir.strategies.heterogeneity.heterogeneity with metric "c_index";
+  a site whose CI has zero width is left out and named). Secondary.
 
 The event rate's association with the site is the classification test unchanged
 (fedir.strategies.bias.site_label_association): a survival site's label counts are its
@@ -30,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from fedir.strategies.heterogeneity import auc_heterogeneity
 from fedir.tasks.survival_metrics import per_site_time_table, pooled_c_index
 
 
@@ -100,30 +100,4 @@ def pooled_vs_stratified_c(per_site: Mapping[str, dict], *, time_bins: int, max_
                      if out["alarm"] else
                      f"pooled C {pooled['c_index']:.3f} vs site-stratified {pooled['stratified_c_index']:.3f} "
                      f"(gap {gap:+.3f} +- {pooled['binning_error']:.3f})")
-    return out
-
-
-def c_index_heterogeneity(per_site: Mapping[str, dict], *, alpha: float, min_i2: float) -> dict:
-    """I^2 of the per-site C-indices (fedir.strategies.heterogeneity on C instead of AUC).
-
-    A site whose bootstrap CI has zero width (every resample gave the same C: a small test
-    set whose few comparable pairs are all ordered right, Canada's 11 patients in
-    Fed-TCGA-BRCA) has no usable standard error: floored, it would outweigh every other
-    site and make Q large by itself. Such sites are left out and named (`excluded`)."""
-    usable, excluded = {}, []
-    for site, m in per_site.items():
-        ci = m.get("c_index_ci")
-        if m.get("c_index") is not None and ci is not None and ci[1] - ci[0] <= 0:
-            excluded.append(site)
-            continue
-        usable[site] = {"auc": m.get("c_index"), "auc_ci": ci}
-    out = auc_heterogeneity(usable, alpha=alpha, min_i2=min_i2)
-    out["name"] = "c_index_heterogeneity"
-    out["site_c_index"] = out.pop("site_auc")
-    out["random_effects_c_index"] = out.pop("random_effects_auc")
-    out["excluded"] = excluded
-    reason = str(out["reason"]).replace("AUCs", "C-indices").replace("AUC", "C-index")
-    if excluded:
-        reason += f" ({', '.join(excluded)} left out: a bootstrap CI of zero width gives no standard error)"
-    out["reason"] = reason
     return out

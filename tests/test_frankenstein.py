@@ -13,7 +13,7 @@ from fedir.models import build_model
 from fedir.strategies.bias import pooled_vs_within_auc, verdict
 from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.frankenstein import Thresholds, analyse
-from fedir.strategies.heterogeneity import auc_heterogeneity
+from fedir.strategies.heterogeneity import heterogeneity
 from fedir.strategies.separability import site_separability
 
 
@@ -37,7 +37,7 @@ def test_heterogeneity_fires_when_one_site_is_far_better():
     rng = np.random.default_rng(0)
     per_site = {f"s{k}": _eval(rng, 300, 0.5, 0.5) for k in range(3)}
     per_site["s3"] = _eval(rng, 300, 0.5, 6.0)
-    out = auc_heterogeneity(per_site)
+    out = heterogeneity(per_site)
     assert out["alarm"] and out["sites"][0] == "s3"
     assert out["i2"] > 0.5 and out["p_value"] < 0.01
     assert out["random_effects_ci"][0] < out["random_effects_auc"] < out["random_effects_ci"][1]
@@ -49,7 +49,7 @@ def test_heterogeneity_rarely_fires_on_identical_sites():
     alarms = []
     for seed in range(30):
         rng = np.random.default_rng(seed)
-        out = auc_heterogeneity({f"s{k}": _eval(rng, 200, 0.5, 2.0) for k in range(4)})
+        out = heterogeneity({f"s{k}": _eval(rng, 200, 0.5, 2.0) for k in range(4)})
         assert out["computable"]
         alarms.append(out["alarm"])
     assert sum(alarms) <= 2
@@ -57,7 +57,7 @@ def test_heterogeneity_rarely_fires_on_identical_sites():
 
 def test_heterogeneity_not_computable_with_one_site():
     rng = np.random.default_rng(2)
-    out = auc_heterogeneity({"s0": _eval(rng, 100, 0.5, 2.0)})
+    out = heterogeneity({"s0": _eval(rng, 100, 0.5, 2.0)})
     assert not out["computable"] and not out["alarm"] and "not computable" in out["reason"]
 
 

@@ -63,11 +63,18 @@ def test_a_segmentation_federation_reports_dice_hd95_and_a_verdict(federation) -
     # against 0.08 untrained, while site-0 went from 0.22 to 0.61).
     before = segmentation.pooled_metrics(untrained)
     assert pooled["dice"] > before["dice"] + 0.1, (pooled["dice"], before["dice"])
-    bias = summary["bias"]
-    assert bias["alarm"] is None and "segmentation" in bias["reasons"][0]
-    assert bias["tests"]["dice_heterogeneity"]["computable"]
+    bias = summary["bias"]  # a verdict as for classification, from the segmentation signals
+    assert isinstance(bias["alarm"], bool) and set(bias["signals"]) <= set(bias["tests"])
+    assert set(bias["tests"]) == {"foreground_by_site", "dice_heterogeneity", "site_separability"}
+    assert bias["reasons"] if bias["alarm"] else not bias["reasons"]
+    foreground = bias["tests"]["foreground_by_site"]
+    assert set(foreground["patients"]) == set(SITES) and all(n > 0 for n in foreground["patients"].values())
+    assert bias["tests"]["dice_heterogeneity"]["computable"] and bias["tests"]["site_separability"]["computable"]
+    assert bias["sensitivity"]["metric"] == "dice" and set(bias["sensitivity"]["by_site"]) == set(SITES)
     report = (root / "run" / "report.html").read_text()
     assert "<h2>Dice by round</h2>" in report and all(site in report for site in SITES)
+    assert "foreground by site" in report  # the verdict's tests, as for classification
+    assert "<th>pooled Dice</th>" in report  # leave one site out
     assert f"{pooled['dice']:.3f} [{pooled['dice_ci'][0]:.3f}, {pooled['dice_ci'][1]:.3f}]" in report
     assert "per_patient" not in json.dumps(summary["per_site"])
     assert "(validation Dice " in selection_line(summary)

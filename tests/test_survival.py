@@ -242,9 +242,9 @@ def test_a_survival_study_selects_its_round_on_the_validation_c_index(tmp_path):
 
 
 def test_a_site_whose_bootstrap_ci_has_no_width_is_left_out_of_the_heterogeneity():
-    from fedir.strategies.survival_bias import c_index_heterogeneity
+    from fedir.strategies.heterogeneity import heterogeneity
 
     per_site = {"a": {"c_index": 0.70, "c_index_ci": [0.60, 0.80]}, "b": {"c_index": 0.72, "c_index_ci": [0.62, 0.82]},
                 "tiny": {"c_index": 1.0, "c_index_ci": [1.0, 1.0]}}
-    out = c_index_heterogeneity(per_site, alpha=0.01, min_i2=0.5)
+    out = heterogeneity(per_site, "c_index", alpha=0.01, min_i2=0.5)
     assert out["excluded"] == ["tiny"] and set(out["site_c_index"]) == {"a", "b"} and not out["alarm"]

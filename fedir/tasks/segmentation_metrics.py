@@ -43,6 +43,20 @@ SEG_SCALARS = ("dice", "hd95")  # each with `<name>_ci`
 DICE_HIST = "dice_hist"
 SEG_INT_VECTORS = (DICE_HIST,)
 SEG_FLOAT_VECTORS = ("sums",)  # over patients: [dice, dice^2, hd95, hd95^2]
+# Upper bounds of the foreground-fraction bins (the data card's, fedir.client.datacard, and the
+# foreground-by-site test's, fedir.strategies.segmentation_bias); bin 0 is exactly 0 (no
+# foreground pixel) and the last is >= 0.5. A vessel tree covers about 5-20% of a frame.
+FOREGROUND_EDGES = (0.01, 0.05, 0.1, 0.2, 0.5)
+FOREGROUND_BIN_NAMES = ("0", *(f"{low:g}-{high:g}" for low, high in zip((0.0, *FOREGROUND_EDGES), FOREGROUND_EDGES)),
+                        f">={FOREGROUND_EDGES[-1]:g}")
+FOREGROUND_NAMES = ("vessel", "stenosis")  # the classes of FOREGROUND, in order
+
+
+def foreground_bin(fraction: float) -> int:
+    """The index in FOREGROUND_BIN_NAMES of a foreground fraction in [0, 1]."""
+    if fraction <= 0.0:
+        return 0
+    return 1 + int(np.searchsorted(FOREGROUND_EDGES, fraction, side="right"))
 
 
 def per_image_metrics(target: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

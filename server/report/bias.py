@@ -15,6 +15,7 @@ from markupsafe import Markup
 
 from fedir.server.report import figures
 from fedir.server.report.render import render
+from fedir.strategies.heterogeneity import METRICS
 
 # Friendly names of the numbers bias tests report; unknown keys are shown as they are.
 _LABELS = {
@@ -23,7 +24,7 @@ _LABELS = {
     "within_auc": "mean within-site AUC", "gap": "gap (pooled - within)", "alarm": "alarm",
 }
 _SKIPPED_TEST_KEYS = {"table", "prevalence", "reason", "alarm", "matrix", "pairwise", "site_se",
-                      "per_site_class_accuracy", "site_gap"}
+                      "per_site_class_accuracy", "site_gap", "per_class"}
 
 
 def bias_section(bias: dict) -> Markup:
@@ -31,7 +32,7 @@ def bias_section(bias: dict) -> Markup:
     tests = bias.get("tests") or {}
     signals = {
         "warnings": [str(w) for w in bias.get("warnings") or []],
-        "forest": _forest(tests.get("auc_heterogeneity")),
+        "forest": _forest(next((t for name, t in tests.items() if name.endswith("_heterogeneity")), None)),
         "gap": _gap(tests.get("pooled_vs_within_auc")),
         "separability": _separability(tests.get("site_separability")),
         "cross_site": _cross_site(tests.get("cross_site")),
@@ -42,7 +43,8 @@ def bias_section(bias: dict) -> Markup:
 
 
 def _forest(test: dict | None) -> dict | None:
-    if not test or not test.get("site_auc"):
+    """The forest plot of the kind's heterogeneity test (AUC, Dice, C-index)."""
+    if not test or not test.get(f"site_{test.get('metric', 'auc')}"):
         return None
     q = "" if test.get("q") is None else (
         f"Cochran's Q {test['q']:.1f} (dof {test['dof']}, p = {test['p_value']:.2g}), "
@@ -91,10 +93,12 @@ def _cross_site(test: dict | None) -> dict | None:
 def _sensitivity(sens: dict | None) -> dict | None:
     if not sens or not sens.get("by_site"):
         return None
+    metric = sens.get("metric", "auc")  # verdicts recorded before the metric was named were AUCs
     rows = [{"site": site, "verdict": "ALARM" if e["alarm"] else "no alarm",
-             "signals": ", ".join(e["signals"]) or "-", "pooled_auc": _auc(e["pooled_auc"])}
+             "signals": ", ".join(e["signals"]) or "-", "pooled": _auc(e[f"pooled_{metric}"])}
             for site, e in sens["by_site"].items()]
-    return {"rows": rows, "flags": [str(f) for f in sens.get("flags") or []]}
+    return {"rows": rows, "flags": [str(f) for f in sens.get("flags") or []],
+            "metric": METRICS[metric][0]}
 
 
 def _test_block(name: str, test: dict) -> dict:

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from fedir.server.runstore import GLOBAL_SITE  # noqa: E402
 from fedir.strategies.drift_trend import period_time  # noqa: E402
+from fedir.strategies.heterogeneity import METRICS  # noqa: E402
 
 Series = dict[str, list[tuple[int, dict]]]  # site -> [(round, metric row), ...]
 
@@ -151,20 +152,23 @@ def reliability(per_patient: dict[str, dict]) -> str:
 
 
 def forest(test: dict) -> str:
-    """Per-site AUCs with 95% CIs and the random-effects estimate as a diamond."""
-    sites = list(test["site_auc"])
-    auc = np.array([test["site_auc"][s] for s in sites])
+    """Per-site values of a heterogeneity test's metric (AUC, Dice, C-index:
+    fedir.strategies.heterogeneity) with 95% CIs and the random-effects estimate as a diamond."""
+    metric = test.get("metric", "auc")  # verdicts recorded before the metric was named were AUCs
+    values = test[f"site_{metric}"]
+    sites = list(values)
+    auc = np.array([values[s] for s in sites])
     half = 1.96 * np.array([test["site_se"][s] for s in sites])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(sites) + 1.4), dpi=100)
     y = np.arange(len(sites))[::-1] + 1
     ax.errorbar(auc, y, xerr=half, fmt="s", color="#1f4e79", capsize=3)
-    if test.get("random_effects_auc") is not None:
+    if test.get(f"random_effects_{metric}") is not None:
         lo, hi = test["random_effects_ci"]
-        m = test["random_effects_auc"]
+        m = test[f"random_effects_{metric}"]
         ax.fill([lo, m, hi, m], [0, 0.25, 0, -0.25], color="#c81e1e", alpha=0.8)
         ax.axvline(m, color="#c81e1e", linewidth=0.6, linestyle=":")
     ax.set_yticks([*y, 0], [*sites, "random effects"])
-    ax.set_xlabel("test AUC with 95% CI")
+    ax.set_xlabel(f"test {METRICS[metric][0] if metric in METRICS else metric} with 95% CI")
     ax.grid(axis="x", alpha=0.3)
     return png(fig)
 
