@@ -203,6 +203,7 @@ def test_settings_an_imaging_survival_study_cannot_use_are_refused_in_one_line(o
 # ---- end to end ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~60 s on a loaded core: in `make test`, not in test-fast
 def test_an_imaging_survival_study_end_to_end(tmp_path: Path) -> None:
     """Three synthetic hospitals with the outcome, the image network's risk head on the Cox
     loss, two rounds in process: every site's C-indices with CIs, events, KM counts; the
