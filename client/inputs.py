@@ -20,7 +20,7 @@ import torch
 from flwr.app import ConfigRecord
 
 from fedir.client.datacard import foreground_counts
-from fedir.client.manifest import Acquired, ManifestError, acquired_by_patient, read_manifest
+from fedir.client.manifest import Acquired, acquired_by_patient, read_manifest
 from fedir.client.site import SiteData, load_site
 from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 from fedir.config import Inputs, Settings, allowed
@@ -88,9 +88,8 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
         return _tabular_view(site_dir, val, test, kind, num_classes)
     if kind == "segmentation":
         return _segmentation_view(site_dir, image_size, frame_policy, val, test, cache_dir)
-    if kind != "classification":
-        raise ManifestError(f"{site_dir}: task.kind = {kind!r} reads tabular sites only for now (time, event and "
-                            "clin_* columns, no path)", f"task.kind = {kind!r} reads tabular sites only for now")
+    if kind == "survival":
+        return _survival_view(site_dir, image_size, frame_policy, val, test, cache_dir)
     return _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir, num_classes)
 
 
@@ -174,6 +173,32 @@ def _segmentation_view(site_dir: str, image_size: int, frame_policy: str, val: f
         val_x=parts["val"][0], val_y=parts["val"][1], val_patients=parts["val"][2],
         label_counts={}, skipped=view.skipped, imaging=view.imaging, acquired=view.acquired,
         foreground=foreground_counts(parts["train"][1].numpy(), parts["train"][2]),
+    )
+
+
+@lru_cache(maxsize=16)
+def _survival_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float,
+                   cache_dir: str | None = None) -> SiteView:
+    """An imaging site for task.kind = survival: every image of every split, each with its
+    patient's (time, event) as an (N, 2) float32 target (fedir.tasks.survival; the manifest
+    reader refuses a patient whose rows disagree on them). The decoded images are the
+    classification view's (one cache). A patient's per-patient risk is the mean of its
+    images' (fedir.tasks.survival.site_metrics). `label_counts`: the training patients
+    censored (0) and with the event (1), as a tabular survival site's."""
+    outcome = {row.patient_id: row.outcome for row in read_manifest(site_dir, kind="survival")
+               if row.outcome is not None}
+    view = _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir)
+    assert view.imaging is not None
+    targets = {split: torch.tensor([outcome[p] for p in view.imaging.split(split).patients],
+                                   dtype=torch.float32).reshape(-1, 2) for split in ("train", "val", "test")}
+    train_events = {p: int(outcome[p][1]) for p in view.imaging.train.patients}
+    return SiteView(
+        name=view.name, tabular=False,
+        train_x=view.train_x, train_y=targets["train"],
+        test_x=view.test_x, test_y=targets["test"], test_patients=view.test_patients,
+        val_x=view.val_x, val_y=targets["val"], val_patients=view.val_patients,
+        label_counts=dict(sorted(Counter(train_events.values()).items())), skipped=view.skipped,
+        imaging=view.imaging, acquired=view.acquired,
     )
 
 

@@ -268,7 +268,8 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None,
     a year or a quarter (YYYY-Qn), or a patient whose rows name different splits (the
     split is by patient: one patient's images in training and test would leak). Under
     `kind = "survival"` every row needs `time` (days, >= 0) and `event` (0/1), refused
-    with the row number otherwise (fedir.tasks.survival). A mask file that is missing or
+    with the row number otherwise (fedir.tasks.survival), and a patient's rows (its images)
+    the same ones. A mask file that is missing or
     unusable is not a manifest error: the site reader skips that mask with its reason
     (client/masks.py).
     """
@@ -278,6 +279,7 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None,
     rows: list[ManifestRow] = []
     seen: dict[Path, int] = {}
     split_of_patient: dict[str, tuple[str | None, int]] = {}  # the first row's split cell
+    outcome_of_patient: dict[str, tuple[object, int]] = {}  # the first row's target (survival)
     for rec in records:
         record, number, where = rec.cells, rec.row, rec.where
         patient_id = record["patient_id"].strip()
@@ -306,6 +308,13 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None,
             raise ManifestError(f"{where}: patient {patient_id!r} is in two splits ({named}); "
                                 "a patient's images must share one split",
                                 f"row {number}: a patient is in two splits ({named})")
+        outcome = None if kind == "classification" else parse_target(kind, record, where, number)
+        first_outcome, first_row = outcome_of_patient.setdefault(patient_id, (outcome, number))
+        if outcome != first_outcome:
+            # one patient has one follow-up: its images cannot disagree on it
+            raise ManifestError(f"{where}: patient {patient_id!r} has time/event {outcome} here and "
+                                f"{first_outcome} at row {first_row}; a patient's rows must share them",
+                                f"row {number}: a patient's time/event differ from its row {first_row}")
         rows.append(
             ManifestRow(
                 row=number,
@@ -315,7 +324,7 @@ def read_manifest(site_dir: str | Path, num_classes: int | None = None,
                 if kind == "classification" else None,
                 clinical={c: parse_float(record[c], c, where, number) for c in clin_columns},
                 split=split,
-                outcome=None if kind == "classification" else parse_target(kind, record, where, number),
+                outcome=outcome,
                 mask=mask,
                 mask_frames=mask_frames,
                 acquired=parse_acquired(record.get(ACQUIRED_COLUMN, ""), where, number),

@@ -113,7 +113,8 @@ class Settings:
 
     task_kind: TaskKind = setting(
         "classification", "what the sites' manifests hold and the model predicts: classification (`label`, a class "
-        "index) | survival (`time` in days and `event` 0/1: a Cox model, C-indices) | segmentation (the `mask` "
+        "index) | survival (`time` in days and `event` 0/1: a Cox model, linear on tabular rows or an image "
+        "network's risk head, C-indices) | segmentation (the `mask` "
         "column's label maps: a MONAI BasicUNet, DiceCE, Dice and HD95) (fedir.tasks)")
     task_classes: int = setting(
         2, "classification: K, the classes; labels are 0..K-1 (a label outside is refused with its row) and the "
@@ -417,7 +418,8 @@ def check_task(settings: Settings) -> None:
     semi-supervised objectives, MixUp and SMOTE need class labels (segmentation trains
     supervised on its masked images only, for now); a Cox model has no intercept (the partial
     likelihood does not see it); the cross-site matrix and the clinical companion score AUCs.
-    A segmentation model is a BasicUNet, and a BasicUNet segments only."""
+    A segmentation model is a BasicUNet, and a BasicUNet segments only; a survival model
+    (tabular or imaging) has one risk output, and its batches need pairs (train.batch-size >= 2)."""
     if settings.task_kind == "classification":
         if settings.model_name == "basic_unet":
             raise SettingsError("model.name = 'basic_unet' is a segmentation network: it needs "
@@ -447,9 +449,14 @@ def check_task(settings: Settings) -> None:
             raise SettingsError(f"{kind} trains a MONAI BasicUNet: model.name = {settings.model_name!r} "
                                 "is not a segmentation network; choose auto or basic_unet")
         return
-    if settings.model_name not in ("auto", "logreg", "mlp"):
-        raise SettingsError(f"{kind} trains tabular sites only for now (a linear Cox model, or an mlp risk model); "
-                            f"model.name = {settings.model_name!r} is an image network: choose auto, logreg or mlp")
+    if settings.model_name == "basic_unet":
+        raise SettingsError(f"{kind} trains a risk model with one output (a linear Cox model or an mlp on "
+                            "tabular sites, an image network's risk head on imaging sites): model.name = "
+                            "'basic_unet' is a segmentation network; choose auto or another model")
+    if settings.train_batch_size < 2:
+        raise SettingsError(f"{kind} trains on the Cox partial likelihood of each batch, and a batch of "
+                            f"train.batch-size = {settings.train_batch_size} row has no pair to order: set it "
+                            "to 2 or more (enough for several events per batch)")
 
 
 def check_classes(settings: Settings) -> None:

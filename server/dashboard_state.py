@@ -10,6 +10,12 @@ provisional) with every round's provisional verdict, notes and site data cards.
 
 The per-site table is formatted here exactly as the terminal table formats it
 (``summary.fmt_with_ci``), so the page and summary.json cannot disagree about a number.
+
+A survival run (``task.kind = "survival"``) has no AUC: its overview line carries the pooled
+C-index (``metric`` names what ``global_auc`` and ``auc_series`` hold), and its detail sends
+its own table (``_survival_table``: patients, events, Harrell's and Uno's C with CIs), the
+table's ``columns`` and the plotted ``metrics``, which the page uses instead of its
+classification defaults.
 """
 
 from __future__ import annotations
@@ -21,11 +27,17 @@ from fedir.metrics import SCALAR_METRICS
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable, find_stores
 from fedir.server.runstore import GLOBAL_SITE, verdict_changes, verdict_is_final
 from fedir.server.summary import binning_line, build_summary, fmt_value, fmt_with_ci, key_numbers, threshold_line
+from fedir.tasks.survival_metrics import SURVIVAL_SCALARS
 
 # Note kinds that mean a site's update or reply did not count this round.
 MISSING_KINDS = ("missing",)
 REJECTED_MARK = "reject"
 MAX_NOTES = 300  # the page lists the latest notes; a 1,000-site run can have many
+SURVIVAL = "survival"
+# A survival run's table columns and plotted metrics: (key, what the page heads it with)
+SURVIVAL_COLUMNS = (("n_test", "n test"), ("patients", "patients"), ("events", "events"),
+                    ("c_index", "C-index [95% CI]"), ("uno_c_index", "Uno's C [95% CI]"))
+SURVIVAL_PLOTS = {"c_index": "Harrell's C-index per patient", "uno_c_index": "Uno's C-index per patient"}
 
 
 def source_name(folder: Path, store: Path) -> str:
@@ -65,9 +77,13 @@ def overview(folder: Path) -> dict[str, Any]:
 
 def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, Any]:
     run = store.run(run_id)
-    # per patient where the sites sent per-patient metrics (the primary level), else per image
-    series = (store.patient_series(run_id, ("auc",))["patient_auc"].get(GLOBAL_SITE)
-              or store.series(run_id, ("auc",)).get("auc", {}).get(GLOBAL_SITE, []))
+    survival = run["config"].get("task.kind") == SURVIVAL
+    metric = "c_index" if survival else "auc"
+    if survival:  # one row per patient already
+        series = store.series(run_id, (metric,)).get(metric, {}).get(GLOBAL_SITE, [])
+    else:  # per patient where the sites sent per-patient metrics (the primary level), else per image
+        series = (store.patient_series(run_id, ("auc",))["patient_auc"].get(GLOBAL_SITE)
+                  or store.series(run_id, ("auc",)).get("auc", {}).get(GLOBAL_SITE, []))
     bias = store.bias(run_id)
     return {
         "source": source, "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
@@ -77,7 +93,7 @@ def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, An
         "global_auc": series[-1][1] if series else None,
         "alarm": None if bias is None else bool(bias.get("alarm")),
         "verdict_final": bias is not None and verdict_is_final(run["status"]),
-        "auc_series": series,
+        "auc_series": series, "metric": metric,
     }
 
 
@@ -112,6 +128,7 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
     bias = summary["bias"]
     history = store.verdict_history(run_id)
     verdict_round = _verdict_round(store, run_id, summary["selection"]["round"])
+    survival = summary.get("task") == SURVIVAL
     return {
         "run": {
             "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
@@ -121,7 +138,10 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
             "selection": summary["selection"],
         },
         "round": _round_status(store, run_id, summary["sites"], notes),
-        "table": _table(summary),
+        "table": _survival_table(summary) if survival else _table(summary),
+        # None: the page's classification columns and metrics
+        "columns": [list(c) for c in SURVIVAL_COLUMNS] if survival else None,
+        "metrics": SURVIVAL_PLOTS if survival else None,
         "verdict": {
             "alarm": bool(bias.get("alarm")), "reasons": list(bias.get("reasons") or []),
             "numbers": {name.replace("_", " "): text for name, text in key_numbers(bias).items() if text},
@@ -132,9 +152,10 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
             "history": [[entry["round"], entry["alarm"]] for entry in history],
             "changes": verdict_changes(history),
         },
-        "series": {**store.patient_series(run_id, SCALAR_METRICS), **store.series(run_id, SCALAR_METRICS)},
-        "threshold": threshold_line(summary.get("threshold")),
-        "binning": " ".join(binning_line(summary["global"])),
+        "series": (store.series(run_id, SURVIVAL_SCALARS) if survival else
+                   {**store.patient_series(run_id, SCALAR_METRICS), **store.series(run_id, SCALAR_METRICS)}),
+        "threshold": "" if survival else threshold_line(summary.get("threshold")),
+        "binning": _c_binning_line(summary["global"]) if survival else " ".join(binning_line(summary["global"])),
         "notes": {"total": len(notes), "latest": [_note(n) for n in notes[-MAX_NOTES:]]},
         "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
         "privacy": summary["privacy"],
@@ -201,6 +222,32 @@ def _table(summary: dict) -> list[dict[str, Any]]:
         row["reasons"] = reasons
         rows.append(row)
     return rows
+
+
+def _survival_table(summary: dict) -> list[dict[str, Any]]:
+    """A survival run's per-site rows then the pooled row (server/summary.survival_entry): test
+    images, patients, events, Harrell's and Uno's C-index with their CIs; an n/a cell has its
+    reason under its key of ``reasons`` (the pooled Uno's C and the pooled C's interval are not
+    computed from aggregates)."""
+    rows = []
+    for site, entry in [*summary["per_site"].items(), (GLOBAL_SITE, summary["global"])]:
+        row: dict[str, Any] = {"site": site, "n_test": str(entry.get("n_test") or 0),
+                               "patients": "n/a" if entry.get("n_patients") is None else str(int(entry["n_patients"])),
+                               "events": "n/a" if entry.get("events") is None else str(int(entry["events"])),
+                               "reasons": dict(entry.get("reasons") or {})}
+        for metric in ("c_index", "uno_c_index"):
+            row[metric] = fmt_with_ci(entry.get(metric), entry.get(metric + "_ci"))
+        rows.append(row)
+    return rows
+
+
+def _c_binning_line(pooled: dict) -> str:
+    """The bound of the pooled C-index from binned counts, and the site-stratified C."""
+    bound, stratified = pooled.get("c_index_binning_error"), pooled.get("stratified_c_index")
+    if bound is None:
+        return ""
+    return (f"Pooled C-index from the sites' binned counts: within-site pairs exact, binning error at most +-{bound:.3f}"
+            + ("" if stratified is None else f"; site-stratified C-index {stratified:.3f}") + ".")
 
 
 def _note(note: dict) -> dict[str, Any]:

@@ -59,6 +59,20 @@ pixels of the images before the date, of every other site's, and of every image 
 option are those of version 4 (version 5 adds the `acquired` column; the UIDs, derived from
 the parameters, change with the version).
 
+Outcome (`outcome`, `fedir data synth --outcome`). Each patient gets a time to a major
+adverse event after the procedure (restenosis, revascularisation or death), written to the
+manifest's `time` (days) and `event` (1 = observed, 0 = censored) columns for a
+`task.kind = "survival"` study: a Weibull proportional-hazards draw (`draw_outcome`) whose
+log hazard ratio grows with the patient's stenosis burden (`lesion_narrowing`: the mean over
+the patient's images of the tightest significant lesion's diameter reduction, 0 without one,
+so the images carry the signal), with age and sex (OUTCOME_EFFECTS). Follow-up starts at the
+study date and ends at the site's data cut-off (`follow_up_end`: sites stop following
+patients at different dates), where every patient still event-free is censored
+(administrative censoring), so follow-up length depends on the site. The draw uses its own
+random stream (seeded by the seed, site, patient and OUTCOME_STREAM): without `outcome` the
+files and manifest are those of version 5 byte for byte, and with it the pixels are too (the
+UIDs, derived from the parameters, differ).
+
 Everything is deterministic given the seed, and the result is cached: `federation.json`
 records the parameters, and a second call with the same parameters returns it without
 rewriting anything. All identifiers are made up (PatientName "SYNTH^...").
@@ -110,6 +124,16 @@ LESION_EXTENT = 2.0
 # a noisier, softer, lower-contrast detector on which a subtle stenosis is harder to see.
 SCANNER_CHANGE = {"noise": 3.0, "blur": 1.6, "contrast": 0.5}
 STUDY_START, STUDY_DAYS = dt.date(2020, 1, 1), 5 * 365  # the study dates: 2020-2024
+# The outcome (generate_federation's `outcome`): Weibull proportional hazards,
+# S(t | x) = exp(-(t / OUTCOME_SCALE_DAYS)^OUTCOME_SHAPE * exp(lp)), lp = the log hazard ratios below
+# times the stenosis burden (0..0.95), (age - 60) / 10 and sex. A patient without a significant
+# lesion (lp about 0) has a median event-free time of about 8 years, one with an 80% stenosis about 1.5.
+OUTCOME_SHAPE, OUTCOME_SCALE_DAYS = 1.2, 3960.0
+OUTCOME_EFFECTS = {"stenosis": 2.5, "age_decade": 0.3, "sex": 0.2}
+OUTCOME_STREAM = 17  # the outcome's own random stream: drawing it leaves the images' stream as it was
+# Each site's data cut-off (cycled beyond four sites): patients enrolled 2020-2024 are followed
+# until it, so site-0's follow-up is 0.5-5.5 years and site-3's 3.5-8.5.
+FOLLOW_UP_ENDS = (dt.date(2025, 6, 30), dt.date(2026, 6, 30), dt.date(2027, 6, 30), dt.date(2028, 6, 30))
 PARALLEL_MIN_PATIENTS = 24  # below this, starting workers costs more than it saves
 _FORK = "fork"  # workers inherit the imported modules; spawn would re-import the caller
 
@@ -556,6 +580,50 @@ def _dicom(pixels: np.ndarray, profile: SiteProfile, patient: dict, series: int,
     return ds
 
 
+# ---------------------------------------------------------------------------- outcome
+
+
+def lesion_narrowing(vessels: list[Vessel]) -> float:
+    """The diameter reduction of an image's tightest significant stenosis (0 when it has none):
+    1 - the narrowest lumen over a lesion's segment relative to its calibre before the lesion."""
+    narrowing = 0.0
+    for v in vessels:
+        for first, last, healthy in v.lesions:
+            run = slice(first, last + 1)
+            narrowing = max(narrowing, float(1.0 - np.min(v.radius[run] / healthy[run])))
+    return narrowing
+
+
+def follow_up_end(site: int) -> dt.date:
+    """The data cut-off of site `site`: its patients' follow-up ends there (FOLLOW_UP_ENDS)."""
+    return FOLLOW_UP_ENDS[site % len(FOLLOW_UP_ENDS)]
+
+
+def outcome_risk(stenosis: float, age: float, sex: int) -> float:
+    """The log hazard ratio of a patient (OUTCOME_EFFECTS)."""
+    effects = OUTCOME_EFFECTS
+    return effects["stenosis"] * stenosis + effects["age_decade"] * (age - 60.0) / 10.0 + effects["sex"] * sex
+
+
+def draw_outcome(rng: np.random.Generator, risk: float, follow_up_days: int) -> tuple[int, int]:
+    """(time in whole days, event) of a patient with log hazard ratio `risk`: a Weibull draw
+    by inversion, T = scale * (-log U / exp(risk))^(1 / shape), censored at `follow_up_days`
+    (the time is then the follow-up, event 0). An event on the day of the procedure counts as day 1."""
+    event_time = OUTCOME_SCALE_DAYS * (-np.log(1.0 - rng.random()) / np.exp(risk)) ** (1.0 / OUTCOME_SHAPE)
+    if event_time >= follow_up_days:
+        return int(follow_up_days), 0
+    return max(int(np.ceil(event_time)), 1), 1
+
+
+def _outcome_cells(params: dict, site: int, index: int, patient: dict, narrowings: list[float]) -> dict:
+    """The manifest's `time` and `event` of one patient, from its own random stream."""
+    rng = np.random.default_rng([params["seed"], site, index, OUTCOME_STREAM])
+    follow_up = (follow_up_end(site) - dt.date.fromisoformat(patient["acquired"])).days
+    risk = outcome_risk(float(np.mean(narrowings)), patient["age"], patient["sex"])
+    time, event = draw_outcome(rng, risk, follow_up)
+    return {"time": time, "event": event}
+
+
 # ------------------------------------------------------------------------- federation
 
 
@@ -607,11 +675,13 @@ def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[
     key = f"{params['key']}/{patient['patient_id']}"
     study_uid = _uid(key, "study")
     rows = []
+    narrowings = []
     for k in range(patient["images"]):
         cine = k == 0 or (k > 1 and rng.random() < 0.5)  # image 0 cine, image 1 single
         frames = int(rng.integers(4, 7)) if cine else 1
         display, vessels = render_image_and_tree(rng, site, patient["label"], frames, params["image_size"], profile,
                                                  params.get("grades", False))
+        narrowings.append(lesion_narrowing(vessels))
         ds = _dicom(encode_pixels(display, profile), profile, patient, k + 1, study_uid,
                     f"{key}/{k}")
         rel = f"images/{patient['patient_id']}_{k}.dcm"
@@ -628,6 +698,10 @@ def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[
             row.update(_write_masks(site_dir, ds, display, vessels, profile, params["mask_fraction"],
                                     f"{key}/{k}", f"{patient['patient_id']}_{k}"))
         rows.append(row)
+    if params.get("outcome"):
+        cells = _outcome_cells(params, site, index, patient, narrowings)
+        for row in rows:
+            row.update(cells)
     return rows
 
 
@@ -706,6 +780,10 @@ def _site_summary(rows: list[dict], profile: SiteProfile) -> dict:
         "photometric": "MONOCHROME1" if profile.monochrome1 else "MONOCHROME2",
         "rescale": list(profile.rescale) if profile.rescale else None,
     }
+    if any("event" in r for r in rows):
+        outcomes = {r["patient_id"]: r["event"] for r in rows}
+        summary["events"] = sum(outcomes.values())
+        summary["censored"] = len(outcomes) - summary["events"]
     if any("mask" in r for r in rows):
         summary["masked_images"] = sum(bool(r["mask"]) for r in rows)
         summary["masked_frames"] = sum(len(r["mask_frames"].split(";")) for r in rows if r["mask"])
@@ -760,7 +838,8 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
                         confound: float = 0.0, unlabelled_fraction: float = 0.7,
                         image_size: int = 256, force: bool = False,
                         progress: bool = True, mask_fraction: float | None = None,
-                        scanner_change: tuple[int, str] | None = None, grades: bool = False) -> dict:
+                        scanner_change: tuple[int, str] | None = None, grades: bool = False,
+                        outcome: bool = False) -> dict:
     """Write (or reuse) a synthetic XA federation under `out`; return its federation.json.
 
     `patients` is per site. The returned dict holds the parameters and, per site, counts of
@@ -780,6 +859,12 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
     `grades`: the label is the stenosis grade, 0 none, 1 moderate (a 50-70% narrowing), 2
     severe (70-95%), for a `task.classes = 3` study; False writes the binary label (and the
     files of earlier versions, byte for byte). Positive counts then count either grade.
+
+    `outcome`: every row also carries its patient's `time` (days) and `event` (see the module
+    docstring: driven by the stenosis burden, age and sex, censored at the site's data cut-off),
+    for a `task.kind = "survival"` study; the pixels are unchanged, and False writes none (the
+    files of earlier versions, byte for byte). Each site's summary then counts `events` and
+    `censored` patients.
     """
     if sites < 1 or patients < 1:
         raise BadParameter(f"sites and patients (--sites, --patients) must be at least 1, got {sites} and {patients}")
@@ -809,6 +894,8 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
         params["scanner_change"] = {"site": scanner_change[0], "date": scanner_change[1]}
     if grades:
         params["grades"] = True
+    if outcome:
+        params["outcome"] = True
     if not force and (cached := _cached(out, params)) is not None:
         return cached
     out.mkdir(parents=True, exist_ok=True)

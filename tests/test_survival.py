@@ -191,7 +191,7 @@ def test_a_model_that_ranks_hospitals_raises_the_alarm():
     ({"train_smote": True}, "train.smote"),
     ({"train_personalise": "intercept"}, "train.personalise"),
     ({"bias_cross_site": True}, "bias.cross-site"),
-    ({"model_name": "resnet18"}, "model.name"),
+    ({"model_name": "basic_unet"}, "model.name"),
 ])
 def test_settings_a_survival_study_cannot_use_are_refused_in_one_line(override, key):
     with pytest.raises(SettingsError) as caught:

@@ -1,15 +1,19 @@
 """Task kind "survival": time to event with censoring (`time` in days, `event` 0/1), a Cox model.
 
 The model has one output, a risk score (the log hazard ratio: a linear Cox model on a
-tabular site; `n_outputs` gives an imaging network its one-output risk head, though the
-imaging reader does not yet feed survival targets, fedir.client.inputs). Training
-minimises the negative Cox partial log-likelihood with Efron's handling of tied event
-times (torchsurv), averaged over the batch's distinct event times (torchsurv's "mean";
-torchsurv sums in float32). A batch without an event, or of one patient (the last batch
-of an epoch can be), has no pair to order: its loss is zero, and so is its gradient; the
-optimiser still takes the step, so Adam's moments carry the earlier batches' direction
-over it. Evaluation is fedir.tasks.survival_metrics (C-indices with patient-bootstrap
-CIs, pair counts, the joint histogram, k-suppressed Kaplan-Meier).
+tabular site; on an imaging site the network's one-output risk head, each image carrying
+its patient's time and event, fedir.client.inputs; a patient's risk is the mean of its
+images', `per_patient`). Training minimises the negative Cox partial log-likelihood with
+Efron's handling of tied event times (torchsurv), averaged over the batch's distinct event
+times (torchsurv's "mean"; torchsurv sums in float32). A batch without an event, or of one
+row (the last batch of an epoch can be), has no pair to order: its loss is zero, and so is
+its gradient; the optimiser still takes the step, so Adam's moments carry the earlier
+batches' direction over it. The risk set is the batch, so a step informs only as much as
+its batch holds events: about B x the event share for train.batch-size B (fedir.config
+refuses B < 2 for this kind, which could never order a pair). An imaging patient's images
+are rows with the same time, tied, which Efron's correction handles. Evaluation is
+fedir.tasks.survival_metrics (C-indices with patient-bootstrap CIs, pair counts, the joint
+histogram, k-suppressed Kaplan-Meier).
 
 A row must carry both: a missing or negative time, or an event that is not 0/1, is
 refused with its row number (there is no "unlabelled" survival row: a patient without
@@ -78,13 +82,37 @@ def score(output: Any) -> Any:
     return output.float().reshape(-1)
 
 
+def per_patient(target: np.ndarray, scores: np.ndarray, patients: Sequence[str]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(time, event, risk) per patient, in order of first appearance, from one row per image:
+    a patient's risk is the mean of its images' risks (its images share its time and event,
+    fedir.client.manifest). A tabular site's rows are its patients: returned as they are.
+
+    Args:
+        target: (N, 2) [time, event] per row; scores: (N,) risks; patients: N patient ids.
+    """
+    target = np.asarray(target, dtype=float).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=float).reshape(-1)
+    if len(patients) != len(scores) or len(scores) != len(target):
+        raise ValueError(f"{len(target)} targets, {len(scores)} scores and {len(patients)} patient ids")
+    _, first, index = np.unique(np.asarray(patients, dtype=object).astype(str), return_index=True,
+                                return_inverse=True)
+    order = np.argsort(first)  # patients in order of first appearance
+    risk = np.bincount(index, weights=scores, minlength=len(first)) / np.bincount(index, minlength=len(first))
+    rows = first[order]
+    return target[rows, 0], target[rows, 1].astype(int), risk[order]
+
+
 def site_metrics(target: np.ndarray, scores: np.ndarray, patients: Sequence[str], *, n_boot: int, seed: int,
                  bins: int, time_bins: int, time_bin_days: float, **_: Any) -> dict:
-    """One row per patient (a tabular site): fedir.tasks.survival_metrics.site_survival_metrics."""
-    target = np.asarray(target, dtype=float).reshape(-1, 2)
-    return survival_metrics.site_survival_metrics(
-        target[:, 0], target[:, 1].astype(int), scores, n_boot=n_boot, seed=seed, bins=bins,
-        time_bins=time_bins, time_bin_days=time_bin_days)
+    """fedir.tasks.survival_metrics.site_survival_metrics of the patients (`per_patient`: an
+    imaging patient's risk is the mean of its images'); `n` counts the rows scored (images,
+    or a tabular site's patients), `n_patients` the patients."""
+    time, event, risk = per_patient(target, scores, patients)
+    out = survival_metrics.site_survival_metrics(
+        time, event, risk, n_boot=n_boot, seed=seed, bins=bins, time_bins=time_bins, time_bin_days=time_bin_days)
+    out["n"] = len(patients)
+    return out
 
 
 def pooled_metrics(per_site: Mapping[str, dict], *, time_bins: int, **_: Any) -> dict:

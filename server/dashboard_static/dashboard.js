@@ -11,6 +11,9 @@ const METRICS = {
 };
 const TABLE_COLUMNS = ["patients", "patient_positives", "patient_auc", "patient_accuracy", "patient_sensitivity",
   "patient_specificity", "ece", "n_test", "positives", "auc", "accuracy", "sensitivity", "specificity"];
+// A run of another task kind (survival) sends its own table columns ([key, heading] pairs) and
+// plotted metrics with its detail; these defaults are the classification ones.
+let defaultTableHead = null;
 const MAX_BANDS = 12; // above this many sites, per-site CI bands only for the site chosen
 const MAX_CHIPS = 24; // above this many sites, the ones that answered are listed on request
 const MAX_ROUND_TICKS = 20; // up to this many rounds, one x tick per round
@@ -75,7 +78,8 @@ function renderRuns(data) {
     const row = el("tr", { "data-run": runKey(run), class: runKey(run) === state.selected ? "selected" : "" },
       el("td", { class: "name" }, run.run_id), el("td", { class: "name" }, run.source),
       el("td", { class: "name" }, run.scenario), el("td", { class: "name status-" + run.status }, run.status),
-      el("td", {}, rounds), el("td", {}, run.n_sites), el("td", {}, fmt(run.global_auc)), el("td", {}, alarm));
+      el("td", {}, rounds), el("td", {}, run.n_sites),
+      el("td", {}, fmt(run.global_auc) + (run.metric === "c_index" ? " (C-index)" : "")), el("td", {}, alarm));
     row.addEventListener("click", () => select(runKey(run)));
     return row;
   }));
@@ -95,7 +99,8 @@ function renderComparison(runs) {
     name: plotlyText(run.source === "." ? run.run_id : run.source + " / " + run.run_id),
   }));
   const rounds = Math.max(...shown.map((run) => run.auc_series.length));
-  Plotly.react(plot, traces, layout("pooled AUC by round, every run", "pooled AUC", rounds), { displaylogo: false, responsive: true });
+  const name = shown.some((run) => run.metric === "c_index") ? "pooled AUC or C-index" : "pooled AUC";
+  Plotly.react(plot, traces, layout(name + " by round, every run", name, rounds), { displaylogo: false, responsive: true });
 }
 
 function defaultRun(runs) {
@@ -145,9 +150,9 @@ function renderRun(detail) {
   renderPrivacy(detail.privacy);
   renderVerdict(detail.verdict);
   renderRound(detail.round, run.sites.length);
-  renderControls(run.sites, Object.keys(detail.series.patient_auc || {}).length > 0);
+  renderControls(run.sites, Object.keys(detail.series.patient_auc || {}).length > 0, detail.metrics);
   whenPlotly(renderPlots);
-  renderTable(detail.table, run.selection.round);
+  renderTable(detail.table, run.selection.round, detail.columns);
   renderThreshold(detail);
   renderCards(detail.cards);
   renderNotes(detail.notes);
@@ -237,12 +242,15 @@ function renderRound(round, nSites) {
   box.replaceChildren(...parts);
 }
 
-function renderControls(sites, perPatient) {
+function renderControls(sites, perPatient, metrics) {
   const metric = document.getElementById("metric");
-  if (!metric.options.length) {
-    for (const [key, name] of Object.entries(METRICS)) metric.append(el("option", { value: key }, name));
-    metric.addEventListener("change", () => whenPlotly(renderPlots));
-    metric.value = perPatient ? "patient_auc" : "auc"; // a run whose labels are per image has no per-patient series
+  const names = metrics || METRICS;
+  const keys = Object.keys(names);
+  if (Array.from(metric.options).map((o) => o.value).join("\n") !== keys.join("\n")) {
+    metric.replaceChildren(...Object.entries(names).map(([key, name]) => el("option", { value: key }, name)));
+    if (!metric.dataset.bound) { metric.addEventListener("change", () => whenPlotly(renderPlots)); metric.dataset.bound = "1"; }
+    // a run whose labels are per image has no per-patient series; another kind's first metric leads
+    metric.value = metrics ? keys[0] : (perPatient ? "patient_auc" : "auc");
   }
   const focus = document.getElementById("site-focus");
   const wanted = ["", ...sites];
@@ -299,10 +307,12 @@ function layout(title, yTitle, rounds) {
 function renderPlots() {
   const detail = state.detail;
   if (!detail) return;
-  const metric = document.getElementById("metric").value || "auc";
+  const names = detail.metrics || METRICS;
+  const chosen = document.getElementById("metric").value;
+  const metric = chosen in names ? chosen : Object.keys(names)[0];
   const focus = document.getElementById("site-focus").value;
   const series = detail.series[metric] || {};
-  const name = METRICS[metric];
+  const name = names[metric];
   const config = { displaylogo: false, responsive: true };
   Plotly.react("global-plot", bandTraces(series.global || [], "global (pooled)", "#000000", true, 2.5),
     layout("pooled " + name + " by round", name, detail.run.rounds_evaluated), config);
@@ -319,14 +329,23 @@ function renderPlots() {
 
 // The table is summary.json's: the selected round's test metrics (chosen on validation,
 // fedir.strategies.selection), not necessarily the latest round's.
-function renderTable(rows, selectedRound) {
+function renderTable(rows, selectedRound, columns) {
   document.getElementById("table-title").textContent = selectedRound
     ? "Per-site test metrics, selected round " + selectedRound + " (as in summary.json)"
     : "Per-site metrics (no round evaluated yet)";
+  const head = document.querySelector("#site-table thead");
+  if (defaultTableHead === null) defaultTableHead = Array.from(head.childNodes, (n) => n.cloneNode(true));
+  if (columns) {
+    head.replaceChildren(el("tr", {}, el("th", { class: "name" }, "site"), ...columns.map(([, heading]) => el("th", {}, heading))));
+  } else if (head.dataset.kind) {
+    head.replaceChildren(...defaultTableHead.map((n) => n.cloneNode(true)));
+  }
+  head.dataset.kind = columns ? "own" : "";
+  const shown = columns ? columns.map(([key]) => key) : TABLE_COLUMNS;
   const footnotes = [];
   const body = document.querySelector("#site-table tbody");
   body.replaceChildren(...rows.map((row) => {
-    const cells = TABLE_COLUMNS.map((column) => {
+    const cells = shown.map((column) => {
       const reason = row.reasons[column];
       if (row[column] === "n/a" && reason) {
         footnotes.push(row.site + ", " + column + ": " + reason);
