@@ -174,13 +174,15 @@ def analyse(result: dict, dice: dict[str, dict[str, dict[str, float]]], seed: in
             "federated_minus_pooled_paired": paired(everyone("fed_sup_one"), everyone("pooled_one"), seed)}
     if "fed_sup_one" in dice and "fed_sup_all" in dice:
         gap = paired(everyone("fed_sup_all"), everyone("fed_sup_one"), seed)
-        out["gap_all_minus_one"] = gap
+        out["gap_all_minus_one"] = {**gap, "resolved": bool(gap["ci_excludes_0"] and gap["difference"] > 0)}
         for arm in SEMI:
             if arm in dice:
                 gain = paired(everyone(arm), everyone("fed_sup_one"), seed)
                 share = gain["difference"] / gap["difference"] if gap["difference"] and gap["difference"] > 0 else None
-                out[f"{arm}_minus_sup_one"] = {**gain, "share_of_gap": share,
-                                               "closes_half_the_gap": None if share is None else share >= 0.5}
+                # a share of a gap whose paired CI includes 0 is noise: no verdict then
+                out[f"{arm}_minus_sup_one"] = {**gain, "share_of_gap": share, "closes_half_the_gap": None
+                                               if share is None or not out["gap_all_minus_one"]["resolved"]
+                                               else share >= 0.5}
     fed = out.get("dice", {}).get("fed_sup_one", {}).get("all_test_patients", {}).get("mean")
     out["target_federated_dice_at_least_0.80"] = None if fed is None else fed >= 0.80
     return out
@@ -207,7 +209,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=16, help="per site")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0)
