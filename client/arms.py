@@ -45,3 +45,18 @@ def training_rows(settings: Settings, own: SiteView, context: Context) -> tuple[
         return own.train_x[:0], own.train_y[:0]
     views = [view_of(str(site), settings) for site in settings.sites]
     return torch.cat([v.train_x for v in views]), torch.cat([v.train_y for v in views])
+
+
+def unlabelled_rows(settings: Settings, own: SiteView, context: Context) -> torch.Tensor | None:
+    """The unlabelled images this node trains on under its arm, where its targets cannot
+    mark a row unlabelled (SiteView.train_unlabelled: segmentation's frames without a mask);
+    None where they can (train_y's -1) or the objective ignores them. Pooled: every site's
+    at partition 0, none elsewhere, as training_rows."""
+    if own.train_unlabelled is None or settings.train_objective == "supervised":
+        return None
+    if settings.federation_arm != "pooled":
+        return own.train_unlabelled
+    if int(context.node_config["partition-id"]) != 0:
+        return own.train_unlabelled[:0]
+    parts = [view_of(str(site), settings).train_unlabelled for site in settings.sites]
+    return torch.cat([p for p in parts if p is not None])

@@ -54,6 +54,10 @@ class SiteView:
     acquired: dict[str, Acquired] = field(default_factory=dict)
     # a segmentation site's training patients per foreground-fraction bin (fedir.client.datacard)
     foreground: ForegroundCounts | None = None
+    # training images whose target cannot mark them unlabelled in train_y (segmentation: the
+    # frames without a usable mask, (N', 1, S, S)), for a semi-supervised objective; None
+    # where train_y's own -1 does (classification) or nothing is unlabelled (survival)
+    train_unlabelled: torch.Tensor | None = None
 
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(x, y, patients) of "val" or "test"."""
@@ -151,13 +155,15 @@ def _segmentation_view(site_dir: str, image_size: int, frame_policy: str, val: f
                        cache_dir: str | None = None) -> SiteView:
     """An imaging site for task.kind = segmentation: in every split, the images with a usable
     mask and their label maps, (N, 1, S, S) int64 targets (the patient split is the
-    classification one: fedir.client.split). The images without a mask are not trained on
-    (the supervised DiceCE objective; a semi-supervised one would use them) and not scored.
+    classification one: fedir.client.split). The training images without a usable mask are
+    `train_unlabelled` (the semi-supervised objectives' frames; supervised DiceCE ignores
+    them); no split scores an image without a mask.
     `label_counts` is empty: a segmentation site has no class per patient; `foreground`
     counts its training patients by foreground fraction instead."""
     view = _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir)
     assert view.imaging is not None
     parts: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+    unlabelled = view.imaging.split("train").images
     for split in ("train", "val", "test"):
         part = view.imaging.split(split)
         if part.mask_of is None or part.masks is None or part.mask_count == 0:
@@ -166,6 +172,8 @@ def _segmentation_view(site_dir: str, image_size: int, frame_policy: str, val: f
         outlined = part.mask_of >= 0
         parts[split] = (part.images[outlined], part.masks[part.mask_of[outlined]].to(torch.int64),
                         [p for p, keep in zip(part.patients, outlined.tolist()) if keep])
+        if split == "train":
+            unlabelled = part.images[~outlined]
     return SiteView(
         name=view.name, tabular=False,
         train_x=parts["train"][0], train_y=parts["train"][1],
@@ -173,6 +181,7 @@ def _segmentation_view(site_dir: str, image_size: int, frame_policy: str, val: f
         val_x=parts["val"][0], val_y=parts["val"][1], val_patients=parts["val"][2],
         label_counts={}, skipped=view.skipped, imaging=view.imaging, acquired=view.acquired,
         foreground=foreground_counts(parts["train"][1].numpy(), parts["train"][2]),
+        train_unlabelled=unlabelled,
     )
 
 

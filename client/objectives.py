@@ -4,7 +4,8 @@ An objective receives a labelled batch and, when it asks for one, a batch of unl
 images of the same site, and returns a scalar loss; after each optimiser step the training
 loop calls its `after_step` (the mean teacher's EMA update lives there). The training
 loop (fedir.models.train) is the same for all of them, so a semi-supervised objective is a
-new class here and a name in OBJECTIVES, nothing else.
+new class here and a name in OBJECTIVES, nothing else (a segmentation one: a class and a name
+in fedir.client.segmentation_objectives, which builds on these classes).
 
 Every objective's labelled batch of 2D images is augmented by the weak view
 (fedir.client.augment.weak_view, a small affine) under `augment = "weak"` (the scenario's
@@ -267,16 +268,29 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
+def objectives_of(kind: str) -> dict[str, Callable[[ObjectiveParams], Objective]]:
+    """The `train.objective` names of a task kind whose kind module says USES_OBJECTIVES:
+    this module's for classification, fedir.client.segmentation_objectives' (built on these
+    classes, hence imported here) for segmentation."""
+    if kind == "segmentation":
+        from fedir.client.segmentation_objectives import SEGMENTATION_OBJECTIVES
+
+        return SEGMENTATION_OBJECTIVES
+    return dict(OBJECTIVES)
+
+
 def build_objective(name: str, params: ObjectiveParams = ObjectiveParams(),
                     kind: str = "classification") -> Objective:
-    """The objective named in the scenario's `[train] objective`, with its knobs; for a task
-    kind that does not train with class-label objectives (survival), its own loss."""
+    """The objective named in the scenario's `[train] objective`, with its knobs, from the
+    task kind's table (objectives_of); for a kind that trains with its own loss only
+    (survival), that loss."""
     task = task_of(kind)
     if not task.USES_OBJECTIVES:
         return TaskLoss(task.loss, params)
+    table = objectives_of(kind)
     try:
-        return OBJECTIVES[name](params)
+        return table[name](params)
     except KeyError:
         raise ValueError(
-            f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}"
+            f"unknown objective {name!r}; available: {', '.join(sorted(table))}"
         ) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context
 from torch import nn
 
+from fedir.client.arms import unlabelled_rows
 from fedir.client.inputs import SiteView
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.training import pick_device, train
@@ -30,5 +31,5 @@ def personalised(model: nn.Module, settings: Settings, site: SiteView, config: C
     seed = settings.round_seed(server_round) + FINETUNE_SEED_OFFSET
     x, y, _ = local_rows(settings, site, config, context, seed)
     objective, recipe = round_recipe(settings, seed, server_round)
-    train(model, x, y, objective, recipe, pick_device())
+    train(model, x, y, objective, recipe, pick_device(), unlabelled_rows(settings, site, context))
     return model

@@ -78,9 +78,12 @@ def train(
     objective: Objective,
     config: TrainConfig,
     device: torch.device,
+    unlabelled: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train in place on a site's training split; labels of -1 are unlabelled images. A
-    target with columns, (N, 2) [time, event] for survival (fedir.tasks), labels every row.
+    target with columns, (N, 2) [time, event] for survival or (N, 1, S, S) label maps for
+    segmentation (fedir.tasks), labels every row; a segmentation site's unlabelled frames
+    come as `unlabelled` (fedir.client.arms.unlabelled_rows), images only.
 
     One epoch is one pass over the labelled images; each step also draws
     `unlabelled_ratio` x the batch size of unlabelled images for an objective that uses
@@ -98,7 +101,7 @@ def train(
     labelled = labels >= 0 if labels.dim() == 1 else torch.ones(labels.shape[0], dtype=torch.bool)
     x_lab = to_device(images[labelled], device)
     y_lab = to_device(labels[labelled], device)
-    x_unl = to_device(images[~labelled], device)
+    x_unl = to_device(images[~labelled] if unlabelled is None else unlabelled, device)
     n_lab, n_unl = int(x_lab.shape[0]), int(x_unl.shape[0])
     model.to(device).train()
     if n_lab == 0:

@@ -150,7 +150,8 @@ class Settings:
     train_weight_decay: float = setting(1e-4, "local weight decay", AT_LEAST_0)
     train_objective: ObjectiveName = setting(
         "supervised", "what a site minimises: supervised, or a semi-supervised objective that also "
-        "uses unlabelled images (fedir.client.objectives)")
+        "uses unlabelled images (fedir.client.objectives; for task.kind = segmentation the same names per "
+        "pixel on the frames without a mask, fedir.client.segmentation_objectives)")
     train_seed: int = setting(0, "seed of the initial model and of every round's draws")
     train_optimizer: Optimizer = setting("adamw", "the local optimiser")
     train_update_dtype: UpdateDtype = setting("float32", "precision of the weights a site sends")
@@ -414,9 +415,9 @@ def check_combinations(settings: Settings) -> None:
 
 
 def check_task(settings: Settings) -> None:
-    """What a survival or segmentation study cannot use, naming the setting: the
-    semi-supervised objectives, MixUp and SMOTE need class labels (segmentation trains
-    supervised on its masked images only, for now); a Cox model has no intercept (the partial
+    """What a survival or segmentation study cannot use, naming the setting: MixUp and
+    SMOTE need class labels, and so do survival's semi-supervised objectives (segmentation has
+    its own, per pixel: fedir.client.segmentation_objectives); a Cox model has no intercept (the partial
     likelihood does not see it); the cross-site matrix and the clinical companion score AUCs.
     A segmentation model is a BasicUNet, and a BasicUNet segments only; a survival model
     (tabular or imaging) has one risk output, and its batches need pairs (train.batch-size >= 2)."""
@@ -431,7 +432,8 @@ def check_task(settings: Settings) -> None:
         raise SettingsError(f"{kind} has no classes: task.classes = {settings.task_classes} applies to "
                             "task.kind = \"classification\" only; leave it at 2")
     refused = {
-        "train.objective": (settings.train_objective != "supervised", "supervised"),
+        "train.objective": (settings.task_kind == "survival" and settings.train_objective != "supervised",
+                            "supervised"),
         "train.mixup-alpha": (settings.train_mixup_alpha > 0, "0"),
         "train.smote": (settings.train_smote, "false"),
         "train.personalise": (settings.train_personalise == "intercept", "none or finetune"),

@@ -44,7 +44,8 @@ def test_personalisation_fine_tunes_at_the_rounds_rate(monkeypatch):
     from fedir.client.inputs import SiteView
 
     seen = []
-    monkeypatch.setattr(personalise, "train", lambda model, x, y, objective, recipe, device: seen.append(recipe.lr))
+    monkeypatch.setattr(personalise, "train",
+                        lambda model, x, y, objective, recipe, device, unlabelled=None: seen.append(recipe.lr))
     settings = Settings(train_lr=0.1, train_rounds=3, train_lr_schedule="cosine", train_personalise="finetune")
     site = SiteView(name="s", tabular=False, train_x=torch.zeros(2, 1, 4, 4), train_y=torch.zeros(2, dtype=torch.long),
                     test_x=torch.zeros(1, 1, 4, 4), test_y=torch.zeros(1, dtype=torch.long), test_patients=["a"],

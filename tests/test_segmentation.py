@@ -105,7 +105,7 @@ def test_the_kind_module_trains_a_basic_unet_with_dice_ce():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("train.objective", "fixmatch"), ("train.objective", "mean_teacher"), ("train.mixup-alpha", 0.4),
+    ("train.mixup-alpha", 0.4),
     ("train.smote", True), ("bias.cross-site", True), ("baseline.clinical", True), ("model.name", "resnet_small"),
 ])
 def test_segmentation_refuses_what_it_cannot_use(key, value):

@@ -9,8 +9,14 @@ predicted label map (argmax over the channels); evaluation is
 fedir.tasks.segmentation_metrics (per-patient Dice and HD95 with patient-bootstrap CIs, a
 histogram of per-image Dice; pooled from the sites' sums at the server).
 
-Supervised only: the semi-supervised objectives, MixUp and SMOTE of the classification
-kind are refused for segmentation (fedir.config.check_task).
+`train.objective` = supervised (DiceCE on the masked frames), fixmatch or mean_teacher
+(DiceCE plus a per-pixel consistency on the frames without a mask,
+fedir.client.segmentation_objectives); MixUp and SMOTE are refused (fedir.config.check_task).
+
+Every image and mask is resized to `model.image-size` when the site reads it
+(fedir.client.imaging.to_model_input, fedir.client.masks), so the model is always given
+images of its training size: sliding-window inference has no case to serve and is not
+used.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ TARGET_COLUMNS: tuple[str, ...] = ()  # the target is the row's mask file
 target_width = 0
 SUMMARY_METRICS = segmentation_metrics.SEG_SCALARS
 SELECTION_METRIC = "dice"
-USES_OBJECTIVES = False  # DiceCE on the masked images only
+USES_OBJECTIVES = True  # train.objective: fedir.client.segmentation_objectives (DiceCE + consistency)
 MODEL = "basic_unet"  # what model.name = auto builds for this kind (fedir.models)
 
 
