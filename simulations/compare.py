@@ -13,7 +13,9 @@ one process (fedir.simulations.inprocess), each with the same data, rounds and s
   every label: its ``federation.json`` says how);
 - ``local``: each site alone (``federation.arm = "local"``), the floor;
 - ``pooled``: every site's training data in one place (``federation.arm = "pooled"``);
-- ``clinical``: the clinical-only model of the scenario's companion (fedir.simulations.companion).
+- ``clinical``: the clinical-only model of the scenario's companion (fedir.simulations.companion);
+- ``radiomics``: the radiomics companion's model, a logistic regression on each image's first-order
+  and GLCM features (fedir.client.radiomics; a patient's score the mean over their images).
 
 Each arm's model is then scored on every site's test patients by the ClientApp's own
 evaluation code (fedir.client.client_app.evaluation_model: the same weights, kept layers and
@@ -49,13 +51,13 @@ from fedir.metrics import paired_auc_difference, patient_scores
 from fedir.models import build_model, kept_keys, resolve_model, state_arrays
 from fedir.protocol import ARRAYS_KEY, CONFIG_KEY, RUN_ID_KEY, FeatureSums, combine, encode_round_config, encode_weights
 from fedir.server.server_app import run_study
-from fedir.simulations.companion import clinical_settings
+from fedir.simulations.companion import clinical_settings, radiomics_settings
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.synthetic import FEDERATION_FILE, generate_federation
 
 log = logging.getLogger(__name__)
 
-ARMS = ("federated", "supervised", "all_labels", "local", "pooled", "clinical")
+ARMS = ("federated", "supervised", "all_labels", "local", "pooled", "clinical", "radiomics")
 N_BOOT = 1000
 
 
@@ -70,7 +72,7 @@ class PatientScores:
 
 def arm_settings(settings: Settings, arm: str, all_label_sites: list[Path] | None) -> Settings:
     """The scenario's settings for `arm` (the module docstring lists them)."""
-    quiet = {"monitor_tensorboard": "", "monitor_mlflow": "", "baseline_clinical": False}
+    quiet = {"monitor_tensorboard": "", "monitor_mlflow": "", "baseline_clinical": False, "baseline_radiomics": False}
     if arm == "federated":
         return replace(settings, **quiet)
     if arm == "supervised":
@@ -87,6 +89,8 @@ def arm_settings(settings: Settings, arm: str, all_label_sites: list[Path] | Non
         return replace(settings, federation_arm="pooled", privacy_secure_aggregation="off", **quiet)
     if arm == "clinical":
         return clinical_settings(replace(settings, **quiet))
+    if arm == "radiomics":
+        return radiomics_settings(replace(settings, **quiet))
     raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
 
 
@@ -178,6 +182,8 @@ def questions(scores: dict[str, dict[str, PatientScores]], seed: int) -> dict:
         "semi_vs_supervised": ("federated", "supervised"),
         "all_labels_vs_supervised": ("all_labels", "supervised"),
         "imaging_vs_clinical": ("federated", "clinical"),
+        "imaging_vs_radiomics": ("federated", "radiomics"),
+        "radiomics_vs_clinical": ("radiomics", "clinical"),
     }
     for name, (a, b) in pairs.items():
         if a in scores and b in scores and a != b:
@@ -257,6 +263,8 @@ def markdown(result: dict) -> str:
         "semi_vs_supervised": "semi-supervised - supervised, same labels",
         "all_labels_vs_supervised": "supervised on all labels - supervised, same labels",
         "imaging_vs_clinical": "imaging - clinical (age, sex)",
+        "imaging_vs_radiomics": "imaging - radiomics (first-order and GLCM features)",
+        "radiomics_vs_clinical": "radiomics - clinical (age, sex)",
     }
     for key, label in labels.items():
         if any(key in result["questions"][s] for s in seeds):
