@@ -173,3 +173,20 @@ def test_an_imaging_run_with_radiomics_and_clinical_baselines_reports_all_three(
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Clinical-only baseline and Radiomics baseline beside the imaging model" in report
     assert f"{cmp['per_site']['site-0']['radiomics']['auc']:.3f}" in report
+
+
+def test_compare_has_a_radiomics_arm_paired_with_imaging_and_clinical():
+    from fedir.simulations.compare import PatientScores, arm_settings, questions
+
+    s = Settings(federation_sites="x;y", baseline_radiomics=True, baseline_radiomics_steps=9)
+    arm = arm_settings(s, "radiomics", None)
+    assert (arm.data_inputs, arm.model_name, arm.train_local_steps, arm.baseline_radiomics) == \
+        ("radiomics", "logreg", 9, False)
+    labels = np.array([0, 1] * 10)
+    good, noise = labels + np.linspace(0, 0.1, 20), np.random.default_rng(0).random(20)
+    scores = {arm: {"a": PatientScores([f"p{i}" for i in range(20)], labels, s_)}
+              for arm, s_ in (("federated", good), ("clinical", noise), ("radiomics", noise))}
+    q = questions(scores, seed=0)
+    assert q["imaging_vs_radiomics"]["difference"] > 0.3
+    assert q["imaging_vs_radiomics"]["difference"] == pytest.approx(q["imaging_vs_clinical"]["difference"])
+    assert q["radiomics_vs_clinical"]["difference"] == pytest.approx(0.0)
