@@ -14,7 +14,7 @@ standard deviation and the energy the same for every image. There is no region o
 in a classification manifest (no mask), so the whole image is the region. 2D only: the
 "volume" frame policy and the non-classification task kinds are refused (fedir.config).
 
-Features (IBSI reference manual, Zwanenburg et al., Radiology 2020; names as IBSI's):
+Features (IBSI reference manual, Zwanenburg et al., Radiology 2020):
 
 - first order, on the intensities X of the N pixels: mean, standard deviation (1/N), skewness
   and excess kurtosis (scipy.stats, biased, as IBSI; 0 for a constant image, as IBSI sets them),
@@ -23,7 +23,9 @@ Features (IBSI reference manual, Zwanenburg et al., Radiology 2020; names as IBS
 - GLCM (skimage.feature.graycomatrix / graycoprops): contrast, dissimilarity, homogeneity,
   energy, correlation and ASM of the symmetric, normalised co-occurrence matrix at distance
   1 pixel, each averaged over the four angles 0, 45, 90 and 135 degrees (IBSI's 2D "averaged"
-  aggregation).
+  aggregation). The names are scikit-image's; in IBSI's, homogeneity is the inverse difference
+  moment, ASM the joint energy (angular second moment), dissimilarity the difference average,
+  and skimage's energy is the square root of ASM.
 
 Discretisation (the entropy and the GLCM): a fixed bin number, GREY_LEVELS = 32 bins over each
 image's own minimum to maximum (IBSI's "fixed bin number": a display value has no calibrated

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -112,6 +113,26 @@ def test_features_of_a_real_dicom_through_the_reader(tmp_path, monkeypatch):
     monkeypatch.setattr(radiomics, "image_features", never)
     again = read_radiomics_site(site, image_size=16, frame_policy="all", val_fraction=0.15, test_fraction=0.25)
     assert torch.equal(torch.cat([again.train.x, again.val.x, again.test.x]), x)
+
+
+def test_features_of_the_shared_xa_cine_under_the_peak_frame_policy(tmp_path):
+    """A real coronary XA cine (96 JPEG frames): the peak frame, resized to 64 px, as the
+    model's reader picks and resizes it, before the z-score."""
+    from fedir.client.imaging import apply_frame_policy, read_display_frames, resize_frames
+    from tests.shared_data import XA_CINE, shared_data
+
+    site = tmp_path / "xa"
+    site.mkdir()
+    shutil.copyfile(shared_data() / XA_CINE, site / "cine.dcm")
+    _site(site, [["p1", "cine.dcm", "1"]])
+    got = read_radiomics_site(site, image_size=64, frame_policy="peak", val_fraction=0.15, test_fraction=0.25)
+    x = torch.cat([got.train.x, got.val.x, got.test.x])
+    assert x.shape == (1, len(FEATURES)) and not got.skipped
+    image = resize_frames(apply_frame_policy(read_display_frames(site / "cine.dcm"), "peak"), 64)[0]
+    assert x[0].numpy() == pytest.approx(image_features(image).astype(np.float32), rel=1e-5)
+    by = dict(zip(FEATURES, x[0].tolist()))
+    assert 0 < by["fo_mean"] < 255 and by["fo_sd"] > 1 and 0 < by["fo_entropy"] <= 5  # 8-bit display, 32 levels
+    assert by["glcm_contrast"] > 0 and 0 < by["glcm_ASM"] < 1
 
 
 def test_radiomics_is_refused_where_it_cannot_apply(tmp_path):
