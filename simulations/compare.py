@@ -44,6 +44,7 @@ from flwr.app import RecordDict
 
 from fedir.client.client_app import build_client_app, evaluation_model, scored_rows
 from fedir.client.inputs import SiteView, view_of
+from fedir.client.tabular import is_tabular_site
 from fedir.client.training import pick_device, predict
 from fedir.config import Settings
 from fedir.errors import UserError
@@ -222,6 +223,9 @@ def compare(settings: Settings, out: Path, seeds: Sequence[int], arms: Sequence[
     if "all_labels" in arms and all_label_sites is None:
         progress("all_labels: skipped (the sites were not written by `fedir data synth`)")
         arms = [a for a in arms if a != "all_labels"]
+    if "radiomics" in arms and (settings.spatial_dims == 3 or any(is_tabular_site(s) for s in settings.sites)):
+        progress("radiomics: skipped (its features are of 2D images, and these sites hold tables or volumes)")
+        arms = [a for a in arms if a != "radiomics"]
     result: dict[str, Any] = {"arms": list(arms), "seeds": list(seeds), "runs": {}, "questions": {}}
     for seed in seeds:
         seeded = replace(settings, train_seed=seed)

@@ -211,3 +211,22 @@ def test_compare_has_a_radiomics_arm_paired_with_imaging_and_clinical():
     assert q["imaging_vs_radiomics"]["difference"] > 0.3
     assert q["imaging_vs_radiomics"]["difference"] == pytest.approx(q["imaging_vs_clinical"]["difference"])
     assert q["radiomics_vs_clinical"]["difference"] == pytest.approx(0.0)
+
+
+def test_compare_skips_the_radiomics_arm_on_tabular_sites(tmp_path):
+    from fedir.simulations.compare import compare
+
+    rng = np.random.default_rng(0)
+    sites = []
+    for k in range(2):
+        rows = [[f"p{k}-{i}", str(i % 2), f"{50 + 10 * (i % 2) + rng.normal(0, 5):.1f}"] for i in range(40)]
+        site = tmp_path / f"t{k}"
+        site.mkdir()
+        with (site / "manifest.csv").open("w", newline="") as fh:
+            csv.writer(fh).writerows([["patient_id", "label", "clin_age"], *rows])
+        sites.append(str(site))
+    said = []
+    result = compare(Settings(federation_sites=";".join(sites), train_rounds=1, eval_bootstrap=10,
+                              train_optimizer="sgd", train_local_steps=5), tmp_path / "cmp", seeds=[0],
+                     arms=["federated", "radiomics"], progress=said.append)
+    assert result["arms"] == ["federated"] and any(line.startswith("radiomics: skipped") for line in said)
