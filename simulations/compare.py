@@ -15,7 +15,8 @@ one process (fedir.simulations.inprocess), each with the same data, rounds and s
 - ``pooled``: every site's training data in one place (``federation.arm = "pooled"``);
 - ``clinical``: the clinical-only model of the scenario's companion (fedir.simulations.companion);
 - ``radiomics``: the radiomics companion's model, a logistic regression on each image's first-order
-  and GLCM features (fedir.client.radiomics; a patient's score the mean over their images).
+  and GLCM features (fedir.client.radiomics; a patient's score the mean over their images);
+  skipped, with a line, on tabular sites or volumes (it reads 2D images).
 
 Each arm's model is then scored on every site's test patients by the ClientApp's own
 evaluation code (fedir.client.client_app.evaluation_model: the same weights, kept layers and
