@@ -230,3 +230,22 @@ def test_compare_skips_the_radiomics_arm_on_tabular_sites(tmp_path):
                               train_optimizer="sgd", train_local_steps=5), tmp_path / "cmp", seeds=[0],
                      arms=["federated", "radiomics"], progress=said.append)
     assert result["arms"] == ["federated"] and any(line.startswith("radiomics: skipped") for line in said)
+
+
+def test_a_missing_radiomics_companion_is_said_so_beside_the_clinical_table(tmp_path):
+    from fedir.server.report.baseline import baseline_section, comparison
+
+    def entry(auc, n):
+        pp = {"n_test": n, "n_patients": n, "auc": auc, "auc_ci": [auc - 0.1, auc + 0.1], "accuracy": 0.6,
+              "accuracy_ci": [0.5, 0.7]}
+        return {**pp, "per_patient": pp}
+
+    imaging = {"per_site": {"a": entry(0.81, 12)}, "global": entry(0.8, 12)}
+    clinical = {"run_id": "c1", "per_site": {"a": entry(0.61, 12)}, "global": entry(0.6, 12)}
+    summary = {"clinical_baseline": comparison(imaging, clinical),
+               "radiomics_baseline": comparison(imaging, None, "radiomics")}
+    text = baseline_text(summary)
+    assert "Radiomics baseline: not available (no radiomics-baseline/summary.json" in text
+    assert "0.610 [0.510, 0.710]" in text and "radiomics AUC" not in text
+    html = baseline_section(summary)
+    assert "Clinical-only baseline and Radiomics baseline" in html and "not available" in html and "c1" in html
