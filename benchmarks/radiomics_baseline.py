@@ -64,6 +64,13 @@ def breastmnist(tmp: Path, seed: int) -> tuple[Settings, dict]:
                       "sites": 4, "partition": "iid", "image_size": 28, "labelled": 1.0}
 
 
+def per_site_auc(run: Path) -> dict:
+    """Each site's per-patient AUC [95% CI] and test patients in an arm's summary.json."""
+    summary = json.loads((run / "summary.json").read_text())
+    return {site: {k: (entry.get("per_patient") or {}).get(k) for k in ("auc", "auc_ci", "n_test")}
+            for site, entry in summary["per_site"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["synthetic", "breastmnist"], default=None)
@@ -83,11 +90,14 @@ def main() -> None:
                               else breastmnist(Path(tmp), args.seeds[0]))
             arms = ["federated", "clinical", "radiomics"] if name == "synthetic" else ["federated", "radiomics"]
             out = compare(settings, Path(tmp) / "compare", args.seeds, arms, progress=lambda line: print(line, flush=True))
+            per_site = {str(seed): {arm: per_site_auc(Path(tmp) / "compare" / f"seed-{seed}" / arm) for arm in arms}
+                        for seed in args.seeds}
         table = markdown(out)
         print(table, flush=True)
         result[name] = {"machine": describe(shared_machine=True), **data, "arms": arms, "seeds": args.seeds,
                         "loadavg_start": list(load), "loadavg_end": list(os.getloadavg()),
-                        "wall_s": round(time.time() - start, 1), "runs": out["runs"], "questions": out["questions"],
+                        "wall_s": round(time.time() - start, 1), "runs": out["runs"], "per_site": per_site,
+                        "questions": out["questions"],
                         "table": table}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
