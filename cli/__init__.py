@@ -322,12 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
 
     cmp = sub.add_parser("compare", help="simulation: the scenario against each site alone, supervised, "
-                         "all labels, pooled and clinical, paired per seed")
+                         "all labels, pooled, clinical and radiomics, paired per seed")
     cmp.add_argument("scenario", type=Path)
     cmp.add_argument("--out", type=Path, required=True, help="folder for every arm's run and compare.json/.md")
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     cmp.add_argument("--arms", nargs="+", default=None,
-                     help="federated supervised all_labels local pooled clinical (default: all)")
+                     help="federated supervised all_labels local pooled clinical radiomics (default: all)")
     cmp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a scenario setting (repeatable)")
     cmp.set_defaults(func=_compare)

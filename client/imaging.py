@@ -401,20 +401,24 @@ def to_model_input(frames: np.ndarray, image_size: int) -> np.ndarray:
     """(K, H, W) -> (K, 1, S, S) float32: resize to S x S (the aspect ratio is not kept) and
     a z-score per image, so sites whose scanners differ in grey levels give the model
     comparable inputs. A constant image becomes zeros."""
+    from monai.transforms import NormalizeIntensity  # here, not at the top: a tabular site never loads MONAI
+
+    # MONAI treats the leading axis as channels: channel-wise normalisation gives each
+    # image its own mean and std.
+    out = np.asarray(NormalizeIntensity(channel_wise=True)(resize_frames(frames, image_size)), dtype=np.float32)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)[:, None]
+
+
+def resize_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
+    """(K, H, W) -> (K, S, S) float32, the display intensities kept: the model input before
+    its z-score (the radiomics features read these, fedir.client.radiomics)."""
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    from monai.transforms import Compose, NormalizeIntensity, Resize  # here, not at the top: a tabular site never loads MONAI
+    from monai.transforms import Resize  # here, not at the top: a tabular site never loads MONAI
 
-    transform = Compose(
-        [
-            Resize((image_size, image_size), mode=_resize_mode(frames.shape[1:], image_size)),
-            NormalizeIntensity(channel_wise=True),
-        ]
-    )
-    # MONAI treats the leading axis as channels: K images share one resize call, and
-    # channel-wise normalisation gives each image its own mean and std.
-    out = np.asarray(transform(np.ascontiguousarray(frames, dtype=np.float32)), dtype=np.float32)
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)[:, None]
+    # K images share one resize call (MONAI's leading axis is channels)
+    resize = Resize((image_size, image_size), mode=_resize_mode(frames.shape[1:], image_size))
+    return np.asarray(resize(np.ascontiguousarray(frames, dtype=np.float32)), dtype=np.float32)
 
 
 def to_volume_input(frames: np.ndarray, image_size: int) -> np.ndarray:

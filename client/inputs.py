@@ -3,7 +3,8 @@
 The ClientApp should not care whether its site holds images or a clinical table: this
 module reads either (fedir.client.site for images, fedir.client.tabular for `clin_*` tables,
 recognised from the manifest) into one `SiteView`, kept in memory for the life of the
-process. Tabular features are standardised here, at the site, with the statistics the
+process (and an imaging site's radiomics table, fedir.client.radiomics, read as a tabular
+one). Tabular features are standardised here, at the site, with the statistics the
 protocol asks for (`data.standardise`): the federation's, sent by the server from every
 site's n / sum / sum of squares, or the site's own (FLamby's Fed-Heart-Disease protocol).
 """
@@ -20,7 +21,8 @@ import torch
 from flwr.app import ConfigRecord
 
 from fedir.client.datacard import foreground_counts
-from fedir.client.manifest import Acquired, acquired_by_patient, read_manifest
+from fedir.client.manifest import Acquired, ManifestError, acquired_by_patient, read_manifest
+from fedir.client.radiomics import FEATURES, read_radiomics_site
 from fedir.client.site import SiteData, load_site
 from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
 from fedir.config import Inputs, Settings, allowed
@@ -85,9 +87,13 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
     `label_counts` are its training patients censored (0) and with the event (1), so the
     site-label association test is the event rate's association with the site.
     `num_classes` (task.classes): a classification label outside 0..num_classes-1 is refused.
+    "radiomics" reads the images' handcrafted features (fedir.client.radiomics), one row per
+    image, as a tabular site's rows.
     """
     if inputs not in allowed(Inputs):
         raise ValueError(f"data.inputs = {inputs!r}: choose one of {', '.join(allowed(Inputs))}")
+    if inputs == "radiomics":
+        return _radiomics_view(site_dir, image_size, frame_policy, val, test, cache_dir, num_classes)
     if inputs == "clinical" or is_tabular_site(site_dir):
         return _tabular_view(site_dir, val, test, kind, num_classes)
     if kind == "segmentation":
@@ -146,6 +152,27 @@ def _imaging_view(site_dir: str, image_size: int, frame_policy: str, val: float,
         label_counts=site.patient_label_counts("train"),
         skipped=Counter(s.reason for s in site.skipped),
         imaging=site,
+        acquired=acquired_by_patient(site_dir),
+    )
+
+
+@cache
+def _radiomics_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float,
+                    cache_dir: str | None = None, num_classes: int = NUM_CLASSES) -> SiteView:
+    """An imaging site's feature table (fedir.client.radiomics), tabular to everything after
+    it: its rows are images, and `label_counts` counts patients, as an imaging site's does."""
+    if is_tabular_site(site_dir):
+        raise ManifestError(f"{site_dir}: data.inputs = \"radiomics\" reads images, and this site's manifest "
+                            "has no path column", "data.inputs = radiomics needs an imaging site (a path column)")
+    site = read_radiomics_site(site_dir, image_size=image_size, frame_policy=frame_policy, val_fraction=val,
+                               test_fraction=test, cache_dir=None if cache_dir is None else Path(cache_dir),
+                               num_classes=num_classes)
+    return SiteView(
+        name=site.name, tabular=True,
+        train_x=site.train.x, train_y=site.train.y,
+        test_x=site.test.x, test_y=site.test.y, test_patients=site.test.patients,
+        val_x=site.val.x, val_y=site.val.y, val_patients=site.val.patients,
+        label_counts=site.patient_label_counts(), skipped=site.skipped, features=list(FEATURES),
         acquired=acquired_by_patient(site_dir),
     )
 
@@ -215,7 +242,7 @@ def check_manifest(site_dir: str, inputs: str, kind: str = "classification", num
     """Read the site's manifest as `load_view` would, without decoding an image: the
     ManifestError the site would raise on its first message (a simulation checks every
     site so before starting Flower)."""
-    if inputs == "clinical" or is_tabular_site(site_dir):
+    if inputs != "radiomics" and (inputs == "clinical" or is_tabular_site(site_dir)):
         read_tabular_site(site_dir, kind=kind, num_classes=num_classes)
         acquired_by_patient(site_dir)
     else:

@@ -134,13 +134,13 @@ def load_site(
     rows = read_manifest(root, num_classes)
     settings = (image_size, frame_policy, val_fraction, test_fraction)
     cache_file = _cache_path(Path(cache_dir) if cache_dir else root / CACHE_DIR_NAME, settings)
-    key = _cache_key(root, rows, settings)
-    payload = _read_cache(cache_file, key)
+    key = cache_key(root, rows, settings)
+    payload = read_cache(cache_file, key)
     if payload is None:
         fractions = (val_fraction, test_fraction)
         payload = _decode_site(root, rows, image_size, frame_policy, fractions, progress)
         payload["key"] = key
-        _write_cache(cache_file, payload)
+        write_cache(cache_file, payload)
     return _site_from_payload(root, payload, _clinical_columns(rows))
 
 
@@ -261,7 +261,7 @@ def _cache_path(cache_dir: Path, settings: tuple[int, str, float, float]) -> Pat
     return cache_dir / f"site-s{image_size}-{frame_policy}-v{val_fraction:g}-t{test_fraction:g}.pt"
 
 
-def _cache_key(root: Path, rows: list[ManifestRow], settings: tuple) -> str:
+def cache_key(root: Path, rows: list[ManifestRow], settings: tuple) -> str:
     """SHA-256 of the cache version, settings, manifest bytes and each image's (and mask's) stat.
 
     Images are identified by size and mtime_ns rather than content: hashing every image
@@ -288,7 +288,7 @@ def _stat_signature(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _read_cache(cache_file: Path, key: str) -> dict | None:
+def read_cache(cache_file: Path, key: str) -> dict | None:
     """The cached payload when present, loadable and made for this key; else None."""
     if not cache_file.is_file():
         return None
@@ -300,7 +300,7 @@ def _read_cache(cache_file: Path, key: str) -> dict | None:
     return payload if isinstance(payload, dict) and payload.get("key") == key else None
 
 
-def _write_cache(cache_file: Path, payload: dict) -> None:
+def write_cache(cache_file: Path, payload: dict) -> None:
     """Write atomically (temporary file + rename), so a concurrent reader never sees half
     a file; on any OS error, warn and carry on uncached."""
     tmp_name = None

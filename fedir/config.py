@@ -36,7 +36,7 @@ ImageModel = Literal["resnet_small", "resnet10", "resnet18", "densenet121", "bas
 TabularModel = Literal["logreg", "mlp"]
 ModelName = Literal["auto", ImageModel, TabularModel]
 FramePolicy = Literal["mip", "middle", "all", "peak", "volume"]  # and every-K (K >= 1)
-Inputs = Literal["auto", "clinical"]
+Inputs = Literal["auto", "clinical", "radiomics"]
 Standardise = Literal["federated", "site", "none"]
 ThresholdRule = Literal["youden", "fixed"]
 Personalise = Literal["none", "intercept", "finetune"]
@@ -175,7 +175,8 @@ class Settings:
     data_test_fraction: float = setting(0.25, "share of a site's patients held out for testing",
                                         Bounds(0, 1, low_open=True, high_open=True))
     data_inputs: Inputs = setting(
-        "auto", "auto (images, or the table of a tabular site) | clinical (clin_* columns only)")
+        "auto", "auto (images, or the table of a tabular site) | clinical (clin_* columns only) | radiomics (IBSI "
+        "first-order and GLCM features of each 2D image, a tabular model on them; fedir.client.radiomics)")
     data_standardise: Standardise = setting(
         "federated", "tabular features: federated (from every site's n / sum / sum of squares) | "
         "site (each site's own statistics) | none (the rows as they are: FLamby's Fed-TCGA-BRCA protocol)")
@@ -258,6 +259,12 @@ class Settings:
     baseline_clinical_steps: int = setting(
         50, "its local SGD steps per round (logistic regression on clin_*)", AT_LEAST_1)
     baseline_clinical_lr: float = setting(0.05, "its SGD learning rate", POSITIVE)
+    baseline_radiomics: bool = setting(
+        False, "also run a radiomics companion study: a logistic regression on each image's first-order and GLCM "
+        "features (data.inputs = radiomics), shown beside the imaging model (fedir.simulations.companion)")
+    baseline_radiomics_steps: int = setting(
+        50, "its local SGD steps per round (logistic regression on the features)", AT_LEAST_1)
+    baseline_radiomics_lr: float = setting(0.05, "its SGD learning rate", POSITIVE)
     privacy_dp: DPMode = setting("off", "differential privacy: who clips, fixed or adaptive bound")
     privacy_noise_multiplier: float = setting(
         0.1, "Gaussian noise std = this x clipping norm / sampled sites", AT_LEAST_0)
@@ -293,6 +300,7 @@ class Settings:
         check_values(self)
         check_combinations(self)
         check_task(self)
+        check_radiomics(self)
         check_dp(self.privacy_dp, fedbn=self.train_fedbn, update_dtype=self.train_update_dtype,
                  arm=self.federation_arm)
         check_personalise(self.train_personalise, self.federation_arm)
@@ -461,6 +469,22 @@ def check_task(settings: Settings) -> None:
                             "to 2 or more (enough for several events per batch)")
 
 
+def check_radiomics(settings: Settings) -> None:
+    """Radiomics features (`data.inputs = "radiomics"`, `baseline.radiomics`) are 2D image
+    features for a classification label (fedir.client.radiomics): refused for a 3D volume
+    and for the other task kinds, naming the setting."""
+    for key, on in (("data.inputs = \"radiomics\"", settings.data_inputs == "radiomics"),
+                    ("baseline.radiomics = true", settings.baseline_radiomics)):
+        if not on:
+            continue
+        if settings.task_kind != "classification":
+            raise SettingsError(f"{key} is a classification baseline: it cannot serve task.kind = "
+                                f"{settings.task_kind!r}")
+        if settings.data_frame_policy == "volume":
+            raise SettingsError(f"{key} computes 2D image features: it cannot read data.frame-policy = "
+                                "\"volume\" (choose a 2D frame policy such as mip, middle or peak)")
+
+
 def check_classes(settings: Settings) -> None:
     """What a K > 2 classification study cannot use yet, naming the setting: each reads a
     binary score (the positive-class probability) or a decision threshold, where K > 2
@@ -475,6 +499,7 @@ def check_classes(settings: Settings) -> None:
         "eval.threshold-per-site": (settings.eval_threshold_per_site, "false"),
         "bias.cross-site": (settings.bias_cross_site, "false"),
         "baseline.clinical": (settings.baseline_clinical, "false"),
+        "baseline.radiomics": (settings.baseline_radiomics, "false"),
     }
     for key, (bad, choose) in refused.items():
         if bad:

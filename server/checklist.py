@@ -186,7 +186,7 @@ def _leakage(s: dict) -> dict[str, str]:
 
 
 def _baseline(s: dict, summary: dict) -> dict[str, str]:
-    if s["data.inputs"] == "clinical" or s["model.name"] in ("logreg", "mlp"):
+    if s["data.inputs"] in ("clinical", "radiomics") or s["model.name"] in ("logreg", "mlp"):
         return _item("clinical baseline", NA, f"this run is a tabular model itself (data.inputs = {s['data.inputs']}, "
                      f"model.name = {s['model.name']})")
     if not s["baseline.clinical"]:

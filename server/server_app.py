@@ -41,7 +41,7 @@ from fedir.server.export import RoundExport, evaluation_scalars, open_exports, t
 from fedir.server.feature_stats import gather_feature_sums
 from fedir.server.model_init import initialise
 from fedir.server.report import write_report
-from fedir.server.report.baseline import with_clinical_baseline
+from fedir.server.report.baseline import with_baselines
 from fedir.server.run_lock import serverapp_lock
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary, write_summary
@@ -317,7 +317,7 @@ def run_study(grid: Grid, settings: Settings, out_dir: Path, scenario: str) -> d
             store.finish_run(run_id, "failed")
             raise
         store.finish_run(run_id, "finished")
-        summary = with_clinical_baseline(build_summary(store, run_id), out_dir, config)
+        summary = with_baselines(build_summary(store, run_id), out_dir, config)
         write_summary(summary, out_dir / "summary.json")
         write_report(store, run_id, out_dir / "report.html")
     return summary

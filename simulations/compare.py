@@ -15,7 +15,10 @@ one process (fedir.simulations.inprocess), each with the same data, rounds and s
 - ``pooled``: every site's training data in one place (``federation.arm = "pooled"``);
   these two run without the scenario's secure aggregation and differential privacy
   (NO_AGGREGATE_PRIVACY);
-- ``clinical``: the clinical-only model of the scenario's companion (fedir.simulations.companion).
+- ``clinical``: the clinical-only model of the scenario's companion (fedir.simulations.companion);
+- ``radiomics``: the radiomics companion's model, a logistic regression on each image's first-order
+  and GLCM features (fedir.client.radiomics; a patient's score the mean over their images);
+  skipped, with a line, on tabular sites or volumes (it reads 2D images).
 
 Each arm's model is then scored on every site's test patients by the ClientApp's own
 evaluation code (fedir.client.client_app.evaluation_model: the same weights, kept layers and
@@ -44,6 +47,7 @@ from flwr.app import RecordDict
 
 from fedir.client.client_app import build_client_app, evaluation_model, scored_rows
 from fedir.client.inputs import SiteView, view_of
+from fedir.client.tabular import is_tabular_site
 from fedir.client.training import pick_device, predict
 from fedir.config import Settings
 from fedir.errors import UserError
@@ -51,13 +55,13 @@ from fedir.metrics import paired_auc_difference, patient_scores
 from fedir.models import build_model, kept_keys, resolve_model, state_arrays
 from fedir.protocol import ARRAYS_KEY, CONFIG_KEY, RUN_ID_KEY, FeatureSums, combine, encode_round_config, encode_weights
 from fedir.server.server_app import run_study
-from fedir.simulations.companion import clinical_settings
+from fedir.simulations.companion import clinical_settings, radiomics_settings
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.synthetic import FEDERATION_FILE, generate_federation
 
 log = logging.getLogger(__name__)
 
-ARMS = ("federated", "supervised", "all_labels", "local", "pooled", "clinical")
+ARMS = ("federated", "supervised", "all_labels", "local", "pooled", "clinical", "radiomics")
 
 # The local and pooled arms average nothing across sites, so a scenario's secure aggregation
 # and differential privacy (and its epsilon budget) have nothing to act on there: they run
@@ -77,7 +81,7 @@ class PatientScores:
 
 def arm_settings(settings: Settings, arm: str, all_label_sites: list[Path] | None) -> Settings:
     """The scenario's settings for `arm` (the module docstring lists them)."""
-    quiet = {"monitor_tensorboard": "", "monitor_mlflow": "", "baseline_clinical": False}
+    quiet = {"monitor_tensorboard": "", "monitor_mlflow": "", "baseline_clinical": False, "baseline_radiomics": False}
     if arm == "federated":
         return replace(settings, **quiet)
     if arm == "supervised":
@@ -91,6 +95,8 @@ def arm_settings(settings: Settings, arm: str, all_label_sites: list[Path] | Non
         return replace(settings, federation_arm=arm, **NO_AGGREGATE_PRIVACY, **quiet)
     if arm == "clinical":
         return clinical_settings(replace(settings, **quiet))
+    if arm == "radiomics":
+        return radiomics_settings(replace(settings, **quiet))
     raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
 
 
@@ -182,6 +188,8 @@ def questions(scores: dict[str, dict[str, PatientScores]], seed: int) -> dict:
         "semi_vs_supervised": ("federated", "supervised"),
         "all_labels_vs_supervised": ("all_labels", "supervised"),
         "imaging_vs_clinical": ("federated", "clinical"),
+        "imaging_vs_radiomics": ("federated", "radiomics"),
+        "radiomics_vs_clinical": ("radiomics", "clinical"),
     }
     for name, (a, b) in pairs.items():
         if a in scores and b in scores and a != b:
@@ -220,6 +228,9 @@ def compare(settings: Settings, out: Path, seeds: Sequence[int], arms: Sequence[
     if "all_labels" in arms and all_label_sites is None:
         progress("all_labels: skipped (the sites were not written by `fedir data synth`)")
         arms = [a for a in arms if a != "all_labels"]
+    if "radiomics" in arms and (settings.spatial_dims == 3 or any(is_tabular_site(s) for s in settings.sites)):
+        progress("radiomics: skipped (its features are of 2D images, and these sites hold tables or volumes)")
+        arms = [a for a in arms if a != "radiomics"]
     result: dict[str, Any] = {"arms": list(arms), "seeds": list(seeds), "runs": {}, "questions": {}}
     for seed in seeds:
         seeded = replace(settings, train_seed=seed)
@@ -261,6 +272,8 @@ def markdown(result: dict) -> str:
         "semi_vs_supervised": "semi-supervised - supervised, same labels",
         "all_labels_vs_supervised": "supervised on all labels - supervised, same labels",
         "imaging_vs_clinical": "imaging - clinical (age, sex)",
+        "imaging_vs_radiomics": "imaging - radiomics (first-order and GLCM features)",
+        "radiomics_vs_clinical": "radiomics - clinical (age, sex)",
     }
     for key, label in labels.items():
         if any(key in result["questions"][s] for s in seeds):

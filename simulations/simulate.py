@@ -55,7 +55,7 @@ def simulate(settings: Settings, out_dir: Path, scenario: str, verbose: bool = F
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     # the clinical-only companion first, so the imaging report can show both
-    run_companion(settings, out_dir, lambda s, d: simulate(s, d, f"{scenario} [clinical baseline]",
+    run_companion(settings, out_dir, lambda s, d: simulate(s, d, f"{scenario} [{s.data_inputs} baseline]",
                                                            verbose, client_mods))
     server_app = build_server_app(settings, out_dir, scenario)
     run_simulation(

@@ -10,7 +10,7 @@ from fedir.server.report.baseline import (
     baseline_section,
     baseline_text,
     comparison,
-    with_clinical_baseline,
+    with_baselines,
 )
 from fedir.simulations.companion import check_clinical_columns, clinical_settings
 from fedir.simulations.inprocess import run_inprocess
@@ -44,8 +44,8 @@ def test_comparison_pairs_sites_and_never_fills_a_missing_one():
 
 def test_only_runs_that_asked_get_a_baseline_entry(tmp_path):
     summary = {"per_site": {}, "global": _entry(0.5, 1)}
-    assert with_clinical_baseline(summary, tmp_path, {}) is summary
-    marked = with_clinical_baseline(summary, tmp_path, {"baseline.clinical": True})
+    assert with_baselines(summary, tmp_path, {}) is summary
+    marked = with_baselines(summary, tmp_path, {"baseline.clinical": True})
     assert marked["clinical_baseline"]["available"] is False  # asked for, not found: said so
     assert "not available" in baseline_text(marked)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedir.server.report.baseline import baseline_section, with_clinical_baseline
+from fedir.server.report.baseline import baseline_section, with_baselines
 from fedir.server.report.bias import bias_section
 from fedir.server.report.cards import card_section
 from fedir.server.report.drift import drift_section
@@ -41,7 +41,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     """Render ``run_id`` from ``store`` into the HTML file ``path`` and return it."""
     path = Path(path)
     summary = build_summary(store, run_id)
-    with_baseline = with_clinical_baseline(summary, path.parent, store.run(run_id)["config"])
+    with_baseline = with_baselines(summary, path.parent, store.run(run_id)["config"])
     rows = store.metric_rows(run_id)
     kind = summary.get("task", "classification")
     if kind != "classification":

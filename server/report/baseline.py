@@ -1,27 +1,31 @@
-"""The clinical-only baseline beside the imaging model, per site, with CIs.
+"""The clinical-only and radiomics baselines beside the imaging model, per site, with CIs.
 
-An imaging model that cannot beat a logistic regression on age and sex has learnt
-nothing worth deploying, and the reader can only tell if both sit in the same table. With
-`baseline.clinical = true`, `fedir simulate` first runs a companion study of the same
-sites on their clin_* columns alone (fedir.simulations.companion) into
-`OUT/clinical-baseline/`, a complete run of its own (runs.sqlite, summary.json,
-report.html). This module puts that run's final per-site metrics next to the imaging
-run's: in summary.json (`clinical_baseline`), the report (one section) and the terminal.
+An imaging model that cannot beat a logistic regression on age and sex, or on a handful
+of handcrafted image statistics, has learnt nothing worth deploying, and the reader can
+only tell if all three sit in the same table. With `baseline.clinical = true`, `fedir
+simulate` first runs a companion study of the same sites on their clin_* columns alone
+into `OUT/clinical-baseline/`; with `baseline.radiomics = true`, one on each image's
+first-order and GLCM features (`data.inputs = "radiomics"`, fedir.client.radiomics) into
+`OUT/radiomics-baseline/` (fedir.simulations.companion); each a complete run of its own
+(runs.sqlite, summary.json, report.html). This module puts those runs' final per-site
+metrics next to the imaging run's: in summary.json (`clinical_baseline`,
+`radiomics_baseline`), the report (one section, one table) and the terminal.
 
-Both models are tested on the same patients of each site (the patient-hash split is the
-same for both inputs), and both per patient: the clinical sites are tables of one row per
-patient, so the imaging model's per-patient metrics (the mean score over a patient's
-images, fedir.metrics.patient_scores) are the like-for-like ones; a per-image imaging AUC
-weighs a patient by their number of images and is not comparable. Each has its own
-patient-bootstrap 95% CIs. Where a site has no per-patient imaging metrics (a patient's
-images carry both labels) the imaging cell is n/a. No difference with a CI is given:
-the two CIs come from separate bootstraps, and a paired comparison would need
-per-patient scores, which never leave a site.
+All are tested on the same patients of each site (the patient-hash split is the same for
+every input), and all per patient: the clinical sites are tables of one row per patient,
+so the imaging and radiomics models' per-patient metrics (the mean score over a patient's
+images, fedir.metrics.patient_scores) are the like-for-like ones; a per-image AUC weighs a
+patient by their number of images and is not comparable. Each has its own
+patient-bootstrap 95% CIs. Where a site has no per-patient metrics (a patient's images
+carry both labels) the cell is n/a. No difference with a CI is given: the CIs come from
+separate bootstraps, and a paired comparison would need per-patient scores, which never
+leave a site (`fedir compare` pairs them in a simulation, fedir.simulations.compare).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +34,43 @@ from markupsafe import Markup
 from fedir.server.checklist import build_checklist
 from fedir.server.report.render import render
 
-COMPANION_DIR = "clinical-baseline"
-CONFIG_KEY = "baseline.clinical"
 SHOWN = ("n_test", "n_patients", "auc", "auc_ci", "accuracy", "accuracy_ci")
 
 
-def companion_summary(out_dir: Path) -> dict | None:
-    """The companion run's summary.json in OUT/clinical-baseline/, or None."""
-    path = Path(out_dir) / COMPANION_DIR / "summary.json"
+@dataclass(frozen=True)
+class Companion:
+    """One companion study: its folder next to the imaging run, the setting that asks for
+    it, its summary.json key, and how the report names and describes it."""
+
+    folder: str
+    config_key: str
+    summary_key: str
+    title: str
+    what: str
+
+
+COMPANIONS = {
+    "clinical": Companion("clinical-baseline", "baseline.clinical", "clinical_baseline", "Clinical-only baseline",
+                          "A logistic regression on each site's clin_* columns"),
+    "radiomics": Companion("radiomics-baseline", "baseline.radiomics", "radiomics_baseline", "Radiomics baseline",
+                           "A logistic regression on each image's IBSI first-order and GLCM features (the whole "
+                           "image as the region; a patient's score the mean over their images)"),
+}
+
+
+def companion_summary(out_dir: Path, name: str = "clinical") -> dict | None:
+    """The companion run's summary.json in OUT/<its folder>/, or None."""
+    path = Path(out_dir) / COMPANIONS[name].folder / "summary.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def comparison(imaging: dict, clinical: dict | None) -> dict:
-    """Per site (and pooled): the imaging and the clinical model's test metrics.
+def comparison(imaging: dict, companion: dict | None, name: str = "clinical") -> dict:
+    """Per site (and pooled): the imaging and the companion `name`'s test metrics.
 
-    A site the companion did not evaluate gets `clinical: null` and a reason, never a
+    A site the companion did not evaluate gets `<name>: null` and a reason, never a
     number from elsewhere."""
-    if clinical is None:
-        return {"available": False, "reason": f"no {COMPANION_DIR}/summary.json was found next to this run"}
+    if companion is None:
+        return {"available": False, "reason": f"no {COMPANIONS[name].folder}/summary.json was found next to this run"}
 
     def pick(entry: dict | None) -> dict | None:
         """An entry's per-patient metrics (a clinical site's rows are patients, so its
@@ -56,26 +79,29 @@ def comparison(imaging: dict, clinical: dict | None) -> dict:
         return None if per_patient is None else {k: per_patient.get(k) for k in SHOWN}
 
     sites = {
-        site: {"imaging": pick(entry), "clinical": pick(clinical["per_site"].get(site))}
+        site: {"imaging": pick(entry), name: pick(companion["per_site"].get(site))}
         for site, entry in imaging["per_site"].items()
     }
     return {
         "available": True,
-        "run_id": clinical.get("run_id"),
-        "evaluated_round": clinical.get("evaluated_round"),
+        "run_id": companion.get("run_id"),
+        "evaluated_round": companion.get("evaluated_round"),
         "per_site": sites,
-        "global": {"imaging": pick(imaging["global"]), "clinical": pick(clinical["global"])},
-        "missing": sorted(s for s, v in sites.items() if v["clinical"] is None),
-        "units": {"imaging": "patients", "clinical": "patients"},
+        "global": {"imaging": pick(imaging["global"]), name: pick(companion["global"])},
+        "missing": sorted(s for s, v in sites.items() if v[name] is None),
+        "units": {"imaging": "patients", name: "patients"},
     }
 
 
-def with_clinical_baseline(summary: dict, out_dir: Path, config: dict[str, Any]) -> dict:
-    """`summary` with a `clinical_baseline` entry when the run asked for one (and its
-    checklist redone, since one item is whether the baseline is there)."""
-    if not config.get(CONFIG_KEY):
+def with_baselines(summary: dict, out_dir: Path, config: dict[str, Any]) -> dict:
+    """`summary` with a `clinical_baseline` and a `radiomics_baseline` entry for each
+    companion the run asked for (and its checklist redone, since one item is whether the
+    clinical baseline is there)."""
+    asked = {name: c for name, c in COMPANIONS.items() if config.get(c.config_key)}
+    if not asked:
         return summary
-    out = {**summary, "clinical_baseline": comparison(summary, companion_summary(out_dir))}
+    out = {**summary, **{c.summary_key: comparison(summary, companion_summary(out_dir, name), name)
+                         for name, c in asked.items()}}
     return {**out, "checklist": build_checklist(config, out)}
 
 
@@ -92,40 +118,71 @@ def _n(entry: dict | None) -> str:
     return "n/a" if entry is None or entry.get("n_test") is None else str(entry["n_test"])
 
 
-def _rows(cmp: dict) -> list[list[str]]:
+def _cells(entry: dict | None) -> list[str]:
+    return [_n(entry), _ci(entry, "auc"), _ci(entry, "accuracy")]
+
+
+def _columns(name: str) -> list[str]:
+    return [f"{name} n (patients)", f"{name} AUC [95% CI]", f"{name} accuracy [95% CI]"]
+
+
+def _present(summary: dict) -> dict[str, dict]:
+    """The companions this summary carries an entry for, by name, in COMPANIONS' order."""
+    return {name: summary[c.summary_key] for name, c in COMPANIONS.items() if summary.get(c.summary_key)}
+
+
+def _table(summary: dict) -> tuple[list[str], list[list[str]], dict[str, dict]]:
+    """(header, rows, the available companions): one row per site and the pooled row, the
+    imaging model's columns, then each available companion's."""
+    shown = {name: cmp for name, cmp in _present(summary).items() if cmp["available"]}
+    first = next(iter(shown.values()))
+    header = ["site", *_columns("imaging"), *(col for name in shown for col in _columns(name))]
     rows = []
-    for site, pair in [*cmp["per_site"].items(), ("global (pooled)", cmp["global"])]:
-        img, clin = pair["imaging"], pair["clinical"]
-        rows.append([site, _n(img), _ci(img, "auc"), _ci(img, "accuracy"),
-                     _n(clin), _ci(clin, "auc"), _ci(clin, "accuracy")])
-    return rows
+    for site in [*first["per_site"], "global (pooled)"]:
+        pairs = {name: cmp["global"] if site == "global (pooled)" else cmp["per_site"].get(site, {})
+                 for name, cmp in shown.items()}
+        row = [site, *_cells(pairs[next(iter(shown))].get("imaging"))]
+        for name in shown:
+            row += _cells(pairs[name].get(name))
+        rows.append(row)
+    return header, rows, shown
 
 
-HEADER = ["site", "imaging n (patients)", "imaging AUC [95% CI]", "imaging accuracy [95% CI]",
-          "clinical n (patients)", "clinical AUC [95% CI]", "clinical accuracy [95% CI]"]
+def _unavailable(summary: dict) -> list[str]:
+    return [f"{COMPANIONS[name].title}: not available ({cmp['reason']})"
+            for name, cmp in _present(summary).items() if not cmp["available"]]
+
+
+def _heading(names: dict) -> str:
+    return " and ".join(COMPANIONS[name].title for name in names) + " beside the imaging model"
 
 
 def baseline_text(summary: dict) -> str:
-    """The terminal table; "" when the run did not ask for a clinical baseline."""
-    cmp = summary.get("clinical_baseline")
-    if not cmp:
+    """The terminal table; "" when the run asked for no baseline."""
+    if not _present(summary):
         return ""
-    if not cmp["available"]:
-        return f"Clinical baseline: not available ({cmp['reason']})"
-    rows = [HEADER, *_rows(cmp)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(["Clinical-only baseline (clin_* columns) beside the imaging model, same test patients:",
-                      lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+    lines = _unavailable(summary)
+    if any(cmp["available"] for cmp in _present(summary).values()):
+        header, rows, shown = _table(summary)
+        table = [header, *rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+        lines += [f"{_heading(shown)} (clinical: clin_* columns; radiomics: first-order and GLCM features), "
+                  "same test patients:",
+                  text[0], "  ".join("-" * w for w in widths), *text[1:]]
+    return "\n".join(lines)
 
 
 def baseline_section(summary: dict) -> Markup:
-    """The report's section (templates/baseline.html); empty when the run did not ask
-    for a clinical baseline."""
-    cmp = summary.get("clinical_baseline")
-    if not cmp:
+    """The report's section (templates/baseline.html); empty when the run asked for no
+    baseline."""
+    present = _present(summary)
+    if not present:
         return Markup("")
-    if not cmp["available"]:
-        return render("baseline.html", available=False, reason=cmp["reason"])
-    return render("baseline.html", available=True, header=HEADER, rows=_rows(cmp),
-                  run_id=cmp["run_id"], companion_dir=COMPANION_DIR)
+    heading = _heading(present)
+    if not any(cmp["available"] for cmp in present.values()):
+        return render("baseline.html", heading=heading, available=False, unavailable=_unavailable(summary))
+    header, rows, shown = _table(summary)
+    notes = [(COMPANIONS[name].what, cmp["run_id"], COMPANIONS[name].folder) for name, cmp in shown.items()]
+    return render("baseline.html", heading=heading, available=True, header=header, rows=rows,
+                  unavailable=_unavailable(summary), notes=notes)
