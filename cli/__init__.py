@@ -1,7 +1,7 @@
 """The `fedir` command line.
 
     fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH] [--masks | --mask-fraction F]
-                     [--scanner-change SITE:YYYY-MM-DD]
+                     [--scanner-change SITE:YYYY-MM-DD] [--grades] [--null-covariate]
     fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir data import heart --out DIR [--source DIR]
     fedir data import tcga-brca --out DIR [--source DIR]
@@ -63,6 +63,7 @@ def _synth(args: argparse.Namespace) -> int:
         mask_fraction=args.mask_fraction if args.mask_fraction is not None else (0.0 if args.masks else None),
         scanner_change=args.scanner_change,
         grades=args.grades,
+        null_covariate=args.null_covariate,
     )
     print(f"synthetic federation in {Path(args.out).resolve()}: {len(info.get('sites', []))} sites")
     return 0
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(every row's acquired column dates it; the drift check has something to find)")
     synth.add_argument("--grades", action="store_true",
                        help="label = stenosis grade: 0 none, 1 moderate, 2 severe (a task.classes = 3 study)")
+    synth.add_argument("--null-covariate", action="store_true",
+                       help="add clin_null, a clinical column drawn apart from the label (a fused model's "
+                            "sensitivity analysis then has an input known to carry nothing)")
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
     synth.set_defaults(func=_synth)
 
