@@ -12,9 +12,10 @@ Beside it, in the same run, the same federation with the imaging model alone
 (`data.inputs = "auto"`) and the clinical companion (`baseline.clinical`: logistic
 regression on clin_*), so the fused model's AUC sits next to the two it combines.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fusion_sensitivity.py [--seeds 0] [--rounds 8]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fusion_sensitivity.py [--seeds 0] [--rounds 8] [--out PATH]
 
 Result: benchmarks/results/fusion_sensitivity.json (machine from benchmarks/machine.py).
+The federation is generated with seed 0; `--seeds` are the training seeds.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     result: dict = {"machine": describe(shared_machine=True),
                     "federation": {"sites": SITES, "patients_per_site": PATIENTS, "image_size": SIZE,
@@ -99,9 +101,9 @@ def main() -> None:
             result["runs"].append(_run(fed, seed, args.rounds, Path(tmp) / f"seed-{seed}"))
             print(json.dumps(result["runs"][-1]["pooled_drops"]["ranking"]), flush=True)
     result["machine_after"] = describe(with_torch=False)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
