@@ -80,7 +80,9 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
     """Read a site once per process (imaging sites also cache decoded images on disk).
 
     `inputs = "clinical"` reads only the clin_* columns of any site (the clinical-only
-    baseline of an imaging site); "auto" reads the images, or the table of a tabular site.
+    baseline of an imaging site); "auto" reads the images, or the table of a tabular site;
+    "image+clinical" an imaging site's images each followed by its patient's clin_* values
+    (`_fused_view`; a second copy of the decoded images, in memory).
     `kind` (task.kind) says which target columns it reads (fedir.tasks); a survival site's
     `label_counts` are its training patients censored (0) and with the event (1), so the
     site-label association test is the event rate's association with the site.
