@@ -1,7 +1,7 @@
 """The `fedir` command line.
 
     fedir data synth OUT --sites N --patients P --seed S [--confound STRENGTH] [--masks | --mask-fraction F]
-                     [--scanner-change SITE:YYYY-MM-DD] [--grades] [--outcome]
+                     [--scanner-change SITE:YYYY-MM-DD] [--grades] [--outcome] [--null-covariate]
     fedir data check SITE_DIR [--card OUT.json] [--k K]
     fedir data import heart --out DIR [--source DIR]
     fedir data import tcga-brca --out DIR [--source DIR]
@@ -64,6 +64,7 @@ def _synth(args: argparse.Namespace) -> int:
         scanner_change=args.scanner_change,
         grades=args.grades,
         outcome=args.outcome,
+        null_covariate=args.null_covariate,
     )
     print(f"synthetic federation in {Path(args.out).resolve()}: {len(info.get('sites', []))} sites")
     return 0
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write each patient's time to event (days) and event (0/1), driven by the "
                             "stenosis burden, age and sex and censored at the site's data cut-off "
                             "(a task.kind = survival study)")
+    synth.add_argument("--null-covariate", action="store_true",
+                       help="add clin_null, a clinical column drawn apart from the label (a fused model's "
+                            "sensitivity analysis then has an input known to carry nothing)")
     synth.add_argument("--force", action="store_true", help="regenerate even if cached")
     synth.set_defaults(func=_synth)
 

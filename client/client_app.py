@@ -29,7 +29,8 @@ from fedir.client.datacard import card_once
 from fedir.client.dp_mods import dp_clipping_mod
 from fedir.client.drift import period_metrics
 from fedir.client.embedding import embedding_groups, embedding_moments, predict_with_embedding
-from fedir.client.inputs import SiteView, scaled, scaler, view_of
+from fedir.client.input_sensitivity import input_sensitivity
+from fedir.client.inputs import SiteView, scale_rows, view_of
 from fedir.client.kept_state import load_global, reply_arrays
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.manifest import ManifestError
@@ -90,7 +91,8 @@ def _view(context: Context, fixed: Settings | None) -> tuple[Settings, SiteView]
 def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view: SiteView):
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(resolve_model(settings.model_name, view.tabular, settings.task_kind), n_features=view.n_features,
-                        spatial_dims=settings.spatial_dims, n_outputs=task_of(settings.task_kind).n_outputs(settings.task_classes))
+                        spatial_dims=settings.spatial_dims, n_outputs=task_of(settings.task_kind).n_outputs(settings.task_classes),
+                        fused_image_size=settings.model_image_size if view.n_clinical else 0)
     received = as_tensors(decode_weights(arrays, state_shapes(model)))  # DP's shapes undone
     load_global(model, received, context.state, kept_keys(model, settings))
     return model
@@ -122,11 +124,10 @@ def scored_rows(settings: Settings, site: SiteView, config, split: str = "test")
     """The labelled inputs of the val or test split, their labels (numpy) and patient ids."""
     x, y, split_patients = site.split(split)
     labelled = y >= 0 if y.dim() == 1 else torch.ones(y.shape[0], dtype=torch.bool)  # survival: every row
-    x = x[labelled]
-    if site.tabular:
-        # The rows are scaled as the protocol says: the federation's statistics, or this
-        # site's own training statistics (never its validation or test rows).
-        x = scaled(x, *scaler(settings, config, site.train_sums()))
+    # The clinical columns (a tabular site's rows, fused rows' last ones) are scaled as the
+    # protocol says: the federation's statistics, or this site's own training statistics
+    # (never its validation or test rows).
+    x = scale_rows(settings, config, site, x[labelled])
     patients = [p for p, keep in zip(split_patients, labelled.tolist()) if keep]
     return x, y[labelled].numpy(), patients
 
@@ -168,6 +169,18 @@ def _drift(settings: Settings, config, site: SiteView, labels, scores, patients)
     return period_metrics(labels, scores, patients, site.acquired, settings.eval_drift_period,
                           n_boot=settings.eval_bootstrap, bins=settings.eval_hist_bins,
                           seed=settings.round_seed(decode_round_config(config).server_round))
+
+
+def _sensitivity(settings: Settings, config, site: SiteView, model, x, labels, patients) -> dict | None:
+    """A fused model's per-input AUC drops on the test patients (fedir.client.input_sensitivity);
+    None unless data.inputs = image+clinical."""
+    if not site.n_clinical:
+        return None
+    return input_sensitivity(lambda rows: _scores(settings, model, rows), x, labels, patients, site.features,
+                             (1,) + (settings.model_image_size,) * settings.spatial_dims,
+                             repeats=settings.eval_sensitivity_repeats, blur=settings.eval_sensitivity_blur,
+                             n_boot=settings.eval_bootstrap,
+                             seed=settings.round_seed(decode_round_config(config).server_round))
 
 
 def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
@@ -231,7 +244,9 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         val = _metrics(settings, config, site, val_labels, _scores(settings, model, val_x), val_patients,
                        intervals=False)
         drift = _drift(settings, config, site, labels, scores, patients)
-        return Message(content=encode_evaluation(site.name, metrics, moments, val, drift, kind=settings.task_kind),
+        sensitivity = _sensitivity(settings, config, site, model, x, labels, patients)
+        return Message(content=encode_evaluation(site.name, metrics, moments, val, drift, kind=settings.task_kind,
+                                                 sensitivity=sensitivity),
                        reply_to=msg)
 
     @app.evaluate("cross_site")

@@ -21,12 +21,12 @@ import torch
 from flwr.app import ConfigRecord
 
 from fedir.client.datacard import foreground_counts
-from fedir.client.manifest import Acquired, ManifestError, acquired_by_patient, read_manifest
+from fedir.client.manifest import Acquired, ManifestError, acquired_by_patient, manifest_columns, read_manifest
 from fedir.client.radiomics import FEATURES, read_radiomics_site
 from fedir.client.site import SiteData, load_site
-from fedir.client.tabular import is_tabular_site, read_tabular_site, standardise
-from fedir.config import Inputs, Settings, allowed
-from fedir.models import NUM_CLASSES
+from fedir.client.tabular import CLINICAL_PREFIX, is_tabular_site, read_tabular_site, standardise
+from fedir.config import FUSED_INPUTS, Inputs, Settings, allowed
+from fedir.models import NUM_CLASSES, fuse
 from fedir.protocol import FeatureSums, ForegroundCounts, decode_round_config
 
 
@@ -60,6 +60,10 @@ class SiteView:
     # frames without a usable mask, (N', 1, S, S)), for a semi-supervised objective; None
     # where train_y's own -1 does (classification) or nothing is unlabelled (survival)
     train_unlabelled: torch.Tensor | None = None
+    # data.inputs = image+clinical: each row's last n_clinical columns are its patient's
+    # clin_* values (fedir.models.FusionNet); clinical_train the training patients' rows
+    n_clinical: int = 0
+    clinical_train: np.ndarray | None = None
 
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(x, y, patients) of "val" or "test"."""
@@ -72,7 +76,10 @@ class SiteView:
         return len(self.features)
 
     def train_sums(self) -> FeatureSums | None:
-        """n / sum / sum of squares of the training features (tabular sites only)."""
+        """n / sum / sum of squares of the training features: a tabular site's rows, or, fused,
+        its training patients' clin_* values (one row per patient, as the tabular path); else None."""
+        if self.clinical_train is not None:
+            return FeatureSums.of(self.clinical_train)
         return FeatureSums.of(self.train_x.numpy()) if self.tabular else None
 
 
@@ -82,7 +89,9 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
     """Read a site once per process (imaging sites also cache decoded images on disk).
 
     `inputs = "clinical"` reads only the clin_* columns of any site (the clinical-only
-    baseline of an imaging site); "auto" reads the images, or the table of a tabular site.
+    baseline of an imaging site); "auto" reads the images, or the table of a tabular site;
+    "image+clinical" an imaging site's images each followed by its patient's clin_* values
+    (`_fused_view`; a second copy of the decoded images, in memory).
     `kind` (task.kind) says which target columns it reads (fedir.tasks); a survival site's
     `label_counts` are its training patients censored (0) and with the event (1), so the
     site-label association test is the event rate's association with the site.
@@ -94,6 +103,9 @@ def load_view(site_dir: str, inputs: str, image_size: int, frame_policy: str, va
         raise ValueError(f"data.inputs = {inputs!r}: choose one of {', '.join(allowed(Inputs))}")
     if inputs == "radiomics":
         return _radiomics_view(site_dir, image_size, frame_policy, val, test, cache_dir, num_classes)
+    if inputs == FUSED_INPUTS:
+        check_fused_site(site_dir, kind)
+        return _fused_view(site_dir, image_size, frame_policy, val, test, cache_dir, num_classes)
     if inputs == "clinical" or is_tabular_site(site_dir):
         return _tabular_view(site_dir, val, test, kind, num_classes)
     if kind == "segmentation":
@@ -238,10 +250,64 @@ def _survival_view(site_dir: str, image_size: int, frame_policy: str, val: float
     )
 
 
+@lru_cache(maxsize=16)
+def _fused_view(site_dir: str, image_size: int, frame_policy: str, val: float, test: float,
+                cache_dir: str | None = None, num_classes: int = NUM_CLASSES) -> SiteView:
+    """An imaging site for `data.inputs = "image+clinical"`: every image's pixels followed by
+    its patient's clin_* values (fedir.models.fuse), unscaled (scale_rows standardises the
+    clinical columns as the protocol says). The patient split is the images' (the clinical
+    table is split by the same hash, fedir.client.tabular); images of a patient with a
+    missing covariate are left out and counted."""
+    images = _imaging_view(site_dir, image_size, frame_policy, val, test, cache_dir, num_classes)
+    assert images.imaging is not None
+    table = read_tabular_site(site_dir, val_fraction=val, test_fraction=test, num_classes=num_classes)
+    rows = {p: x for split in ("train", "val", "test") for p, x in zip(table.split(split).patients, table.split(split).x)}
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+    left_out = 0
+    for split in ("train", "val", "test"):
+        part = images.imaging.split(split)
+        keep = [p in rows for p in part.patients]
+        left_out += keep.count(False)
+        kept = [p for p, k in zip(part.patients, keep) if k]
+        clinical = torch.from_numpy(np.asarray([rows[p] for p in kept], dtype=np.float32).reshape(-1, len(table.features)))
+        index = torch.tensor(keep, dtype=torch.bool)
+        parts[split] = (fuse(part.images[index], clinical), part.labels[index], kept)
+    skipped = Counter(images.skipped)
+    if left_out:
+        skipped["image of a patient with a missing clinical value"] += left_out
+    return SiteView(
+        name=images.name, tabular=False,
+        train_x=parts["train"][0], train_y=parts["train"][1],
+        test_x=parts["test"][0], test_y=parts["test"][1], test_patients=parts["test"][2],
+        val_x=parts["val"][0], val_y=parts["val"][1], val_patients=parts["val"][2],
+        label_counts=images.label_counts, skipped=skipped, features=table.features, imaging=images.imaging,
+        acquired=images.acquired, n_clinical=len(table.features), clinical_train=table.train.x,
+    )
+
+
+def check_fused_site(site_dir: str, kind: str = "classification") -> None:
+    """`data.inputs = "image+clinical"` needs images and clin_* columns at every site: ManifestError otherwise."""
+    columns = manifest_columns(site_dir)
+    if is_tabular_site(site_dir) or "path" not in columns:
+        raise ManifestError(f"{site_dir}: data.inputs = {FUSED_INPUTS} needs images, and this manifest has no path column",
+                            f"data.inputs = {FUSED_INPUTS} needs images, and this site's manifest has no path column")
+    if not any(c.startswith(CLINICAL_PREFIX) for c in columns):
+        raise ManifestError(f"{site_dir}: data.inputs = {FUSED_INPUTS} needs clin_* columns, and this manifest has none",
+                            f"data.inputs = {FUSED_INPUTS} needs clin_* columns, and this site's manifest has none")
+    if kind != "classification":
+        raise ManifestError(f"{site_dir}: data.inputs = {FUSED_INPUTS} classifies; task.kind = {kind!r}",
+                            f"data.inputs = {FUSED_INPUTS} classifies; task.kind = {kind!r}")
+
+
 def check_manifest(site_dir: str, inputs: str, kind: str = "classification", num_classes: int = NUM_CLASSES) -> None:
     """Read the site's manifest as `load_view` would, without decoding an image: the
     ManifestError the site would raise on its first message (a simulation checks every
     site so before starting Flower)."""
+    if inputs == FUSED_INPUTS:
+        check_fused_site(site_dir, kind)
+        read_manifest(site_dir, num_classes, kind)
+        read_tabular_site(site_dir, kind=kind, num_classes=num_classes)
+        return
     if inputs != "radiomics" and (inputs == "clinical" or is_tabular_site(site_dir)):
         read_tabular_site(site_dir, kind=kind, num_classes=num_classes)
         acquired_by_patient(site_dir)
@@ -282,3 +348,19 @@ def scaler(
 
 def scaled(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(standardise(x.numpy(), mean, std))
+
+
+def scale_rows(settings: Settings, config: ConfigRecord, site: SiteView, x: torch.Tensor,
+               own: FeatureSums | None = None) -> torch.Tensor:
+    """`x` with its clinical columns standardised as the protocol says (`scaler`): every
+    column of a tabular site's rows, the last `n_clinical` of fused rows (with the site's
+    per-patient training sums as its own statistics), an image's pixels never. `own`: the
+    statistics `data.standardise = "site"` uses (default: the site's training rows')."""
+    if not len(x) or not (site.tabular or site.n_clinical):
+        return x
+    stats = own or site.train_sums()
+    assert stats is not None
+    if site.tabular:
+        return scaled(x, *scaler(settings, config, stats))
+    pixels = x.shape[1] - site.n_clinical
+    return torch.cat([x[:, :pixels], scaled(x[:, pixels:].contiguous(), *scaler(settings, config, stats))], dim=1)

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 
 from fedir.client.arms import training_rows
-from fedir.client.inputs import SiteView, scaled, scaler
+from fedir.client.inputs import SiteView, scale_rows
 from fedir.client.objectives import Objective, ObjectiveParams, build_objective
 from fedir.client.smote import oversampled
 from fedir.client.training import TrainConfig
@@ -25,12 +25,13 @@ from fedir.protocol import FeatureSums
 def local_rows(settings: Settings, site: SiteView, config: ConfigRecord, context: Context,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(x, y, n_synthetic): the rows this node trains on under its arm; tabular features
-    standardised as the protocol says (the federation's statistics, or these rows' own);
+    standardised as the protocol says (the federation's statistics, or these rows' own; fused
+    rows' clinical columns with the site's training patients' own: fedir.client.inputs.scale_rows);
     under `train.smote`, synthetic minority rows appended (fedir.client.smote), counted so
     that the site reports only its real patients."""
     x, y = training_rows(settings, site, context)
-    if site.tabular and len(x):
-        x = scaled(x, *scaler(settings, config, FeatureSums.of(x.numpy())))
+    if len(x):  # a tabular site's rows with these rows' own statistics; fused rows' clinical columns
+        x = scale_rows(settings, config, site, x, FeatureSums.of(x.numpy()) if site.tabular else None)
     if not settings.train_smote:
         return x, y, 0
     if not site.tabular:

@@ -36,7 +36,8 @@ ImageModel = Literal["resnet_small", "resnet10", "resnet18", "densenet121", "bas
 TabularModel = Literal["logreg", "mlp"]
 ModelName = Literal["auto", ImageModel, TabularModel]
 FramePolicy = Literal["mip", "middle", "all", "peak", "volume"]  # and every-K (K >= 1)
-Inputs = Literal["auto", "clinical", "radiomics"]
+Inputs = Literal["auto", "clinical", "radiomics", "image+clinical"]
+FUSED_INPUTS = "image+clinical"  # the image network's embedding and the clin_* columns (fedir.models.FusionNet)
 Standardise = Literal["federated", "site", "none"]
 ThresholdRule = Literal["youden", "fixed"]
 Personalise = Literal["none", "intercept", "finetune"]
@@ -176,7 +177,10 @@ class Settings:
                                         Bounds(0, 1, low_open=True, high_open=True))
     data_inputs: Inputs = setting(
         "auto", "auto (images, or the table of a tabular site) | clinical (clin_* columns only) | radiomics (IBSI "
-        "first-order and GLCM features of each 2D image, a tabular model on them; fedir.client.radiomics)")
+        "first-order and GLCM features of each 2D image, a tabular model on them; fedir.client.radiomics) | "
+        "image+clinical (the image network's embedding concatenated with the standardised clin_* columns, one "
+        "linear head; every site's test set then gets the per-input sensitivity analysis, "
+        "fedir.client.input_sensitivity)")
     data_standardise: Standardise = setting(
         "federated", "tabular features: federated (from every site's n / sum / sum of squares) | "
         "site (each site's own statistics) | none (the rows as they are: FLamby's Fed-TCGA-BRCA protocol)")
@@ -206,6 +210,12 @@ class Settings:
         "year", "drift over time: each site with an `acquired` manifest column reports its test patients' "
         "AUC per year | quarter of acquisition (small periods suppressed), and the summary tests for a trend; "
         "a site without the column reports none; off = no site reports (fedir.client.drift)")
+    eval_sensitivity_repeats: int = setting(
+        5, "data.inputs = image+clinical: seeded permutations of each clinical variable within a site's test "
+        "patients; the variable's AUC drop is their mean (fedir.client.input_sensitivity)", AT_LEAST_1)
+    eval_sensitivity_blur: float = setting(
+        4.0, "data.inputs = image+clinical: the Gaussian sigma, in pixels, of the blurred image the sensitivity "
+        "analysis scores beside a blank one", POSITIVE)
     bias_alpha: float = setting(0.01, "significance level of the bias tests", Bounds(0, 1, low_open=True, high_open=True))
     bias_min_cramers_v: float = setting(0.2, "site-label association: Cramer's V that raises the alarm", UNIT)
     bias_max_auc_gap: float = setting(0.05, "pooled minus within-site AUC (and its 95% CI above 0)", AT_LEAST_0)
@@ -416,10 +426,29 @@ def check_combinations(settings: Settings) -> None:
             f"train.patience = {settings.train_patience} stops when the validation AUC stops improving: "
             f"it needs eval.select = \"val-auc\", not {settings.eval_select!r}")
     check_freeze(settings)
+    check_fused(settings)
     n_sites = len(settings.sites)
     if n_sites and settings.federation_min_sites > n_sites:
         raise SettingsError(f"federation.min-sites = {settings.federation_min_sites} is more than the "
                             f"{n_sites} site(s) federation.sites lists")
+
+
+def check_fused(settings: Settings) -> None:
+    """What `data.inputs = "image+clinical"` cannot use: a fused row is an image's pixels then
+    its patient's clin_* values (fedir.client.inputs), so the 2D views of the semi-supervised
+    objectives and SMOTE's tabular rows do not apply; the fused model classifies."""
+    if settings.data_inputs != FUSED_INPUTS:
+        return
+    refused = {
+        "task.kind": (settings.task_kind != "classification", "classification"),
+        "train.objective": (settings.train_objective != "supervised", "supervised"),
+        "train.smote": (settings.train_smote, "false"),
+        "model.name": (settings.model_name in ("logreg", "mlp", "basic_unet"), "auto or an image network"),
+    }
+    for key, (bad, choose) in refused.items():
+        if bad:
+            value = getattr(settings, key.replace(".", "_").replace("-", "_"))
+            raise SettingsError(f"data.inputs = {FUSED_INPUTS!r} cannot use {key} = {value!r}; set {key} = {choose}")
 
 
 def check_task(settings: Settings) -> None:

@@ -607,28 +607,34 @@ def paired_auc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np
 
     Both models are scored on each resample of the same patients, so the interval is that
     of the difference, narrower than two separate intervals when the models agree on who
-    is hard. Returns ``{"auc_a", "auc_b", "difference", "difference_ci", "n", "reason"}``;
+    is hard. `scores_b` may be (R, n), R scorings of the same rows (R permutations of an
+    input, fedir.client.input_sensitivity): then AUC(b) is the mean of their R AUCs, on
+    every resample too. Returns ``{"auc_a", "auc_b", "difference", "difference_ci",
+    "difference_se", "n", "reason"}`` (``difference_se``: the resamples' standard deviation);
     the CI is None (with a reason) when fewer than half of the resamples hold both classes.
     """
     y = np.asarray(labels).astype(int).reshape(-1)
-    a, b = (np.asarray(s, dtype=float).reshape(-1) for s in (scores_a, scores_b))
-    if not (y.size == a.size == b.size):
-        raise ValueError(f"labels and the two score vectors differ in length: {y.size}, {a.size}, {b.size}")
-    out: dict = {"auc_a": None, "auc_b": None, "difference": None, "difference_ci": None, "n": int(y.size),
-                 "reason": None}
+    a = np.asarray(scores_a, dtype=float).reshape(-1)
+    b = np.atleast_2d(np.asarray(scores_b, dtype=float))
+    if not (y.size == a.size == b.shape[1]):
+        raise ValueError(f"labels and the two score vectors differ in length: {y.size}, {a.size}, {b.shape[1]}")
+    out: dict = {"auc_a": None, "auc_b": None, "difference": None, "difference_ci": None, "difference_se": None,
+                 "n": int(y.size), "reason": None}
     if y.size == 0 or y.min() == y.max():
         out["reason"] = "one class only: no AUC"
         return out
-    out["auc_a"], out["auc_b"] = _exact_auc(y, a), _exact_auc(y, b)
+    out["auc_a"] = _exact_auc(y, a)
+    out["auc_b"] = float(np.mean([_exact_auc(y, row) for row in b]))
     out["difference"] = out["auc_a"] - out["auc_b"]
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(y.size, np.full(y.size, 1.0 / y.size), size=n_boot).astype(float)
-    diffs = _weighted_aucs(y, a, weights) - _weighted_aucs(y, b, weights)
+    diffs = _weighted_aucs(y, a, weights) - np.mean([_weighted_aucs(y, row, weights) for row in b], axis=0)
     usable = diffs[np.isfinite(diffs)]
     if usable.size < MIN_USABLE_FRACTION * n_boot:
         out["reason"] = f"only {usable.size} of {n_boot} resamples held both classes"
     else:
         out["difference_ci"] = _percentile_ci(usable)
+        out["difference_se"] = float(np.std(usable, ddof=1))
     return out
 
 

@@ -45,7 +45,7 @@ def resolve_model(name: str, tabular: bool, kind: str = "classification") -> str
 
 
 def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
-                spatial_dims: int = 2, n_outputs: int = NUM_CLASSES) -> nn.Module:
+                spatial_dims: int = 2, n_outputs: int = NUM_CLASSES, fused_image_size: int = 0) -> nn.Module:
     """A classifier with `n_outputs` outputs (two by default; one, a risk score, for a
     survival task: fedir.tasks' `n_outputs`): a MONAI 2D (or, with spatial_dims=3, 3D) network for
     one-channel images, or, for a tabular site (`logreg`, `mlp`), a small torch model over
@@ -56,8 +56,15 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
     0.3 M parameters) trains at about 240 images/s at 128x128 on one CPU core, which is
     what keeps the CPU demo within minutes; the larger ones are for GPUs. `auto` is
     `resolve_model`'s choice, tabular when there are features.
+
+    `fused_image_size` > 0 (`data.inputs = "image+clinical"`): the image network `name` with
+    its head replaced by a FusionNet head over its embedding and the `n_features` clinical
+    columns, for square (or cubic) images of that side.
     """
     _seed(seed)
+    if fused_image_size > 0:
+        encoder = build_model(AUTO_MODEL[False] if name == "auto" else name, seed, 0, spatial_dims, n_outputs)
+        return FusionNet(encoder, n_features, (1,) + (fused_image_size,) * spatial_dims, n_outputs)
     name = AUTO_MODEL[n_features > 0] if name == "auto" else name
     if name in TABULAR_MODELS:
         return build_tabular_model(name, n_features, n_outputs)
@@ -80,6 +87,53 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
     if name == "densenet121":
         return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=n_outputs)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+class FusionNet(nn.Module):
+    """Late fusion: an image network's embedding concatenated with clinical covariates, then
+    one linear head (`data.inputs = "image+clinical"`).
+
+    The input is one row per image, (B, P + F): the image's P pixels (flattened from
+    `image_shape`, (1, S, S) or (1, S, S, S)) then its patient's F standardised clin_* values,
+    so the site's training loop, batching and scoring treat it as they treat any tensor.
+    `encoder` is a MONAI classifier (fedir.models.build_model) whose head (its last
+    nn.Linear, head_name) is replaced by nn.Identity: its output is the embedding, (B, D).
+    `head` (nn.Linear(D + F, n_outputs)) is then the model's last Linear, so head_name,
+    train.freeze's encoder, the embedding moments (fedir.client.embedding: the fused vector)
+    and the intercept all find it.
+    """
+
+    def __init__(self, encoder: nn.Module, n_clinical: int, image_shape: tuple[int, ...],
+                 n_outputs: int = NUM_CLASSES) -> None:
+        super().__init__()
+        if n_clinical <= 0:
+            raise ValueError(f"a fused model needs clinical columns (got {n_clinical})")
+        old_head = head_name(encoder)
+        linear = encoder.get_submodule(old_head)
+        assert isinstance(linear, nn.Linear)
+        width = linear.in_features
+        encoder.set_submodule(old_head, nn.Identity())
+        self.image = encoder
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.n_pixels = int(np.prod(self.image_shape))
+        self.n_clinical = int(n_clinical)
+        self.head = nn.Linear(width + self.n_clinical, n_outputs)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (B, *image_shape), clinical (B, F)) of fused rows (B, P + F)."""
+        if x.dim() != 2 or x.shape[1] != self.n_pixels + self.n_clinical:
+            raise ValueError(f"fused rows must be (B, {self.n_pixels} + {self.n_clinical}), got {tuple(x.shape)}")
+        return x[:, : self.n_pixels].reshape(-1, *self.image_shape), x[:, self.n_pixels :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images, clinical = self.split(x)
+        embedding = self.image(images).flatten(1)
+        return self.head(torch.cat([embedding, clinical.to(embedding.dtype)], dim=1))
+
+
+def fuse(images: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+    """FusionNet's input rows: images (N, 1, *spatial) and clinical (N, F) -> (N, P + F) float32."""
+    return torch.cat([images.flatten(1).float(), clinical.float()], dim=1)
 
 
 def _seed(seed: int) -> None:

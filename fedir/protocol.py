@@ -57,6 +57,9 @@ CONFIG_KEY = "config"  # the round's settings (Flower's strategies' `configrecor
 WEIGHT_KEY = "num-examples"
 CARD_KEY = "data-card"
 DRIFT_KEY = "drift"  # a site's test metrics per acquisition period (fedir.client.drift), as JSON
+# a fused model's per-input AUC drops at the site (fedir.client.input_sensitivity), as JSON
+# (not "sensitivity": a site's metrics already name one so)
+SENSITIVITY_KEY = "input_sensitivity"
 EMBEDDING_KEY = "embedding"
 
 MISSING = -1.0
@@ -408,7 +411,7 @@ def _get_split(rec: MetricRecord, site_rec: ConfigRecord, prefix: str, kind: str
 def encode_evaluation(
     site: str, metrics: Mapping[str, Any], embedding: EmbeddingMoments | None = None,
     val: Mapping[str, Any] | None = None, drift: Mapping[str, Any] | None = None,
-    kind: str = "classification",
+    kind: str = "classification", sensitivity: Mapping[str, Any] | None = None,
 ) -> RecordDict:
     """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict (`kind` =
     "survival" / "segmentation": fedir.tasks' survival_metrics / segmentation_metrics dicts; a
@@ -422,6 +425,8 @@ def encode_evaluation(
     evaluation reply. `drift` (fedir.client.drift.period_metrics: period labels and their
     aggregates, never a date) rides as JSON in the ConfigRecord, whose keys may differ
     across sites, because each site has its own periods; absent under eval.drift-period = off.
+    `sensitivity` (fedir.client.input_sensitivity: per input the AUC drop with its CI, under
+    data.inputs = image+clinical) rides so too, checked by check_sensitivity.
     """
     if kind == "classification" and "classes" in metrics:  # task.classes > 2: its own metric set
         kind = MULTICLASS
@@ -429,6 +434,8 @@ def encode_evaluation(
     site_rec = ConfigRecord({"name": site, TASK_KEY: kind})
     if drift is not None:
         site_rec[DRIFT_KEY] = json.dumps(check_drift(drift))
+    if sensitivity is not None:
+        site_rec[SENSITIVITY_KEY] = json.dumps(check_sensitivity(sensitivity))
     _put_split(rec, site_rec, "", metrics, kind)
     rec[_VAL_PREFIX + "ok"] = 0 if val is None else 1
     if val is not None:
@@ -454,6 +461,8 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
         out[VAL_KEY] = _get_split(rec, site_rec, _VAL_PREFIX, kind)
     if DRIFT_KEY in site_rec:
         out[DRIFT_KEY] = check_drift(json.loads(str(site_rec[DRIFT_KEY])))
+    if SENSITIVITY_KEY in site_rec:
+        out[SENSITIVITY_KEY] = check_sensitivity(json.loads(str(site_rec[SENSITIVITY_KEY])))
     if EMBEDDING_KEY in content.array_records:
         arrays = content.array_records[EMBEDDING_KEY]
         out["embedding"] = EmbeddingMoments(
@@ -503,11 +512,56 @@ def check_drift(drift: Mapping[str, Any]) -> dict[str, Any]:
     return {"unit": drift["unit"], "periods": periods, "reason": reason}
 
 
-def _unit_interval(value: object, key: str) -> float:
+def _unit_interval(value: object, key: str, what: str = "drift") -> float:
     number = _number(value, key)
     if not 0.0 <= number <= 1.0:
-        raise ValueError(f"drift: {key} {number} is outside [0, 1]")
+        raise ValueError(f"{what}: {key} {number} is outside [0, 1]")
     return number
+
+
+_SENSITIVITY_FIELDS = ("n_patients", "positives", "auc", "repeats", "blur", "inputs", "reason")
+_SENSITIVITY_INPUT = ("input", "change", "auc", "drop", "drop_ci", "drop_se")
+_SENSITIVITY_NAME = re.compile(r"clin_[A-Za-z0-9_]{1,64}")
+SENSITIVITY_CHANGES = {"permuted": _SENSITIVITY_NAME, "blank": re.compile("image"), "blurred": re.compile("image")}
+
+
+def check_sensitivity(sensitivity: Mapping[str, Any]) -> dict[str, Any]:
+    """A site's sensitivity entry as it may cross: exactly ``_SENSITIVITY_FIELDS``, counts as
+    integers, AUCs in [0, 1] or null, and per input exactly ``_SENSITIVITY_INPUT``: a clin_*
+    column name (the names the feature query already shares) permuted, or "image" blank or
+    blurred; a drop in [-1, 1] with its CI and standard error, or nulls. Both sides call it,
+    so that no score, identifier or stray field can pass: ValueError names what is wrong."""
+    what = "sensitivity"
+    if set(sensitivity) != set(_SENSITIVITY_FIELDS):
+        raise ValueError(f"{what}: expected exactly {', '.join(_SENSITIVITY_FIELDS)}")
+    inputs: list[dict[str, Any]] = []
+    for entry in sensitivity["inputs"]:
+        if not isinstance(entry, Mapping) or set(entry) != set(_SENSITIVITY_INPUT):
+            raise ValueError(f"{what}: an input must carry exactly {', '.join(_SENSITIVITY_INPUT)}")
+        change, name = entry["change"], entry["input"]
+        pattern = SENSITIVITY_CHANGES.get(change) if isinstance(change, str) else None
+        if pattern is None or not isinstance(name, str) or not pattern.fullmatch(name):
+            raise ValueError(f"{what}: input {str(name)[:70]!r} changed {str(change)[:20]!r} is not a clin_* column "
+                             "permuted or the image blank or blurred")
+        drop, ci, se = entry["drop"], entry["drop_ci"], entry["drop_se"]
+        if drop is not None and not -1.0 <= _number(drop, "drop") <= 1.0:
+            raise ValueError(f"{what}: drop {drop} is outside [-1, 1]")
+        inputs.append({
+            "input": name, "change": change,
+            "auc": None if entry["auc"] is None else _unit_interval(entry["auc"], "auc", what),
+            "drop": None if drop is None else _number(drop, "drop"),
+            "drop_ci": None if ci is None else [_number(v, "drop_ci") for v in _numbers(ci, "drop_ci")[:2]],
+            "drop_se": None if se is None else abs(_number(se, "drop_se")),
+        })
+    reason = sensitivity["reason"]
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError(f"{what}: reason must be text or null")
+    auc = sensitivity["auc"]
+    return {"n_patients": int(_number(sensitivity["n_patients"], "n_patients")),
+            "positives": int(_number(sensitivity["positives"], "positives")),
+            "auc": None if auc is None else _unit_interval(auc, "auc", what),
+            "repeats": int(_number(sensitivity["repeats"], "repeats")),
+            "blur": _number(sensitivity["blur"], "blur"), "inputs": inputs, "reason": reason}
 
 
 def encode_training(

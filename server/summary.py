@@ -7,7 +7,8 @@ validation rows exactly as the ServerApp chose it; the round of ``model.pt``): t
 ``per_patient``, the primary level, its ECE and reliability rows; the pooled one with the
 bound of its AUC's binning error), the decision threshold they were counted at and how it
 was chosen (``threshold``), drift over time (``drift``: each site's per-period AUCs and
-their trend, fedir.strategies.drift_trend), and the bias verdict. A metric that could not be computed is
+their trend, fedir.strategies.drift_trend), a fused model's per-input sensitivity analysis
+(``sensitivity``, fedir.strategies.input_sensitivity), and the bias verdict. A metric that could not be computed is
 null, and the site's ``reasons`` say why, so a reader never mistakes a missing number for
 a bad one.
 """
@@ -20,9 +21,11 @@ from typing import Any
 
 from fedir.config import MEAN_AGGREGATORS
 from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS, SCORE_SUMS, calibration
+from fedir.protocol import SENSITIVITY_KEY
 from fedir.server.checklist import build_checklist, run_settings
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.strategies.drift_trend import pooled_trend, site_trend
+from fedir.strategies.input_sensitivity import pooled_sensitivity
 from fedir.strategies.privacy_budget import ACCOUNTANT
 from fedir.strategies.selection import EarlyStopped, Selection
 from fedir.tasks import task_of
@@ -83,6 +86,7 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "threshold": (threshold_entry(evaluated, sites) if classes == 2
                       else decision_entry(classes, run["config"].get("task.decision", "argmax"))),
         "drift": drift_entry(evaluated, sites, run["config"]),
+        "sensitivity": sensitivity_entry(evaluated, sites, run["config"]),
         "bias": _verdict(store, run_id, last_eval),
         "privacy": privacy_entry(store, run_id, run["config"]),
         "nodes": store.nodes(run_id),
@@ -348,6 +352,28 @@ def drift_entry(evaluated: dict[str, dict], sites: list[str], config: dict) -> d
     else:
         out["per_site"] = {site: {**drift, "trend": site_trend(drift)} for site, drift in reported.items()}
         out["pooled"] = pooled_trend(reported)
+    return out
+
+
+def sensitivity_entry(evaluated: dict[str, dict], sites: list[str], config: dict) -> dict:
+    """A fused model's sensitivity analysis at the selected round: ``{"inputs", "per_site",
+    "pooled", "reason"}``. ``per_site`` holds what each site sent (fedir.client.input_sensitivity:
+    its test patients' AUC and, per input changed, the AUC drop with its patient-bootstrap CI),
+    ``pooled`` the drop per input across sites with its ranking (fedir.strategies.input_sensitivity).
+    ``reason`` says why there is none: the model reads one kind of input, or nothing was evaluated."""
+    inputs = config.get("data.inputs", "auto")
+    out: dict[str, Any] = {"inputs": inputs, "per_site": {}, "pooled": None, "reason": None}
+    reported = {site: (evaluated.get(site) or {}).get(SENSITIVITY_KEY) for site in sites}
+    reported = {site: entry for site, entry in reported.items() if entry is not None}
+    if "+" not in str(inputs):
+        out["reason"] = f"data.inputs = {inputs}: the model reads one kind of input"
+    elif not evaluated:
+        out["reason"] = NOT_COMPUTED
+    elif not reported:
+        out["reason"] = "no site sent a sensitivity analysis"
+    else:
+        out["per_site"] = reported
+        out["pooled"] = pooled_sensitivity(reported)
     return out
 
 

@@ -120,8 +120,10 @@ def _evaluation_content(settings: Settings, grid: InProcessGrid, out: Path, summ
     """The evaluate message a site would get for the run's selected (saved) model."""
     views = _views(settings)
     tabular = bool(views) and views[0].tabular
+    fused = bool(views) and views[0].n_clinical > 0  # data.inputs = image+clinical
     model = build_model(resolve_model(settings.model_name, tabular=tabular),
-                        n_features=views[0].n_features if tabular else 0, spatial_dims=settings.spatial_dims)
+                        n_features=views[0].n_features if tabular or fused else 0, spatial_dims=settings.spatial_dims,
+                        fused_image_size=settings.model_image_size if fused else 0)
     state = torch.load(out / "model.pt", weights_only=True)
     model.load_state_dict(state)
     arrays = encode_weights(state_arrays(model), kept=kept_keys(model, settings), dp=settings.dp)
@@ -136,9 +138,9 @@ def _views(settings: Settings) -> list[SiteView]:
 
 
 def _standardisation(settings: Settings) -> tuple[np.ndarray, np.ndarray] | None:
-    """The federation's feature statistics, as the server sends them to tabular sites."""
+    """The federation's feature statistics, as the server sends them to tabular (and fused) sites."""
     views = _views(settings)
-    if not views or not views[0].tabular or settings.data_standardise == "site":
+    if not views or not (views[0].tabular or views[0].n_clinical) or settings.data_standardise == "site":
         return None
     sums: list[FeatureSums] = [s for s in (v.train_sums() for v in views) if s is not None]
     return combine(sums).mean_std()

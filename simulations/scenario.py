@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from fedir.client.inputs import check_manifest, masked_rows
-from fedir.client.manifest import MANIFEST_NAME
-from fedir.config import SITE_SEPARATOR, Settings, SettingsError
+from fedir.client.manifest import MANIFEST_NAME, manifest_columns
+from fedir.client.tabular import CLINICAL_PREFIX
+from fedir.config import FUSED_INPUTS, SITE_SEPARATOR, Settings, SettingsError
 from fedir.errors import UserError
 
 
@@ -84,6 +85,12 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Settings:
         raise ScenarioError(f"{path}: {exc}") from None
     for site in settings.sites:  # each site's manifest error now, not after Flower starts
         check_manifest(site, settings.data_inputs, settings.task_kind, settings.task_classes)
+    if settings.data_inputs == FUSED_INPUTS:  # the coordinator refuses it too (fedir.server.feature_stats)
+        columns = {Path(site).name: [c for c in manifest_columns(site) if c.startswith(CLINICAL_PREFIX)]
+                   for site in settings.sites}
+        if len({tuple(c) for c in columns.values()}) > 1:
+            raise ScenarioError(f"{path}: data.inputs = {FUSED_INPUTS!r} needs the same clin_* columns at every site; "
+                                + "; ".join(f"{site}: {', '.join(c)}" for site, c in columns.items()))
     if settings.task_kind == "segmentation" and not any(masked_rows(site) for site in settings.sites):
         raise ScenarioError(f"{path}: task.kind = \"segmentation\" needs masks, and no site's manifest names one "
                             "(a `mask` column; `fedir data synth --masks` writes them)")

@@ -663,6 +663,18 @@ def _patient(rng: np.random.Generator, site: int, index: int, confound: float,
     }
 
 
+NULL_COVARIATE = "clin_null"  # --null-covariate: a clinical column that does not drive the label
+NULL_STREAM = 7_919  # its own random stream: the images and every other value stay as without it
+
+
+def null_covariate(seed: int, site: int, index: int) -> float:
+    """A patient's `clin_null`: N(50, 10), rounded to 0.1, from a generator of its own
+    (seeded by the federation seed, site, patient and NULL_STREAM), independent of the label
+    and of everything `_patient` draws, so that the sensitivity analysis of a fused model has
+    an input known to carry nothing (benchmarks/fusion_sensitivity.py)."""
+    return round(float(np.random.default_rng([seed, site, index, NULL_STREAM]).normal(50.0, 10.0)), 1)
+
+
 def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[dict]:
     """Generate and write one patient's images; return its manifest rows."""
     rng = np.random.default_rng([params["seed"], site, index])
@@ -692,8 +704,10 @@ def _write_patient(site_dir: Path, site: int, index: int, params: dict) -> list[
             "label": patient["manifest_label"],
             "clin_age": patient["age"],
             "clin_sex": patient["sex"],
-            "acquired": patient["acquired"],
         }
+        if params.get("null_covariate"):
+            row[NULL_COVARIATE] = null_covariate(params["seed"], site, index)
+        row["acquired"] = patient["acquired"]
         if "mask_fraction" in params:
             row.update(_write_masks(site_dir, ds, display, vessels, profile, params["mask_fraction"],
                                     f"{key}/{k}", f"{patient['patient_id']}_{k}"))
@@ -839,7 +853,7 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
                         image_size: int = 256, force: bool = False,
                         progress: bool = True, mask_fraction: float | None = None,
                         scanner_change: tuple[int, str] | None = None, grades: bool = False,
-                        outcome: bool = False) -> dict:
+                        outcome: bool = False, null_covariate: bool = False) -> dict:
     """Write (or reuse) a synthetic XA federation under `out`; return its federation.json.
 
     `patients` is per site. The returned dict holds the parameters and, per site, counts of
@@ -865,6 +879,10 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
     for a `task.kind = "survival"` study; the pixels are unchanged, and False writes none (the
     files of earlier versions, byte for byte). Each site's summary then counts `events` and
     `censored` patients.
+
+    `null_covariate`: every row also carries `clin_null` (NULL_COVARIATE, the function
+    null_covariate: drawn apart from the label and the images); False writes the files of
+    earlier versions, byte for byte.
     """
     if sites < 1 or patients < 1:
         raise BadParameter(f"sites and patients (--sites, --patients) must be at least 1, got {sites} and {patients}")
@@ -896,6 +914,8 @@ def generate_federation(out: str | Path, sites: int = 4, patients: int = 80, see
         params["grades"] = True
     if outcome:
         params["outcome"] = True
+    if null_covariate:
+        params["null_covariate"] = True
     if not force and (cached := _cached(out, params)) is not None:
         return cached
     out.mkdir(parents=True, exist_ok=True)

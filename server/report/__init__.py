@@ -4,7 +4,8 @@ Written for the radiologist-researcher watching a study: the bias verdict first,
 the checklist of common errors with each item's status for this run, how each site's AUC
 moved over the rounds, the final per-site metrics with their confidence intervals, per
 patient first and per image beside, with the decision threshold and how it was chosen
-(and the clinical-only baseline beside them, when the run asked for one), each site's
+(and the clinical-only baseline beside them, when the run asked for one), a fused model's
+sensitivity analysis (each input's AUC drop, per site and pooled), each site's
 calibration (reliability counts, ECE), the test AUC per acquisition period with its trend
 test (drift over time), how scores and labels are spread over the sites, what each bias
 signal saw and the numbers behind each test, where the first model came from (random, or
@@ -30,6 +31,7 @@ from fedir.server.report.multiclass import multiclass_section
 from fedir.server.report.overview import notes_section, summary_section
 from fedir.server.report.render import render
 from fedir.server.report.segmentation import segmentation_section
+from fedir.server.report.sensitivity import sensitivity_section
 from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
 from fedir.server.report.study import checklist_section, model_init_section
 from fedir.server.report.survival import survival_section
@@ -67,6 +69,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         sites_section(store, run_id, rows, summary),
         calibration_section(summary),
         baseline_section(with_baseline),
+        sensitivity_section(with_baseline),
         distributions_section(store, run_id, summary),
         drift_section(summary["drift"]),
         bias_section(summary["bias"]),
