@@ -46,7 +46,7 @@ from fedir.client.training import pick_device, predict
 from fedir.config import Settings
 from fedir.errors import UserError
 from fedir.metrics import paired_auc_difference, patient_scores
-from fedir.models import build_model, kept_keys, resolve_model, state_arrays
+from fedir.models import build_model, kept_keys, projection_dim, resolve_model, state_arrays
 from fedir.protocol import ARRAYS_KEY, CONFIG_KEY, RUN_ID_KEY, FeatureSums, combine, encode_round_config, encode_weights
 from fedir.server.server_app import run_study
 from fedir.simulations.companion import clinical_settings
@@ -111,7 +111,8 @@ def _evaluation_content(settings: Settings, grid: InProcessGrid, out: Path, summ
     views = _views(settings)
     tabular = bool(views) and views[0].tabular
     model = build_model(resolve_model(settings.model_name, tabular=tabular),
-                        n_features=views[0].n_features if tabular else 0, spatial_dims=settings.spatial_dims)
+                        n_features=views[0].n_features if tabular else 0, spatial_dims=settings.spatial_dims,
+                        projection=projection_dim(settings))
     state = torch.load(out / "model.pt", weights_only=True)
     model.load_state_dict(state)
     arrays = encode_weights(state_arrays(model), kept=kept_keys(model, settings), dp=settings.dp)
