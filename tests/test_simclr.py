@@ -170,6 +170,8 @@ def test_a_pretraining_round_trains_and_its_model_is_the_next_studys_init(federa
     assert train_rows["global"]["auc"] is None
     site = train_rows["per_site"][train_rows["sites"][0]]
     assert site["reasons"]["auc"] == NOT_SCORED
+    html = (pre_out / "report.html").read_text()
+    assert "Self-supervised pretraining" in html and "view match" in html
     pretrained = torch.load(pre_out / "model.pt", weights_only=True)
     assert any(k.startswith(PROJECTION + ".") for k in pretrained)
     assert not torch.equal(pretrained["conv1.weight"], build_model("resnet_small", seed=0).state_dict()["conv1.weight"])
@@ -193,6 +195,7 @@ def test_a_pretraining_round_trains_and_its_model_is_the_next_studys_init(federa
     assert init["from"] == "checkpoint" and all(k.endswith("num_batches_tracked") for k in counters)
     assert {d["key"] for d in init["dropped"]} - counters == {k for k in pretrained if k.startswith(PROJECTION)}
     assert json.loads((fine_out / "summary.json").read_text())["pretraining"] is None
+    assert "Self-supervised pretraining" not in (fine_out / "report.html").read_text()
 
 
 # ---- refusals ------------------------------------------------------------------------------------
