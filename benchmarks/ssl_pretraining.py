@@ -131,8 +131,11 @@ def run_seed(seed: int, root: Path, args: argparse.Namespace) -> dict:
             ids, scores, labels = per_patient(scored(out / "model.pt", test), test[1], test[2])
             patient_scores[arm] = scores
             init = summary["model_init"]
+            pooled = (summary["global"] or {}).get("per_patient") or {}
             cell[arm] = {"wall_s": wall, "selected_round": summary["selection"]["round"],
                          "val_auc": summary["selection"]["score"],
+                         # fedir's own pooled per-patient test AUC (each site scores after AdaBN)
+                         "study_test_auc": pooled.get("auc"), "study_test_auc_ci": pooled.get("auc_ci"),
                          "model_init": {k: init.get(k) for k in ("from", "n_loaded", "n_new", "n_dropped")},
                          "test_patients": len(ids), "test_positives": int(labels.sum())}
         d = paired_auc_difference(labels, patient_scores["simclr"], patient_scores["random"], n_boot=1000, seed=seed)
