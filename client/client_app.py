@@ -34,12 +34,14 @@ from fedir.client.inputs import SiteView, scale_rows, view_of
 from fedir.client.kept_state import load_global, reply_arrays
 from fedir.client.local_training import local_rows, round_recipe
 from fedir.client.manifest import ManifestError
+from fedir.client.objectives import ObjectiveParams, SimCLR
 from fedir.client.personalise import personalised
+from fedir.client.pretraining import NOT_SCORED, pretraining_metrics
 from fedir.client.secure_aggregation import secure_aggregation_mod
 from fedir.client.site import SiteUnusable
 from fedir.client.training import pick_device, predict, train
 from fedir.config import Settings
-from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_shapes
+from fedir.models import as_tensors, build_model, kept_keys, projection_dim, resolve_model, state_shapes
 from fedir.protocol import (
     decode_cross_site_models,
     decode_instruction,
@@ -92,7 +94,8 @@ def _model_from(arrays: ArrayRecord, context: Context, settings: Settings, view:
     """The model to train or evaluate, with the site's own normalisation layers under FedBN."""
     model = build_model(resolve_model(settings.model_name, view.tabular, settings.task_kind), n_features=view.n_features,
                         spatial_dims=settings.spatial_dims, n_outputs=task_of(settings.task_kind).n_outputs(settings.task_classes),
-                        fused_image_size=settings.model_image_size if view.n_clinical else 0)
+                        fused_image_size=settings.model_image_size if view.n_clinical else 0,
+                        projection=projection_dim(settings))
     received = as_tensors(decode_weights(arrays, state_shapes(model)))  # DP's shapes undone
     load_global(model, received, context.state, kept_keys(model, settings))
     return model
@@ -183,6 +186,32 @@ def _sensitivity(settings: Settings, config, site: SiteView, model, x, labels, p
                              seed=settings.round_seed(decode_round_config(config).server_round))
 
 
+def _pretraining_evaluation(settings: Settings, site: SiteView, config, model) -> RecordDict:
+    """The evaluation reply of a pretraining study (train.objective = simclr; what it
+    reports: fedir.client.pretraining): the pretraining metrics of the validation and test
+    images, labelled or not, the embedding's moments over the test images (per class where
+    labelled), and the classification metric sets empty, their reasons saying why."""
+    seed = settings.round_seed(decode_round_config(config).server_round)
+    objective = SimCLR(ObjectiveParams(temperature=settings.train_temperature, seed=seed))
+    device = pick_device()
+    splits = {}
+    for split in ("test", "val"):
+        x, _, _ = site.split(split)
+        splits[split] = pretraining_metrics(model, x, device, objective)
+    moments = None
+    if settings.bias_embedding:
+        x, y, _ = site.split("test")
+        _, features = predict_with_embedding(model, x, device)
+        moments = embedding_moments(features, *embedding_groups(settings.task_kind, y.numpy(), settings.task_classes))
+    empty = torch.zeros(0, dtype=torch.int64).numpy(), torch.zeros(0).numpy(), []
+    unscored = [_metrics(settings, config, site, *empty, intervals=False) for _ in range(2)]
+    for metrics in unscored:
+        for level in (metrics, metrics.get("per_patient") or {}):
+            level["reasons"] = {name: NOT_SCORED for name in level.get("reasons", {})}
+    return encode_evaluation(site.name, unscored[0], moments, unscored[1], kind=settings.task_kind,
+                             pretraining=splits)
+
+
 def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp. Settings come from the run config Flower delivers, unless given
     here (`fedir simulate` builds the apps from a scenario file). `mods` are Flower client
@@ -224,6 +253,7 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
             skipped=site.skipped,
             card=None if site.imaging is None else card_once(context, site.imaging, settings),
             foreground=site.foreground,
+            weight=result.weight - synthetic,
         )
         site_state.persist(context, site_dir_of(context, settings).resolve(), config, cache_dir_of(context))
         return Message(content=content, reply_to=msg)
@@ -231,6 +261,8 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
         settings, site, config, model = evaluation_model(msg.content, context, fixed)
+        if settings.train_objective == "simclr":  # nothing to score with labels (fedir.client.pretraining)
+            return Message(content=_pretraining_evaluation(settings, site, config, model), reply_to=msg)
         x, labels, patients = scored_rows(settings, site, config)
         moments = None
         if settings.task_kind != "survival" and settings.bias_embedding:  # moments per class

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fedir.client.training import autocast, positive_probability, to_device
+from fedir.models import head_name
 from fedir.protocol import EmbeddingMoments
 from fedir.tasks.segmentation_metrics import FOREGROUND
 
@@ -37,11 +38,14 @@ MIN_COUNT = 5
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
-    """The classifier head: the last `nn.Linear` of the model (its input is the embedding)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no linear layer whose input could be the embedding")
-    return linears[-1]
+    """The classifier head (fedir.models.head_name: the last `nn.Linear` outside a SimCLR
+    projection head); its input is the embedding."""
+    try:
+        head = dict(model.named_modules())[head_name(model)]
+    except ValueError:
+        raise ValueError(f"{type(model).__name__} has no linear layer whose input could be the embedding") from None
+    assert isinstance(head, nn.Linear)
+    return head
 
 
 def _capture(model: nn.Module, captured: list[torch.Tensor]):

@@ -33,6 +33,7 @@ from torch import nn
 
 from fedir.client.augment import Transform, strong_view, weak_view
 from fedir.config import Augment
+from fedir.models import PROJECTION, head_name
 from fedir.tasks import task_of
 
 
@@ -47,6 +48,7 @@ class ObjectiveParams:
     ema_decay: float = 0.99  # mean teacher: teacher <- decay * teacher + (1 - decay) * student
     mixup_alpha: float = 0.0  # MixUp of the labelled batch, lambda ~ Beta(alpha, alpha); 0 = off
     augment: Augment = "none"  # "weak": the labelled 2D images get the weak view (Settings default)
+    temperature: float = 0.5  # SimCLR: temperature of the NT-Xent loss
     seed: int = 0
 
 
@@ -55,6 +57,9 @@ class Objective(Protocol):
 
     name: ClassVar[str]
     uses_unlabelled: ClassVar[bool]
+    # True: the objective reads no label; the training loop's batches are every image of the
+    # split, labelled or not (SimCLR), and the update's weight is their count
+    label_free: ClassVar[bool]
 
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
@@ -90,6 +95,8 @@ def mixed_cross_entropy(
 class _Base:
     """What every objective shares: the labelled batch (weak view under augment = "weak",
     then MixUp'ed when mixup_alpha > 0), its loss, and the seeded generators."""
+
+    label_free: ClassVar[bool] = False
 
     def __init__(self, params: ObjectiveParams = ObjectiveParams()) -> None:
         self.params = params
@@ -263,8 +270,76 @@ class MeanTeacher(_Base):
                 t.copy_(s)
 
 
+def projected(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding (B, D), projection (B, P)) of a batch: the features the classifier layer
+    receives (fedir.models.head_name, caught by a forward pre-hook, as
+    fedir.client.embedding does) and the projection head's output on them (a model built
+    with fedir.models.add_projection_head)."""
+    captured: list[torch.Tensor] = []
+    head = dict(model.named_modules())[head_name(model)]
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    features = captured[0].flatten(1)
+    projection = getattr(model, PROJECTION, None)
+    if projection is None:
+        raise ValueError("train.objective = simclr needs the model's projection head "
+                         "(fedir.models.build_model(projection=...))")
+    return features, projection(features)
+
+
+class SimCLR(_Base):
+    """SimCLR (Chen et al. 2020): two strong views of every image (fedir's X-ray physics
+    augmentations, fedir.client.augment.strong_view), one forward pass over both, and
+    MONAI's NT-Xent loss (`monai.losses.ContrastiveLoss`: cosine similarity over
+    temperature, each view's partner the positive, the batch's other 2B - 2 views the
+    negatives) on the projection head's outputs (fedir.models.add_projection_head).
+
+    Labels are never read (`label_free`): the training loop batches every image of the
+    site's training split, labelled or not. What is learned for the next study is the
+    encoder; the projection head is dropped when model.pt becomes its model.init.
+    """
+
+    name: ClassVar[str] = "simclr"
+    uses_unlabelled: ClassVar[bool] = False  # no separate unlabelled batch: every image is in the batch
+    label_free: ClassVar[bool] = True
+
+    def __init__(self, params: ObjectiveParams = ObjectiveParams(), view: Transform | None = None) -> None:
+        super().__init__(params)
+        # MONAI here, not at import: a tabular site's ClientApp never needs it (fedir.models.build_model)
+        from monai.losses import ContrastiveLoss
+
+        self.view = view or strong_view()
+        self.criterion = ContrastiveLoss(temperature=params.temperature)
+
+    def views(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two independent strong views of a (B, 1, H, W) batch."""
+        return self.view(x, generator), self.view(x, generator)
+
+    @staticmethod
+    def pair_projections(model: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projections (float32) of two aligned batches, in one forward pass over both."""
+        _, z = projected(model, torch.cat([a, b]))
+        z_a, z_b = z.float().chunk(2)
+        return z_a, z_b
+
+    def pair_loss(self, model: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """NT-Xent of the projections of two aligned batches (a[i] and b[i] a positive pair)."""
+        return self.criterion(*self.pair_projections(model, a, b))
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor | None
+    ) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError("train.objective = simclr augments 2D images (B, 1, H, W); "
+                             f"got a batch of shape {tuple(x.shape)}")
+        return self.pair_loss(model, *self.views(x, self.generator(x.device)))
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Supervised, FixMatch, MeanTeacher)
+    cls.name: cls for cls in (Supervised, FixMatch, MeanTeacher, SimCLR)
 }
 
 

@@ -63,6 +63,12 @@ class TrainResult:
     steps: int
     n_labelled: int
     n_unlabelled: int
+    n_trained: int = -1  # the rows the steps drew from: the update's weight (-1: n_labelled)
+
+    @property
+    def weight(self) -> int:
+        """The update's weight in the federation's average: the rows it was trained on."""
+        return self.n_labelled if self.n_trained < 0 else self.n_trained
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -88,7 +94,9 @@ def train(
     One epoch is one pass over the labelled images; each step also draws
     `unlabelled_ratio` x the batch size of unlabelled images for an objective that uses
     them, and calls the objective's `after_step` after the optimiser step. A site
-    with no labelled image does not step and reports zero steps.
+    with no labelled image does not step and reports zero steps. A `label_free`
+    objective (SimCLR) reads no label: an epoch is one pass over every image, labelled or
+    not, and the result's `n_trained` counts them all.
 
     With `freeze_encoder` (train.freeze, fedir.client.local_training.round_recipe) the
     encoder's parameters (fedir.models.encoder_names) get no gradient and are not in the
@@ -98,14 +106,18 @@ def train(
     if objective.uses_unlabelled and images.dim() == 5:
         raise ValueError(f"objective {getattr(objective, 'name', objective)!r}: its augmentations are 2D; "
                          "train 3D volumes with objective = supervised")
+    label_free = getattr(objective, "label_free", False)
     labelled = labels >= 0 if labels.dim() == 1 else torch.ones(labels.shape[0], dtype=torch.bool)
+    counted = int(labelled.sum()), int((~labelled).sum())  # what the site reports, whatever trains
+    if label_free:
+        labelled = torch.ones(labels.shape[0], dtype=torch.bool)
     x_lab = to_device(images[labelled], device)
     y_lab = to_device(labels[labelled], device)
     x_unl = to_device(images[~labelled] if unlabelled is None else unlabelled, device)
     n_lab, n_unl = int(x_lab.shape[0]), int(x_unl.shape[0])
     model.to(device).train()
     if n_lab == 0:
-        return TrainResult(loss=float("nan"), steps=0, n_labelled=0, n_unlabelled=n_unl)
+        return TrainResult(loss=float("nan"), steps=0, n_labelled=counted[0], n_unlabelled=counted[1], n_trained=0)
     if config.freeze_encoder:
         frozen = encoder_names(model)
         for name, p in model.named_parameters():
@@ -133,7 +145,8 @@ def train(
         objective.after_step(model)
         total += loss.detach().float()
         steps += 1
-    return TrainResult(loss=float(total) / steps, steps=steps, n_labelled=n_lab, n_unlabelled=n_unl)
+    return TrainResult(loss=float(total) / steps, steps=steps, n_labelled=counted[0], n_unlabelled=counted[1],
+                       n_trained=n_lab)
 
 
 # `train.optimizer` (fedir.config.Optimizer, checked when the settings are read) -> torch's class

@@ -29,7 +29,8 @@ SITE_SEPARATOR = ";"
 Arm = Literal["federated", "local", "pooled"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
                        "fedmedian", "fedtrimmedavg", "krum"]
-ObjectiveName = Literal["supervised", "fixmatch", "mean_teacher"]
+# simclr: self-supervised pretraining on every image, labels unused (fedir.client.objectives.SimCLR)
+ObjectiveName = Literal["supervised", "fixmatch", "mean_teacher", "simclr"]
 Optimizer = Literal["adamw", "sgd"]
 UpdateDtype = Literal["float32", "float16"]
 ImageModel = Literal["resnet_small", "resnet10", "resnet18", "densenet121", "basic_unet"]
@@ -152,7 +153,8 @@ class Settings:
     train_objective: ObjectiveName = setting(
         "supervised", "what a site minimises: supervised, or a semi-supervised objective that also "
         "uses unlabelled images (fedir.client.objectives; for task.kind = segmentation the same names per "
-        "pixel on the frames without a mask, fedir.client.segmentation_objectives)")
+        "pixel on the frames without a mask, fedir.client.segmentation_objectives), or simclr: contrastive "
+        "pretraining on every image, labels unused, whose model.pt is the next study's model.init")
     train_seed: int = setting(0, "seed of the initial model and of every round's draws")
     train_optimizer: Optimizer = setting("adamw", "the local optimiser")
     train_update_dtype: UpdateDtype = setting("float32", "precision of the weights a site sends")
@@ -243,6 +245,11 @@ class Settings:
         1.0, "fixmatch / mean_teacher: weight of the unlabelled loss", AT_LEAST_0)
     train_unlabelled_ratio: int = setting(1, "unlabelled images per labelled image in a step (mu)", AT_LEAST_1)
     train_ema_decay: float = setting(0.99, "mean_teacher: EMA decay of the teacher", DECAY)
+    train_temperature: float = setting(
+        0.5, "simclr: temperature of the NT-Xent contrastive loss (MONAI ContrastiveLoss)", POSITIVE)
+    train_projection_dim: int = setting(
+        64, "simclr: output width of the projection head (an MLP on the encoder's embedding, dropped "
+        "when model.pt is the next study's model.init; fedir.models.add_projection_head)", AT_LEAST_1)
     train_mixup_alpha: float = setting(0.0, "MixUp of the labelled batch, Beta(alpha, alpha); 0 = off", AT_LEAST_0)
     train_augment: Augment = setting(
         "weak", "augmentation of every objective's labelled 2D images: weak (FixMatch's weak view, a small "
@@ -427,6 +434,7 @@ def check_combinations(settings: Settings) -> None:
             f"it needs eval.select = \"val-auc\", not {settings.eval_select!r}")
     check_freeze(settings)
     check_fused(settings)
+    check_simclr(settings)
     n_sites = len(settings.sites)
     if n_sites and settings.federation_min_sites > n_sites:
         raise SettingsError(f"federation.min-sites = {settings.federation_min_sites} is more than the "
@@ -535,6 +543,34 @@ def check_classes(settings: Settings) -> None:
             raise SettingsError(f"task.classes = {settings.task_classes} cannot use {key} = "
                                 f"{getattr(settings, key.replace('.', '_').replace('-', '_'))!r} (it scores a binary "
                                 f"positive-class probability); set {key} = {choose}")
+
+
+def check_simclr(settings: Settings) -> None:
+    """`train.objective = simclr` pretrains an image encoder without labels: what reads
+    labels, a class score or a decision threshold cannot serve it, so it is refused naming
+    the setting. Its sites score no classifier, so no validation AUC can choose the round
+    (eval.select = last: the last round's encoder is the result, as SimCLR's is); tabular
+    rows have no views (data.inputs = clinical here, a tabular federation at the
+    coordinator before round 1: fedir.models.resolve_model); 3D volumes are refused with
+    every objective but supervised (check_combinations)."""
+    if settings.train_objective != "simclr":
+        return
+    refused = {
+        "eval.select": (settings.eval_select != "last", "last"),
+        "data.inputs": (settings.data_inputs == "clinical", "auto"),
+        "train.mixup-alpha": (settings.train_mixup_alpha > 0, "0"),
+        "train.freeze": (settings.train_freeze != "none", "none"),
+        "train.personalise": (settings.train_personalise != "none", "none"),
+        "train.smote": (settings.train_smote, "false"),
+        "bias.cross-site": (settings.bias_cross_site, "false"),
+        "baseline.clinical": (settings.baseline_clinical, "false"),
+    }
+    for key, (bad, choose) in refused.items():
+        if bad:
+            raise SettingsError(
+                f"train.objective = \"simclr\" pretrains an image encoder without labels and cannot use {key} = "
+                f"{getattr(settings, key.replace('.', '_').replace('-', '_'))!r} (no classifier is trained or "
+                f"scored); set {key} = {choose}")
 
 
 def check_freeze(settings: Settings) -> None:

@@ -45,7 +45,8 @@ def resolve_model(name: str, tabular: bool, kind: str = "classification") -> str
 
 
 def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
-                spatial_dims: int = 2, n_outputs: int = NUM_CLASSES, fused_image_size: int = 0) -> nn.Module:
+                spatial_dims: int = 2, n_outputs: int = NUM_CLASSES, fused_image_size: int = 0,
+                projection: int = 0) -> nn.Module:
     """A classifier with `n_outputs` outputs (two by default; one, a risk score, for a
     survival task: fedir.tasks' `n_outputs`): a MONAI 2D (or, with spatial_dims=3, 3D) network for
     one-channel images, or, for a tabular site (`logreg`, `mlp`), a small torch model over
@@ -59,12 +60,21 @@ def build_model(name: str = "resnet_small", seed: int = 0, n_features: int = 0,
 
     `fused_image_size` > 0 (`data.inputs = "image+clinical"`): the image network `name` with
     its head replaced by a FusionNet head over its embedding and the `n_features` clinical
-    columns, for square (or cubic) images of that side.
+    columns, for square (or cubic) images of that side. `projection` > 0 (a
+    `train.objective = simclr` study: projection_dim) adds the projection head
+    (add_projection_head) after the network is built, so every other weight is the one the
+    same seed gives without it.
     """
-    _seed(seed)
     if fused_image_size > 0:
-        encoder = build_model(AUTO_MODEL[False] if name == "auto" else name, seed, 0, spatial_dims, n_outputs)
-        return FusionNet(encoder, n_features, (1,) + (fused_image_size,) * spatial_dims, n_outputs)
+        encoder = _network(AUTO_MODEL[False] if name == "auto" else name, seed, 0, spatial_dims, n_outputs)
+        model: nn.Module = FusionNet(encoder, n_features, (1,) + (fused_image_size,) * spatial_dims, n_outputs)
+    else:
+        model = _network(name, seed, n_features, spatial_dims, n_outputs)
+    return add_projection_head(model, projection) if projection else model
+
+
+def _network(name: str, seed: int, n_features: int, spatial_dims: int, n_outputs: int) -> nn.Module:
+    _seed(seed)
     name = AUTO_MODEL[n_features > 0] if name == "auto" else name
     if name in TABULAR_MODELS:
         return build_tabular_model(name, n_features, n_outputs)
@@ -157,13 +167,52 @@ def build_tabular_model(name: str, n_features: int, n_outputs: int = NUM_CLASSES
     return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, n_outputs))
 
 
+# ---- the projection head of contrastive pretraining (train.objective = simclr) ---------------
+
+PROJECTION = "projection"  # the module name of the projection head: its state-dict keys start "projection."
+
+
+def projection_dim(settings: Settings) -> int:
+    """The projection head's width for this study's model: `train.projection-dim` under
+    `train.objective = simclr`, else 0 (no head). Server and sites both build with it."""
+    return settings.train_projection_dim if settings.train_objective == "simclr" else 0
+
+
+def add_projection_head(model: nn.Module, dim: int) -> nn.Module:
+    """SimCLR's projection head (Chen et al. 2020): Linear(D, D), ReLU, Linear(D, dim) on the
+    embedding, the D features the classifier layer (head_name) receives, registered as the
+    submodule `projection` (keys `projection.0.*`, `projection.2.*`).
+
+    The network's own forward never calls it, so the model still maps an image to its class
+    logits; the contrastive objective (fedir.client.objectives.SimCLR) feeds it the
+    embedding. It is federated like every other weight during pretraining and saved in
+    model.pt; a fine-tuning study built without it (any other objective) drops those keys
+    when model.pt is its model.init (fedir.server.model_init reports them as dropped: "no
+    such entry in the model"), so the projection head never reaches the fine-tuned model.
+    """
+    width = _embedding_width(model)
+    model.add_module(PROJECTION, nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim)))
+    return model
+
+
+def _embedding_width(model: nn.Module) -> int:
+    head = dict(model.named_modules())[head_name(model)]
+    assert isinstance(head, nn.Linear)
+    return head.in_features
+
+
+def _in_projection(name: str) -> bool:
+    return name == PROJECTION or name.startswith(PROJECTION + ".")
+
+
 # ---- the encoder and the head (train.freeze) -----------------------------------------------
 
 def head_name(model: nn.Module) -> str:
     """The module name of the final classifier layer: the last `nn.Linear` (`fc` of MONAI's
     ResNet, `class_layers.out` of its DenseNet121, `2` of the MLP, `""` for logistic
-    regression, which is all head). Its input is the embedding fedir.client.embedding hooks."""
-    heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    regression, which is all head), never one of the projection head's (add_projection_head).
+    Its input is the embedding fedir.client.embedding hooks."""
+    heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _in_projection(name)]
     if not heads:
         raise ValueError(f"{type(model).__name__} has no Linear classifier layer")
     return heads[-1]
@@ -175,9 +224,10 @@ def _in_head(name: str, head: str) -> bool:
 
 def encoder_names(model: nn.Module) -> set[str]:
     """The parameter names of the encoder: every parameter but the head's (head_name), i.e.
-    everything that feeds the embedding. What `train.freeze = "encoder"` freezes."""
+    everything that feeds the embedding (not a projection head, which the embedding feeds).
+    What `train.freeze = "encoder"` freezes."""
     head = head_name(model)
-    return {name for name, _ in model.named_parameters() if not _in_head(name, head)}
+    return {name for name, _ in model.named_parameters() if not _in_head(name, head) and not _in_projection(name)}
 
 
 def encoder_norm_layers(model: nn.Module) -> list[nn.Module]:
@@ -207,7 +257,8 @@ def norm_keys(model: nn.Module) -> set[str]:
 
 def intercept_key(model: nn.Module) -> str:
     """The state-dict key of the output layer's bias: the last Linear layer's bias."""
-    heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    heads = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m.bias is not None and not _in_projection(name)]
     if not heads:
         raise ValueError("train.personalise = intercept: the model has no Linear output layer with a bias")
     return f"{heads[-1]}.bias" if heads[-1] else "bias"

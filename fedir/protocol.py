@@ -14,6 +14,7 @@ image, an identifier or a per-patient value.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ DRIFT_KEY = "drift"  # a site's test metrics per acquisition period (fedir.clien
 # a fused model's per-input AUC drops at the site (fedir.client.input_sensitivity), as JSON
 # (not "sensitivity": a site's metrics already name one so)
 SENSITIVITY_KEY = "input_sensitivity"
+# a pretraining study's evaluation (fedir.client.pretraining): per split, as JSON in the ConfigRecord
+PRETRAINING_KEY = "pretraining"
+PRETRAINING_COUNTS = ("n_images",)
+PRETRAINING_SCALARS = ("contrastive_loss", "contrastive_chance", "view_match")
+PRETRAINING_SPLITS = ("test", "val")
 EMBEDDING_KEY = "embedding"
 
 MISSING = -1.0
@@ -412,6 +418,7 @@ def encode_evaluation(
     site: str, metrics: Mapping[str, Any], embedding: EmbeddingMoments | None = None,
     val: Mapping[str, Any] | None = None, drift: Mapping[str, Any] | None = None,
     kind: str = "classification", sensitivity: Mapping[str, Any] | None = None,
+    pretraining: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RecordDict:
     """A site's `fedir.metrics.site_metrics` dicts -> the reply's RecordDict (`kind` =
     "survival" / "segmentation": fedir.tasks' survival_metrics / segmentation_metrics dicts; a
@@ -427,11 +434,17 @@ def encode_evaluation(
     across sites, because each site has its own periods; absent under eval.drift-period = off.
     `sensitivity` (fedir.client.input_sensitivity: per input the AUC drop with its CI, under
     data.inputs = image+clinical) rides so too, checked by check_sensitivity.
+    `pretraining` (a pretraining study's, fedir.client.pretraining.pretraining_metrics of
+    the "test" and "val" images) rides as JSON beside it; the reply's weight is then the
+    test images' count (its classification sets score no row).
     """
     if kind == "classification" and "classes" in metrics:  # task.classes > 2: its own metric set
         kind = MULTICLASS
-    rec = MetricRecord({WEIGHT_KEY: int(metrics["n"])})
+    weight = int(metrics["n"]) if pretraining is None else int(check_pretraining(pretraining)["test"]["n_images"])
+    rec = MetricRecord({WEIGHT_KEY: weight})
     site_rec = ConfigRecord({"name": site, TASK_KEY: kind})
+    if pretraining is not None:
+        site_rec[PRETRAINING_KEY] = json.dumps(check_pretraining(pretraining))
     if drift is not None:
         site_rec[DRIFT_KEY] = json.dumps(check_drift(drift))
     if sensitivity is not None:
@@ -463,6 +476,11 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
         out[DRIFT_KEY] = check_drift(json.loads(str(site_rec[DRIFT_KEY])))
     if SENSITIVITY_KEY in site_rec:
         out[SENSITIVITY_KEY] = check_sensitivity(json.loads(str(site_rec[SENSITIVITY_KEY])))
+    if PRETRAINING_KEY in site_rec:  # flat beside each split's metrics: the run store keeps every scalar
+        pretraining = check_pretraining(json.loads(str(site_rec[PRETRAINING_KEY])))
+        out.update(pretraining["test"])
+        if VAL_KEY in out:
+            out[VAL_KEY].update(pretraining["val"])
     if EMBEDDING_KEY in content.array_records:
         arrays = content.array_records[EMBEDDING_KEY]
         out["embedding"] = EmbeddingMoments(
@@ -471,6 +489,30 @@ def decode_evaluation(content: RecordDict) -> tuple[str, dict[str, Any]]:
             covs=arrays["covs"].numpy().astype(np.float64),
         )
     return str(site_rec["name"]), out
+
+
+def check_pretraining(pretraining: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A pretraining evaluation as it may cross: for each of PRETRAINING_SPLITS exactly its
+    image count (a non-negative int) and PRETRAINING_SCALARS (finite numbers or None);
+    a ValueError for anything else (a server refuses a malformed reply)."""
+    if set(pretraining) != set(PRETRAINING_SPLITS):
+        raise ValueError(f"pretraining: splits {sorted(pretraining)}, expected {list(PRETRAINING_SPLITS)}")
+    out: dict[str, dict[str, Any]] = {}
+    for split in PRETRAINING_SPLITS:
+        entry = pretraining[split]
+        if set(entry) != {*PRETRAINING_COUNTS, *PRETRAINING_SCALARS}:
+            raise ValueError(f"pretraining {split}: keys {sorted(entry)}")
+        n = entry["n_images"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"pretraining {split}: n_images must be a count, got {n!r}")
+        values: dict[str, Any] = {"n_images": n}
+        for name in PRETRAINING_SCALARS:
+            value = entry[name]
+            values[name] = None if value is None else _number(value, name)
+            if value is not None and not math.isfinite(values[name]):
+                raise ValueError(f"pretraining {split}: {name} is not finite")
+        out[split] = values
+    return out
 
 
 DRIFT_UNITS = ("year", "quarter")
@@ -577,9 +619,11 @@ def encode_training(
     skipped: Mapping[str, int],
     card: Mapping[str, Any] | None = None,
     foreground: ForegroundCounts | None = None,
+    weight: int | None = None,
 ) -> RecordDict:
     """A site's training reply: its update (`arrays`, from encode_weights), the weight of
-    the update, its loss, and its data counts.
+    the update (`weight`: the rows it trained on; None = n_labelled, which a label-free
+    objective such as SimCLR does not train on alone), its loss, and its data counts.
 
     `label_counts` (labelled training patients per class) is what the server's
     site-label association test needs; `skipped` counts unreadable files by reason (never paths).
@@ -590,7 +634,7 @@ def encode_training(
     """
     rec = MetricRecord(
         {
-            WEIGHT_KEY: int(n_labelled),
+            WEIGHT_KEY: int(n_labelled if weight is None else weight),
             "train-loss": MISSING if loss is None else float(loss),
             "train-loss-ok": 0 if loss is None else 1,
             "steps": int(steps),

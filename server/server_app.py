@@ -22,9 +22,9 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
-from fedir.config import FUSED_INPUTS, MEAN_AGGREGATORS, Settings
+from fedir.config import FUSED_INPUTS, MEAN_AGGREGATORS, Settings, SettingsError
 from fedir.errors import StudyFailed, UserError
-from fedir.models import as_tensors, build_model, kept_keys, resolve_model, state_arrays, state_shapes
+from fedir.models import as_tensors, build_model, kept_keys, projection_dim, resolve_model, state_arrays, state_shapes
 from fedir.protocol import VAL_KEY, EmbeddingMoments, decode_weights, encode_weights
 from fedir.server.checkpoint import (
     CHECKPOINT_NAME,
@@ -333,6 +333,9 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     # Tabular sites: the feature names and federated statistics come first (a query), and
     # with them the kind of data, which `model.name` must fit before round 1.
     features = gather_feature_sums(grid, min_nodes)
+    if settings.train_objective == "simclr" and features.sums is not None:
+        raise SettingsError("train.objective = \"simclr\" pretrains an image encoder on views of images, but the "
+                            "sites hold tabular rows (no views to contrast); choose train.objective = \"supervised\"")
     # data.inputs = image+clinical: imaging sites answer with their clin_* sums, and the model
     # is the image network fused with that many clinical columns (fedir.models.FusionNet)
     fused = settings.data_inputs == FUSED_INPUTS
@@ -343,7 +346,8 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
                         seed=settings.train_seed, n_features=len(features.names),
                         spatial_dims=settings.spatial_dims,
                         n_outputs=task_of(settings.task_kind).n_outputs(settings.task_classes),
-                        fused_image_size=settings.model_image_size if fused else 0)
+                        fused_image_size=settings.model_image_size if fused else 0,
+                        projection=projection_dim(settings))
     if resumed is None and settings.model_init:
         # transfer learning: the checkpoint's weights are round 0's global model (a resumed
         # run continues from its own checkpoint; the report stays in the store)

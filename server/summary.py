@@ -21,7 +21,7 @@ from typing import Any
 
 from fedir.config import MEAN_AGGREGATORS
 from fedir.metrics import CONFUSION_COUNTS, SCALAR_METRICS, SCORE_SUMS, calibration
-from fedir.protocol import SENSITIVITY_KEY
+from fedir.protocol import PRETRAINING_SCALARS, PRETRAINING_SPLITS, SENSITIVITY_KEY
 from fedir.server.checklist import build_checklist, run_settings
 from fedir.server.runstore import GLOBAL_SITE, RunStore
 from fedir.strategies.drift_trend import pooled_trend, site_trend
@@ -92,9 +92,38 @@ def build_summary(store: RunStore, run_id: str) -> dict:
         "nodes": store.nodes(run_id),
         "notes": store.notes(run_id),
         "model_init": model_init_entry(store, run_id, run["config"]),
+        "pretraining": pretraining_entry(store, run_id, last_eval, sites, run["config"]),
     }
     summary["checklist"] = build_checklist(run["config"], summary)
     return summary
+
+
+def pretraining_entry(store: RunStore, run_id: str, server_round: int | None, sites: list[str],
+                      config: dict) -> dict | None:
+    """A pretraining study's result (train.objective = simclr; fedir.client.pretraining):
+    ``{"objective", "round", "per_site": {site: {"test": {...}, "val": {...}}}, "global"}``,
+    each split's ``n_images``, ``contrastive_loss``, ``contrastive_chance`` and
+    ``view_match``; ``global`` their means weighted by the images scored (null where no
+    site scored any). None for any other objective (its sites score a classifier)."""
+    if config.get("train.objective") != "simclr":
+        return None
+    out: dict[str, Any] = {"objective": "simclr", "round": server_round, "per_site": {}, "global": {},
+                           "use": "model.pt is the next study's model.init; its projection.* entries are dropped there"}
+    if server_round is None:
+        return out
+    for split in PRETRAINING_SPLITS:
+        rows = store.site_metrics(run_id, server_round, split=split)
+        for site in sites:
+            row = rows.get(site) or {}
+            out["per_site"].setdefault(site, {})[split] = {
+                "n_images": int(row.get("n_images") or 0),
+                **{name: row.get(name) for name in PRETRAINING_SCALARS}}
+        scored = [(e[split]["n_images"], e[split]) for e in out["per_site"].values()
+                  if e[split]["contrastive_loss"] is not None]
+        total = sum(n for n, _ in scored)
+        out["global"][split] = {"n_images": total, **{
+            name: (sum(n * e[name] for n, e in scored) / total if total else None) for name in PRETRAINING_SCALARS}}
+    return out
 
 
 def model_init_entry(store: RunStore, run_id: str, config: dict) -> dict:

@@ -52,7 +52,7 @@ from fedir.client.training import pick_device, predict
 from fedir.config import Settings
 from fedir.errors import UserError
 from fedir.metrics import paired_auc_difference, patient_scores
-from fedir.models import build_model, kept_keys, resolve_model, state_arrays
+from fedir.models import build_model, kept_keys, projection_dim, resolve_model, state_arrays
 from fedir.protocol import ARRAYS_KEY, CONFIG_KEY, RUN_ID_KEY, FeatureSums, combine, encode_round_config, encode_weights
 from fedir.server.server_app import run_study
 from fedir.simulations.companion import clinical_settings, radiomics_settings
@@ -123,7 +123,7 @@ def _evaluation_content(settings: Settings, grid: InProcessGrid, out: Path, summ
     fused = bool(views) and views[0].n_clinical > 0  # data.inputs = image+clinical
     model = build_model(resolve_model(settings.model_name, tabular=tabular),
                         n_features=views[0].n_features if tabular or fused else 0, spatial_dims=settings.spatial_dims,
-                        fused_image_size=settings.model_image_size if fused else 0)
+                        fused_image_size=settings.model_image_size if fused else 0, projection=projection_dim(settings))
     state = torch.load(out / "model.pt", weights_only=True)
     model.load_state_dict(state)
     arrays = encode_weights(state_arrays(model), kept=kept_keys(model, settings), dp=settings.dp)

@@ -33,7 +33,7 @@ from fedir.server.report.render import render
 from fedir.server.report.segmentation import segmentation_section
 from fedir.server.report.sensitivity import sensitivity_section
 from fedir.server.report.sites import calibration_section, distributions_section, sites_section, training_section
-from fedir.server.report.study import checklist_section, model_init_section
+from fedir.server.report.study import checklist_section, model_init_section, pretraining_section
 from fedir.server.report.survival import survival_section
 from fedir.server.runstore import RunStore
 from fedir.server.summary import build_summary
@@ -57,6 +57,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     if summary.get("classes", 2) > 2:  # K probabilities, an argmax: no threshold, calibration or 2-class histograms
         sections = [summary_section(summary, store.verdict_history(run_id)),
                     checklist_section(with_baseline["checklist"]), multiclass_section(rows, summary),
+                    pretraining_section(summary.get("pretraining")),
                     bias_section(summary["bias"]), model_init_section(summary["model_init"]),
                     training_section(rows, summary["sites"]), card_section(store.cards(run_id)),
                     notes_section(summary["notes"])]
@@ -72,6 +73,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
         sensitivity_section(with_baseline),
         distributions_section(store, run_id, summary),
         drift_section(summary["drift"]),
+        pretraining_section(summary.get("pretraining")),
         bias_section(summary["bias"]),
         model_init_section(summary["model_init"]),
         training_section(rows, summary["sites"]),

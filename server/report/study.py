@@ -1,5 +1,6 @@
-"""The report's study-design sections: where the first model came from (templates/model_init.html)
-and the checklist of common errors with each item's status for this run
+"""The report's study-design sections: where the first model came from (templates/model_init.html),
+a pretraining study's contrastive metrics (templates/pretraining.html), and the checklist of
+common errors with each item's status for this run
 (templates/checklist.html, fedir.server.checklist)."""
 
 from __future__ import annotations
@@ -34,3 +35,21 @@ def model_init_section(entry: dict) -> Markup:
         loaded=entry["loaded"], new=entry["new"], dropped=entry["dropped"], shown=shown,
         truncated=max(entry["n_loaded"], entry["n_new"], entry["n_dropped"]) > shown, freeze=freeze,
     )
+
+
+def pretraining_section(entry: dict | None) -> Markup:
+    """A simclr study's per-site and pooled contrastive metrics (summary.json `pretraining`);
+    nothing for any other study."""
+    if entry is None:
+        return Markup("")
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    sites = [*entry["per_site"].items(), ("pooled", entry["global"])]
+    rows = [{"site": site, "split": split, "n_images": splits[split]["n_images"],
+             "loss": cell(splits[split]["contrastive_loss"], ".3f"),
+             "chance": cell(splits[split]["contrastive_chance"], ".3f"),
+             "match": cell(splits[split]["view_match"], ".1%")}
+            for site, splits in sites for split in ("val", "test") if split in splits]
+    return render("pretraining.html", round=entry["round"], rows=rows)
