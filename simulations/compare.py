@@ -225,6 +225,11 @@ def compare(settings: Settings, out: Path, seeds: Sequence[int], arms: Sequence[
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise UserError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(ARMS)}")
+    if settings.task_kind != "classification" or settings.task_classes != 2:
+        study = (f"task.kind = {settings.task_kind!r}" if settings.task_kind != "classification"
+                 else f"task.classes = {settings.task_classes}")
+        raise UserError(f"fedir compare pairs the arms' per-patient AUCs of a binary classification; {study} is not "
+                        "compared yet: run each arm with fedir simulate (--set federation.arm=local|pooled)")
     out.mkdir(parents=True, exist_ok=True)
     all_label_sites = all_labels_federation(settings, out) if "all_labels" in arms else None
     if "all_labels" in arms and all_label_sites is None:

@@ -81,3 +81,18 @@ def test_local_and_pooled_arms_of_a_dp_scenario_run_without_aggregate_privacy(tm
     assert out.privacy_secure_aggregation == "off"
     kept = arm_settings(dp, "federated", None)
     assert (kept.privacy_dp, kept.privacy_max_epsilon) == ("server-fixed", 20.0)
+
+
+@pytest.mark.parametrize(("kind", "classes", "named"), [("survival", 2, "task.kind = 'survival'"),
+                                                          ("classification", 3, "task.classes = 3")])
+def test_compare_refuses_what_it_cannot_pair_before_any_run(tmp_path: Path, kind: str, classes: int,
+                                                             named: str) -> None:
+    """The paired per-patient AUC is a binary classification's: another task is one line, nothing run."""
+    from fedir.config import Settings
+    from fedir.errors import UserError
+
+    settings = Settings(federation_sites="a;b", task_kind=kind, task_classes=classes,
+                        model_name="logreg" if kind == "survival" else "auto")
+    with pytest.raises(UserError, match=named):
+        compare(settings, tmp_path / "out", [0], ["federated", "local"])
+    assert not (tmp_path / "out").exists()
