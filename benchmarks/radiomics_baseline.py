@@ -19,6 +19,7 @@ paired AUC differences with a patient bootstrap on the same patients (fedir.metr
 
     .venv/bin/python benchmarks/radiomics_baseline.py            # synthetic, then BreastMNIST
     .venv/bin/python benchmarks/radiomics_baseline.py --only synthetic
+    .venv/bin/python benchmarks/radiomics_baseline.py --labelled 0.1 --out benchmarks/results/radiomics_baseline_labelled10.json
 """
 
 from __future__ import annotations
@@ -45,23 +46,23 @@ COMMON = dict(model_name="resnet_small", train_rounds=5, train_local_epochs=2, e
               baseline_radiomics_steps=50, baseline_radiomics_lr=0.05)
 
 
-def synthetic(tmp: Path, patients: int, seed: int) -> tuple[Settings, dict]:
+def synthetic(tmp: Path, patients: int, seed: int, labelled: float) -> tuple[Settings, dict]:
     fed = tmp / "synthetic"
-    generate_federation(fed, sites=4, patients=patients, seed=0, unlabelled_fraction=0.0, image_size=64,
+    generate_federation(fed, sites=4, patients=patients, seed=0, unlabelled_fraction=1.0 - labelled, image_size=64,
                         progress=False)
     settings = Settings(federation_sites=";".join(str(fed / f"site-{i}") for i in range(4)),
                         model_image_size=64, train_seed=seed, **COMMON)
     return settings, {"data": "synthetic XA (fedir data synth)", "generator_version": GENERATOR_VERSION,
-                      "sites": 4, "patients_per_site": patients, "image_size": 64, "labelled": 1.0}
+                      "sites": 4, "patients_per_site": patients, "image_size": 64, "labelled": labelled}
 
 
-def breastmnist(tmp: Path, seed: int) -> tuple[Settings, dict]:
+def breastmnist(tmp: Path, seed: int, labelled: float) -> tuple[Settings, dict]:
     npz = DATA / "breastmnist.npz"
-    record = import_medmnist(npz, tmp / "breastmnist", sites=4, partition="iid", labelled_fraction=1.0, seed=0)
+    record = import_medmnist(npz, tmp / "breastmnist", sites=4, partition="iid", labelled_fraction=labelled, seed=0)
     settings = Settings(federation_sites=";".join(str(tmp / "breastmnist" / s) for s in record["per_site"]),
                         model_image_size=28, train_seed=seed, **COMMON)
     return settings, {"data": "BreastMNIST (../shared/data/medmnist/breastmnist.npz, official splits)",
-                      "sites": 4, "partition": "iid", "image_size": 28, "labelled": 1.0}
+                      "sites": 4, "partition": "iid", "image_size": 28, "labelled": labelled}
 
 
 def per_site_auc(run: Path) -> dict:
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["synthetic", "breastmnist"], default=None)
     parser.add_argument("--patients", type=int, default=80)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--labelled", type=float, default=1.0,
+                        help="share of the training patients labelled (the validation and test ones always are)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "radiomics_baseline.json")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -86,8 +89,8 @@ def main() -> None:
             continue
         start, load = time.time(), os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp:
-            settings, data = (synthetic(Path(tmp), args.patients, args.seeds[0]) if name == "synthetic"
-                              else breastmnist(Path(tmp), args.seeds[0]))
+            settings, data = (synthetic(Path(tmp), args.patients, args.seeds[0], args.labelled) if name == "synthetic"
+                              else breastmnist(Path(tmp), args.seeds[0], args.labelled))
             arms = ["federated", "clinical", "radiomics"] if name == "synthetic" else ["federated", "radiomics"]
             out = compare(settings, Path(tmp) / "compare", args.seeds, arms, progress=lambda line: print(line, flush=True))
             per_site = {str(seed): {arm: per_site_auc(Path(tmp) / "compare" / f"seed-{seed}" / arm) for arm in arms}
