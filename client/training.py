@@ -108,7 +108,8 @@ def train(
                          "train 3D volumes with objective = supervised")
     label_free = getattr(objective, "label_free", False)
     labelled = labels >= 0 if labels.dim() == 1 else torch.ones(labels.shape[0], dtype=torch.bool)
-    counted = int(labelled.sum()), int((~labelled).sum())  # what the site reports, whatever trains
+    # what the site reports, whatever trains (segmentation's unlabelled frames come apart)
+    counted = int(labelled.sum()), int((~labelled).sum()) if unlabelled is None else int(unlabelled.shape[0])
     if label_free:
         labelled = torch.ones(labels.shape[0], dtype=torch.bool)
     x_lab = to_device(images[labelled], device)
