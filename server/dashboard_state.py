@@ -12,7 +12,8 @@ The per-site table is formatted here exactly as the terminal table formats it
 (``summary.fmt_with_ci``), so the page and summary.json cannot disagree about a number.
 
 What a run shows depends on its task (``task.kind``, ``task.classes``) and is read from one
-table, ``VIEWS`` (``view_of`` picks the entry): the table's columns (``[key, heading]``), the
+table of ``KindView`` entries (``CLASSIFICATION``, ``MULTICLASS``, ``SURVIVAL``,
+``SEGMENTATION``; ``view_of`` picks one): the table's columns (``[key, heading]``), the
 plotted metrics, the run-store metrics behind the plots, the metric of the overview line
 (``metric`` and ``metric_name`` say what ``global_auc`` and ``auc_series`` hold), the pooled
 row's note. Binary classification is the default entry; its ``columns`` and ``metrics`` are

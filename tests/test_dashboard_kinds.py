@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from dashboard_harness import chromium, screenshot, served
 from test_multiclass import _federation
 
 from fedir.config import Settings
@@ -43,12 +44,19 @@ def _cells(summary: dict, detail: dict, level: str | None, metrics: tuple[str, .
                 assert rows[site][key] != "n/a", (site, key)
 
 
-def test_a_segmentation_run_shows_dice_and_hd95_per_site(tmp_path: Path) -> None:
-    generate_federation(tmp_path / "fed", sites=2, patients=10, seed=3, image_size=32, progress=False,
+@pytest.fixture(scope="module")
+def segmentation_run(tmp_path_factory) -> Path:
+    """A one-round segmentation study of two synthetic sites at 32 px, one masked frame per cine run."""
+    root = tmp_path_factory.mktemp("seg")
+    generate_federation(root / "fed", sites=2, patients=10, seed=3, image_size=32, progress=False,
                         mask_fraction=0.0)
-    (tmp_path / "seg.toml").write_text(SEGMENTATION)
-    run_inprocess(load_scenario(tmp_path / "seg.toml"), tmp_path / "run")
-    summary, line, detail = _state(tmp_path / "run")
+    (root / "seg.toml").write_text(SEGMENTATION)
+    run_inprocess(load_scenario(root / "seg.toml"), root / "run")
+    return root / "run"
+
+
+def test_a_segmentation_run_shows_dice_and_hd95_per_site(segmentation_run: Path) -> None:
+    summary, line, detail = _state(segmentation_run)
     assert summary["global"]["dice"] is not None
     assert [c[0] for c in detail["columns"]] == ["patients", "n_test", "dice", "hd95"]
     _cells(summary, detail, None, ("dice", "hd95"))
@@ -58,6 +66,31 @@ def test_a_segmentation_run_shows_dice_and_hd95_per_site(tmp_path: Path) -> None
     assert detail["threshold"] == "" and "patient-weighted" in detail["binning"]
     assert line["metric"] == "dice" and line["metric_name"] == "Dice"
     assert line["global_auc"] == pytest.approx(summary["global"]["dice"], abs=1e-4)
+
+
+def test_the_page_of_a_segmentation_run_heads_its_own_columns_and_marks_its_metric(segmentation_run: Path) -> None:
+    summary = json.loads((segmentation_run / "summary.json").read_text())
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        with served(segmentation_run) as url:
+            page.goto(url)
+            page.wait_for_selector('#site-table tr[data-site="global"]', timeout=0)
+            page.wait_for_function("(document.getElementById('site-plot').data || []).length > 0", timeout=0)
+            heads = page.locator("#site-table thead th").all_inner_texts()
+            assert heads == ["site", "patients", "images", "Dice [95% CI]", "HD95 px [95% CI]"]
+            row = page.locator('#site-table tr[data-site="global"]')
+            expected = fmt_with_ci(summary["global"]["dice"], summary["global"]["dice_ci"])
+            assert row.locator('[data-col="dice"] .value').inner_text() == expected
+            assert page.locator("#metric").input_value() == "dice"
+            assert "(Dice)" in page.locator("#runs tbody").inner_text()
+            page.select_option("#metric", "hd95")  # pixels: the axis follows the values, not 0..1
+            page.wait_for_function("document.getElementById('site-plot').layout.yaxis.title.text.startsWith('HD95')",
+                                   timeout=0)
+            assert page.evaluate("document.getElementById('site-plot').layout.yaxis.rangemode") == "tozero"
+            screenshot(page, "dashboard-segmentation-run")
+        assert not errors, errors
 
 
 def test_a_three_class_run_shows_the_macro_auc_and_balanced_accuracy(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ const TABLE_COLUMNS = ["patients", "patient_positives", "patient_auc", "patient_
   "patient_specificity", "ece", "n_test", "positives", "auc", "accuracy", "sensitivity", "specificity"];
 // A run of another task kind (survival, segmentation, K > 2 classes) sends its own table columns
 // ([key, heading] pairs), plotted metrics and the metrics not on a 0..1 scale (unbounded) with
-// its detail (server/dashboard_state.VIEWS); these defaults are the binary classification ones.
+// its detail (server/dashboard_state.view_of); these defaults are the binary classification ones.
 let defaultTableHead = null;
 const MAX_BANDS = 12; // above this many sites, per-site CI bands only for the site chosen
 const MAX_CHIPS = 24; // above this many sites, the ones that answered are listed on request
