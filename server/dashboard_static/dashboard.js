@@ -151,7 +151,7 @@ function renderRun(detail) {
   renderPrivacy(detail.privacy);
   renderVerdict(detail.verdict);
   renderRound(detail.round, run.sites.length);
-  renderControls(run.sites, Object.keys(detail.series.patient_auc || {}).length > 0, detail.metrics);
+  renderControls(run.sites, detail.series, detail.metrics);
   whenPlotly(renderPlots);
   renderTable(detail.table, run.selection.round, detail.columns);
   renderThreshold(detail);
@@ -243,15 +243,15 @@ function renderRound(round, nSites) {
   box.replaceChildren(...parts);
 }
 
-function renderControls(sites, perPatient, metrics) {
+function renderControls(sites, series, metrics) {
   const metric = document.getElementById("metric");
   const names = metrics || METRICS;
   const keys = Object.keys(names);
   if (Array.from(metric.options).map((o) => o.value).join("\n") !== keys.join("\n")) {
     metric.replaceChildren(...Object.entries(names).map(([key, name]) => el("option", { value: key }, name)));
     if (!metric.dataset.bound) { metric.addEventListener("change", () => whenPlotly(renderPlots)); metric.dataset.bound = "1"; }
-    // a run whose labels are per image has no per-patient series; another kind's first metric leads
-    metric.value = metrics ? keys[0] : (perPatient ? "patient_auc" : "auc");
+    // the first metric with a series leads: a run whose labels are per image has no per-patient one
+    metric.value = keys.find((key) => Object.keys(series[key] || {}).length > 0) || keys[0];
   }
   const focus = document.getElementById("site-focus");
   const wanted = ["", ...sites];
