@@ -11,33 +11,72 @@ provisional) with every round's provisional verdict, notes and site data cards.
 The per-site table is formatted here exactly as the terminal table formats it
 (``summary.fmt_with_ci``), so the page and summary.json cannot disagree about a number.
 
-A survival run (``task.kind = "survival"``) has no AUC: its overview line carries the pooled
-C-index (``metric`` names what ``global_auc`` and ``auc_series`` hold), and its detail sends
-its own table (``_survival_table``: patients, events, Harrell's and Uno's C with CIs), the
-table's ``columns`` and the plotted ``metrics``, which the page uses instead of its
-classification defaults.
+What a run shows depends on its task (``task.kind``, ``task.classes``) and is read from one
+table of ``KindView`` entries (``CLASSIFICATION``, ``MULTICLASS``, ``SURVIVAL``,
+``SEGMENTATION``; ``view_of`` picks one): the table's columns (``[key, heading]``), the
+plotted metrics, the run-store metrics behind the plots, the metric of the overview line
+(``metric`` and ``metric_name`` say what ``global_auc`` and ``auc_series`` hold), the pooled
+row's note. Binary classification is the default entry; its ``columns`` and ``metrics`` are
+None, meaning the page's own grouped classification head and plots.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedir.metrics import SCALAR_METRICS
 from fedir.server.runreader import ReadOnlyRunStore, StoreUnreadable, find_stores
 from fedir.server.runstore import GLOBAL_SITE, verdict_changes, verdict_is_final
-from fedir.server.summary import binning_line, build_summary, fmt_value, fmt_with_ci, key_numbers, threshold_line
+from fedir.server.summary import (
+    SEG_POOLED_LINE,
+    binning_line,
+    build_summary,
+    fmt_value,
+    fmt_with_ci,
+    key_numbers,
+    threshold_line,
+)
+from fedir.tasks.multiclass_metrics import MULTICLASS_SCALARS
+from fedir.tasks.segmentation_metrics import SEG_SCALARS
 from fedir.tasks.survival_metrics import SURVIVAL_SCALARS
 
 # Note kinds that mean a site's update or reply did not count this round.
 MISSING_KINDS = ("missing",)
 REJECTED_MARK = "reject"
 MAX_NOTES = 300  # the page lists the latest notes; a 1,000-site run can have many
-SURVIVAL = "survival"
-# A survival run's table columns and plotted metrics: (key, what the page heads it with)
-SURVIVAL_COLUMNS = (("n_test", "n test"), ("patients", "patients"), ("events", "events"),
-                    ("c_index", "C-index [95% CI]"), ("uno_c_index", "Uno's C [95% CI]"))
-SURVIVAL_PLOTS = {"c_index": "Harrell's C-index per patient", "uno_c_index": "Uno's C-index per patient"}
+
+
+@dataclass(frozen=True)
+class KindView:
+    """What the page shows of a run of one task kind.
+
+    Args:
+        columns: the per-site table's ``(key, heading)`` pairs, in order (the site column
+            first is the page's); None: the page's own classification head.
+        metrics: plotted ``{series key: name}``, the first chosen; None: the page's own.
+        scalars: the run-store metric names behind the series (``RunStore.series``).
+        per_patient: the series also per patient (``patient_<metric>``, from the sites'
+            ``per_patient`` vectors), and the overview line prefers them.
+        overview: the run-store metric of the overview line; ``name`` as the page says it.
+        table: summary.json -> the table rows (formatted strings, n/a reasons in ``reasons``).
+        binning: summary.json's pooled entry -> how the pooled row was rebuilt from aggregates.
+        threshold: a decision rule to state (classification: the threshold, or argmax).
+        unbounded: plotted metrics not on a 0..1 scale (their y axis is not fixed to it).
+    """
+
+    columns: tuple[tuple[str, str], ...] | None
+    metrics: dict[str, str] | None
+    scalars: tuple[str, ...]
+    per_patient: bool
+    overview: str
+    name: str
+    table: Callable[[dict], list[dict[str, Any]]]
+    binning: Callable[[dict], str]
+    threshold: bool
+    unbounded: tuple[str, ...] = ()
 
 
 def source_name(folder: Path, store: Path) -> str:
@@ -77,13 +116,11 @@ def overview(folder: Path) -> dict[str, Any]:
 
 def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, Any]:
     run = store.run(run_id)
-    survival = run["config"].get("task.kind") == SURVIVAL
-    metric = "c_index" if survival else "auc"
-    if survival:  # one row per patient already
-        series = store.series(run_id, (metric,)).get(metric, {}).get(GLOBAL_SITE, [])
-    else:  # per patient where the sites sent per-patient metrics (the primary level), else per image
-        series = (store.patient_series(run_id, ("auc",))["patient_auc"].get(GLOBAL_SITE)
-                  or store.series(run_id, ("auc",)).get("auc", {}).get(GLOBAL_SITE, []))
+    view = view_of(run["config"].get("task.kind", "classification"), int(run["config"].get("task.classes", 2)))
+    metric = view.overview
+    # per patient where the sites sent per-patient metrics (the primary level), else per image
+    patient = store.patient_series(run_id, (metric,))[f"patient_{metric}"] if view.per_patient else {}
+    series = patient.get(GLOBAL_SITE) or store.series(run_id, (metric,)).get(metric, {}).get(GLOBAL_SITE, [])
     bias = store.bias(run_id)
     return {
         "source": source, "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
@@ -93,7 +130,7 @@ def _run_line(store: ReadOnlyRunStore, source: str, run_id: str) -> dict[str, An
         "global_auc": series[-1][1] if series else None,
         "alarm": None if bias is None else bool(bias.get("alarm")),
         "verdict_final": bias is not None and verdict_is_final(run["status"]),
-        "auc_series": series, "metric": metric,
+        "auc_series": series, "metric": metric, "metric_name": view.name,
     }
 
 
@@ -128,7 +165,7 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
     bias = summary["bias"]
     history = store.verdict_history(run_id)
     verdict_round = _verdict_round(store, run_id, summary["selection"]["round"])
-    survival = summary.get("task") == SURVIVAL
+    view = view_of(summary.get("task", "classification"), int(summary.get("classes", 2)))
     return {
         "run": {
             "run_id": run_id, "scenario": run["scenario"], "status": run["status"],
@@ -138,10 +175,11 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
             "selection": summary["selection"],
         },
         "round": _round_status(store, run_id, summary["sites"], notes),
-        "table": _survival_table(summary) if survival else _table(summary),
+        "table": view.table(summary),
         # None: the page's classification columns and metrics
-        "columns": [list(c) for c in SURVIVAL_COLUMNS] if survival else None,
-        "metrics": SURVIVAL_PLOTS if survival else None,
+        "columns": None if view.columns is None else [list(c) for c in view.columns],
+        "metrics": view.metrics,
+        "unbounded": list(view.unbounded),
         "verdict": {
             "alarm": bool(bias.get("alarm")), "reasons": list(bias.get("reasons") or []),
             "numbers": {name.replace("_", " "): text for name, text in key_numbers(bias).items() if text},
@@ -152,10 +190,10 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
             "history": [[entry["round"], entry["alarm"]] for entry in history],
             "changes": verdict_changes(history),
         },
-        "series": (store.series(run_id, SURVIVAL_SCALARS) if survival else
-                   {**store.patient_series(run_id, SCALAR_METRICS), **store.series(run_id, SCALAR_METRICS)}),
-        "threshold": "" if survival else threshold_line(summary.get("threshold")),
-        "binning": _c_binning_line(summary["global"]) if survival else " ".join(binning_line(summary["global"])),
+        "series": {**(store.patient_series(run_id, view.scalars) if view.per_patient else {}),
+                   **store.series(run_id, view.scalars)},
+        "threshold": threshold_line(summary.get("threshold")) if view.threshold else "",
+        "binning": view.binning(summary["global"]),
         "notes": {"total": len(notes), "latest": [_note(n) for n in notes[-MAX_NOTES:]]},
         "cards": {site: _flatten(card) for site, card in store.data_cards(run_id).items()},
         "privacy": summary["privacy"],
@@ -195,11 +233,12 @@ def _round_status(store: ReadOnlyRunStore, run_id: str, sites: list[str], notes:
     }
 
 
-def _table(summary: dict) -> list[dict[str, Any]]:
+def _table(summary: dict, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
     """The per-site rows then the pooled row, formatted as the terminal table formats them:
     per patient first (``patient_*``, the primary metrics, and the per-patient ECE), the
-    per-image metrics beside. A per-patient cell that is n/a has its reason under the same
-    ``patient_*`` key of ``reasons``."""
+    per-image metrics beside; ``metrics``: the kind's (binary: SCALAR_METRICS; K > 2 classes:
+    MULTICLASS_SCALARS, ``auc`` the macro one-vs-rest AUC). A per-patient cell that is n/a has
+    its reason under the same ``patient_*`` key of ``reasons``."""
     rows = []
     for site, entry in [*summary["per_site"].items(), (GLOBAL_SITE, summary["global"])]:
         patient = entry.get("per_patient") or {}
@@ -211,9 +250,7 @@ def _table(summary: dict) -> list[dict[str, Any]]:
             "patient_positives": "n/a" if patient.get("positives") is None else str(patient["positives"]),
             "ece": fmt_value(patient.get("ece")),
         }
-        # K > 2 classes (task.classes): balanced accuracy beside the macro AUC and accuracy
-        shown = (*SCALAR_METRICS, "balanced_accuracy") if entry.get("classes") else SCALAR_METRICS
-        for metric in shown:
+        for metric in metrics:
             row[metric] = fmt_with_ci(entry.get(metric), entry.get(metric + "_ci"))
             row[f"patient_{metric}"] = fmt_with_ci(patient.get(metric), patient.get(metric + "_ci"))
             why = (patient.get("reasons") or {}).get(metric) if patient else reasons.get("per_patient")
@@ -224,18 +261,18 @@ def _table(summary: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def _survival_table(summary: dict) -> list[dict[str, Any]]:
-    """A survival run's per-site rows then the pooled row (server/summary.survival_entry): test
-    images, patients, events, Harrell's and Uno's C-index with their CIs; an n/a cell has its
-    reason under its key of ``reasons`` (the pooled Uno's C and the pooled C's interval are not
-    computed from aggregates)."""
+def _flat_table(summary: dict, counts: tuple[tuple[str, str], ...], metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The per-site rows then the pooled row of a kind with one level (survival, segmentation:
+    server/summary's survival_entry, segmentation_entry): ``counts`` as ``(row key, entry
+    key)`` pairs, then each metric with its CI; an n/a cell has its reason under its key of
+    ``reasons`` (e.g. the pooled Uno's C, not computed from aggregates)."""
     rows = []
     for site, entry in [*summary["per_site"].items(), (GLOBAL_SITE, summary["global"])]:
         row: dict[str, Any] = {"site": site, "n_test": str(entry.get("n_test") or 0),
-                               "patients": "n/a" if entry.get("n_patients") is None else str(int(entry["n_patients"])),
-                               "events": "n/a" if entry.get("events") is None else str(int(entry["events"])),
                                "reasons": dict(entry.get("reasons") or {})}
-        for metric in ("c_index", "uno_c_index"):
+        for key, name in counts:
+            row[key] = "n/a" if entry.get(name) is None else str(int(entry[name]))
+        for metric in metrics:
             row[metric] = fmt_with_ci(entry.get(metric), entry.get(metric + "_ci"))
         rows.append(row)
     return rows
@@ -248,6 +285,51 @@ def _c_binning_line(pooled: dict) -> str:
         return ""
     return (f"Pooled C-index from the sites' binned counts: within-site pairs exact, binning error at most +-{bound:.3f}"
             + ("" if stratified is None else f"; site-stratified C-index {stratified:.3f}") + ".")
+
+
+def _auc_binning_line(pooled: dict) -> str:
+    return " ".join(binning_line(pooled))
+
+
+# The per-kind views (view_of picks one). Keys as server/summary's entries name them (the
+# per-patient ones of _table as ``patient_<metric>``), series as the run store records them.
+CLASSIFICATION = KindView(
+    columns=None, metrics=None, scalars=SCALAR_METRICS, per_patient=True, overview="auc", name="AUC",
+    table=lambda summary: _table(summary, SCALAR_METRICS), binning=_auc_binning_line, threshold=True)
+MULTICLASS = KindView(
+    columns=(("patients", "patients"), ("patient_auc", "macro AUC per patient [95% CI]"),
+             ("patient_balanced_accuracy", "balanced accuracy per patient [95% CI]"),
+             ("patient_accuracy", "accuracy per patient [95% CI]"), ("n_test", "n test"),
+             ("auc", "macro AUC per image [95% CI]"), ("balanced_accuracy", "balanced accuracy per image [95% CI]"),
+             ("accuracy", "accuracy per image [95% CI]")),
+    metrics={"patient_auc": "macro AUC per patient", "patient_balanced_accuracy": "balanced accuracy per patient",
+             "patient_accuracy": "accuracy per patient", "auc": "macro AUC per image",
+             "balanced_accuracy": "balanced accuracy per image", "accuracy": "accuracy per image"},
+    scalars=MULTICLASS_SCALARS, per_patient=True, overview="auc", name="macro AUC",
+    table=lambda summary: _table(summary, MULTICLASS_SCALARS), binning=_auc_binning_line, threshold=True)
+SURVIVAL = KindView(
+    columns=(("n_test", "n test"), ("patients", "patients"), ("events", "events"),
+             ("c_index", "C-index [95% CI]"), ("uno_c_index", "Uno's C [95% CI]")),
+    metrics={"c_index": "Harrell's C-index per patient", "uno_c_index": "Uno's C-index per patient"},
+    scalars=SURVIVAL_SCALARS, per_patient=False, overview="c_index", name="C-index",  # one row per patient already
+    table=lambda summary: _flat_table(summary, (("patients", "n_patients"), ("events", "events")),
+                                      ("c_index", "uno_c_index")),
+    binning=_c_binning_line, threshold=False)
+SEGMENTATION = KindView(
+    columns=(("patients", "patients"), ("n_test", "images"), ("dice", "Dice [95% CI]"), ("hd95", "HD95 px [95% CI]")),
+    metrics={"dice": "Dice per patient", "hd95": "HD95 (px) per patient"},
+    scalars=SEG_SCALARS, per_patient=False, overview="dice", name="Dice",  # per patient already
+    table=lambda summary: _flat_table(summary, (("patients", "n_patients"),), SEG_SCALARS),
+    binning=lambda pooled: SEG_POOLED_LINE, threshold=False, unbounded=("hd95",))
+
+
+def view_of(kind: str, classes: int) -> KindView:
+    """The view of a run of ``task.kind`` = ``kind`` with ``task.classes`` = ``classes``."""
+    if kind == "segmentation":
+        return SEGMENTATION
+    if kind == "survival":
+        return SURVIVAL
+    return MULTICLASS if classes > 2 else CLASSIFICATION
 
 
 def _note(note: dict) -> dict[str, Any]:

@@ -470,6 +470,9 @@ def format_site_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+SEG_POOLED_LINE = "Pooled: patient-weighted mean of the sites' per-patient sums, normal 95% CI from their sums of squares."
+
+
 def format_segmentation_table(summary: dict) -> str:
     """The segmentation study's per-site table: masked test patients and images, Dice and
     HD95 with patient-bootstrap CIs (the pooled row's from the sites' sums); the verdict line."""
@@ -478,7 +481,7 @@ def format_segmentation_table(summary: dict) -> str:
              fmt_with_ci(e.get("hd95"), e.get("hd95_ci"))]
             for site, e in {**summary["per_site"], GLOBAL_SITE: summary["global"]}.items()]
     lines = [*site_table("Per patient (mean over a patient's masked images; foreground classes vessel and stenosis):", header, rows),
-             "Pooled: patient-weighted mean of the sites' per-patient sums, normal 95% CI from their sums of squares.",
+             SEG_POOLED_LINE,
              verdict_line(summary["bias"])]
     return "\n".join(lines)
 

@@ -55,7 +55,8 @@ def test_the_dashboard_state_of_a_survival_run_is_its_c_index(tmp_path: Path) ->
     summary = _survival_run(tmp_path)
     assert summary["task"] == "survival" and summary["global"]["c_index"] is not None
     (line,) = overview(tmp_path)["runs"]
-    assert line["metric"] == "c_index" and line["global_auc"] == pytest.approx(summary["global"]["c_index"], abs=1e-4)
+    assert line["metric"] == "c_index" and line["metric_name"] == "C-index"
+    assert line["global_auc"] == pytest.approx(summary["global"]["c_index"], abs=1e-4)
     assert [p[0] for p in line["auc_series"]] == [1, 2]
     detail = run_detail(tmp_path, ".", "surv-1")
     assert [c[0] for c in detail["columns"]] == ["n_test", "patients", "events", "c_index", "uno_c_index"]

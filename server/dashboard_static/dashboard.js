@@ -11,8 +11,9 @@ const METRICS = {
 };
 const TABLE_COLUMNS = ["patients", "patient_positives", "patient_auc", "patient_accuracy", "patient_sensitivity",
   "patient_specificity", "ece", "n_test", "positives", "auc", "accuracy", "sensitivity", "specificity"];
-// A run of another task kind (survival) sends its own table columns ([key, heading] pairs) and
-// plotted metrics with its detail; these defaults are the classification ones.
+// A run of another task kind (survival, segmentation, K > 2 classes) sends its own table columns
+// ([key, heading] pairs), plotted metrics and the metrics not on a 0..1 scale (unbounded) with
+// its detail (server/dashboard_state.view_of); these defaults are the binary classification ones.
 let defaultTableHead = null;
 const MAX_BANDS = 12; // above this many sites, per-site CI bands only for the site chosen
 const MAX_CHIPS = 24; // above this many sites, the ones that answered are listed on request
@@ -79,7 +80,7 @@ function renderRuns(data) {
       el("td", { class: "name" }, run.run_id), el("td", { class: "name" }, run.source),
       el("td", { class: "name" }, run.scenario), el("td", { class: "name status-" + run.status }, run.status),
       el("td", {}, rounds), el("td", {}, run.n_sites),
-      el("td", {}, fmt(run.global_auc) + (run.metric === "c_index" ? " (C-index)" : "")), el("td", {}, alarm));
+      el("td", {}, fmt(run.global_auc) + (run.metric_name !== "AUC" ? " (" + run.metric_name + ")" : "")), el("td", {}, alarm));
     row.addEventListener("click", () => select(runKey(run)));
     return row;
   }));
@@ -99,7 +100,7 @@ function renderComparison(runs) {
     name: plotlyText(run.source === "." ? run.run_id : run.source + " / " + run.run_id),
   }));
   const rounds = Math.max(...shown.map((run) => run.auc_series.length));
-  const name = shown.some((run) => run.metric === "c_index") ? "pooled AUC or C-index" : "pooled AUC";
+  const name = "pooled " + [...new Set(shown.map((run) => run.metric_name))].join(" or ");
   Plotly.react(plot, traces, layout(name + " by round, every run", name, rounds), { displaylogo: false, responsive: true });
 }
 
@@ -150,7 +151,7 @@ function renderRun(detail) {
   renderPrivacy(detail.privacy);
   renderVerdict(detail.verdict);
   renderRound(detail.round, run.sites.length);
-  renderControls(run.sites, Object.keys(detail.series.patient_auc || {}).length > 0, detail.metrics);
+  renderControls(run.sites, detail.series, detail.metrics);
   whenPlotly(renderPlots);
   renderTable(detail.table, run.selection.round, detail.columns);
   renderThreshold(detail);
@@ -242,15 +243,15 @@ function renderRound(round, nSites) {
   box.replaceChildren(...parts);
 }
 
-function renderControls(sites, perPatient, metrics) {
+function renderControls(sites, series, metrics) {
   const metric = document.getElementById("metric");
   const names = metrics || METRICS;
   const keys = Object.keys(names);
   if (Array.from(metric.options).map((o) => o.value).join("\n") !== keys.join("\n")) {
     metric.replaceChildren(...Object.entries(names).map(([key, name]) => el("option", { value: key }, name)));
     if (!metric.dataset.bound) { metric.addEventListener("change", () => whenPlotly(renderPlots)); metric.dataset.bound = "1"; }
-    // a run whose labels are per image has no per-patient series; another kind's first metric leads
-    metric.value = metrics ? keys[0] : (perPatient ? "patient_auc" : "auc");
+    // the first metric with a series leads: a run whose labels are per image has no per-patient one
+    metric.value = keys.find((key) => Object.keys(series[key] || {}).length > 0) || keys[0];
   }
   const focus = document.getElementById("site-focus");
   const wanted = ["", ...sites];
@@ -294,12 +295,13 @@ function bandTraces(points, name, css, showBand, width) {
   return traces;
 }
 
-function layout(title, yTitle, rounds) {
+function layout(title, yTitle, rounds, unbounded) {
   const ticks = rounds <= MAX_ROUND_TICKS ? { dtick: 1 } : { tickformat: "d" };
   return {
     title: { text: title, font: { size: 14 } }, margin: { l: 55, r: 10, t: 36, b: 40 },
     xaxis: { title: { text: "round" }, rangemode: "tozero", ...ticks },
-    yaxis: { title: { text: yTitle }, range: [0, 1.02] }, legend: { font: { size: 10 } },
+    yaxis: { title: { text: yTitle }, ...(unbounded ? { rangemode: "tozero" } : { range: [0, 1.02] }) },
+    legend: { font: { size: 10 } },
     hovermode: "closest", uirevision: "keep",
   };
 }
@@ -313,9 +315,10 @@ function renderPlots() {
   const focus = document.getElementById("site-focus").value;
   const series = detail.series[metric] || {};
   const name = names[metric];
+  const unbounded = (detail.unbounded || []).includes(metric);
   const config = { displaylogo: false, responsive: true };
   Plotly.react("global-plot", bandTraces(series.global || [], "global (pooled)", "#000000", true, 2.5),
-    layout("pooled " + name + " by round", name, detail.run.rounds_evaluated), config);
+    layout("pooled " + name + " by round", name, detail.run.rounds_evaluated, unbounded), config);
   const sites = detail.run.sites;
   const traces = [];
   sites.forEach((site, i) => {
@@ -324,7 +327,7 @@ function renderPlots() {
     traces.push(...bandTraces(series[site] || [], site, colour(i, sites.length), showBand, 1.5));
   });
   const title = "per-site " + name + " by round" + (!focus && sites.length > MAX_BANDS ? " (choose a site to see its CI band)" : "");
-  Plotly.react("site-plot", traces, layout(title, name, detail.run.rounds_evaluated), config);
+  Plotly.react("site-plot", traces, layout(title, name, detail.run.rounds_evaluated, unbounded), config);
 }
 
 // The table is summary.json's: the selected round's test metrics (chosen on validation,
