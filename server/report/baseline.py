@@ -153,6 +153,10 @@ def _unavailable(summary: dict) -> list[str]:
             for name, cmp in _present(summary).items() if not cmp["available"]]
 
 
+# what each companion's model reads, for the terminal table's heading
+INPUTS = {"clinical": "clinical: clin_* columns", "radiomics": "radiomics: first-order and GLCM features"}
+
+
 def _heading(names: dict) -> str:
     return " and ".join(COMPANIONS[name].title for name in names) + " beside the imaging model"
 
@@ -167,8 +171,8 @@ def baseline_text(summary: dict) -> str:
         table = [header, *rows]
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
         text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
-        lines += [f"{_heading(shown)} (clinical: clin_* columns; radiomics: first-order and GLCM features), "
-                  "same test patients:",
+        inputs = "; ".join(INPUTS[name] for name in COMPANIONS if name in shown)
+        lines += [f"{_heading(shown)} ({inputs}), same test patients:",
                   text[0], "  ".join("-" * w for w in widths), *text[1:]]
     return "\n".join(lines)
 
