@@ -20,6 +20,7 @@ fraction is a paired bootstrap of the per-patient AUC difference on the same pat
 (fedir.metrics.paired_auc_difference, 1,000 resamples). Nothing is tuned.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/ssl_pretraining.py [--seeds 0] [--patients 100]
+    .venv/bin/python benchmarks/ssl_pretraining.py --data breastmnist --image-size 28 --out results/ssl_pretraining_breastmnist.json
     .venv/bin/python benchmarks/ssl_pretraining.py --table
 """
 
@@ -46,12 +47,14 @@ from fedir.metrics import paired_auc_difference
 from fedir.models import build_model
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
+from fedir.simulations.medmnist import import_medmnist
 from fedir.simulations.synthetic import GENERATOR_VERSION, generate_federation
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402  (benchmarks/ is on sys.path)
 
 OUT = Path(__file__).parent / "results" / "ssl_pretraining_synthetic_xa.json"
+MEDMNIST = Path(os.environ.get("FEDIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist"
 
 
 def _study(sites: list[Path], out: Path, args: argparse.Namespace, seed: int, **kw) -> tuple[dict, float]:
@@ -93,10 +96,15 @@ def scored(model_pt: Path, test: tuple) -> np.ndarray:
 def run_seed(seed: int, root: Path, args: argparse.Namespace) -> dict:
     feds = {}
     for fraction in args.fractions:
-        fed = root / f"xa-f{fraction:g}"
-        record = generate_federation(fed, sites=args.sites, patients=args.patients, seed=seed,
-                                     unlabelled_fraction=1 - fraction, image_size=args.image_size, progress=False)
-        feds[fraction] = ([fed / s for s in sorted(record["sites"])], record)
+        fed = root / f"{args.data}-f{fraction:g}"
+        if args.data == "synthetic":
+            per_site = generate_federation(fed, sites=args.sites, patients=args.patients, seed=seed,
+                                           unlabelled_fraction=1 - fraction, image_size=args.image_size,
+                                           progress=False)["sites"]
+        else:  # MedMNIST's official splits over `sites` IID sites, the same images at every fraction
+            per_site = import_medmnist(MEDMNIST / f"{args.data}.npz", fed, sites=args.sites, partition="iid",
+                                       labelled_fraction=fraction, seed=seed)["per_site"]
+        feds[fraction] = ([fed / s for s in sorted(per_site)], per_site)
     first = next(iter(feds.values()))[0]
     test = test_patients(first, args.image_size)
     same_pixels = all(
@@ -105,8 +113,8 @@ def run_seed(seed: int, root: Path, args: argparse.Namespace) -> dict:
         for sites, _ in feds.values() for a, b in zip(first, sites))
     block: dict = {"same_training_pixels_across_fractions": same_pixels, "federations": {
         f"{f:g}": {s: {k: v for k, v in info.items() if k in ("images", "patients", "labelled_patients",
-                                                              "positive_patients", "labelled_images")}
-                   for s, info in rec["sites"].items()} for f, (_, rec) in feds.items()}}
+                                                              "positive_patients", "labelled_images")} or info
+                   for s, info in per_site.items()} for f, (_, per_site) in feds.items()}}
     # pretraining: every training image, labels unused (on the first fraction's federation)
     pre_out = root / "pretrain"
     pre, wall = _study(first, pre_out, args, seed, train_objective="simclr", eval_select="last",
@@ -165,6 +173,9 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--data", choices=["synthetic", "breastmnist", "pneumoniamnist"], default="synthetic",
+                        help="the synthetic XA federation, or a MedMNIST .npz of ../shared/data/medmnist "
+                             "(then --image-size 28; --patients is unused)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--patients", type=int, default=100, help="per site")
