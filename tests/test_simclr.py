@@ -31,27 +31,14 @@ from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.medmnist import import_medmnist
 from fedir.tasks import task_of
-
-SIZE = 16
-
-
-def _npz(path: Path) -> Path:
-    """A small MedMNIST-shaped file (bright centre = positive)."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in {"train": 80, "val": 24, "test": 24}.items():
-        labels = (rng.random(n) < 0.5).astype(np.uint8)
-        images = rng.integers(0, 120, size=(n, SIZE, SIZE), dtype=np.uint8)
-        images[labels == 1, 5:11, 5:11] += 100
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels.reshape(-1, 1)
-    np.savez(path, **arrays)
-    return path
+from tests.toy_medmnist import SIZE, toy_npz
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("fed")
-    record = import_medmnist(_npz(root / "toy.npz"), root / "sites", sites=2, seed=0, labelled_fraction=0.1)
+    npz = toy_npz(root / "toy.npz", {"train": 80, "val": 24, "test": 24})
+    record = import_medmnist(npz, root / "sites", sites=2, seed=0, labelled_fraction=0.1)
     return ";".join(str(root / "sites" / s) for s in record["per_site"])
 
 
