@@ -240,6 +240,10 @@ class Settings:
     monitor_tensorboard: str = setting(
         "", "TensorBoard log folder (relative: inside the run folder); empty = off")
     monitor_mlflow: str = setting("", "MLflow tracking URI, or a folder for DIR/mlflow.db; empty = off")
+    report_overlays: int = setting(
+        2, "segmentation, simulation on a `fedir data synth` federation only: example overlays (image, reference "
+        "and predicted mask, the frame's Dice) of this many test frames per site in report.html; 0 = none. A real "
+        "site sends no pixels, so a deployment never has any (fedir.simulations.overlays)", AT_LEAST_0)
     train_threshold: float = setting(0.95, "fixmatch: confidence a pseudo-label needs", UNIT)
     train_unlabelled_weight: float = setting(
         1.0, "fixmatch / mean_teacher: weight of the unlabelled loss", AT_LEAST_0)

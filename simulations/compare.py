@@ -57,7 +57,8 @@ from fedir.protocol import ARRAYS_KEY, CONFIG_KEY, RUN_ID_KEY, FeatureSums, comb
 from fedir.server.server_app import run_study
 from fedir.simulations.companion import clinical_settings, radiomics_settings
 from fedir.simulations.inprocess import InProcessGrid
-from fedir.simulations.synthetic import FEDERATION_FILE, generate_federation
+from fedir.simulations.synthetic import generate_federation, synthetic_record
+from fedir.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,9 @@ def all_labels_federation(settings: Settings, out: Path) -> list[Path] | None:
     """The scenario's synthetic federation written again with every training label (the same
     patients and images: the generator draws who is unlabelled apart from what it draws), or
     None when the sites were not made by `fedir data synth`."""
-    roots = {Path(site).resolve().parent for site in settings.sites}
-    if len(roots) != 1 or not (record := next(iter(roots)) / FEDERATION_FILE).is_file():
+    if (record := synthetic_record(settings.sites)) is None:
         return None
-    params = dict(json.loads(record.read_text())["parameters"])
+    params = dict(record["parameters"])
     params.pop("generator_version", None)
     target = out / "all-labels-federation"
     generate_federation(target, sites=params["sites"], patients=params["patients"], seed=params["seed"],
@@ -116,17 +116,21 @@ def all_labels_federation(settings: Settings, out: Path) -> list[Path] | None:
     return [target / Path(site).name for site in settings.sites]
 
 
-def _evaluation_content(settings: Settings, grid: InProcessGrid, out: Path, summary: dict) -> RecordDict:
-    """The evaluate message a site would get for the run's selected (saved) model."""
+def evaluation_content(settings: Settings, out: Path, summary: dict) -> RecordDict:
+    """The evaluate message a site would get for the run's selected (saved) model: model.pt
+    without the entries the sites keep (FedBN's, which model.pt does not hold either), the
+    selected round and the run id (with which a site puts its kept state back)."""
     views = _views(settings)
     tabular = bool(views) and views[0].tabular
     fused = bool(views) and views[0].n_clinical > 0  # data.inputs = image+clinical
-    model = build_model(resolve_model(settings.model_name, tabular=tabular),
+    model = build_model(resolve_model(settings.model_name, tabular=tabular, kind=settings.task_kind),
                         n_features=views[0].n_features if tabular or fused else 0, spatial_dims=settings.spatial_dims,
+                        n_outputs=task_of(settings.task_kind).n_outputs(settings.task_classes),
                         fused_image_size=settings.model_image_size if fused else 0, projection=projection_dim(settings))
     state = torch.load(out / "model.pt", weights_only=True)
-    model.load_state_dict(state)
-    arrays = encode_weights(state_arrays(model), kept=kept_keys(model, settings), dp=settings.dp)
+    kept = kept_keys(model, settings)
+    model.load_state_dict(state, strict=not kept)
+    arrays = encode_weights(state_arrays(model), kept=kept, dp=settings.dp)
     server_round = (summary.get("selection") or {}).get("round") or summary.get("evaluated_round") or settings.train_rounds
     config = encode_round_config(_standardisation(settings), server_round=int(server_round))
     config[RUN_ID_KEY] = summary["run_id"]
@@ -148,7 +152,7 @@ def _standardisation(settings: Settings) -> tuple[np.ndarray, np.ndarray] | None
 
 def score_arm(settings: Settings, grid: InProcessGrid, out: Path, summary: dict) -> dict[str, PatientScores]:
     """Every site's test patients scored by the arm's model, as the site's evaluation does."""
-    content = _evaluation_content(settings, grid, out, summary)
+    content = evaluation_content(settings, out, summary)
     scores: dict[str, PatientScores] = {}
     for context in grid.contexts.values():
         arm_settings_, site, config, model = evaluation_model(content, context, settings)

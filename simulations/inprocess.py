@@ -116,8 +116,14 @@ def run_inprocess(settings: Settings, out_dir: Path) -> dict:
     """A whole study (all rounds, run store, summary.json) without Ray; returns the summary
     with `upload_bytes` (the weights the sites sent, as serialised) and `wire_bytes` (every
     message's serialised content, both ways) added. A clinical
-    companion study (`baseline.clinical`) runs first, in-process too."""
+    companion study (`baseline.clinical`) runs first, in-process too. A segmentation study on a
+    synthetic federation gets its example overlays afterwards (fedir.simulations.overlays)."""
     run_companion(settings, Path(out_dir), run_inprocess)
     grid = InProcessGrid(build_client_app(settings), len(settings.sites), settings.to_run_config())
     summary = run_study(grid, settings, Path(out_dir), scenario="in-process")
+    # imported here: the overlays set up the evaluation as fedir.simulations.compare does,
+    # and compare runs its arms on this module's grid
+    from fedir.simulations.overlays import add_overlays
+
+    add_overlays(settings, Path(out_dir), summary, grid.contexts)
     return {**summary, "upload_bytes": grid.upload_bytes, "wire_bytes": grid.sent_bytes + grid.received_bytes}

@@ -21,6 +21,7 @@ from fedir.client.client_app import build_client_app
 from fedir.config import Settings
 from fedir.server.server_app import build_server_app
 from fedir.simulations.companion import run_companion
+from fedir.simulations.overlays import add_overlays
 
 
 def backend_config(settings: Settings) -> dict[str, Any]:
@@ -68,4 +69,8 @@ def simulate(settings: Settings, out_dir: Path, scenario: str, verbose: bool = F
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text())
+    # a segmentation study on a synthetic federation: example overlays of its test frames,
+    # drawn here (the server never reads a site's pixels) and embedded in report.html
+    add_overlays(settings, out_dir, summary)
+    return summary

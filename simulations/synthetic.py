@@ -820,6 +820,24 @@ def _cached(out: Path, params: dict) -> dict | None:
     return content
 
 
+def synthetic_record(sites: list[str]) -> dict | None:
+    """The federation.json of the federation `sites` belong to, when every site folder was
+    written by `fedir data synth`: all in one folder holding federation.json, each named in
+    its `sites`. None for any other federation (a real one, or synthetic sites copied
+    elsewhere without their record), or when the record cannot be read."""
+    roots = {Path(site).resolve().parent for site in sites}
+    if not sites or len(roots) != 1 or not (path := next(iter(roots)) / FEDERATION_FILE).is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(content, dict) or not isinstance(content.get("parameters"), dict):
+        return None
+    named = content.get("sites") or {}
+    return content if all(Path(site).resolve().name in named for site in sites) else None
+
+
 def _clear(out: Path, force: bool) -> None:
     """Remove a previous federation's site folders; refuse to touch unknown content."""
     ours = (out / FEDERATION_FILE).is_file()

@@ -10,7 +10,10 @@ calibration (reliability counts, ECE), the test AUC per acquisition period with 
 test (drift over time), how scores and labels are spread over the sites, what each bias
 signal saw and the numbers behind each test, where the first model came from (random, or
 model.init's checkpoint), the training loss, the sites' data cards, and the notes
-(skipped files, metrics that could not be computed).
+(skipped files, metrics that could not be computed). A segmentation study shows the Dice
+by round, its per-site table and, after a simulation on a synthetic federation only, example
+overlays of test frames that the simulation drew into the run folder (a real site sends no
+pixels: fedir.server.report.segmentation).
 
 Each section is one Jinja2 template in templates/, rendered with autoescape
 (fedir.server.report.render): site names come from folder names, reasons and card
@@ -47,7 +50,7 @@ def write_report(store: RunStore, run_id: str, path: Path) -> Path:
     rows = store.metric_rows(run_id)
     kind = summary.get("task", "classification")
     if kind != "classification":
-        results = segmentation_section(rows, summary) if kind == "segmentation" else survival_section(rows, summary)
+        results = segmentation_section(rows, summary, path.parent) if kind == "segmentation" else survival_section(rows, summary)
         sections = [summary_section(summary, store.verdict_history(run_id)), results,
                     bias_section(summary["bias"]), training_section(rows, summary["sites"]),
                     notes_section(summary["notes"])]
