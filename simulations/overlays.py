@@ -116,12 +116,13 @@ def write_overlays(settings: Settings, out_dir: Path, summary: dict,
     folder = out_dir / OVERLAY_DIR
     if settings.task_kind != segmentation.NAME:
         return None
-    shutil.rmtree(folder, ignore_errors=True)  # a reused run folder's earlier overlays
+    if (folder / OVERLAY_INDEX).is_file():  # a reused run folder's earlier overlays
+        shutil.rmtree(folder)
     if synthetic_record(settings.sites) is None or not (out_dir / "model.pt").is_file():
         return None
     index: dict[str, Any] = {"run_id": summary["run_id"], "model": "model.pt",
                              "round": (summary.get("selection") or {}).get("round"), "overlays": [], "reason": None}
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     if settings.report_overlays == 0:
         index["reason"] = "No example overlays: report.overlays = 0."
     elif settings.spatial_dims != 2:
@@ -167,7 +168,7 @@ def add_overlays(settings: Settings, out_dir: Path, summary: dict, contexts: dic
     them (nothing to do, and the report as it is, for a study that is not a segmentation)."""
     if settings.task_kind != segmentation.NAME:
         return
-    earlier = (Path(out_dir) / OVERLAY_DIR).exists()
+    earlier = (Path(out_dir) / OVERLAY_DIR / OVERLAY_INDEX).is_file()
     if write_overlays(settings, out_dir, summary, contexts) is None and not earlier:
         return  # nothing drawn and nothing removed: the report already says why
     with RunStore(Path(out_dir) / "runs.sqlite") as store:

@@ -22,7 +22,7 @@ from fedir.config import SettingsError
 from fedir.models import build_model
 from fedir.server.report.segmentation import NO_PIXELS, OVERLAY_DIR, OVERLAY_INDEX, example_overlays
 from fedir.simulations.inprocess import run_inprocess
-from fedir.simulations.overlays import chosen_frames, write_overlays
+from fedir.simulations.overlays import add_overlays, chosen_frames, write_overlays
 from fedir.simulations.scenario import load_scenario
 from fedir.simulations.synthetic import FEDERATION_FILE, generate_federation, synthetic_record
 from fedir.tasks import segmentation
@@ -127,6 +127,11 @@ def test_a_federation_not_written_by_fedir_data_synth_gets_no_overlays_and_one_l
     assert not (root / "copied-run" / OVERLAY_DIR).exists()
     report = (root / "copied-run" / "report.html").read_text()
     assert f'<p class="muted">{NO_PIXELS}</p>' in report and "<figure" not in report
+    # a run folder reused: the overlays an earlier synthetic run left there are removed
+    shutil.copytree(root / "run" / OVERLAY_DIR, root / "copied-run" / OVERLAY_DIR)
+    add_overlays(copied, root / "copied-run", summary)
+    assert not (root / "copied-run" / OVERLAY_DIR).exists()
+    assert f'<p class="muted">{NO_PIXELS}</p>' in (root / "copied-run" / "report.html").read_text()
 
 
 def test_synthetic_record_names_every_site_of_one_fedir_data_synth_folder(tmp_path) -> None:
