@@ -291,8 +291,11 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         row = {}
         for model_site, arrays in models.items():
             model = adapted(_model_from(arrays, context, settings, site), settings, site)
-            row[model_site] = _metrics(settings, config, site, labels, predict(model, x, pick_device()), patients)
-        return Message(content=encode_cross_site(site.name, row), reply_to=msg)
+            # the kind's score and site metrics, as evaluate_fn's (a segmentation's label
+            # maps and per-patient Dice with its patient-bootstrap CI)
+            row[model_site] = _metrics(settings, config, site, labels, _scores(settings, model, x), patients)
+        metric = task_of(settings.task_kind).CROSS_SITE_METRIC
+        return Message(content=encode_cross_site(site.name, row, metric=metric), reply_to=msg)
 
     return app
 

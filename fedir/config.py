@@ -226,6 +226,8 @@ class Settings:
     bias_min_separability_excess: float = setting(
         0.1, "...and this much better than it separates classes", Bounds(-1, 1))
     bias_max_cross_site_gap: float = setting(0.1, "own-site minus other-site AUC of the sites' models", AT_LEAST_0)
+    bias_max_cross_site_dice_gap: float = setting(
+        0.2, "a segmentation study's: own-site minus other-site Dice of the sites' models (docs/methods.md)", AT_LEAST_0)
     bias_embedding: bool = setting(True, "sites send their embedding's moments (fedir.client.embedding)")
     bias_cross_site: bool = setting(False, "opt-in: after the last round, send every site's own update to every other site to score "
                                     "(the cross-site matrix); refused under privacy.dp")
@@ -467,7 +469,8 @@ def check_task(settings: Settings) -> None:
     """What a survival or segmentation study cannot use, naming the setting: MixUp and
     SMOTE need class labels, and so do survival's semi-supervised objectives (segmentation has
     its own, per pixel: fedir.client.segmentation_objectives); a Cox model has no intercept (the partial
-    likelihood does not see it); the cross-site matrix and the clinical companion score AUCs.
+    likelihood does not see it); the clinical companion scores AUCs, and so does survival's
+    refused cross-site matrix (a segmentation's scores Dice: fedir.tasks' CROSS_SITE_METRIC).
     A segmentation model is a BasicUNet, and a BasicUNet segments only; a survival model
     (tabular or imaging) has one risk output, and its batches need pairs (train.batch-size >= 2)."""
     if settings.task_kind == "classification":
@@ -486,7 +489,9 @@ def check_task(settings: Settings) -> None:
         "train.mixup-alpha": (settings.train_mixup_alpha > 0, "0"),
         "train.smote": (settings.train_smote, "false"),
         "train.personalise": (settings.train_personalise == "intercept", "none or finetune"),
-        "bias.cross-site": (settings.bias_cross_site, "false"),
+        # a survival model's C-index needs pairs across a site's patients: no cross-site cell
+        # is defined for it yet; a segmentation's cells are Dice (fedir.tasks CROSS_SITE_METRIC)
+        "bias.cross-site": (settings.task_kind == "survival" and settings.bias_cross_site, "false"),
         "baseline.clinical": (settings.baseline_clinical, "false"),
     }
     if settings.task_kind == "segmentation":

@@ -782,33 +782,42 @@ def decode_cross_site_models(content: RecordDict) -> tuple[dict[str, ArrayRecord
     return models, content.config_records[CONFIG_KEY]
 
 
-def encode_cross_site(site: str, row: Mapping[str, Mapping[str, Any]]) -> RecordDict:
-    """One row of the cross-site matrix: each model's AUC (and CI) on this site's test patients."""
+def encode_cross_site(site: str, row: Mapping[str, Mapping[str, Any]], *, metric: str) -> RecordDict:
+    """One row of the cross-site matrix: each model's `metric` (the task kind's
+    CROSS_SITE_METRIC, fedir.tasks: a classifier's AUC, a segmentation's per-patient Dice),
+    its site-computed CI and its count of scored test images, on this site's test patients.
+    Only these three per model leave the site, under keys named for the metric (so the
+    server's decode_cross_site refuses a row of another kind's metric)."""
     names = list(row)
-    auc = [row[m].get("auc") for m in names]
-    ci = [row[m].get("auc_ci") for m in names]
+    value = [row[m].get(metric) for m in names]
+    ci = [row[m].get(f"{metric}_ci") for m in names]
     rec = MetricRecord({
-        "auc": [MISSING if a is None else float(a) for a in auc],
-        "auc-ok": [0 if a is None else 1 for a in auc],
-        "auc-ci": [float(v) for c in ci for v in (c if c is not None else (MISSING, MISSING))],
-        "auc-ci-ok": [0 if c is None else 1 for c in ci],
+        metric: [MISSING if v is None else float(v) for v in value],
+        f"{metric}-ok": [0 if v is None else 1 for v in value],
+        f"{metric}-ci": [float(v) for c in ci for v in (c if c is not None else (MISSING, MISSING))],
+        f"{metric}-ci-ok": [0 if c is None else 1 for c in ci],
         "n": [int(row[m]["n"]) for m in names],
     })
     return RecordDict({METRICS_KEY: rec, SITE_KEY: ConfigRecord({"name": site, "models": json.dumps(names)})})
 
 
-def decode_cross_site(content: RecordDict) -> tuple[str, dict[str, dict[str, Any]]]:
-    """(evaluating site, {model site: {"auc", "auc_ci", "n"}})."""
+def decode_cross_site(content: RecordDict, *, metric: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(evaluating site, {model site: {metric, f"{metric}_ci", "n"}}); KeyError naming the
+    key when the row does not carry `metric` (a site of another task kind)."""
     rec = content.metric_records[METRICS_KEY]
     site_rec = content.config_records[SITE_KEY]
     names = json.loads(str(site_rec["models"]))
-    ci = _numbers(rec["auc-ci"], "auc-ci")
-    auc, auc_ok, ci_ok, n = (_numbers(rec[k], k) for k in ("auc", "auc-ok", "auc-ci-ok", "n"))
+    keys = (metric, f"{metric}-ok", f"{metric}-ci-ok", "n")
+    missing = [k for k in (*keys, f"{metric}-ci") if k not in rec]
+    if missing:
+        raise KeyError(f"cross-site row without {', '.join(missing)}")
+    ci = _numbers(rec[f"{metric}-ci"], f"{metric}-ci")
+    value, ok, ci_ok, n = (_numbers(rec[k], k) for k in keys)
     out = {}
     for i, name in enumerate(names):
         out[name] = {
-            "auc": auc[i] if auc_ok[i] else None,
-            "auc_ci": [ci[2 * i], ci[2 * i + 1]] if ci_ok[i] else None,
+            metric: value[i] if ok[i] else None,
+            f"{metric}_ci": [ci[2 * i], ci[2 * i + 1]] if ci_ok[i] else None,
             "n": int(n[i]),
         }
     return str(site_rec["name"]), out

@@ -255,7 +255,8 @@ def thresholds(settings: Settings) -> Thresholds:
         max_auc_gap=settings.bias_max_auc_gap, min_i2=settings.bias_min_i2,
         min_site_accuracy=settings.bias_min_site_accuracy,
         min_separability_excess=settings.bias_min_separability_excess,
-        max_cross_site_gap=settings.bias_max_cross_site_gap, bootstrap=settings.bias_bootstrap,
+        max_cross_site_gap=settings.bias_max_cross_site_gap,
+        max_cross_site_dice_gap=settings.bias_max_cross_site_dice_gap, bootstrap=settings.bias_bootstrap,
     )
 
 
@@ -273,7 +274,8 @@ def _cross_site(grid: Grid, recorder: StudyRecorder, settings: Settings, feature
                 f"{recorder.selected[0]} are held (updates rejected in that round, or a ServerApp restart since)")
         return
     try:
-        recorder.on_cross_site(cross_site_matrix(grid, models, features.config(settings.train_rounds)))
+        metric = task_of(settings.task_kind).CROSS_SITE_METRIC
+        recorder.on_cross_site(cross_site_matrix(grid, models, features.config(settings.train_rounds), metric=metric))
     except Exception as exc:  # the study's rounds are done and recorded: keep them
         log.warning("cross-site evaluation failed: %s", exc)
         recorder.store.record_note(recorder.run_id, None, None, "cross_site", f"cross-site evaluation failed: {exc}")

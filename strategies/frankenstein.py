@@ -5,8 +5,9 @@ compute the verdict the same way. Inputs are aggregates only: labelled training 
 per class per site (data counts; a segmentation site's patients per foreground-fraction
 bin, fedir.protocol.ForegroundCounts), each site's evaluation aggregates (AUC with CI, score
 histograms), each site's embedding moments (fedir.client.embedding), and, after the last round,
-the cross-site AUC matrix. Thresholds are those chosen on the calibration federations
-(benchmarks/bias_calibration.py); they are scenario settings (`[bias]`).
+the cross-site matrix of the kind's CROSS_SITE_METRIC (AUC; a segmentation's Dice).
+Thresholds are those chosen on the calibration federations (benchmarks/bias_calibration.py;
+the segmentation Dice gap's is not: docs/methods.md); they are scenario settings (`[bias]`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedir.strategies.survival_bias import (
     pooled_vs_stratified_c,
     survival_by_site,
 )
+from fedir.tasks import classification, segmentation
 
 # Above this many sites the pairwise analyses (site separability, leave-one-site-out) are
 # skipped, each with its reason: they grow with the square of the sites and would dominate a
@@ -46,6 +48,7 @@ class Thresholds:
     min_site_accuracy: float = 0.8
     min_separability_excess: float = 0.1
     max_cross_site_gap: float = 0.1
+    max_cross_site_dice_gap: float = 0.2
     bootstrap: int = 200
 
 
@@ -65,16 +68,22 @@ def survival_tests(label_counts: Mapping[str, Mapping[int, int]], per_site: Mapp
 
 
 def segmentation_tests(foreground: Mapping[str, Mapping], per_site: Mapping[str, dict],
-                       moments: Mapping[str, object], thresholds: Thresholds, *, final: bool, seed: int) -> dict[str, dict]:
+                       moments: Mapping[str, object], thresholds: Thresholds, *, final: bool, seed: int,
+                       cross_site: Mapping[str, Mapping[str, dict]] | None = None) -> dict[str, dict]:
     """A segmentation study's signals (fedir.strategies.segmentation_bias): foreground
     fraction by site (from the training replies' foreground tables), the Dice
-    heterogeneity, and the bottleneck embedding's site separability."""
+    heterogeneity, the bottleneck embedding's site separability and, after the last round
+    under bias.cross-site, the cross-site Dice gap (its own threshold,
+    `max_cross_site_dice_gap`: docs/methods.md, "Cross-site evaluation")."""
     tests = {
         "foreground_by_site": foreground_by_site(foreground, alpha=thresholds.alpha,
                                                  min_cramers_v=thresholds.min_cramers_v),
         "dice_heterogeneity": heterogeneity(per_site, "dice", alpha=thresholds.alpha, min_i2=thresholds.min_i2),
     }
     tests.update(_separability(per_site, moments, thresholds, final=final, seed=seed))
+    if cross_site:
+        tests["cross_site"] = cross_site_gap(cross_site, max_gap=thresholds.max_cross_site_dice_gap,
+                                             metric=segmentation.CROSS_SITE_METRIC)
     return tests
 
 
@@ -112,7 +121,8 @@ def signals(
     if kind == "survival":
         return verdict(survival_tests(label_counts, per_site, thresholds, time_bins))
     if kind == "segmentation":
-        return verdict(segmentation_tests(label_counts, per_site, moments, thresholds, final=final, seed=seed))
+        return verdict(segmentation_tests(label_counts, per_site, moments, thresholds, final=final, seed=seed,
+                                          cross_site=cross_site))
     multiclass = any("classes" in entry for entry in per_site.values())  # task.classes > 2
     tests = {
         "site_label_association": site_label_association(
@@ -126,7 +136,8 @@ def signals(
     }
     tests.update(_separability(per_site, moments, thresholds, final=final, seed=seed))
     if cross_site:
-        tests["cross_site"] = cross_site_gap(cross_site, max_gap=thresholds.max_cross_site_gap)
+        tests["cross_site"] = cross_site_gap(cross_site, max_gap=thresholds.max_cross_site_gap,
+                                             metric=classification.CROSS_SITE_METRIC)
     return verdict(tests)
 
 

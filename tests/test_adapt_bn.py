@@ -109,7 +109,8 @@ def test_the_cross_site_scores_are_adapted_too(tmp_path, monkeypatch):
     site_dir = _site(tmp_path / "site")
     scored = []
     real = client_app.predict
-    monkeypatch.setattr(client_app, "predict", lambda model, x, device: scored.append(model) or real(model, x, device))
+    monkeypatch.setattr(client_app, "predict",
+                        lambda model, x, device, **kw: scored.append(model) or real(model, x, device, **kw))
     models = {f"site-{i}": ArrayRecord(build_model("resnet_small", seed=i).state_dict()) for i in range(2)}
     content = encode_cross_site_models(models, ConfigRecord({"server-round": 1}))
     metadata = Metadata(run_id=1, message_id="x", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",

@@ -106,7 +106,7 @@ def test_the_kind_module_trains_a_basic_unet_with_dice_ce():
 
 @pytest.mark.parametrize("key, value", [
     ("train.mixup-alpha", 0.4),
-    ("train.smote", True), ("bias.cross-site", True), ("baseline.clinical", True), ("model.name", "resnet_small"),
+    ("train.smote", True), ("baseline.clinical", True), ("model.name", "resnet_small"),
 ])
 def test_segmentation_refuses_what_it_cannot_use(key, value):
     with pytest.raises(SettingsError) as err:

@@ -17,7 +17,10 @@ line in KINDS. What a kind module defines (docs/design.md, "Adding a task kind")
   the evaluation aggregates at a site and their pooling at the server (fedir.protocol
   encodes the site's);
 - `SUMMARY_METRICS`: the scalar metrics summary.json's `global` / `per_site.<site>` carry,
-  each with `<name>_ci`; `SELECTION_METRIC`: what `eval.select = "val-auc"` maximises.
+  each with `<name>_ci`; `SELECTION_METRIC`: what `eval.select = "val-auc"` maximises;
+- `CROSS_SITE_METRIC`: the site-metrics key (with `<name>_ci`) a cell of the cross-site
+  matrix carries under `bias.cross-site` (fedir.protocol.encode_cross_site,
+  fedir.strategies.cross_site_gap), or None where the kind refuses cross-site evaluation.
 
 Nothing here imports torch at module level: fedir.protocol imports the kinds' metric names.
 """

@@ -20,6 +20,7 @@ TARGET_COLUMNS = ("label",)
 target_width = 0  # one class index per row (int64, -1 = unlabelled)
 SUMMARY_METRICS = metrics.SCALAR_METRICS
 SELECTION_METRIC = "auc"
+CROSS_SITE_METRIC = "auc"  # the cross-site matrix (bias.cross-site; K > 2 refuses it: fedir.config.check_classes)
 USES_OBJECTIVES = True  # train.objective (supervised, fixmatch, mean_teacher) applies
 
 

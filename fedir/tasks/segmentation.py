@@ -33,6 +33,7 @@ TARGET_COLUMNS: tuple[str, ...] = ()  # the target is the row's mask file
 target_width = 0
 SUMMARY_METRICS = segmentation_metrics.SEG_SCALARS
 SELECTION_METRIC = "dice"
+CROSS_SITE_METRIC = "dice"  # each site model's per-patient Dice at every site (bias.cross-site)
 USES_OBJECTIVES = True  # train.objective: fedir.client.segmentation_objectives (DiceCE + consistency)
 MODEL = "basic_unet"  # what model.name = auto builds for this kind (fedir.models)
 

@@ -35,6 +35,7 @@ TARGET_COLUMNS = ("time", "event")
 target_width = 2  # (time, event) per row, float32
 SUMMARY_METRICS = survival_metrics.SURVIVAL_SCALARS
 SELECTION_METRIC = "c_index"
+CROSS_SITE_METRIC = None  # bias.cross-site is refused (fedir.config.check_task)
 USES_OBJECTIVES = False  # the Cox loss only: no semi-supervised objective, no MixUp
 
 

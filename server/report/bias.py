@@ -23,7 +23,7 @@ _LABELS = {
     "p_value": "p-value", "cramers_v": "Cramer's V", "pooled_auc": "pooled AUC",
     "within_auc": "mean within-site AUC", "gap": "gap (pooled - within)", "alarm": "alarm",
 }
-_SKIPPED_TEST_KEYS = {"table", "prevalence", "reason", "alarm", "matrix", "pairwise", "site_se",
+_SKIPPED_TEST_KEYS = {"table", "prevalence", "reason", "alarm", "matrix", "matrix_ci", "pairwise", "site_se",
                       "per_site_class_accuracy", "site_gap", "per_class"}
 
 
@@ -81,13 +81,35 @@ def _separability(test: dict | None) -> dict | None:
     return {"png": figures.heatmap(matrix, "site separability (same class)", "site", "site"), "text": text}
 
 
+# The colour scale of a cross-site matrix by its metric: an AUC's chance level is 0.5, a
+# Dice's is near 0 (a model that segments nothing).
+_CROSS_SITE_SCALE = {"auc": (0.5, 1.0)}
+
+
 def _cross_site(test: dict | None) -> dict | None:
+    """The matrix of the kind's metric (AUC, Dice: the test's `metric`) as a heatmap and as
+    a table with each cell's site-computed CI."""
     if not test or not test.get("matrix"):
         return None
+    metric = test.get("metric", "auc")  # verdicts recorded before the metric was named were AUCs
+    label = METRICS[metric][0]
     text = "" if not test.get("computable") else (
-        f"Own site {test['diagonal']:.2f}, other sites {test['off_diagonal']:.2f}, gap {test['gap']:.2f}.")
-    png = figures.heatmap(test["matrix"], "AUC of each site's model", "test data of site", "model of site")
-    return {"png": png, "text": text}
+        f"{label} of each site's own model: own site {test['diagonal']:.2f}, other sites {test['off_diagonal']:.2f}, "
+        f"gap {test['gap']:.2f} [95% CI {test['gap_ci'][0]:.2f}, {test['gap_ci'][1]:.2f}], threshold "
+        f"{test['thresholds']['max_gap']}; the signal (corroborating) fires when the gap is over the threshold and its interval above 0.")
+    matrix, cis = test["matrix"], test.get("matrix_ci") or {}
+    columns = sorted({d for row in matrix.values() for d in row})
+    rows = [{"model": m, "cells": [_with_ci(matrix[m].get(d), (cis.get(m) or {}).get(d)) for d in columns]}
+            for m in sorted(matrix)]
+    png = figures.heatmap(matrix, f"{label} of each site's model", "test data of site", "model of site",
+                          scale=_CROSS_SITE_SCALE.get(metric, (0.0, 1.0)))
+    return {"png": png, "text": text, "label": label, "columns": columns, "rows": rows}
+
+
+def _with_ci(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + ("" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
 
 
 def _sensitivity(sens: dict | None) -> dict | None:

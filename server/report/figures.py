@@ -183,13 +183,14 @@ def pooled_against_within(test: dict) -> str:
     return png(fig)
 
 
-def heatmap(matrix: dict[str, dict[str, float | None]], title: str, xlabel: str, ylabel: str) -> str:
-    """A site x site matrix of AUC-like values in [0.5, 1], each cell labelled."""
+def heatmap(matrix: dict[str, dict[str, float | None]], title: str, xlabel: str, ylabel: str,
+            scale: tuple[float, float] = (0.5, 1.0)) -> str:
+    """A site x site matrix of values on `scale` (AUC-like: [0.5, 1]; Dice: [0, 1]), each cell labelled."""
     rows = sorted(matrix)
     cols = sorted({c for r in matrix.values() for c in r})
     data = np.array([[np.nan if matrix[r].get(c) is None else matrix[r][c] for c in cols] for r in rows])
     fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 2.5, 0.7 * len(rows) + 1.5), dpi=100)
-    shown = ax.imshow(data, vmin=0.5, vmax=1.0, cmap="viridis")
+    shown = ax.imshow(data, vmin=scale[0], vmax=scale[1], cmap="viridis")
     for i in range(len(rows)):
         for j in range(len(cols)):
             if not np.isnan(data[i, j]):
