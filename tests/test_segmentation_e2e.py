@@ -75,6 +75,7 @@ def test_a_segmentation_federation_reports_dice_hd95_and_a_verdict(federation) -
     assert "<h2>Dice by round</h2>" in report and all(site in report for site in SITES)
     assert "foreground by site" in report  # the verdict's tests, as for classification
     assert "<th>pooled Dice</th>" in report  # leave one site out
+    assert "Forest plot: per-site Dice" in report and "per-site AUC" not in report
     assert f"{pooled['dice']:.3f} [{pooled['dice_ci'][0]:.3f}, {pooled['dice_ci'][1]:.3f}]" in report
     assert "per_patient" not in json.dumps(summary["per_site"])
     assert "(validation Dice " in selection_line(summary)

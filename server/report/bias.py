@@ -49,7 +49,8 @@ def _forest(test: dict | None) -> dict | None:
     q = "" if test.get("q") is None else (
         f"Cochran's Q {test['q']:.1f} (dof {test['dof']}, p = {test['p_value']:.2g}), "
         f"I\u00b2 = {test['i2']:.0%}, tau\u00b2 = {test['tau2']:.3g}.")
-    return {"png": figures.forest(test), "q": q}
+    metric = test.get("metric", "auc")  # verdicts recorded before the metric was named were AUCs
+    return {"png": figures.forest(test), "q": q, "metric": METRICS[metric][0] if metric in METRICS else metric}
 
 
 def _gap(test: dict | None) -> dict | None:
