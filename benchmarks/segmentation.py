@@ -27,10 +27,20 @@ intervals of 2,000 patient-bootstrap resamples; comparisons are paired per patie
 (federated minus local at each site; semi-supervised minus supervised on all test
 patients), bootstrapped the same way. The federated/pooled Dice ratio is reported beside
 FLamby's published FedAvg/pooled ratios (Fed-IXI 0.772/0.987, Fed-KiTS19 0.514/0.664).
-One seed only: CPU time on a shared 2-core machine.
+One seed only: CPU time on a shared 2-core machine. Dice is also given per class
+(`dice_vessel`, `dice_stenosis`: MONAI's per-class Dice, a test image without stenosis in
+its reference has none), each with its patient-bootstrap CI.
+
+`--curve` (the training-budget sweep, one run per arm): the global model that each round
+sends out to be evaluated (the pooled or federated arm; local_one keeps one model per
+site, so it has no curve) is scored after every round, on the same test images and on
+every frame of each site's validation patients against their every-frame masks. Each
+round is one budget (rounds x local steps per site); the `selected_round` of an arm is the
+one with the best validation Dice (as `eval.select = "best"` would pick it), never the
+test Dice; the final table is still the last round's.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/segmentation.py [--patients 16]
-        [--rounds 4] [--local-steps 10] [--arms fed_sup_one ...] [--out benchmarks/results/segmentation.json]
+        [--rounds 4] [--local-steps 10] [--arms fed_sup_one ...] [--curve] [--out benchmarks/results/segmentation.json]
 """
 
 from __future__ import annotations
@@ -38,12 +48,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import Message
 from machine import describe  # benchmarks/ is on sys.path
 
 from fedir.client.arms import LOCAL_KEY
@@ -51,12 +64,13 @@ from fedir.client.client_app import build_client_app
 from fedir.client.inputs import view_of
 from fedir.client.training import pick_device, predict
 from fedir.config import Settings
-from fedir.models import build_model
+from fedir.models import as_tensors, build_model, state_shapes
+from fedir.protocol import ARRAYS_KEY, decode_weights
 from fedir.server.server_app import run_study
 from fedir.simulations.inprocess import InProcessGrid
 from fedir.simulations.synthetic import generate_federation
 from fedir.tasks import segmentation
-from fedir.tasks.segmentation_metrics import N_CLASSES, per_image_metrics
+from fedir.tasks.segmentation_metrics import CLASS_DICE, FOREGROUND_NAMES, N_CLASSES, per_image_class_metrics
 
 ARMS = {  # name -> (federation.arm, train.objective, masks: "one" outlined frame per run | "all")
     "fed_sup_one": ("federated", "supervised", "one"),
@@ -72,6 +86,8 @@ FLAMBY = {  # FLamby (du Terrail et al. 2022), Table 2: FedAvg and pooled Dice
     "fed_kits19": {"federated": 0.514, "pooled": 0.664},
 }
 N_BOOT = 2000
+METRICS = ("dice", *CLASS_DICE)  # per patient: the mean over classes, then each class
+Scores = dict[str, dict[str, dict[str, float]]]  # metric -> site -> patient -> Dice
 
 
 def settings_for(arm: str, sites: list[Path], args: argparse.Namespace) -> Settings:
@@ -85,29 +101,73 @@ def settings_for(arm: str, sites: list[Path], args: argparse.Namespace) -> Setti
     )
 
 
-def test_sets(sites: list[Path], settings: Settings) -> dict[str, tuple[torch.Tensor, np.ndarray, list[str]]]:
-    """Each site's test frames with their every-frame masks: (images, (N, S, S) labels, patients)."""
+Frames = tuple[torch.Tensor, np.ndarray, list[str]]  # images, (N, S, S) labels, patients
+
+
+def test_sets(sites: list[Path], settings: Settings, split: str = "test") -> dict[str, Frames]:
+    """Each site's test (or val) frames with their every-frame masks."""
     out = {}
     for site in sites:
         view = view_of(str(site), settings)
-        out[site.name] = (view.test_x, view.test_y[:, 0].numpy(), view.test_patients)
+        x, y, who = (view.test_x, view.test_y, view.test_patients) if split == "test" else (
+            view.val_x, view.val_y, view.val_patients)
+        out[site.name] = (x, y[:, 0].numpy(), list(who))
     return out
 
 
-def per_patient_dice(state: dict, data: tuple[torch.Tensor, np.ndarray, list[str]]) -> dict[str, float]:
-    """The model's Dice per test patient (mean over the patient's frames with a defined Dice)."""
+def per_patient_dice(state: dict, data: Frames) -> dict[str, dict[str, float]]:
+    """metric (METRICS) -> patient -> the model's Dice: the mean over the patient's frames
+    with a defined value (fedir's rule, fedir.tasks.segmentation_metrics)."""
     model = build_model("basic_unet", n_outputs=N_CLASSES)
     model.load_state_dict(state)
     images, target, patients = data
     predicted = predict(model, images, pick_device(), batch_size=32, score=segmentation.score)
-    dice, _ = per_image_metrics(target, predicted)
-    out: dict[str, float] = {}
-    for p in sorted(set(patients)):
-        values = dice[[i for i, q in enumerate(patients) if q == p]]
-        values = values[np.isfinite(values)]
-        if len(values):
-            out[p] = float(values.mean())
+    per_class, _ = per_image_class_metrics(target, predicted)
+    with np.errstate(all="ignore"):
+        columns = {"dice": np.nanmean(per_class, axis=1),
+                   **{f"dice_{n}": per_class[:, c] for c, n in enumerate(FOREGROUND_NAMES)}}
+    out: dict[str, dict[str, float]] = {m: {} for m in METRICS}
+    for metric, dice in columns.items():
+        for p in sorted(set(patients)):
+            values = dice[[i for i, q in enumerate(patients) if q == p]]
+            values = values[np.isfinite(values)]
+            if len(values):
+                out[metric][p] = float(values.mean())
     return out
+
+
+def score_all(state: dict, sets: dict[str, Frames]) -> Scores:
+    """metric -> site -> patient -> Dice of one model on every site's frames."""
+    per_site = {s: per_patient_dice(state, data) for s, data in sets.items()}
+    return {m: {s: v[m] for s, v in per_site.items()} for m in METRICS}
+
+
+def summarise(scores: Scores, seed: int) -> dict:
+    """Each metric over all patients of all sites, with its patient-bootstrap CI."""
+    return {m: bootstrap_mean(np.array([x for v in scores[m].values() for x in v.values()]), seed) for m in METRICS}
+
+
+class CurveGrid(InProcessGrid):
+    """InProcessGrid that scores the global model each round sends out for evaluation
+    (fedir's ServerApp evaluates every round: one snapshot a round)."""
+
+    def __init__(self, *args, sets: dict[str, dict[str, Frames]], seed: int, **kwargs) -> None:  # noqa: ANN002,ANN003
+        super().__init__(*args, **kwargs)
+        self.sets, self.seed, self.curve = sets, seed, []
+        self.shapes = state_shapes(build_model("basic_unet", n_outputs=N_CLASSES))
+
+    def push_messages(self, messages):  # noqa: ANN001,ANN201 - flwr's Grid signature
+        messages = list(messages)
+        sent = [m for m in messages if m.metadata.message_type.split(".")[0] == "evaluate"
+                and ARRAYS_KEY in m.content.array_records]
+        if sent:
+            self._score(sent[0])
+        return super().push_messages(messages)
+
+    def _score(self, msg: Message) -> None:
+        state = as_tensors(decode_weights(msg.content.array_records[ARRAYS_KEY], self.shapes))
+        self.curve.append({"round": len(self.curve) + 1,
+                           **{split: summarise(score_all(state, sets), self.seed) for split, sets in self.sets.items()}})
 
 
 def bootstrap_mean(values: np.ndarray, seed: int) -> dict:
@@ -129,11 +189,17 @@ def paired(a: dict[str, float], b: dict[str, float], seed: int) -> dict:
             "ci_excludes_0": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}
 
 
-def run_arm(arm: str, sites: list[Path], args: argparse.Namespace, out: Path) -> tuple[dict, dict[str, dict]]:
-    """(run facts, each site's model state) of one arm."""
+def run_arm(arm: str, sites: list[Path], args: argparse.Namespace, out: Path,
+            curve_sets: dict[str, dict[str, Frames]] | None = None) -> tuple[dict, dict[str, dict]]:
+    """(run facts, each site's model state) of one arm; with `curve_sets` ({"val": ...,
+    "test": ...}) and a global model, the facts carry its per-round `curve`."""
     settings = settings_for(arm, sites, args)
     started = time.time()
-    grid = InProcessGrid(build_client_app(settings), len(sites), settings.to_run_config())
+    if curve_sets is not None and ARMS[arm][0] != "local":
+        grid: InProcessGrid = CurveGrid(build_client_app(settings), len(sites), settings.to_run_config(),
+                                        sets=curve_sets, seed=args.seed)
+    else:
+        grid = InProcessGrid(build_client_app(settings), len(sites), settings.to_run_config())
     summary = run_study(grid, settings, out, scenario="benchmark")
     wall = time.time() - started
     if ARMS[arm][0] == "local":
@@ -145,18 +211,31 @@ def run_arm(arm: str, sites: list[Path], args: argparse.Namespace, out: Path) ->
     facts = {"wall_s": round(wall, 1), "s_per_round": round(wall / args.rounds, 1),
              "evaluated_round": summary.get("evaluated_round"),
              "own_summary_global_dice": summary["global"].get("dice")}
+    if isinstance(grid, CurveGrid):
+        if len(grid.curve) != args.rounds:
+            raise RuntimeError(f"{arm}: {len(grid.curve)} evaluated models for {args.rounds} rounds")
+        steps = settings.train_local_steps // (len(sites) if ARMS[arm][0] == "pooled" else 1)
+        for point in grid.curve:
+            point["local_steps_per_site"] = point["round"] * steps
+        best = max(grid.curve, key=lambda p: -1.0 if p["val"]["dice"]["mean"] is None else p["val"]["dice"]["mean"])
+        facts["curve"] = grid.curve
+        facts["selected_round_on_val"] = best["round"]
     return facts, states
 
 
-def analyse(result: dict, dice: dict[str, dict[str, dict[str, float]]], seed: int) -> dict:
-    """Dice tables with CIs, paired differences, the gap share and the FLamby ratios."""
-    arms = list(dice)
-    table: dict = {}
-    for arm in arms:
-        per_site = {s: bootstrap_mean(np.array(list(v.values())), seed) for s, v in dice[arm].items()}
-        pooled = bootstrap_mean(np.array([x for v in dice[arm].values() for x in v.values()]), seed)
-        table[arm] = {"all_test_patients": pooled, "per_site": per_site}
-    out: dict = {"dice": table}
+def analyse(result: dict, scores: dict[str, Scores], seed: int) -> dict:
+    """Dice tables with CIs (the mean over classes, then each class), paired differences,
+    the gap share and the FLamby ratios."""
+    tables: dict = {}
+    for metric in METRICS:
+        table: dict = {}
+        for arm in scores:
+            per_site = {s: bootstrap_mean(np.array(list(v.values())), seed) for s, v in scores[arm][metric].items()}
+            pooled = bootstrap_mean(np.array([x for v in scores[arm][metric].values() for x in v.values()]), seed)
+            table[arm] = {"all_test_patients": pooled, "per_site": per_site}
+        tables[metric] = table
+    dice = {arm: scores[arm]["dice"] for arm in scores}
+    out: dict = {"dice": tables["dice"], **{m: tables[m] for m in CLASS_DICE}}
 
     def everyone(arm: str) -> dict[str, float]:
         return {f"{s}/{p}": x for s, v in dice[arm].items() for p, x in v.items()}
@@ -195,11 +274,21 @@ def markdown(result: dict) -> str:
 
     dice = result["analysis"]["dice"]
     sites = sorted(next(iter(dice.values()))["per_site"])
-    lines = ["| arm | all test patients | " + " | ".join(sites) + " | s/round |",
-             "|---|---|" + "---|" * len(sites) + "---|"]
+    lines = ["| arm | all test patients | " + " | ".join(sites) + " | vessel | stenosis | s/round |",
+             "|---|---|" + "---|" * len(sites) + "---|---|---|"]
     for arm, t in dice.items():
+        classes = " | ".join(cell(result["analysis"][m][arm]["all_test_patients"]) for m in CLASS_DICE)
         lines.append(f"| {arm} | {cell(t['all_test_patients'])} | "
-                     + " | ".join(cell(t["per_site"][s]) for s in sites) + f" | {result['runs'][arm]['s_per_round']} |")
+                     + " | ".join(cell(t["per_site"][s]) for s in sites)
+                     + f" | {classes} | {result['runs'][arm]['s_per_round']} |")
+    for arm, run in result["runs"].items():
+        if "curve" not in run:
+            continue
+        lines += ["", f"{arm}: Dice by budget (the selected round, best on validation, is {run['selected_round_on_val']})",
+                  "| round | local steps per site | val Dice | test Dice | vessel | stenosis |", "|---|---|---|---|---|---|"]
+        for p in run["curve"]:
+            lines.append(f"| {p['round']} | {p['local_steps_per_site']} | {p['val']['dice']['mean']:.3f} | "
+                         + " | ".join(cell(p["test"][m]) for m in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -214,10 +303,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--curve", action="store_true",
+                        help="score every round's global model on validation and test (the budget sweep)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "segmentation.json")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     result: dict = {"benchmark": "segmentation", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    "command": "OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python " + shlex.join(sys.argv),
                     "machine": describe(), "budget": {k: v for k, v in vars(args).items() if k not in ("out", "arms")},
                     "arms": {a: ARMS[a] for a in args.arms}, "seeds": [args.seed],
                     "note": "one seed (CPU time on a shared 2-core machine); CIs are over test patients only",
@@ -236,22 +328,24 @@ def main() -> None:
             for split in ("train", "val", "test"):
                 assert torch.equal(a.split(split).images, b.split(split).images), (one, split)
         tests = test_sets(feds["all"], probe)
+        curve_sets = {"val": test_sets(feds["all"], probe, "val"), "test": tests} if args.curve else None
         result["test_set"] = {s: {"frames": len(t[1]), "patients": len(set(t[2]))} for s, t in tests.items()}
         result["train_set"] = {
             masks: {s.name: {"masked_frames": len(v.train_x), "unlabelled_frames": 0 if v.train_unlabelled is None
                              else len(v.train_unlabelled)} for s in feds[masks] for v in [view_of(str(s), probe)]}
             for masks in feds}
-        dice: dict[str, dict[str, dict[str, float]]] = {}
+        scores: dict[str, Scores] = {}
         for arm in args.arms:
-            facts, states = run_arm(arm, feds[ARMS[arm][2]], args, root / "runs" / arm)
-            dice[arm] = {s: per_patient_dice(states[s], tests[s]) for s in tests}
+            facts, states = run_arm(arm, feds[ARMS[arm][2]], args, root / "runs" / arm, curve_sets)
+            per_site = {s: per_patient_dice(states[s], tests[s]) for s in tests}
+            scores[arm] = {m: {s: v[m] for s, v in per_site.items()} for m in METRICS}
             result["runs"][arm] = facts
-            print(arm, facts, flush=True)
-    result["analysis"] = analyse(result, dice, args.seed)
+            print(arm, {k: v for k, v in facts.items() if k != "curve"}, flush=True)
+    result["analysis"] = analyse(result, scores, args.seed)
     result["table"] = markdown(result)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(result["table"])
-    print(json.dumps({k: v for k, v in result["analysis"].items() if k != "dice"}, indent=2))
+    print(json.dumps({k: v for k, v in result["analysis"].items() if k not in METRICS}, indent=2))
 
 
 if __name__ == "__main__":

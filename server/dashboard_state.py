@@ -40,7 +40,7 @@ from fedir.server.summary import (
     threshold_line,
 )
 from fedir.tasks.multiclass_metrics import MULTICLASS_SCALARS
-from fedir.tasks.segmentation_metrics import SEG_SCALARS
+from fedir.tasks.segmentation_metrics import FOREGROUND_NAMES, SEG_SCALARS
 from fedir.tasks.survival_metrics import SURVIVAL_SCALARS
 
 # Note kinds that mean a site's update or reply did not count this round.
@@ -316,8 +316,10 @@ SURVIVAL = KindView(
                                       ("c_index", "uno_c_index")),
     binning=_c_binning_line, threshold=False)
 SEGMENTATION = KindView(
-    columns=(("patients", "patients"), ("n_test", "images"), ("dice", "Dice [95% CI]"), ("hd95", "HD95 px [95% CI]")),
-    metrics={"dice": "Dice per patient", "hd95": "HD95 (px) per patient"},
+    columns=(("patients", "patients"), ("n_test", "images"), ("dice", "Dice [95% CI]"), ("hd95", "HD95 px [95% CI]"),
+             *((f"dice_{name}", f"{name} Dice [95% CI]") for name in FOREGROUND_NAMES)),
+    metrics={"dice": "Dice per patient", "hd95": "HD95 (px) per patient",
+             **{f"dice_{name}": f"{name} Dice per patient" for name in FOREGROUND_NAMES}},
     scalars=SEG_SCALARS, per_patient=False, overview="dice", name="Dice",  # per patient already
     table=lambda summary: _flat_table(summary, (("patients", "n_patients"),), SEG_SCALARS),
     binning=lambda pooled: SEG_POOLED_LINE, threshold=False, unbounded=("hd95",))

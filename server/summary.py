@@ -30,7 +30,7 @@ from fedir.strategies.privacy_budget import ACCOUNTANT
 from fedir.strategies.selection import EarlyStopped, Selection
 from fedir.tasks import task_of
 from fedir.tasks.multiclass_metrics import CLASS_AUCS, CONFUSION, MULTICLASS_SCALARS, SENSITIVITY
-from fedir.tasks.segmentation_metrics import DICE_HIST, SEG_SCALARS
+from fedir.tasks.segmentation_metrics import DICE_HIST, FOREGROUND_NAMES, SEG_SCALARS
 from fedir.tasks.survival_metrics import KM_AT_RISK, KM_SURVIVAL, SURVIVAL_SCALARS
 
 NOT_COMPUTED = "not computed: no evaluation round was recorded"
@@ -474,11 +474,13 @@ SEG_POOLED_LINE = "Pooled: patient-weighted mean of the sites' per-patient sums,
 
 
 def format_segmentation_table(summary: dict) -> str:
-    """The segmentation study's per-site table: masked test patients and images, Dice and
-    HD95 with patient-bootstrap CIs (the pooled row's from the sites' sums); the verdict line."""
-    header = ["site", "patients", "images", "Dice [95% CI]", "HD95 px [95% CI]"]
-    rows = [[site, _count(e.get("n_patients")), _count(e.get("n_test")), fmt_with_ci(e.get("dice"), e.get("dice_ci")),
-             fmt_with_ci(e.get("hd95"), e.get("hd95_ci"))]
+    """The segmentation study's per-site table: masked test patients and images, Dice,
+    HD95 and the Dice of each foreground class with patient-bootstrap CIs (the pooled row's
+    from the sites' sums); the verdict line."""
+    header = ["site", "patients", "images", "Dice [95% CI]", "HD95 px [95% CI]",
+              *(f"{name} Dice [95% CI]" for name in FOREGROUND_NAMES)]
+    rows = [[site, _count(e.get("n_patients")), _count(e.get("n_test")),
+             *(fmt_with_ci(e.get(name), e.get(name + "_ci")) for name in SEG_SCALARS)]
             for site, e in {**summary["per_site"], GLOBAL_SITE: summary["global"]}.items()]
     lines = [*site_table("Per patient (mean over a patient's masked images; foreground classes vessel and stenosis):", header, rows),
              SEG_POOLED_LINE,

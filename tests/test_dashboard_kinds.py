@@ -58,11 +58,11 @@ def segmentation_run(tmp_path_factory) -> Path:
 def test_a_segmentation_run_shows_dice_and_hd95_per_site(segmentation_run: Path) -> None:
     summary, line, detail = _state(segmentation_run)
     assert summary["global"]["dice"] is not None
-    assert [c[0] for c in detail["columns"]] == ["patients", "n_test", "dice", "hd95"]
-    _cells(summary, detail, None, ("dice", "hd95"))
+    assert [c[0] for c in detail["columns"]] == ["patients", "n_test", "dice", "hd95", "dice_vessel", "dice_stenosis"]
+    _cells(summary, detail, None, ("dice", "hd95", "dice_vessel", "dice_stenosis"))
     for site, entry in summary["per_site"].items():  # the run store's series are the summary's metrics
         assert detail["series"]["dice"][site][-1][1] == pytest.approx(entry["dice"], abs=1e-4)
-    assert set(detail["metrics"]) == {"dice", "hd95"} and detail["unbounded"] == ["hd95"]
+    assert set(detail["metrics"]) == {"dice", "hd95", "dice_vessel", "dice_stenosis"} and detail["unbounded"] == ["hd95"]
     assert detail["threshold"] == "" and "patient-weighted" in detail["binning"]
     assert line["metric"] == "dice" and line["metric_name"] == "Dice"
     assert line["global_auc"] == pytest.approx(summary["global"]["dice"], abs=1e-4)
@@ -79,10 +79,12 @@ def test_the_page_of_a_segmentation_run_heads_its_own_columns_and_marks_its_metr
             page.wait_for_selector('#site-table tr[data-site="global"]', timeout=0)
             page.wait_for_function("(document.getElementById('site-plot').data || []).length > 0", timeout=0)
             heads = page.locator("#site-table thead th").all_inner_texts()
-            assert heads == ["site", "patients", "images", "Dice [95% CI]", "HD95 px [95% CI]"]
+            assert heads == ["site", "patients", "images", "Dice [95% CI]", "HD95 px [95% CI]",
+                             "vessel Dice [95% CI]", "stenosis Dice [95% CI]"]
             row = page.locator('#site-table tr[data-site="global"]')
-            expected = fmt_with_ci(summary["global"]["dice"], summary["global"]["dice_ci"])
-            assert row.locator('[data-col="dice"] .value').inner_text() == expected
+            for metric in ("dice", "dice_vessel"):
+                expected = fmt_with_ci(summary["global"][metric], summary["global"][metric + "_ci"])
+                assert row.locator(f'[data-col="{metric}"] .value').inner_text() == expected
             assert page.locator("#metric").input_value() == "dice"
             assert "(Dice)" in page.locator("#runs tbody").inner_text()
             page.select_option("#metric", "hd95")  # pixels: the axis follows the values, not 0..1

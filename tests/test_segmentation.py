@@ -57,6 +57,35 @@ def test_site_dice_is_the_patient_mean_of_monais_per_image_dice():
     assert out["sums"][0] == pytest.approx(per_patient.sum(), abs=1e-6)
 
 
+def test_dice_per_class_matches_monai_on_a_hand_made_case():
+    # 8x8 frames. Image 0: vessel of 8 pixels, the prediction hits 6 and adds 2 (Dice 12/16);
+    # stenosis of 4 pixels, predicted 2 of them (Dice 4/6). Image 1 (patient b): vessel only
+    # (reference 4 pixels, prediction all 4: Dice 1), so it has no stenosis Dice at all.
+    ref = np.zeros((2, 8, 8), dtype=np.uint8)
+    pred = np.zeros_like(ref)
+    ref[0, 0, :] = 1
+    pred[0, 0, 1:7] = 1
+    pred[0, 1, 0:2] = 1
+    ref[0, 4:6, 4:6] = 2
+    pred[0, 4, 4:6] = 2
+    ref[1, 3, 2:6] = 1
+    pred[1, 3, 2:6] = 1
+    out = site_segmentation_metrics(ref[:, None], pred, ["a", "b"], n_boot=0, seed=0)
+    y = one_hot(torch.as_tensor(ref, dtype=torch.int64)[:, None], 3)
+    p = one_hot(torch.as_tensor(pred, dtype=torch.int64)[:, None], 3)
+    monai = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, y).numpy()
+    assert monai[0] == pytest.approx([12 / 16, 4 / 6]) and np.isnan(monai[1, 1])
+    assert out["dice_vessel"] == pytest.approx((12 / 16 + 1.0) / 2)
+    assert out["dice_stenosis"] == pytest.approx(4 / 6)  # patient b has no stenosis: left out
+    assert out["n_vessel_patients"] == 2 and out["n_stenosis_patients"] == 1
+    assert out["dice"] == pytest.approx(((12 / 16 + 4 / 6) / 2 + 1.0) / 2)
+    assert out["dice_stenosis_ci"] is None and "dice_stenosis_ci" in out["reasons"]
+    pooled = pooled_segmentation_metrics({"s0": out, "s1": out})  # the same site twice
+    assert pooled["dice_vessel"] == pytest.approx(out["dice_vessel"])
+    assert pooled["dice_stenosis"] == pytest.approx(out["dice_stenosis"]) and pooled["n_stenosis_patients"] == 2
+    assert pooled["dice_stenosis_ci"] == pytest.approx([4 / 6, 4 / 6])  # two equal patients: no spread
+
+
 def test_perfect_prediction_has_dice_one_and_hd95_zero():
     ref, _ = _masks(4, 32, seed=2)
     out = site_segmentation_metrics(ref[:, None], ref, ["a", "a", "b", "b"], n_boot=0, seed=0)
@@ -136,7 +165,7 @@ def test_a_segmentation_evaluation_crosses_as_fixed_length_aggregates_and_round_
         assert name == "site-a" and back["dice"] == pytest.approx(test["dice"])
         assert back["dice_ci"] == pytest.approx(test["dice_ci"]) and back["val"]["dice_ci"] is None
         assert back[DICE_HIST] == test[DICE_HIST] and back["sums"] == pytest.approx(test["sums"])
-    assert lengths == {2, 4, DICE_BINS}  # CIs, the per-patient sums, the Dice histogram
+    assert lengths == {2, 8, DICE_BINS}  # CIs, the per-patient sums (4 scalars), the Dice histogram
     assert not any("patient-" in k for k in keys)
 
 

@@ -143,7 +143,9 @@ def _dice_site(rng: np.random.Generator, dice: float, n: int = 30) -> dict:
     boots = [values[rng.integers(n, size=n)].mean() for _ in range(200)]
     return {"dice": float(values.mean()), "dice_ci": [float(v) for v in np.percentile(boots, [2.5, 97.5])],
             "n_patients": n, "n_hd95_patients": n, "n": n, "n_no_foreground": 0, "n_no_hd95": 0,
-            "sums": [float(values.sum()), float((values ** 2).sum()), 0.0, 0.0], "dice_hist": [0] * 10}
+            "n_vessel_patients": n, "n_stenosis_patients": 0,  # vessel only: its Dice is the image's
+            "sums": [float(values.sum()), float((values ** 2).sum()), 0.0, 0.0,
+                     float(values.sum()), float((values ** 2).sum()), 0.0, 0.0], "dice_hist": [0] * 10}
 
 
 def _moments(rng: np.random.Generator, site_shift: float, n: int = 60, d: int = 8):
