@@ -7,7 +7,9 @@
 - pooled: all sites' training rows at one node (simulation only: partition 0 reads the
   other sites' folders, which no deployment may do); the other nodes train nothing and
   send a zero-weight update, so the server's FedAvg keeps the pooled model. Every site
-  evaluates it on its own test patients. The ceiling.
+  evaluates it on its own test patients. The ceiling. Under `federation.pooled-batches =
+  "per-site"` each of its batches comes from one site (`row_sites`), as at a FedAvg site,
+  so that BatchNorm never normalises two scanners in one batch.
 Every arm is evaluated in the same way, by the same `evaluate` of the ClientApp.
 """
 
@@ -60,3 +62,27 @@ def unlabelled_rows(settings: Settings, own: SiteView, context: Context) -> torc
         return own.train_unlabelled[:0]
     parts = [view_of(str(site), settings).train_unlabelled for site in settings.sites]
     return torch.cat([p for p in parts if p is not None])
+
+
+def row_sites(settings: Settings, own: SiteView, context: Context) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The site index of every row training_rows and unlabelled_rows return, where batches
+    must come from one site (the pooled node under `federation.pooled-batches = "per-site"`);
+    None where a batch may mix rows (every other node and setting).
+
+    Returns:
+        (sites of the training rows, (N,) int64; sites of the unlabelled rows, (M,) int64,
+        or None where unlabelled_rows returns None), in the order of `settings.sites`.
+    """
+    if settings.federation_arm != "pooled" or settings.federation_pooled_batches != "per-site":
+        return None
+    if int(context.node_config["partition-id"]) != 0:
+        return None
+    views = [view_of(str(site), settings) for site in settings.sites]
+
+    def indices(counts: list[int]) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+
+    train = indices([len(v.train_y) for v in views])
+    if unlabelled_rows(settings, own, context) is None:
+        return train, None
+    return train, indices([0 if v.train_unlabelled is None else len(v.train_unlabelled) for v in views])

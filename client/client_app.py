@@ -23,7 +23,7 @@ from flwr.clientapp.typing import Mod
 
 from fedir.client import site_state
 from fedir.client.adapt_bn import adapted
-from fedir.client.arms import keep_local, start_weights, unlabelled_rows
+from fedir.client.arms import keep_local, row_sites, start_weights, unlabelled_rows
 from fedir.client.audit_log import audit_mod
 from fedir.client.datacard import card_once
 from fedir.client.dp_mods import dp_clipping_mod
@@ -237,7 +237,8 @@ def build_client_app(settings: Settings | None = None, mods: Sequence[Mod] = ())
         seed = settings.round_seed(sent.server_round)
         objective, recipe = round_recipe(settings, seed, sent.server_round, sent.proximal_mu)
         x, y, synthetic = local_rows(settings, site, config, context, seed)
-        result = train(model, x, y, objective, recipe, pick_device(), unlabelled_rows(settings, site, context))
+        result = train(model, x, y, objective, recipe, pick_device(), unlabelled_rows(settings, site, context),
+                       row_sites(settings, site, context))
         keep_local(settings, ArrayRecord(model.cpu().state_dict()), context)
         arrays = reply_arrays(model, context.state, kept_keys(model, settings), settings.train_update_dtype,
                               settings.dp)

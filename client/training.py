@@ -71,10 +71,22 @@ class TrainResult:
         return self.n_labelled if self.n_trained < 0 else self.n_trained
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+def _batches(n: int, batch_size: int, generator: torch.Generator,
+             groups: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """One pass over n rows in shuffled batches; with `groups` ((n,) int), every batch
+    holds rows of one group (a pooled node's site: fedir.client.arms.row_sites), each
+    group cut into batches on its own and the batches of every group shuffled together."""
+    if groups is None:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+        return
+    batches: list[torch.Tensor] = []
+    for group in torch.unique(groups):
+        members = torch.nonzero(groups == group).flatten()
+        batches.extend(members[torch.randperm(len(members), generator=generator)].split(batch_size))
+    for i in torch.randperm(len(batches), generator=generator):
+        yield batches[int(i)]
 
 
 def train(
@@ -85,6 +97,7 @@ def train(
     config: TrainConfig,
     device: torch.device,
     unlabelled: torch.Tensor | None = None,
+    sites: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> TrainResult:
     """Train in place on a site's training split; labels of -1 are unlabelled images. A
     target with columns, (N, 2) [time, event] for survival or (N, 1, S, S) label maps for
@@ -102,6 +115,9 @@ def train(
     encoder's parameters (fedir.models.encoder_names) get no gradient and are not in the
     optimiser, and its normalisation layers run in eval mode: weights and BatchNorm
     statistics both stay as received, so the encoder a site returns is the one it was sent.
+
+    `sites` (fedir.client.arms.row_sites: the site of every row of `images` and of
+    `unlabelled`) makes every step one site's: its labelled batch and its unlabelled draw.
     """
     if objective.uses_unlabelled and images.dim() == 5:
         raise ValueError(f"objective {getattr(objective, 'name', objective)!r}: its augmentations are 2D; "
@@ -116,6 +132,7 @@ def train(
     y_lab = to_device(labels[labelled], device)
     x_unl = to_device(images[~labelled] if unlabelled is None else unlabelled, device)
     n_lab, n_unl = int(x_lab.shape[0]), int(x_unl.shape[0])
+    lab_sites, unl_pools = _site_groups(sites, labelled, unlabelled is None)
     model.to(device).train()
     if n_lab == 0:
         return TrainResult(loss=float("nan"), steps=0, n_labelled=counted[0], n_unlabelled=counted[1], n_trained=0)
@@ -130,10 +147,15 @@ def train(
     gen = torch.Generator().manual_seed(config.seed)
     total = torch.zeros((), device=device)
     steps = 0
-    for idx in _schedule(n_lab, config, gen):
+    for idx in _schedule(n_lab, config, gen, lab_sites):
+        pool = None if unl_pools is None or lab_sites is None else unl_pools[int(lab_sites[idx[0]])]
         idx = idx.to(device)
         unl = None
-        if n_unl and objective.uses_unlabelled:
+        if pool is not None:
+            if len(pool) and objective.uses_unlabelled:
+                draw = pool[torch.randint(len(pool), (config.unlabelled_ratio * len(idx),), generator=gen)]
+                unl = x_unl[draw.to(device)]
+        elif n_unl and objective.uses_unlabelled:
             draw = torch.randint(n_unl, (config.unlabelled_ratio * len(idx),), generator=gen)
             unl = x_unl[draw.to(device)]
         with autocast(device):
@@ -160,16 +182,32 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return OPTIMIZERS[config.optimizer](trainable, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _schedule(n: int, config: TrainConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def _site_groups(sites: tuple[torch.Tensor, torch.Tensor | None] | None, labelled: torch.Tensor,
+                 unlabelled_in_images: bool) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None]:
+    """(the site of each labelled row, each site's unlabelled row indices) from `sites`,
+    the site of every row of train's `images` and `unlabelled`; (None, None) without."""
+    if sites is None:
+        return None, None
+    row_sites, unlabelled_sites = sites
+    unl = row_sites[~labelled] if unlabelled_in_images else unlabelled_sites
+    lab = row_sites[labelled]
+    if unl is None:
+        return lab, None
+    return lab, {int(s): torch.nonzero(unl == s).flatten() for s in torch.unique(lab)}
+
+
+def _schedule(n: int, config: TrainConfig, generator: torch.Generator,
+              groups: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Batches of indices: `epochs` passes, or exactly `steps` batches when steps > 0
-    (a fresh shuffle each time the data runs out), FLamby's "local updates" budget."""
+    (a fresh shuffle each time the data runs out), FLamby's "local updates" budget;
+    each batch within one of `groups` when given (_batches)."""
     if config.steps <= 0:
         for _ in range(config.epochs):
-            yield from _batches(n, config.batch_size, generator)
+            yield from _batches(n, config.batch_size, generator, groups)
         return
     done = 0
     while True:
-        for idx in _batches(n, config.batch_size, generator):
+        for idx in _batches(n, config.batch_size, generator, groups):
             yield idx
             done += 1
             if done == config.steps:
