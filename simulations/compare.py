@@ -68,6 +68,9 @@ ARMS = ("federated", "supervised", "all_labels", "local", "pooled", "clinical", 
 # and differential privacy (and its epsilon budget) have nothing to act on there: they run
 # without them, and what privacy costs the federated arm is part of what the comparison shows.
 NO_AGGREGATE_PRIVACY = {"privacy_secure_aggregation": "off", "privacy_dp": "off", "privacy_max_epsilon": 0.0}
+# Nor is there a shared model to personalise (train.personalise): a site alone already has its
+# own, the pooled node one for all; a personalised federation is compared with them as it is.
+NO_SHARED_MODEL = {**NO_AGGREGATE_PRIVACY, "train_personalise": "none"}
 N_BOOT = 1000
 
 
@@ -93,7 +96,7 @@ def arm_settings(settings: Settings, arm: str, all_label_sites: list[Path] | Non
         return replace(settings, train_objective="supervised", federation_sites=";".join(map(str, all_label_sites)),
                        **quiet)
     if arm in ("local", "pooled"):
-        return replace(settings, federation_arm=arm, **NO_AGGREGATE_PRIVACY, **quiet)
+        return replace(settings, federation_arm=arm, **NO_SHARED_MODEL, **quiet)
     if arm == "clinical":
         return clinical_settings(replace(settings, **quiet))
     if arm == "radiomics":

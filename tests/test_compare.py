@@ -83,6 +83,18 @@ def test_local_and_pooled_arms_of_a_dp_scenario_run_without_aggregate_privacy(tm
     assert (kept.privacy_dp, kept.privacy_max_epsilon) == ("server-fixed", 20.0)
 
 
+@pytest.mark.parametrize("arm", ["local", "pooled"])
+def test_a_personalised_scenarios_local_and_pooled_arms_have_nothing_to_personalise(arm: str) -> None:
+    """train.personalise needs federation.arm = federated; the arms without a shared model run
+    without it (a site alone is already personal), the federated arm keeps it."""
+    from fedir.config import Settings
+    from fedir.simulations.compare import arm_settings
+
+    tuned = Settings(federation_sites="a;b;c", train_personalise="finetune")
+    assert arm_settings(tuned, arm, None).train_personalise == "none"
+    assert arm_settings(tuned, "federated", None).train_personalise == "finetune"
+
+
 @pytest.mark.parametrize(("kind", "classes", "named"), [("survival", 2, "task.kind = 'survival'"),
                                                           ("classification", 3, "task.classes = 3")])
 def test_compare_refuses_what_it_cannot_pair_before_any_run(tmp_path: Path, kind: str, classes: int,
