@@ -239,6 +239,11 @@ class Settings:
     bias_cross_site_max_sites: int = setting(16, "above this many sites the cross-site matrix is skipped", AT_LEAST_0)
     bias_bootstrap: int = setting(
         200, "resamples of the bias intervals (pooled-vs-within gap, separability)", AT_LEAST_0)
+    bias_secondary_to_alarm: int = setting(
+        0, "how many secondary bias signals (heterogeneity, separability, cross-site; survival by site, follow-up "
+        "by site) firing together raise the alarm; 0 = they only warn, and only a primary signal (site-label "
+        "association, pooled-vs-within gap, foreground by site, pooled-vs-stratified C) raises it "
+        "(docs/methods.md, \"The bias checks\", Verdict)", AT_LEAST_0)
     validation_max_norm_ratio: float = setting(
         10.0, "reject updates this far above the others' median norm", POSITIVE)
     validation_min_accepted: int = setting(

@@ -182,6 +182,8 @@ def _detail(store: ReadOnlyRunStore, run_id: str) -> dict[str, Any]:
         "unbounded": list(view.unbounded),
         "verdict": {
             "alarm": bool(bias.get("alarm")), "reasons": list(bias.get("reasons") or []),
+            # secondary signals that fired without raising the alarm (bias.secondary-to-alarm)
+            "warnings": list(bias.get("warnings") or []),
             "numbers": {name.replace("_", " "): text for name, text in key_numbers(bias).items() if text},
             "round": verdict_round,
             # the study's verdict once it has ended; before, the latest round's, provisional

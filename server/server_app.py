@@ -249,7 +249,7 @@ def shared_arrays(model: torch.nn.Module, settings: Settings) -> ArrayRecord:
 
 
 def thresholds(settings: Settings) -> Thresholds:
-    """The bias thresholds of the scenario's `[bias]` section."""
+    """The bias thresholds and verdict rule of the scenario's `[bias]` section."""
     return Thresholds(
         alpha=settings.bias_alpha, min_cramers_v=settings.bias_min_cramers_v,
         max_auc_gap=settings.bias_max_auc_gap, min_i2=settings.bias_min_i2,
@@ -257,6 +257,7 @@ def thresholds(settings: Settings) -> Thresholds:
         min_separability_excess=settings.bias_min_separability_excess,
         max_cross_site_gap=settings.bias_max_cross_site_gap,
         max_cross_site_dice_gap=settings.bias_max_cross_site_dice_gap, bootstrap=settings.bias_bootstrap,
+        secondary_to_alarm=settings.bias_secondary_to_alarm,
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
-from fedir.strategies.bias import pooled_vs_within_auc, site_label_association, verdict
+from fedir.strategies.bias import SECONDARY_TO_ALARM, pooled_vs_within_auc, site_label_association, verdict
 from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.heterogeneity import heterogeneity
 from fedir.strategies.multiclass_bias import multiclass_pooled_vs_within_auc
@@ -39,7 +39,9 @@ MAX_DETAILED_SITES = 50
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Each signal's alarm threshold (see each signal's module for its meaning)."""
+    """Each signal's alarm threshold (see each signal's module for its meaning), and how many
+    secondary signals together raise the alarm (`secondary_to_alarm`, bias.secondary-to-alarm;
+    0 = they only warn: fedir.strategies.bias.verdict)."""
 
     alpha: float = 0.01
     min_cramers_v: float = 0.2
@@ -50,6 +52,7 @@ class Thresholds:
     max_cross_site_gap: float = 0.1
     max_cross_site_dice_gap: float = 0.2
     bootstrap: int = 200
+    secondary_to_alarm: int = SECONDARY_TO_ALARM
 
 
 def survival_tests(label_counts: Mapping[str, Mapping[int, int]], per_site: Mapping[str, dict],
@@ -119,10 +122,10 @@ def signals(
     no alarm depends on; see :func:`analyse`.
     """
     if kind == "survival":
-        return verdict(survival_tests(label_counts, per_site, thresholds, time_bins))
+        return verdict(survival_tests(label_counts, per_site, thresholds, time_bins), thresholds.secondary_to_alarm)
     if kind == "segmentation":
         return verdict(segmentation_tests(label_counts, per_site, moments, thresholds, final=final, seed=seed,
-                                          cross_site=cross_site))
+                                          cross_site=cross_site), thresholds.secondary_to_alarm)
     multiclass = any("classes" in entry for entry in per_site.values())  # task.classes > 2
     tests = {
         "site_label_association": site_label_association(
@@ -138,7 +141,7 @@ def signals(
     if cross_site:
         tests["cross_site"] = cross_site_gap(cross_site, max_gap=thresholds.max_cross_site_gap,
                                              metric=classification.CROSS_SITE_METRIC)
-    return verdict(tests)
+    return verdict(tests, thresholds.secondary_to_alarm)
 
 
 def analyse(

@@ -255,6 +255,7 @@ def test_verdict_collects_reasons_of_alarmed_tests():
     assert v["alarm"] and v["reasons"] == [alarmed["reason"]]
     assert v["tests"]["quiet"] is quiet
     assert verdict({"quiet": quiet}) == {
-        "alarm": False, "reasons": [], "warnings": [], "signals": [], "tests": {"quiet": quiet}
+        "alarm": False, "reasons": [], "warnings": [], "secondary_to_alarm": 0, "signals": [],
+        "tests": {"quiet": quiet},
     }
     _strict_json(v)

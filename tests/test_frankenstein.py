@@ -10,7 +10,7 @@ from torch import nn
 from fedir.client.embedding import MAX_DIM, embedding_moments, predict_with_embedding, projection
 from fedir.metrics import site_metrics
 from fedir.models import build_model
-from fedir.strategies.bias import pooled_vs_within_auc, verdict
+from fedir.strategies.bias import SECONDARY, pooled_vs_within_auc, verdict
 from fedir.strategies.cross_site_gap import cross_site_gap
 from fedir.strategies.frankenstein import Thresholds, analyse
 from fedir.strategies.heterogeneity import heterogeneity
@@ -159,13 +159,63 @@ def test_cross_site_quiet_when_models_transfer():
 # ---- verdict and sensitivity -------------------------------------------------------------------
 
 
-def test_one_secondary_signal_warns_two_raise_the_alarm():
-    fire = {"alarm": True, "reason": "x"}
-    quiet = {"alarm": False, "reason": ""}
-    one = verdict({"site_label_association": quiet, "auc_heterogeneity": fire, "cross_site": quiet})
+def _fire(reason: str) -> dict:
+    return {"alarm": True, "reason": reason}
+
+
+QUIET = {"alarm": False, "reason": ""}
+
+
+def test_by_default_secondary_signals_only_warn_however_many_fire():
+    """bias.secondary-to-alarm = 0 (the default): three secondary signals, no primary, no alarm;
+    all three are listed as warnings, in the order of the tests."""
+    tests = {"site_label_association": QUIET, "auc_heterogeneity": _fire("het"),
+             "site_separability": _fire("sep"), "cross_site": _fire("cross")}
+    for v in (verdict(tests), verdict(tests, 0)):
+        assert v["alarm"] is False and v["reasons"] == [] and v["secondary_to_alarm"] == 0
+        assert v["warnings"] == ["het", "sep", "cross"]
+        assert v["signals"] == ["auc_heterogeneity", "site_separability", "cross_site"]
+
+
+def test_a_primary_raises_the_alarm_with_the_secondaries_as_corroborating_reasons():
+    tests = {"site_label_association": _fire("assoc"), "pooled_vs_within_auc": QUIET,
+             "auc_heterogeneity": _fire("het"), "site_separability": _fire("sep")}
+    for k in (0, 1, 2, 5):
+        v = verdict(tests, k)
+        assert v["alarm"] is True and v["reasons"] == ["assoc", "het", "sep"] and v["warnings"] == []
+
+
+def test_with_two_secondary_to_alarm_one_warns_and_two_raise_the_alarm():
+    """bias.secondary-to-alarm = 2, the rule before the default became 0."""
+    one = verdict({"site_label_association": QUIET, "auc_heterogeneity": _fire("x"), "cross_site": QUIET}, 2)
     assert not one["alarm"] and one["warnings"] == ["x"]
-    two = verdict({"site_label_association": quiet, "auc_heterogeneity": fire, "cross_site": fire})
-    assert two["alarm"] and two["reasons"] == ["x", "x"] and two["warnings"] == []
+    two = verdict({"site_label_association": QUIET, "auc_heterogeneity": _fire("x"), "cross_site": _fire("y")}, 2)
+    assert two["alarm"] and two["reasons"] == ["x", "y"] and two["warnings"] == []
+    assert verdict({"auc_heterogeneity": _fire("x")}, 1)["alarm"] is True
+
+
+def test_a_negative_secondary_to_alarm_is_refused():
+    with pytest.raises(ValueError, match="secondary_to_alarm must be >= 0"):
+        verdict({"auc_heterogeneity": QUIET}, -1)
+
+
+def test_the_setting_reaches_the_verdict_and_its_leave_one_site_out_reruns():
+    """A clean federation whose embedding identifies the sites and whose AUCs differ: two
+    secondary signals. Under the default they warn; with bias.secondary-to-alarm = 2 the
+    verdict alarms, and the leave-one-site-out reruns judge by the same rule."""
+    rng = np.random.default_rng(11)
+    counts = {f"s{k}": {0: 60, 1: 40} for k in range(4)}
+    per_site = {s: _eval(rng, 150, 0.4, sep) for s, sep in zip(counts, (1.0, 3.0, 1.0, 3.0))}
+    moments = {s: _moments(rng, 80, np.full(12, 3.0 * k), 2.0) for k, s in enumerate(counts)}
+    quiet = analyse(counts, per_site, moments, Thresholds(bootstrap=0))
+    assert set(quiet["signals"]) == {"auc_heterogeneity", "site_separability"}
+    assert quiet["alarm"] is False and len(quiet["warnings"]) == 2
+    assert not any(e["alarm"] for e in quiet["sensitivity"]["by_site"].values())
+    loud = analyse(counts, per_site, moments, Thresholds(bootstrap=0, secondary_to_alarm=2))
+    assert loud["alarm"] is True and loud["secondary_to_alarm"] == 2 and loud["warnings"] == []
+    for entry in loud["sensitivity"]["by_site"].values():
+        assert set(entry["signals"]) <= set(SECONDARY)  # no primary in any subset
+        assert entry["alarm"] is (len(entry["signals"]) >= 2)
 
 
 def test_analyse_flags_the_site_an_alarm_rests_on():

@@ -187,9 +187,10 @@ def test_a_clean_segmentation_federation_is_cleared():
     assert result["tests"]["site_separability"]["computable"] and not result["tests"]["site_separability"]["alarm"]
 
 
-def test_separable_bottleneck_embeddings_fire_and_with_dice_heterogeneity_alarm():
+def test_separable_bottleneck_embeddings_fire_and_with_dice_heterogeneity_warn_or_alarm_by_the_setting():
     """Site separability is secondary, as for classification: alone a warning; with the Dice
-    heterogeneity beside it, the alarm."""
+    heterogeneity beside it, two warnings under the default bias.secondary-to-alarm = 0, and
+    the alarm under 2."""
     tables, per_site, moments = _federation(2, confounded=False, separable=True, dice=(0.8, 0.8, 0.8, 0.8))
     alone = analyse(tables, per_site, moments, Thresholds(), kind="segmentation")
     sep = alone["tests"]["site_separability"]
@@ -197,7 +198,11 @@ def test_separable_bottleneck_embeddings_fire_and_with_dice_heterogeneity_alarm(
     assert alone["alarm"] is False and alone["signals"] == ["site_separability"] and len(alone["warnings"]) == 1
     tables, per_site, moments = _federation(2, confounded=False, separable=True, dice=(0.9, 0.6, 0.8, 0.8))
     both = analyse(tables, per_site, moments, Thresholds(), kind="segmentation")
-    assert both["alarm"] is True and set(both["signals"]) == {"dice_heterogeneity", "site_separability"}
+    assert set(both["signals"]) == {"dice_heterogeneity", "site_separability"}
+    assert both["alarm"] is False and len(both["warnings"]) == 2
+    two = analyse(tables, per_site, moments, Thresholds(secondary_to_alarm=2), kind="segmentation")
+    assert two["alarm"] is True and set(two["signals"]) == {"dice_heterogeneity", "site_separability"}
+    assert len(two["reasons"]) == 2 and two["warnings"] == []
 
 
 def test_leave_one_site_out_reruns_the_segmentation_verdict_and_the_pooled_dice():

@@ -62,6 +62,7 @@ def test_an_enumerated_value_outside_its_literal_is_refused_naming_key_value_and
     ("data.test-fraction", 0.0, "in (0, 1)"),
     ("strategy.beta", 0.5, "in [0, 0.5)"),
     ("eval.bootstrap", -1, ">= 0"),
+    ("bias.secondary-to-alarm", -1, ">= 0"),
     ("privacy.noise-multiplier", -0.5, ">= 0"),
 ])
 def test_a_number_out_of_range_is_refused_with_its_range(key, bad, says):

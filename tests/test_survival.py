@@ -7,6 +7,7 @@ import torch
 from lifelines import CoxPHFitter
 from lifelines.datasets import load_rossi
 from lifelines.utils import concordance_index
+from scipy.stats import rankdata
 
 from fedir.client.manifest import ManifestError, read_manifest
 from fedir.client.tabular import read_tabular_site
@@ -162,6 +163,26 @@ def test_survival_evaluation_crosses_the_protocol_unchanged():
     for key in ("c_index", "c_index_ci", "uno_c_index_ci", "events", "joint", "km_at_risk", "pairs", "reasons"):
         assert back[key] == pytest.approx(m[key]) if not isinstance(m[key], dict) else back[key] == m[key]
     assert back["ibs"] is None and back["val"]["c_index"] == pytest.approx(m["c_index"])
+
+
+def test_sites_that_differ_in_survival_and_follow_up_warn_and_alarm_only_under_the_setting():
+    """Sites whose patients live longer and are followed longer, a model that ranks only
+    within each site: survival and follow-up by site fire (both secondary), no primary. The
+    default bias.secondary-to-alarm = 0 lists both as warnings; 2 raises the alarm."""
+    rng = np.random.default_rng(3)
+    per_site, counts = {}, {}
+    for s in range(4):
+        n = 80
+        t = np.round(rng.exponential(300 * (s + 1), n)) + 1
+        e = (rng.random(n) < 0.7).astype(int)
+        risk = -rankdata(t) / n + rng.normal(scale=0.3, size=n)  # the same range at every site
+        per_site[f"s{s}"] = site_survival_metrics(t, e, risk, n_boot=100, time_bins=TIME_BINS, time_bin_days=WIDTH)
+        counts[f"s{s}"] = {0: 25, 1: 55}
+    quiet = analyse(counts, per_site, {}, Thresholds(), kind="survival", time_bins=TIME_BINS)
+    assert quiet["signals"] == ["survival_by_site", "follow_up_by_site"]
+    assert quiet["alarm"] is False and len(quiet["warnings"]) == 2 and quiet["reasons"] == []
+    loud = analyse(counts, per_site, {}, Thresholds(secondary_to_alarm=2), kind="survival", time_bins=TIME_BINS)
+    assert loud["alarm"] is True and len(loud["reasons"]) == 2 and loud["warnings"] == []
 
 
 def test_a_model_that_ranks_hospitals_raises_the_alarm():

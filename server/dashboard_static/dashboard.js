@@ -195,6 +195,10 @@ function renderVerdict(verdict) {
     + " \u00b7 the verdict changed " + verdict.changes + " time(s)";
   const parts = [el("div", { class: "title" }, title + " (round " + verdict.round + ", " + status + ")")];
   if (verdict.reasons.length) parts.push(el("ul", { class: "reasons" }, ...verdict.reasons.map((r) => el("li", {}, r))));
+  if (verdict.warnings && verdict.warnings.length) {
+    parts.push(el("div", { class: "numbers" }, "Warnings (secondary signals, not enough for an alarm):"),
+      el("ul", { class: "warnings" }, ...verdict.warnings.map((w) => el("li", {}, w))));
+  }
   parts.push(el("div", { class: "numbers" }, numbers), el("div", { class: "numbers" }, history),
     el("div", { class: "numbers history" }, perRound));
   box.replaceChildren(...parts);

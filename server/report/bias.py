@@ -39,7 +39,18 @@ def bias_section(bias: dict) -> Markup:
         "sensitivity": _sensitivity(bias.get("sensitivity")),
     }
     blocks = [_test_block(name, test) for name, test in tests.items() if isinstance(test, dict)]
-    return render("bias.html", signals=any(signals.values()), tests=blocks, **signals)
+    return render("bias.html", signals=any(signals.values()), tests=blocks,
+                  warning_rule=warning_rule(bias.get("secondary_to_alarm")), **signals)
+
+
+def warning_rule(secondary_to_alarm: int | None) -> str:
+    """The verdict rule that left these signals as warnings (fedir.strategies.bias.verdict);
+    a verdict recorded before the rule was a setting carries none, and was judged by two."""
+    if secondary_to_alarm is None:
+        return "recorded before bias.secondary-to-alarm; two together raised it then"
+    if secondary_to_alarm == 0:
+        return "bias.secondary-to-alarm = 0, only a primary signal raises it"
+    return f"bias.secondary-to-alarm = {secondary_to_alarm}, that many together raise it"
 
 
 def _forest(test: dict | None) -> dict | None:
