@@ -230,9 +230,16 @@ def weak_view() -> Transform:
     return RandomAffine()
 
 
-def strong_view() -> Transform:
+def strong_view(cutout: bool = True) -> Transform:
     """FixMatch's strong view: geometry, X-ray physics, intensity, blur, noise and cutout,
-    each at a random strength per image."""
+    each at a random strength per image.
+
+    Args:
+        cutout: end with Cutout (`train.strong-cutout`). A cut-out square can erase a focal
+            finding of a few pixels (the synthetic stenosis), so a confident weak view's
+            label becomes the target of a strong view that no longer shows it; without it
+            every other transform is the same and draws the same random numbers.
+    """
     return Compose(
         [
             RandomAffine(degrees=15.0, translate=0.1, scale=0.15),
@@ -243,7 +250,7 @@ def strong_view() -> Transform:
             Contrast(),
             GaussianBlur(),
             GaussianNoise(),
-            Cutout(),
+            *([Cutout()] if cutout else []),
         ]
     )
 
@@ -292,11 +299,12 @@ def paired_weak_view() -> PairedView:
     return PairedView(RandomAffine())
 
 
-def paired_strong_view() -> PairedView:
+def paired_strong_view(cutout: bool = True) -> PairedView:
     """The segmentation strong view: strong_view's affine on image and mask, its physics,
-    intensity, blur, noise and cutout on the image only (a cut-out vessel is still vessel)."""
+    intensity, blur, noise and, under `cutout` (`train.strong-cutout`), cutout on the image
+    only (a cut-out vessel is still vessel)."""
     return PairedView(
         RandomAffine(degrees=15.0, translate=0.1, scale=0.15),
         [DetectorResponse(), Scatter(), QuantumNoise(), BiasField(), Contrast(), GaussianBlur(), GaussianNoise(),
-         Cutout()],
+         *([Cutout()] if cutout else [])],
     )

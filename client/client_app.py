@@ -192,7 +192,8 @@ def _pretraining_evaluation(settings: Settings, site: SiteView, config, model) -
     images, labelled or not, the embedding's moments over the test images (per class where
     labelled), and the classification metric sets empty, their reasons saying why."""
     seed = settings.round_seed(decode_round_config(config).server_round)
-    objective = SimCLR(ObjectiveParams(temperature=settings.train_temperature, seed=seed))
+    objective = SimCLR(ObjectiveParams(temperature=settings.train_temperature,
+                                       strong_cutout=settings.train_strong_cutout, seed=seed))
     device = pick_device()
     splits = {}
     for split in ("test", "val"):

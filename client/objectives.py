@@ -22,7 +22,7 @@ so no random draw waits for the host.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedir.client.augment import Transform, strong_view, weak_view
-from fedir.config import Augment
+from fedir.config import Augment, BnViews
 from fedir.models import PROJECTION, head_name
 from fedir.tasks import task_of
 
@@ -40,7 +40,8 @@ from fedir.tasks import task_of
 @dataclass(frozen=True)
 class ObjectiveParams:
     """The knobs of the objectives (scenario `[train]`: threshold, unlabelled-weight,
-    ema-decay, mixup-alpha, augment; seed is the round's training seed). Their ranges are checked
+    ema-decay, mixup-alpha, augment, temperature, strong-cutout, bn-views; seed is the round's
+    training seed). Their ranges are checked
     where the settings are read (fedir.config): a decay of 1 would freeze the teacher."""
 
     threshold: float = 0.95  # FixMatch: pseudo-labels need this confidence
@@ -49,6 +50,8 @@ class ObjectiveParams:
     mixup_alpha: float = 0.0  # MixUp of the labelled batch, lambda ~ Beta(alpha, alpha); 0 = off
     augment: Augment = "none"  # "weak": the labelled 2D images get the weak view (Settings default)
     temperature: float = 0.5  # SimCLR: temperature of the NT-Xent loss
+    strong_cutout: bool = True  # the strong view ends with Cutout (fedir.client.augment.strong_view)
+    bn_views: BnViews = "joint"  # one forward pass over labelled and unlabelled views, or one per view
     seed: int = 0
 
 
@@ -130,6 +133,17 @@ class _Base:
         x_in, y_a, y_b, lam = self.labelled_batch(x, y)
         return mixed_cross_entropy(model(x_in), y_a, y_b, lam)
 
+    def forward_views(self, model: nn.Module, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The model's outputs on each of `views` (batches of one shape but their first):
+        under bn_views = "joint" one forward pass over their concatenation, so BatchNorm
+        normalises every view with their mixed batch statistics (the FixMatch reference
+        implementation's choice); under "per-view" one pass per view, each normalised with
+        its own statistics, so the strong views' physics and noise do not shift those of
+        the labelled images (the running statistics then take one update per view)."""
+        if self.params.bn_views == "per-view":
+            return [model(v) for v in views]
+        return list(model(torch.cat(list(views))).split([v.shape[0] for v in views]))
+
     def after_step(self, model: nn.Module) -> None:
         """Nothing to do after a step, unless an objective keeps extra state."""
 
@@ -169,7 +183,8 @@ class FixMatch(_Base):
     unlabelled image are the targets of its predictions on a strong view.
 
     One forward pass over [labelled, weak, strong] (as the reference implementation does,
-    so batch-norm statistics see all three); the weak view's prediction is detached, and
+    so batch-norm statistics see all three), or one per view under bn_views = "per-view"
+    (_Base.forward_views); the weak view's prediction is detached, and
     an unlabelled image contributes only when its top class probability reaches
     `threshold`. The unlabelled loss is averaged over all unlabelled images (masked ones
     count as 0), as in the paper.
@@ -186,7 +201,7 @@ class FixMatch(_Base):
     ) -> None:
         super().__init__(params)
         self.weak = weak or weak_view()
-        self.strong = strong or strong_view()
+        self.strong = strong or strong_view(cutout=params.strong_cutout)
 
     def terms(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor
@@ -195,8 +210,7 @@ class FixMatch(_Base):
         g = self.generator(x.device)
         x_in, y_a, y_b, lam = self.labelled_batch(x, y)
         weak, strong = self.weak(x_unlabelled, g), self.strong(x_unlabelled, g)
-        logits = model(torch.cat([x_in, weak, strong]))
-        logits_x, logits_w, logits_s = logits.split([x.shape[0], weak.shape[0], strong.shape[0]])
+        logits_x, logits_w, logits_s = self.forward_views(model, [x_in, weak, strong])
         confidence, pseudo = torch.softmax(logits_w.detach().float(), dim=1).max(dim=1)
         mask = confidence >= self.params.threshold
         per_image = F.cross_entropy(logits_s, pseudo, reduction="none")
@@ -232,7 +246,7 @@ class MeanTeacher(_Base):
         self, params: ObjectiveParams = ObjectiveParams(), view: Transform | None = None
     ) -> None:
         super().__init__(params)
-        self.view = view or strong_view()
+        self.view = view or strong_view(cutout=params.strong_cutout)
         self.teacher: nn.Module | None = None
 
     def _teacher_of(self, model: nn.Module) -> nn.Module:
@@ -249,8 +263,7 @@ class MeanTeacher(_Base):
         x_in, y_a, y_b, lam = self.labelled_batch(x, y)
         g = self.generator(x.device)
         student_view, teacher_view = self.view(x_unlabelled, g), self.view(x_unlabelled, g)
-        logits = model(torch.cat([x_in, student_view]))
-        logits_x, logits_u = logits.split([x.shape[0], student_view.shape[0]])
+        logits_x, logits_u = self.forward_views(model, [x_in, student_view])
         with torch.no_grad():
             target = torch.softmax(teacher(teacher_view).float(), dim=1)
         consistency = F.mse_loss(torch.softmax(logits_u.float(), dim=1), target)
@@ -311,7 +324,7 @@ class SimCLR(_Base):
         # MONAI here, not at import: a tabular site's ClientApp never needs it (fedir.models.build_model)
         from monai.losses import ContrastiveLoss
 
-        self.view = view or strong_view()
+        self.view = view or strong_view(cutout=params.strong_cutout)
         self.criterion = ContrastiveLoss(temperature=params.temperature)
 
     def views(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,7 +63,7 @@ class SegmentationFixMatch(_Base):
                  strong: PairedView | None = None) -> None:
         super().__init__(params)
         self.weak = weak or weak_view()
-        self.strong = strong or paired_strong_view()
+        self.strong = strong or paired_strong_view(cutout=params.strong_cutout)
 
     def terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,8 +75,7 @@ class SegmentationFixMatch(_Base):
             confidence, pseudo = torch.softmax(model(weak).float(), dim=1).max(dim=1, keepdim=True)
         kept = (confidence >= self.params.threshold).to(torch.int64)
         strong, target = self.strong(weak, torch.cat([pseudo, kept], dim=1), g)
-        logits = model(torch.cat([x, strong]))
-        logits_x, logits_s = logits.split([x.shape[0], strong.shape[0]])
+        logits_x, logits_s = self.forward_views(model, [x, strong])
         per_pixel = F.cross_entropy(logits_s.float(), target[:, 0], reduction="none")  # (B', S, S)
         return segmentation.loss(logits_x, y), (per_pixel * target[:, 1]).mean(), target
 
@@ -96,7 +95,7 @@ class SegmentationMeanTeacher(MeanTeacher):
     def __init__(self, params: ObjectiveParams = DEFAULTS, weak: Transform | None = None,
                  strong: PairedView | None = None) -> None:
         super().__init__(params, view=weak or weak_view())
-        self.strong = strong or paired_strong_view()
+        self.strong = strong or paired_strong_view(cutout=params.strong_cutout)
 
     def terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_unlabelled: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +107,7 @@ class SegmentationMeanTeacher(MeanTeacher):
             target = torch.softmax(teacher(weak).float(), dim=1)
         inside = torch.ones_like(target[:, :1])
         strong, warped = self.strong(weak, torch.cat([target, inside], dim=1), g)
-        logits = model(torch.cat([x, strong]))
-        logits_x, logits_u = logits.split([x.shape[0], strong.shape[0]])
+        logits_x, logits_u = self.forward_views(model, [x, strong])
         keep = (warped[:, -1:] >= INSIDE).to(warped.dtype)
         squared = (torch.softmax(logits_u.float(), dim=1) - warped[:, :-1]).pow(2) * keep
         consistency = squared.sum() / (keep.sum() * target.shape[1]).clamp_min(1.0)

@@ -44,6 +44,7 @@ Standardise = Literal["federated", "site", "none"]
 ThresholdRule = Literal["youden", "fixed"]
 Personalise = Literal["none", "intercept", "finetune"]
 Augment = Literal["weak", "none"]
+BnViews = Literal["joint", "per-view"]  # forward passes of a semi-supervised step (fedir.client.objectives)
 LrSchedule = Literal["constant", "cosine"]
 Freeze = Literal["none", "encoder"]
 Decision = Literal["argmax", "balanced"]
@@ -267,6 +268,15 @@ class Settings:
         64, "simclr: output width of the projection head (an MLP on the encoder's embedding, dropped "
         "when model.pt is the next study's model.init; fedir.models.add_projection_head)", AT_LEAST_1)
     train_mixup_alpha: float = setting(0.0, "MixUp of the labelled batch, Beta(alpha, alpha); 0 = off", AT_LEAST_0)
+    train_strong_cutout: bool = setting(
+        True, "fixmatch / mean_teacher / simclr (either task kind): the strong view ends with Cutout (a square "
+        "set to 0); false leaves it out, every other transform unchanged: a cut-out square can erase a focal "
+        "finding of a few pixels (fedir.client.augment.strong_view)")
+    train_bn_views: BnViews = setting(
+        "joint", "fixmatch / mean_teacher (either task kind): joint (one forward pass over the labelled batch "
+        "and the unlabelled views, so BatchNorm normalises each with their mixed batch statistics, as the "
+        "FixMatch reference does) | per-view (one pass per view: each its own batch statistics, the running "
+        "statistics updated once per view); simclr keeps its one pass over both views (fedir.client.objectives)")
     train_augment: Augment = setting(
         "weak", "augmentation of every objective's labelled 2D images: weak (FixMatch's weak view, a small "
         "affine) | none; tabular rows and 3D volumes are never augmented (fedir.client.objectives)")

@@ -187,3 +187,27 @@ def test_paired_view_warps_float_maps_bilinearly() -> None:
     probs = mask.float() / 2
     _, warped = paired_weak_view()(x, probs, _gen(1))
     assert warped.dtype == torch.float32 and ((warped > 0) & (warped < 0.5)).any()
+
+
+def _types(transforms) -> list[type]:
+    return [type(t) for t in transforms]
+
+
+def test_the_strong_view_without_cutout_is_the_strong_view_less_its_cutout() -> None:
+    """train.strong-cutout = false: no Cutout, every other transform the same and drawing the
+    same random numbers, so the image differs from the full view's exactly where its cut-out
+    square set pixels to 0."""
+    full, bare = strong_view(), strong_view(cutout=False)
+    assert Cutout in _types(full.transforms) and Cutout not in _types(bare.transforms)
+    assert _types(bare.transforms) == [t for t in _types(full.transforms) if t is not Cutout]
+    x = _images() + 10.0  # no pixel is 0 before a cut
+    with_cut, without = full(x, _gen(4)), bare(x, _gen(4))
+    assert not (without == 0).any()
+    differ = with_cut != without
+    assert bool(differ.flatten(1).any(1).all())  # every image lost a square
+    assert bool((with_cut[differ] == 0).all())
+    assert torch.equal(with_cut, without.masked_fill(differ, 0.0))
+    paired, paired_bare = paired_strong_view(), paired_strong_view(cutout=False)
+    assert _types(paired_bare.intensity.transforms) == [
+        t for t in _types(paired.intensity.transforms) if t is not Cutout]
+    assert Cutout not in _types(paired_bare.intensity.transforms)

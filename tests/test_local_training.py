@@ -54,3 +54,14 @@ def test_personalisation_fine_tunes_at_the_rounds_rate(monkeypatch):
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     personalise.personalised(torch.nn.Linear(1, 2), settings, site, ConfigRecord({"server-round": 3}), context)
     assert seen == [pytest.approx(0.1 * LR_FLOOR)]
+
+
+@pytest.mark.parametrize("objective", ["fixmatch", "mean_teacher"])
+def test_the_recipe_passes_the_strong_view_and_forward_pass_settings(objective):
+    default, _ = round_recipe(Settings(train_objective=objective), seed=0, server_round=1)
+    assert default.params.strong_cutout and default.params.bn_views == "joint"
+    settings = Settings(train_objective=objective, train_strong_cutout=False, train_bn_views="per-view")
+    built, _ = round_recipe(settings, seed=0, server_round=1)
+    assert not built.params.strong_cutout and built.params.bn_views == "per-view"
+    view = built.strong if objective == "fixmatch" else built.view
+    assert "Cutout" not in [type(t).__name__ for t in view.transforms]

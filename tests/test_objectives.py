@@ -1,4 +1,5 @@
-"""The local objectives: FixMatch, mean teacher, MixUp, each through the training loop."""
+"""The local objectives: FixMatch, mean teacher, MixUp, each through the training loop; the
+strong view without Cutout and one forward pass per view (train.strong-cutout, train.bn-views)."""
 
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedir.client.augment import Cutout, strong_view, weak_view
 from fedir.client.objectives import FixMatch, MeanTeacher, ObjectiveParams, build_objective, mixed_cross_entropy, mixup
 from fedir.client.training import TrainConfig, train
 from fedir.models import build_model
@@ -159,3 +161,85 @@ def test_weak_augmentation_leaves_tabular_rows_and_volumes_as_they_are():
     assert torch.equal(objective.labelled_batch(rows, labels)[0], rows)
     volumes = torch.randn(2, 1, 4, 4, 4)
     assert torch.equal(objective.labelled_batch(volumes, labels[:2])[0], volumes)
+
+
+def _batch_sizes(model: nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """The batch size of every forward pass `model` makes from now on (and the hook's handle)."""
+    sizes: list[int] = []
+    return sizes, model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+
+
+def test_the_default_fixmatch_loss_is_the_one_joint_pass_with_the_full_strong_view():
+    """The defaults (train.strong-cutout = true, train.bn-views = joint) compute FixMatch as
+    before the settings existed: the generator draws the labelled weak view, then the weak
+    and the full strong view of the unlabelled batch, one forward pass over all three."""
+    x, y, u = _batch()
+    params = ObjectiveParams(threshold=0.5, augment="weak", seed=5)
+    assert params.strong_cutout and params.bn_views == "joint"
+    loss = FixMatch(params).loss(_tiny_model(), x, y, u)
+    g = torch.Generator().manual_seed(5)
+    x_in, weak = weak_view()(x, g), weak_view()(u, g)
+    strong = strong_view()(u, g)
+    logits_x, logits_w, logits_s = _tiny_model()(torch.cat([x_in, weak, strong])).split([8, 8, 8])
+    confidence, pseudo = torch.softmax(logits_w, dim=1).max(dim=1)
+    unlabelled = (nn.functional.cross_entropy(logits_s, pseudo, reduction="none") * (confidence >= 0.5)).mean()
+    assert torch.equal(loss, nn.functional.cross_entropy(logits_x, y) + unlabelled)
+    assert torch.equal(loss, FixMatch(params).loss(_tiny_model(), x, y, u))  # same seed, same loss
+    for changed in ({"strong_cutout": False}, {"bn_views": "per-view"}):
+        other = ObjectiveParams(threshold=0.5, augment="weak", seed=5, **changed)
+        assert not torch.allclose(FixMatch(other).loss(_tiny_model(), x, y, u), loss)
+
+
+def test_fixmatch_builds_its_strong_view_with_or_without_cutout():
+    assert Cutout in [type(t) for t in FixMatch().strong.transforms]
+    assert Cutout not in [type(t) for t in FixMatch(ObjectiveParams(strong_cutout=False)).strong.transforms]
+    for name in ("mean_teacher", "simclr"):
+        view = build_objective(name, ObjectiveParams(strong_cutout=False)).view
+        assert Cutout not in [type(t) for t in view.transforms]
+
+
+@pytest.mark.parametrize(("bn_views", "passes"), [("joint", [24]), ("per-view", [8, 8, 8])])
+def test_fixmatch_makes_one_pass_over_its_views_or_one_pass_per_view(bn_views, passes):
+    x, y, u = _batch()
+    model = _tiny_model()
+    sizes, hook = _batch_sizes(model)
+    FixMatch(ObjectiveParams(threshold=0.0, bn_views=bn_views)).loss(model, x, y, u)
+    hook.remove()
+    assert sizes == passes
+
+
+@pytest.mark.parametrize(("bn_views", "passes"), [("joint", [16]), ("per-view", [8, 8])])
+def test_the_mean_teachers_student_makes_one_pass_or_one_per_view(bn_views, passes):
+    x, y, u = _batch()
+    model = _tiny_model()
+    mt = MeanTeacher(ObjectiveParams(bn_views=bn_views))
+    mt._teacher_of(model)  # the teacher (a copy made before the hook) predicts in its own passes
+    sizes, hook = _batch_sizes(model)
+    mt.loss(model, x, y, u)
+    hook.remove()
+    assert sizes == passes
+
+
+def test_per_view_passes_normalise_each_view_with_its_own_batch_statistics():
+    """Under per-view the labelled images' logits are the model's on them alone, and the
+    BatchNorm running mean takes one momentum update per view, from that view's own channel
+    means; under joint one update from the three views' mixed mean."""
+    x, y, u = _batch()
+    running: dict[str, torch.Tensor] = {}
+    labelled: dict[str, torch.Tensor] = {}
+    for bn_views in ("joint", "per-view"):
+        model = _tiny_model()
+        bn = model[1]
+        inputs: list[torch.Tensor] = []
+        hook = bn.register_forward_pre_hook(lambda _m, args, seen=inputs: seen.append(args[0].detach().clone()))
+        supervised, _, _ = FixMatch(ObjectiveParams(threshold=0.0, bn_views=bn_views)).terms(model, x, y, u)
+        hook.remove()
+        expected = torch.zeros(4)
+        for batch in inputs:
+            expected = (1 - bn.momentum) * expected + bn.momentum * batch.mean(dim=(0, 2, 3))
+        assert torch.allclose(bn.running_mean, expected, atol=1e-6)
+        running[bn_views], labelled[bn_views] = bn.running_mean.clone(), supervised.detach()
+    assert not torch.allclose(running["joint"], running["per-view"])
+    own = nn.functional.cross_entropy(_tiny_model()(x), y)  # the labelled batch alone (augment = none)
+    assert torch.allclose(labelled["per-view"], own, atol=1e-6)
+    assert not torch.allclose(labelled["joint"], own)

@@ -176,3 +176,23 @@ def test_a_short_mean_teacher_federation_trains_on_unlabelled_frames_and_reports
         assert entry["dice"] is not None and 0 <= entry["dice"] <= 1, entry["reasons"]
     assert len(steps) == 4 and min(steps) > 0
     assert summary["global"]["dice"] is not None
+
+
+@pytest.mark.parametrize(("bn_views", "fixmatch", "mean_teacher"),
+                         [("joint", [3, 5], [5]), ("per-view", [3, 2, 3], [2, 3])])
+def test_the_labelled_and_strong_frames_share_a_pass_or_take_one_each(bn_views, fixmatch, mean_teacher) -> None:
+    """train.bn-views: the labelled frames and the strong views in one forward pass or one
+    each (FixMatch's weak-view prediction is its own pass either way; the mean teacher's
+    target is the teacher's); train.strong-cutout = false leaves Cutout out of the strong view."""
+    x, y, u = batch()
+    params = ObjectiveParams(threshold=0.0, bn_views=bn_views, strong_cutout=False)
+    for objective, passes in ((SegmentationFixMatch(params), fixmatch), (SegmentationMeanTeacher(params), mean_teacher)):
+        assert "Cutout" not in [type(t).__name__ for t in objective.strong.intensity.transforms]
+        model = Pointwise()
+        if isinstance(objective, SegmentationMeanTeacher):
+            objective._teacher_of(model)  # copied before the hook
+        sizes: list[int] = []
+        hook = model.register_forward_pre_hook(lambda _m, args, seen=sizes: seen.append(args[0].shape[0]))
+        assert math.isfinite(float(objective.loss(model, x, y, u).detach()))
+        hook.remove()
+        assert sizes == passes
