@@ -8,8 +8,10 @@
   other sites' folders, which no deployment may do); the other nodes train nothing and
   send a zero-weight update, so the server's FedAvg keeps the pooled model. Every site
   evaluates it on its own test patients. The ceiling. Under `federation.pooled-batches =
-  "per-site"` each of its batches comes from one site (`row_sites`), as at a FedAvg site,
-  so that BatchNorm never normalises two scanners in one batch.
+  "per-site"` (the default) each of its batches comes from one site (`row_sites`), as at a
+  FedAvg site, so that BatchNorm never normalises two scanners in one batch; a pooled node
+  that mixes them is a weaker model, not a ceiling (benchmarks/README.md, "Does the demo
+  pay off?").
 Every arm is evaluated in the same way, by the same `evaluate` of the ClientApp.
 """
 

@@ -135,9 +135,10 @@ class Settings:
         "federated", "federated; local (each site alone, its own weights); pooled (every site's "
         "rows at one node, simulation only) (fedir.client.arms)")
     federation_pooled_batches: PooledBatches = setting(
-        "mixed", "federation.arm = pooled: how the pooled node fills a batch: mixed (rows of every site shuffled "
-        "together) | per-site (each batch, and its unlabelled draw, from one site, as a FedAvg site trains: "
-        "BatchNorm then never normalises two scanners together) (fedir.client.arms)")
+        "per-site", "federation.arm = pooled: how the pooled node fills a batch: per-site (each batch, and its "
+        "unlabelled draw, from one site, as a FedAvg site trains: BatchNorm never normalises two scanners "
+        "together) | mixed (rows of every site shuffled together; on the demo's federation 0.78/0.76 per "
+        "patient against per-site's 0.90/0.89) (fedir.client.arms)")
     strategy_name: StrategyName = setting("fedavg", "the Flower strategy that aggregates (fedir.strategies.registry)")
     strategy_fraction_train: float = setting(1.0, "share of available sites sampled to train each round", SHARE)
     strategy_fraction_evaluate: float = setting(1.0, "share of available sites sampled to evaluate each round", SHARE)
@@ -459,8 +460,9 @@ def check_combinations(settings: Settings) -> None:
             f"train.patience = {settings.train_patience} stops when the validation AUC stops improving: "
             f"it needs eval.select = \"val-auc\", not {settings.eval_select!r}")
     if settings.federation_arm == "pooled" and settings.federation_pooled_batches == "per-site" and settings.train_smote:
-        raise SettingsError("federation.pooled-batches = \"per-site\" draws each batch from one site, and "
-                            "train.smote's synthetic rows belong to none: set one of them back")
+        raise SettingsError("federation.pooled-batches = \"per-site\" (the default) draws each batch from one "
+                            "site, and train.smote's synthetic rows belong to none: set federation.pooled-batches "
+                            "= \"mixed\" or train.smote = false")
     check_freeze(settings)
     check_fused(settings)
     check_simclr(settings)

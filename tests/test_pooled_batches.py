@@ -113,7 +113,8 @@ def test_row_sites_follow_the_pooled_nodes_rows(monkeypatch):
     assert found[1] is not None and found[1].tolist() == [0, 0, 2, 2, 2, 2] and len(found[1]) == len(unlabelled)
     # the other nodes train nothing, and the other settings mix
     assert arms.row_sites(settings, views["b"], _context(1)) is None
-    for other in (Settings(federation_sites="a;b;c", federation_arm="pooled", train_objective="fixmatch"),
+    for other in (Settings(federation_sites="a;b;c", federation_arm="pooled", federation_pooled_batches="mixed",
+                           train_objective="fixmatch"),
                   Settings(federation_sites="a;b;c", federation_pooled_batches="per-site")):
         assert arms.row_sites(other, views["a"], pooled) is None
 
@@ -121,6 +122,8 @@ def test_row_sites_follow_the_pooled_nodes_rows(monkeypatch):
 def test_per_site_pooled_batches_refuse_smotes_siteless_rows():
     with pytest.raises(SettingsError, match="pooled-batches.*smote"):
         Settings(federation_arm="pooled", federation_pooled_batches="per-site", train_smote=True)
-    Settings(federation_arm="pooled", train_smote=True)  # mixed batches take them
+    with pytest.raises(SettingsError, match="the default"):
+        Settings(federation_arm="pooled", train_smote=True)
+    Settings(federation_arm="pooled", federation_pooled_batches="mixed", train_smote=True)  # mixed batches take them
     with pytest.raises(SettingsError):
         Settings(federation_pooled_batches="by-site")
