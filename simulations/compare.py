@@ -12,9 +12,10 @@ one process (fedir.simulations.inprocess), each with the same data, rounds and s
   at; only for a synthetic federation, whose generator can write the same patients with
   every label: its ``federation.json`` says how);
 - ``local``: each site alone (``federation.arm = "local"``), the floor;
-- ``pooled``: every site's training data in one place (``federation.arm = "pooled"``);
-  these two run without the scenario's secure aggregation and differential privacy
-  (NO_AGGREGATE_PRIVACY);
+- ``pooled``: every site's training data in one place (``federation.arm = "pooled"``, its
+  batches as ``federation.pooled-batches`` says: by default each from one site);
+  these two run without the scenario's secure aggregation, differential privacy and
+  personalisation (NO_SHARED_MODEL);
 - ``clinical``: the clinical-only model of the scenario's companion (fedir.simulations.companion);
 - ``radiomics``: the radiomics companion's model, a logistic regression on each image's first-order
   and GLCM features (fedir.client.radiomics; a patient's score the mean over their images);
