@@ -49,11 +49,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The tests on two pytest-xdist workers, a test module at a time; the modules that start Flower
+# deployments are one unit and those that start Ray another (tests/xdist_groups.py), so while one
+# worker's test waits on a SuperLink, a SuperNode or Ray, the other's computes.
+# PYTEST_WORKERS=0: in one process, as before.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
 test: lint browser nginx firewall
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: lint browser nginx firewall
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo-data runs .pytest_cache

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -132,6 +133,9 @@ def _pull(allow: Path, content: bytes):
 
 
 def test_the_gate_answers_an_unapproved_bundle_with_an_error_and_stores_nothing(app, tmp_path, caplog):
+    # the gate logs through Flower's logger, which a simulation run earlier in this process
+    # may have turned down (fedir.simulations.simulate): this test sees its ERROR whatever ran before
+    caplog.set_level(logging.ERROR, logger="flwr")
     approve(app, tmp_path / "approved.json")
     changed = fab_bytes(write_app(tmp_path / "changed", client_line="app = 'changed'"))
     state, run = _pull(tmp_path / "approved.json", changed)
