@@ -132,7 +132,7 @@ def train(
     y_lab = to_device(labels[labelled], device)
     x_unl = to_device(images[~labelled] if unlabelled is None else unlabelled, device)
     n_lab, n_unl = int(x_lab.shape[0]), int(x_unl.shape[0])
-    lab_sites, unl_pools = _site_groups(sites, labelled, unlabelled is None)
+    groups = _site_groups(sites, labelled, unlabelled is None)
     model.to(device).train()
     if n_lab == 0:
         return TrainResult(loss=float("nan"), steps=0, n_labelled=counted[0], n_unlabelled=counted[1], n_trained=0)
@@ -147,8 +147,8 @@ def train(
     gen = torch.Generator().manual_seed(config.seed)
     total = torch.zeros((), device=device)
     steps = 0
-    for idx in _schedule(n_lab, config, gen, lab_sites):
-        pool = None if unl_pools is None or lab_sites is None else unl_pools[int(lab_sites[idx[0]])]
+    for idx in _schedule(n_lab, config, gen, None if groups is None else groups[0]):
+        pool = None if groups is None else groups[1][int(groups[0][idx[0]])]
         idx = idx.to(device)
         unl = None
         if pool is not None:
@@ -183,16 +183,16 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _site_groups(sites: tuple[torch.Tensor, torch.Tensor | None] | None, labelled: torch.Tensor,
-                 unlabelled_in_images: bool) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None]:
+                 unlabelled_in_images: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
     """(the site of each labelled row, each site's unlabelled row indices) from `sites`,
-    the site of every row of train's `images` and `unlabelled`; (None, None) without."""
+    the site of every row of train's `images` and `unlabelled`; None without."""
     if sites is None:
-        return None, None
+        return None
     row_sites, unlabelled_sites = sites
     unl = row_sites[~labelled] if unlabelled_in_images else unlabelled_sites
-    lab = row_sites[labelled]
     if unl is None:
-        return lab, None
+        raise ValueError("sites: separate unlabelled images need the site of each (its second tensor)")
+    lab = row_sites[labelled]
     return lab, {int(s): torch.nonzero(unl == s).flatten() for s in torch.unique(lab)}
 
 

@@ -85,6 +85,9 @@ def test_a_segmentation_nodes_separate_unlabelled_frames_follow_their_site():
     train(torch.nn.Linear(4, 2), x, y, objective, TrainConfig(epochs=2, batch_size=4), torch.device("cpu"),
           unlabelled=unlabelled, sites=(sites, torch.tensor([0] * 5 + [1] * 3)))
     assert all(len(lab) == 1 and unl == lab for lab, unl in objective.steps)
+    with pytest.raises(ValueError, match="site of each"):  # separate unlabelled images without their sites
+        train(torch.nn.Linear(4, 2), x, y, Recorder(), TrainConfig(epochs=1, batch_size=4), torch.device("cpu"),
+              unlabelled=unlabelled, sites=(sites, None))
 
 
 def _view(name: str, n: int, unlabelled: int | None = None) -> SiteView:
