@@ -289,6 +289,22 @@ def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def as_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Decoded weights (fedir.protocol.decode_weights) as a state dict to load or save."""
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+def as_tensors(arrays: Mapping[str, np.ndarray], like: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Decoded weights (fedir.protocol.decode_weights) as a state dict to load or save.
+
+    Args:
+        arrays: name -> array, as decoded.
+        like: when given, each entry takes this model's dtype for it, so that a saved state
+            dict holds what the model holds: FedAvg's weighted mean turns BatchNorm's integer
+            `num_batches_tracked` into float64 (rounded back here). Loading casts anyway;
+            saving (model.pt) does not.
+    """
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    if like is None:
+        return tensors
+    dtypes = {k: v.dtype for k, v in like.state_dict().items()}
+    for k, t in tensors.items():
+        dtype = dtypes.get(k, t.dtype)
+        if dtype != t.dtype:
+            tensors[k] = (t.round() if t.is_floating_point() and not dtype.is_floating_point else t).to(dtype)
+    return tensors

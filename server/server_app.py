@@ -416,7 +416,8 @@ def _rounds(grid: Grid, settings: Settings, out_dir: Path, store: RunStore, run_
     _cross_site(grid, recorder, settings, features)
     # the selected round's global model (under FedBN or train.personalise, the shared
     # entries only: each site keeps its own, as they were after the last round it trained)
-    torch.save(as_tensors(decode_weights(recorder.selected_model, state_shapes(model))), out_dir / "model.pt")
+    torch.save(as_tensors(decode_weights(recorder.selected_model, state_shapes(model)), like=model),
+               out_dir / "model.pt")
 
 
 def _min_train_nodes(settings: Settings, n_sites: int) -> int:

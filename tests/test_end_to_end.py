@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from fedir.models import build_model
 from fedir.simulations.scenario import load_scenario
 from fedir.simulations.simulate import simulate
 from fedir.simulations.synthetic import generate_federation
@@ -68,7 +70,8 @@ def test_run_store_has_rows_for_every_round_and_site(clean_run):
     con.close()
     assert {(r, s) for r, s in rows} >= {(r, s) for r in (1, 2) for s in summary["sites"] + ["global"]}
     assert (out / "report.html").stat().st_size > 1000
-    assert (out / "model.pt").is_file()
+    saved = torch.load(out / "model.pt", weights_only=True)  # averaged, saved in the model's own dtypes
+    assert {k: t.dtype for k, t in saved.items()} == {k: t.dtype for k, t in build_model("resnet_small").state_dict().items()}
 
 
 def test_clean_federation_raises_no_alarm(clean_run):

@@ -134,6 +134,16 @@ def test_dp_shapes_are_float_arrays_and_decoding_restores_the_models_shapes():
     assert torch.equal(fresh.conv1.weight, model.conv1.weight)
 
 
+def test_saved_weights_take_the_models_dtypes_when_averaging_made_counters_float():
+    model = build_model("resnet_small")
+    averaged = {k: (v.astype(np.float64) + 0.6 if v.dtype == np.int64 else v) for k, v in state_arrays(model).items()}
+    assert averaged["bn1.num_batches_tracked"].dtype == np.float64  # as FedAvg's weighted mean leaves it
+    saved = as_tensors(averaged, like=model)
+    assert {k: t.dtype for k, t in saved.items()} == {k: t.dtype for k, t in model.state_dict().items()}
+    assert saved["bn1.num_batches_tracked"].item() == model.bn1.num_batches_tracked.item() + 1  # rounded, not cut
+    assert as_tensors(averaged)["bn1.num_batches_tracked"].dtype == torch.float64  # without `like`: as decoded
+
+
 def test_a_model_round_trips_without_its_kept_entries():
     model = build_model("resnet_small")
     kept = norm_keys(model)
