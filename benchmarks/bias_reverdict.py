@@ -28,6 +28,13 @@ CALIBRATION = ("bias_calibration.json", "bias_calibration_synthetic.json", "bias
 STABILITY = ("bias_stability.json", "bias_stability_v5.json")
 SEGMENTATION = ("segmentation_bias.json", "segmentation_bias_k5.json", "segmentation_cross_site.json")
 SURVIVAL = ("survival_imaging.json", "survival_imaging_15rounds.json")
+TCGA = ("tcga_brca.json",)
+# tcga_brca.json's runs store the verdict's reasons and warnings, not signal names: each
+# reason's opening words name its test (fedir.strategies.survival_bias, heterogeneity, bias)
+REASON_SIGNALS = (("follow-up (censoring) differs by site", "follow_up_by_site"),
+                  ("survival differs by site", "survival_by_site"),
+                  ("site C-indices differ beyond sampling error", "c_index_heterogeneity"),
+                  ("the model ranks patients across sites better than within them", "pooled_vs_stratified_c"))
 
 
 def judge(signals: list[str], secondary_to_alarm: int) -> bool:
@@ -70,6 +77,26 @@ def survival(data: dict) -> Iterator[tuple[dict, list[str], bool]]:
     for arm, result in data["arms"].items():
         yield {"role": "survival", "family": "synthetic survival", "condition": f"{arm} arm", "strength": None}, \
             result["bias"]["signals"], result["bias"]["alarm"]
+
+
+def signal_of(reason: str) -> str:
+    """The test a stored reason or warning came from; an unknown text stops the script."""
+    for opening, signal in REASON_SIGNALS:
+        if reason.startswith(opening):
+            return signal
+    raise ValueError(f"no test known for the stored reason {reason[:80]!r}: add it to REASON_SIGNALS")
+
+
+def tcga(data: dict) -> Iterator[tuple[dict, list[str], bool]]:
+    """Every Fed-TCGA-BRCA run (protocol x arm x seed): a real federation, no known truth."""
+    for protocol, arms in data["protocols"].items():
+        for arm, result in arms.items():
+            for run in result.get("runs", []):
+                if "bias_alarm" not in run:  # lifelines' pooled fits and other arms with no ServerApp verdict
+                    continue
+                signals = [signal_of(r) for r in run["bias_reasons"] + run["bias_warnings"]]
+                yield {"role": "real", "family": "Fed-TCGA-BRCA", "condition": f"{protocol} {arm}",
+                       "strength": None}, signals, run["bias_alarm"]
 
 
 def changes(alarms: list[bool]) -> int:
@@ -121,7 +148,8 @@ def reverdict(name: str, rows: Iterator[tuple[dict, list[str], bool]]) -> dict:
 def main() -> None:
     files = {}
     for kind, names, read in (("calibration", CALIBRATION, calibration), ("stability", STABILITY, stability),
-                              ("segmentation", SEGMENTATION, segmentation), ("survival", SURVIVAL, survival)):
+                              ("segmentation", SEGMENTATION, segmentation), ("survival", SURVIVAL, survival),
+                              ("survival", TCGA, tcga)):
         for name in names:
             data = json.loads((RESULTS / name).read_text())
             files[name] = {"kind": kind, **reverdict(name, read(data))}
@@ -131,7 +159,8 @@ def main() -> None:
         "what": "each stored federation's fired signals judged again by fedir.strategies.bias.verdict with "
                 "bias.secondary-to-alarm = 0 and = 2; thresholds as stored, no model retrained, no signal "
                 "recomputed; calibration files: every federation's final-round verdict; stability files: each "
-                "federation's final verdict (max_changes_last_3 over its last 3 entries)",
+                "federation's final verdict (max_changes_last_3 over its last 3 entries); tcga_brca.json: each "
+                "run's signals read from its stored reasons and warnings (REASON_SIGNALS)",
         "rules": list(RULES),
         "code": code_version(),
         "files": files,
